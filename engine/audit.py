@@ -1,0 +1,173 @@
+"""The audit log: ``RUN_DIR/audit.jsonl``, one JSON object per transition, hash-chained.
+
+Written through a structlog logger of its own (``structlog.wrap_logger``), so nothing is configured
+process-wide. Each line carries ``prev_sha256``, the sha256 of the previous line's bytes (the first line chains
+to the sha256 of the run id), so an edited, removed or reordered line breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import structlog
+
+from podar.schemas.errors import AuditError
+from podar.schemas.records import AuditEvent, HistoryEntry
+
+from .machine import PruningStage, is_legal
+
+__all__ = ["AuditLog", "AuditSummary", "chain_seed", "verify_audit", "read_audit"]
+
+
+def chain_seed(run_id: str) -> str:
+    """The ``prev_sha256`` of the first record: sha256 of the run id's UTF-8 bytes."""
+    return hashlib.sha256(run_id.encode()).hexdigest()
+
+
+def _line_sha(line: str) -> str:
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
+class _DurableFileLogger:
+    """structlog logger that appends each rendered line to a file and fsyncs it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last_line: str | None = None
+
+    def msg(self, line: str) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.last_line = line
+
+    info = msg
+
+
+class AuditLog:
+    """Appends transition records; continues the chain of an existing file."""
+
+    def __init__(self, path: str | Path, run_id: str) -> None:
+        self.path = Path(path)
+        self.run_id = run_id
+        self._sink = _DurableFileLogger(self.path)
+        self.head_sha256 = chain_seed(run_id)
+        self.next_seq = 0
+        if self.path.exists():
+            records = read_audit(self.path)
+            if records:
+                last_line = self.path.read_text(encoding="utf-8").splitlines()[-1]
+                self.head_sha256 = _line_sha(last_line)
+                self.next_seq = records[-1]["seq"] + 1
+        self._logger = structlog.wrap_logger(
+            self._sink,
+            processors=[self._add_chain, structlog.processors.JSONRenderer(sort_keys=True)],
+            wrapper_class=structlog.BoundLogger,
+        )
+
+    def _add_chain(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict["prev_sha256"] = self.head_sha256
+        return event_dict
+
+    def write(self, **fields: Any) -> AuditEvent:
+        """Validate and append one record; returns it. ``seq`` and ``prev_sha256`` are filled here."""
+        event = fields.pop("event", "transition")
+        record = AuditEvent(event=event, run_id=self.run_id, seq=self.next_seq, prev_sha256=self.head_sha256,
+                            **fields)
+        payload = record.model_dump(mode="json", exclude={"prev_sha256", "event"})
+        self._logger.info(event, **payload)
+        assert self._sink.last_line is not None
+        self.head_sha256 = _line_sha(self._sink.last_line)
+        self.next_seq += 1
+        return record
+
+
+def read_audit(path: str | Path) -> list[dict[str, Any]]:
+    """Parse every line; raises AuditError naming the line that is not JSON."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise AuditError(f"{path}: line {number} is not valid JSON ({e})") from e
+    return records
+
+
+@dataclass
+class AuditSummary:
+    """What ``podar audit`` reports."""
+
+    run_id: str
+    records: int
+    final_state: str
+    stages: list[tuple[str, float | None]] = field(default_factory=list)
+    outcome: str = ""
+
+
+def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] | None = None) -> AuditSummary:
+    """Check the hash chain, replay every move against the machine, and compare with the manifest history.
+
+    Raises AuditError naming the first bad record (1-based line number and seq).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"audit log '{path}' does not exist")
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln]
+    expected_prev = chain_seed(run_id)
+    state = PruningStage.IDLE.value
+    stages: list[tuple[str, float | None]] = []
+    transitions: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AuditError(f"line {number}: not valid JSON ({e})") from e
+        where = f"line {number} (seq {record.get('seq')})"
+        if record.get("prev_sha256") != expected_prev:
+            raise AuditError(
+                f"{where}: hash chain broken — prev_sha256 does not match the previous line; a line was "
+                "edited, removed or reordered before or at this one"
+            )
+        expected_prev = _line_sha(line)
+        if record.get("run_id") != run_id:
+            raise AuditError(f"{where}: run_id {record.get('run_id')!r} is not this run's {run_id!r}")
+        if record.get("seq") != number - 1:
+            raise AuditError(f"{where}: sequence number {record.get('seq')} out of order, expected {number - 1}")
+        kind = record.get("event")
+        if kind == "resumed":
+            state = record.get("dest", state)
+            continue
+        if kind != "transition":
+            continue
+        trigger, source, dest = record.get("trigger"), record.get("source"), record.get("dest")
+        if source != state:
+            raise AuditError(f"{where}: move starts from '{source}' but the run was in '{state}'")
+        if not is_legal(str(trigger), str(source), str(dest)):
+            raise AuditError(f"{where}: illegal move '{trigger}' from '{source}' to '{dest}'")
+        stages.append((str(source), record.get("duration_s")))
+        transitions.append(record)
+        state = str(dest)
+    if history is not None:
+        hist = list(history)
+        if len(hist) != len(transitions):
+            raise AuditError(
+                f"the manifest's history holds {len(hist)} moves, the audit log {len(transitions)}"
+            )
+        for entry, record in zip(hist, transitions):
+            if (entry.trigger, entry.source, entry.dest) != (record["trigger"], record["source"], record["dest"]):
+                raise AuditError(
+                    f"seq {record['seq']}: audit says {record['trigger']} {record['source']}→{record['dest']}, "
+                    f"the manifest says {entry.trigger} {entry.source}→{entry.dest}"
+                )
+    outcome = "complete" if state == PruningStage.COMPLETE.value else state
+    return AuditSummary(run_id=run_id, records=len(lines), final_state=state, stages=stages, outcome=outcome)

@@ -1,0 +1,81 @@
+"""The run context handed to every stage handler: model, config, accelerator, store, logger, run state."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from podar.schemas.config import PruningConfig
+from podar.schemas.errors import PodarError
+from podar.schemas.records import ArtifactRecord, StageResult
+
+from .store import RunStore
+
+__all__ = ["RunContext", "RunState", "Handler", "Cancelled"]
+
+
+class Cancelled(PodarError):
+    """Raised inside a handler when the run was cancelled (``Pipeline.cancel()``) or interrupted."""
+
+    def __init__(self, reason: str = "cancelled") -> None:
+        super().__init__(f"run {reason}")
+        self.reason = reason
+
+
+@dataclass
+class RunState:
+    """Values the stages hand each other during one run (in memory; what a resume needs is checkpointed).
+
+    Tensors are keyed by module name (e.g. ``model.layers.0.mlp.up_proj``).
+    """
+
+    targets: dict[str, torch.nn.Module] = field(default_factory=dict)  # pruned Linear modules
+    dense_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) CPU copy before pruning
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) bool, True = kept
+    stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics of the current group
+    layer_groups: list[list[str]] = field(default_factory=list)  # sequential mode: names per group
+    group_index: int = 0  # sequential mode: the group being calibrated/pruned
+    more_layer_groups: bool = False
+    round_index: int = 0  # schedule: pruning round (0-based)
+    step: int = 0  # fine-tuning optimizer steps done
+    extras: dict[str, Any] = field(default_factory=dict)  # stage-private caches (e.g. sequential inputs)
+
+
+Handler = Callable[["RunContext"], StageResult]
+
+
+@dataclass
+class RunContext:
+    """What a handler may touch. Handlers read and write ``state``, write artifacts through ``store`` and
+    ``add_artifact``, log through ``log``, and never fire transitions."""
+
+    config: PruningConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    accelerator: Accelerator
+    store: RunStore
+    log: Any  # a structlog BoundLogger (configured by the caller, never by podar)
+    run_id: str
+    state: RunState = field(default_factory=RunState)
+    progress: bool = True
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    current_layer: str | None = None  # set by handlers while they work on a layer (named on failure)
+    new_artifacts: dict[str, ArtifactRecord] = field(default_factory=dict)
+    on_artifact: Callable[[ArtifactRecord], None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def check_cancelled(self) -> None:
+        """Call in long loops: raises Cancelled once ``Pipeline.cancel()`` was called."""
+        if self.cancel_event.is_set():
+            raise Cancelled("cancelled")
+
+    def add_artifact(self, record: ArtifactRecord) -> None:
+        self.new_artifacts[record.path] = record

@@ -1,0 +1,133 @@
+"""Text data: named datasets under one data folder setting, tokenization, evaluation and calibration windows.
+
+Named datasets (relative to the data folder, ``PruningConfig.data_dir`` or ``$PODAR_DATA_DIR``):
+
+=================  ==================================  ======================================
+name               file                                 use
+=================  ==================================  ======================================
+wikitext2          wikitext-2-raw/wiki.test.raw         evaluation (the papers' protocol)
+wikitext2-valid    wikitext-2/valid.txt                 calibration and fine-tuning
+=================  ==================================  ======================================
+
+When the file is missing and the ``datasets`` package is installed, the named dataset is fetched from the
+Hugging Face hub instead (online users). Anything else is read as a path to a UTF-8 text file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from podar.schemas.errors import DataError
+
+__all__ = [
+    "NAMED_DATASETS",
+    "resolve_data_dir",
+    "load_text",
+    "tokenize_text",
+    "eval_windows",
+    "calibration_windows",
+    "text_sha256",
+    "check_tokenizer_fits",
+]
+
+NAMED_DATASETS: dict[str, dict[str, str]] = {
+    "wikitext2": {"file": "wikitext-2-raw/wiki.test.raw", "hub": "wikitext|wikitext-2-raw-v1|test"},
+    "wikitext2-valid": {"file": "wikitext-2/valid.txt", "hub": "wikitext|wikitext-2-v1|validation"},
+}
+
+
+def resolve_data_dir(config_value: str | None) -> Path | None:
+    """The data folder: the config's ``data_dir``, else ``$PODAR_DATA_DIR``, else None."""
+    value = config_value or os.environ.get("PODAR_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def load_text(name: str, data_dir: Path | None, *, field: str = "dataset") -> str:
+    """The whole text of dataset ``name`` (named or a file path). ``field`` names the config field in errors."""
+    if name in NAMED_DATASETS:
+        spec = NAMED_DATASETS[name]
+        if data_dir is not None and (data_dir / spec["file"]).is_file():
+            return (data_dir / spec["file"]).read_text(encoding="utf-8")
+        hub = _from_hub(spec["hub"])
+        if hub is not None:
+            return hub
+        where = f"'{data_dir / spec['file']}'" if data_dir else "no data folder (data_dir / PODAR_DATA_DIR unset)"
+        raise DataError(
+            f"{field} '{name}': {where} not found and the 'datasets' package is not available for the hub "
+            "fallback; set PODAR_DATA_DIR (or data_dir) to the folder holding it"
+        )
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"{field} '{name}' is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing file"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def _from_hub(spec: str) -> str | None:
+    try:
+        import datasets  # noqa: F401  (optional: online users only)
+    except ImportError:
+        return None
+    repo, subset, split = spec.split("|")
+    try:
+        ds = datasets.load_dataset(repo, subset, split=split)
+    except Exception:
+        return None
+    return "\n\n".join(ds["text"])
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """ids: (n_tokens,) int64 — the whole text tokenized once, no special tokens added."""
+    if not text.strip():
+        raise DataError("the text is empty")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_tokenizer_fits(tokenizer: Any, model: torch.nn.Module) -> None:
+    """Raise DataError when the tokenizer can produce ids the model's embedding has no row for."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size > rows:
+        raise DataError(
+            f"tokenizer/model mismatch: the tokenizer has {size} tokens but the model's input embedding has "
+            f"{rows} rows; load the tokenizer that belongs to this model"
+        )
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None, *, name: str = "text") -> torch.Tensor:
+    """windows: (n_windows, seq_len) int64 — non-overlapping, remainder dropped, first ``max_windows``."""
+    n_total = ids.numel() // seq_len
+    if n_total == 0:
+        raise DataError(
+            f"evaluation text '{name}' has {ids.numel()} tokens, fewer than one window of "
+            f"evaluation.sequence_length={seq_len}; use a longer text or a shorter window"
+        )
+    n = n_total if max_windows is None else min(max_windows, n_total)
+    return ids[: n * seq_len].view(n, seq_len)  # (n, T)
+
+
+def calibration_windows(
+    ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, *, name: str = "text", field: str = "calibration"
+) -> torch.Tensor:
+    """samples: (num_samples, seq_len) int64 — random windows (seeded), as the Wanda/SparseGPT loaders do."""
+    n_tokens = ids.numel()
+    if n_tokens <= seq_len:
+        raise DataError(
+            f"{field} text '{name}' has {n_tokens} tokens; {field}.sequence_length={seq_len} needs more than "
+            f"that. Use a longer text or a shorter sequence_length"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n_tokens - seq_len, (num_samples,), generator=gen)  # (N,)
+    offsets = torch.arange(seq_len)  # (T,)
+    return ids[starts[:, None] + offsets[None, :]]  # (N, T)

@@ -1,0 +1,238 @@
+"""The run folder: atomic writes, artifacts with sha256, the manifest (written last), and the lock.
+
+Layout: ``RUN_DIR/manifest.json``, ``RUN_DIR/audit.jsonl``, ``RUN_DIR/artifacts/...`` (safetensors and JSON
+only), ``RUN_DIR/export/``. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from podar.schemas.errors import CheckpointError
+from podar.schemas.records import ArtifactRecord, RunManifest
+
+__all__ = ["RunStore", "RunLock", "atomic_write_bytes", "sha256_file", "utc_now"]
+
+MANIFEST = "manifest.json"
+AUDIT = "audit.jsonl"
+LOCK = "run.lock"
+ARTIFACTS = "artifacts"
+EXPORT = "export"
+
+_CHUNK_BYTES = 1 << 20  # hashing reads 1 MiB at a time
+
+
+def utc_now() -> str:
+    """UTC ISO-8601 timestamp with microseconds, e.g. 2026-11-30T06:21:44.123456+00:00."""
+    return datetime.now(timezone.utc).isoformat()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it is fsynced and moved over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp_path.exists():
+            tmp_path.unlink()
+        raise
+
+
+class RunLock:
+    """A lock file that keeps a second process out of a run folder. Names its holder (pid, host)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK
+        self.held = False
+        self.took_over: dict[str, Any] | None = None
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_holder()
+                if holder is not None and self._alive(holder):
+                    raise CheckpointError(
+                        f"run folder '{self.path.parent}' is locked by pid {holder.get('pid')} on host "
+                        f"{holder.get('host')} since {holder.get('since')}; wait for it to end, or remove "
+                        f"'{self.path}' if that process is gone"
+                    ) from None
+                # stale: the holder is dead (same host) or the file is unreadable
+                self.took_over = holder or {"unreadable": True}
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise CheckpointError(f"could not take the lock '{self.path}' (another process races for it)")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _read_holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @staticmethod
+    def _alive(holder: Mapping[str, Any]) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot see another host's processes: assume alive
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class RunStore:
+    """Reads and writes one run folder. Only the main process writes (``is_main``)."""
+
+    def __init__(self, run_dir: str | Path, *, is_main: bool = True) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.is_main = is_main
+        self.lock = RunLock(self.run_dir)
+
+    # ------------------------------------------------------------ paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.run_dir / MANIFEST
+
+    @property
+    def audit_path(self) -> Path:
+        return self.run_dir / AUDIT
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / EXPORT
+
+    def artifact_path(self, rel: str) -> Path:
+        return self.run_dir / rel
+
+    def prepare(self) -> None:
+        (self.run_dir / ARTIFACTS).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ manifest
+    def has_manifest(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> RunManifest:
+        if not self.has_manifest():
+            raise CheckpointError(f"'{self.manifest_path}' does not exist: not a podar run folder")
+        try:
+            return RunManifest.model_validate_json(self.manifest_path.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"'{self.manifest_path}' is not a valid run manifest: {e}") from e
+
+    def write_manifest(self, manifest: RunManifest) -> None:
+        if not self.is_main:
+            return
+        data = manifest.model_dump_json(indent=2).encode()
+        atomic_write_bytes(self.manifest_path, data)
+
+    # ------------------------------------------------------------ artifacts
+    def save_tensors(
+        self, rel: str, tensors: Mapping[str, torch.Tensor], *, stage: str, kind: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ArtifactRecord:
+        """Write a safetensors artifact atomically; returns its record (sha256, size)."""
+        path = self.artifact_path(rel)
+        if self.is_main:
+            contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+            with atomic_path(path) as tmp:
+                save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        return self.record(rel, stage=stage, kind=kind)
+
+    def save_json(self, rel: str, payload: Any, *, stage: str, kind: str) -> ArtifactRecord:
+        path = self.artifact_path(rel)
+        if self.is_main:
+            atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+        return self.record(rel, stage=stage, kind=kind)
+
+    def record(self, rel: str, *, stage: str, kind: str) -> ArtifactRecord:
+        path = self.artifact_path(rel)
+        if not path.is_file():
+            raise CheckpointError(f"artifact '{rel}' was not written to '{path}'")
+        return ArtifactRecord(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, stage=stage, kind=kind)
+
+    def load_tensors(self, record: ArtifactRecord, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Read a safetensors artifact, refusing it when missing or when its sha256 differs."""
+        path = self.artifact_path(record.path)
+        if not path.is_file():
+            raise CheckpointError(f"artifact '{record.path}' is missing from '{self.run_dir}'")
+        if verify:
+            actual = sha256_file(path)
+            if actual != record.sha256:
+                raise CheckpointError(
+                    f"artifact '{record.path}' has sha256 {actual[:16]}…, the manifest records "
+                    f"{record.sha256[:16]}…: the file was changed or corrupted"
+                )
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"artifact '{record.path}' cannot be read as safetensors: {e}") from e

@@ -1,0 +1,64 @@
+"""Helpers the stage handlers share: the active targets, weight swaps, expected pruned counts."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from podar.engine.context import RunContext
+from podar.schemas.config import SparsityPatternConfig
+
+from .masks import n_pruned
+
+__all__ = ["active_targets", "swapped_weights", "expected_pruned", "apply_mask"]
+
+
+def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
+    """The targets this pass works on: the current layer group in sequential mode, else all of them."""
+    st = ctx.state
+    if st.layer_groups:
+        names = st.layer_groups[st.group_index]
+        return {n: st.targets[n] for n in names}
+    return dict(st.targets)
+
+
+@contextmanager
+@torch.no_grad()
+def swapped_weights(modules: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily load ``weights`` into ``modules`` (e.g. the dense reference); restored on any exit."""
+    saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
+    try:
+        for name, m in modules.items():
+            m.weight.copy_(weights[name].to(m.weight.device, m.weight.dtype))
+        yield
+    finally:
+        for name, m in modules.items():
+            m.weight.copy_(saved[name].to(m.weight.device, m.weight.dtype))
+
+
+def expected_pruned(shape: tuple[int, int], pattern: SparsityPatternConfig, scope: str, sparsity: float) -> int:
+    """How many weights of an (out, in) layer the pattern prunes at ``sparsity`` (exact, per comparison group)."""
+    out_f, in_f = shape
+    if pattern.kind == "nm":
+        assert pattern.n is not None and pattern.m is not None
+        return out_f * (in_f // pattern.m) * (pattern.m - pattern.n)
+    if pattern.kind == "block":
+        assert pattern.block_height is not None and pattern.block_width is not None
+        n_blocks = (out_f // pattern.block_height) * (in_f // pattern.block_width)
+        return n_pruned(n_blocks, sparsity) * pattern.block_height * pattern.block_width
+    if pattern.kind == "row":
+        return n_pruned(out_f, sparsity) * in_f
+    if pattern.kind == "column":
+        return n_pruned(in_f, sparsity) * out_f
+    if scope == "per_row":
+        return out_f * n_pruned(in_f, sparsity)
+    return n_pruned(out_f * in_f, sparsity)
+
+
+@torch.no_grad()
+def apply_mask(module: nn.Linear, mask: torch.Tensor) -> None:
+    """Zero the pruned weights (+0.0 exactly) in place; mask: (out, in) bool, True = kept."""
+    module.weight.masked_fill_(~mask.to(module.weight.device), 0.0)

@@ -1,0 +1,145 @@
+"""Pruning: masks from the scores (or SparseGPT's OBS solver), applied to the weights, verified per layer.
+
+Every weight change leaves a record: the packed masks of the group are written as a safetensors artifact, and
+in sequential mode the pruned group's inputs are propagated to the next group with the per-layer reconstruction
+error ‖WX − ŴX‖² / ‖WX‖² measured on the way.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from podar.engine.context import RunContext
+from podar.schemas.config import PruneMethod
+from podar.schemas.errors import StageError
+from podar.schemas.records import StageResult
+
+from .bitpack import pack_bits
+from .common import active_targets, apply_mask, expected_pruned
+from .masks import global_unstructured_masks, pattern_mask
+from .sequential import decoder_layers, reconstruction_hooks, run_block
+from .sparsegpt import sparsegpt_prune
+
+STAGE = "pruning"
+RECON_SAMPLES = 16  # calibration sequences used to measure the reconstruction error
+
+
+def _masks_from_scores(ctx: RunContext, sparsity: float) -> dict[str, torch.Tensor]:
+    cfg, st = ctx.config, ctx.state
+    p = cfg.pattern
+    scope = cfg.resolved_scope()
+    scores = {}
+    for name, score in st.scores.items():
+        prior = st.masks.get(name)
+        # weights pruned in an earlier round stay pruned: they go first
+        scores[name] = score if prior is None else score.masked_fill(~prior.to(score.device), float("-inf"))
+    if scope == "global":
+        return global_unstructured_masks(scores, sparsity)
+    masks = {}
+    for name, score in scores.items():
+        ctx.current_layer = name
+        masks[name] = pattern_mask(score, kind=p.kind, sparsity_frac=sparsity, scope=scope, n=p.n, m=p.m,
+                                   block_height=p.block_height, block_width=p.block_width)
+    return masks
+
+
+def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[str, torch.Tensor]:
+    cfg, st = ctx.config, ctx.state
+    masks = {}
+    for name, module in active_targets(ctx).items():
+        ctx.check_cancelled()
+        ctx.current_layer = name
+        hinv = st.stats[name]["hinv_upper"]
+        new_w, keep, loss = sparsegpt_prune(
+            module.weight, hinv, sparsity, n=cfg.pattern.n, m=cfg.pattern.m,
+            block_size=cfg.calibration.sparsegpt_block_size, prior_mask=st.masks.get(name),
+        )
+        with torch.no_grad():
+            module.weight.copy_(new_w.to(module.weight.dtype))
+        masks[name] = keep
+        layer_metrics.setdefault(name, {})["obs_loss"] = loss
+    return masks
+
+
+def _expected(ctx: RunContext, shape: tuple[int, int], sparsity: float) -> int:
+    cfg = ctx.config
+    if cfg.method is PruneMethod.SPARSEGPT and cfg.pattern.kind == "unstructured":
+        out_f, in_f = shape
+        bs = cfg.calibration.sparsegpt_block_size
+        return sum(int(out_f * (min(i + bs, in_f) - i) * sparsity) for i in range(0, in_f, bs))
+    return expected_pruned(shape, cfg.pattern, cfg.resolved_scope(), sparsity)
+
+
+def run(ctx: RunContext) -> StageResult:
+    cfg, st = ctx.config, ctx.state
+    sparsity = cfg.sparsity_at_round(st.round_index)
+    targets = active_targets(ctx)
+    layer_metrics: dict[str, dict] = {}
+    if cfg.method is PruneMethod.SPARSEGPT:
+        masks = _sparsegpt(ctx, sparsity, layer_metrics)
+    else:
+        masks = _masks_from_scores(ctx, sparsity)
+        for name, mask in masks.items():
+            apply_mask(targets[name], mask)
+
+    # verify: exact pruned count per layer (global: in total), pruned weights exactly zero
+    total_pruned = total_expected = total = 0
+    for name, module in targets.items():
+        ctx.current_layer = name
+        mask = masks[name]
+        weight = module.weight.detach()
+        pruned = int((~mask).sum())
+        expected = _expected(ctx, tuple(weight.shape), sparsity)
+        total_pruned, total_expected, total = total_pruned + pruned, total_expected + expected, total + mask.numel()
+        if cfg.resolved_scope() != "global" and pruned != expected:
+            raise StageError(
+                f"layer '{name}': pruned {pruned} weights, the target {sparsity:.4f} ({cfg.pattern.label()}) "
+                f"needs exactly {expected}", stage="Pruning", layer=name)
+        nonzero_pruned = int((weight[~mask.to(weight.device)] != 0).sum())
+        if nonzero_pruned:
+            raise StageError(f"layer '{name}': {nonzero_pruned} pruned weights are not zero after pruning",
+                             stage="Pruning", layer=name)
+        zeros = int((weight == 0).sum())
+        layer_metrics.setdefault(name, {}).update(
+            {"sparsity": zeros / weight.numel(), "mask_sparsity": pruned / mask.numel(), "pruned": pruned,
+             "numel": mask.numel()})
+    if cfg.resolved_scope() == "global" and total_pruned != total_expected:
+        raise StageError(f"global mask pruned {total_pruned} weights, the target needs {total_expected}",
+                         stage="Pruning")
+    ctx.current_layer = None
+    st.masks.update({n: m.cpu() for n, m in masks.items()})
+
+    rel = f"artifacts/masks/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
+    record = ctx.store.save_tensors(
+        rel, {n: pack_bits(m.cpu()) for n, m in masks.items()}, stage=STAGE, kind="masks",
+        metadata={"format": "packbits-rowmajor-msb", "shapes": repr({n: list(m.shape) for n, m in masks.items()}),
+                  "sparsity": f"{sparsity:.6f}", "pattern": cfg.pattern.label()},
+    )
+    ctx.add_artifact(record)
+
+    block_groups = st.extras.get("block_groups")
+    forwards = 0
+    if block_groups and "block_inputs" in st.extras:
+        layers = decoder_layers(ctx.model)
+        assert layers is not None
+        inputs = st.extras["block_inputs"]
+        with reconstruction_hooks(targets, st.dense_weights, RECON_SAMPLES) as acc:
+            for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
+                inputs = run_block(layers[b], inputs)
+                forwards += len(inputs.hidden)
+        st.extras["block_inputs"] = inputs
+        for name, (err, ref, _n) in acc.items():
+            layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
+    st.scores.clear()
+    st.stats = {}
+    errors = [m["reconstruction_error"] for m in layer_metrics.values() if "reconstruction_error" in m]
+    return StageResult(
+        stage=STAGE,
+        metrics={"target_sparsity": sparsity, "achieved_sparsity": total_pruned / max(total, 1),
+                 "layers_pruned": len(targets), "round": st.round_index, "group": st.group_index,
+                 "pattern": cfg.pattern.label(), "scope": cfg.resolved_scope(),
+                 "mean_reconstruction_error": (sum(errors) / len(errors)) if errors else None,
+                 "block_forwards": forwards},
+        layer_metrics=layer_metrics,
+    )

@@ -1,0 +1,208 @@
+"""Block-by-block calibration for Llama-style decoders (``model.model.layers``), as the Wanda/SparseGPT reference
+code does it, without exceptions for control flow: the decoder stack is swapped for a recorder for one pass of
+embeddings, so the first block's inputs (and the keyword arguments every block gets) are captured; then each
+block runs on its cached inputs.
+
+Statistics are sums with a sample count, in fp32 whatever the model's dtype:
+- Wanda: ``sq_norm_sum`` (in,) = Σ over tokens of x_j²
+- SparseGPT: ``hessian_sum`` (in, in) = Σ over tokens of x xᵀ
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BlockInputs",
+    "decoder_layers",
+    "capture_first_block_inputs",
+    "run_block",
+    "collect_stats",
+    "group_targets_by_block",
+    "reconstruction_hooks",
+]
+
+
+@dataclass
+class BlockInputs:
+    """Cached inputs of the next block: hidden (B, T, C) per batch, and the keyword arguments blocks receive."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)  # each (B, T, C)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder block list of a Llama-style causal LM (``model.model.layers``), or None."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) > 0 else None
+
+
+class _Recorder(nn.Module):
+    """Stands in for the decoder stack during one embedding pass: records the first block's inputs."""
+
+    def __init__(self, template: nn.Module, sink: BlockInputs) -> None:
+        super().__init__()
+        self.sink = sink
+        if hasattr(template, "attention_type"):
+            self.attention_type = template.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError("decoder block called with positional arguments beyond hidden_states; unsupported model")
+        self.sink.hidden.append(hidden_states.detach())
+        self.sink.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+        return hidden_states
+
+
+@contextmanager
+def _swapped_layers(model: nn.Module, replacement: nn.ModuleList) -> Iterator[None]:
+    inner = model.model  # type: ignore[attr-defined]
+    original = inner.layers
+    inner.layers = replacement
+    try:
+        yield
+    finally:
+        inner.layers = original
+
+
+@torch.no_grad()
+def capture_first_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int,
+                               device: torch.device) -> BlockInputs:
+    """Inputs of block 0 for samples (N, T) int64, in batches of ``batch_size`` (embeddings run once)."""
+    layers = decoder_layers(model)
+    assert layers is not None
+    sink = BlockInputs()
+    recorder = nn.ModuleList([_Recorder(layers[0], sink)])
+    with _swapped_layers(model, recorder):
+        for start in range(0, samples.shape[0], batch_size):
+            batch = samples[start:start + batch_size].to(device)  # (B, T)
+            model.model(input_ids=batch, use_cache=False)  # type: ignore[attr-defined]
+    return sink
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """Outputs of ``block`` on every cached batch: the next block's inputs."""
+    out = BlockInputs(kwargs=inputs.kwargs)
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        result = block(hidden, **kwargs)
+        out.hidden.append((result[0] if isinstance(result, tuple) else result).detach())
+    return out
+
+
+def group_targets_by_block(model: nn.Module, targets: dict[str, nn.Module], blocks_per_group: int
+                           ) -> tuple[list[list[int]], list[list[str]]]:
+    """(block indices per group, target names per group) for the decoder stack; every target must lie inside."""
+    layers = decoder_layers(model)
+    assert layers is not None
+    owner: dict[str, int] = {}
+    module_block: dict[int, int] = {}
+    for i, block in enumerate(layers):
+        for m in block.modules():
+            module_block[id(m)] = i
+    outside = []
+    for name, module in targets.items():
+        if id(module) in module_block:
+            owner[name] = module_block[id(module)]
+        else:
+            outside.append(name)
+    if outside:
+        from podar.schemas.errors import ConfigError
+
+        raise ConfigError(
+            f"sequential calibration covers decoder blocks only, but targets include {outside[:4]}; add them to "
+            "'ignore' or set calibration.sequential: false"
+        )
+    block_groups: list[list[int]] = []
+    name_groups: list[list[str]] = []
+    for start in range(0, len(layers), blocks_per_group):
+        blocks = list(range(start, min(start + blocks_per_group, len(layers))))
+        names = [n for n in targets if owner[n] in blocks]
+        if names:
+            block_groups.append(blocks)
+            name_groups.append(names)
+    return block_groups, name_groups
+
+
+@contextmanager
+def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """Forward hooks that add each module's input statistics into the yielded dict while the context is open.
+
+    kind 'wanda': {'sq_norm_sum': (in,) fp32, 'n_samples': int}; kind 'sparsegpt': {'hessian_sum': (in, in)
+    fp32, 'n_samples': int}. ``n_samples`` counts sequences (the batch dimension).
+    """
+    stats: dict[str, dict[str, Any]] = {}
+    handles = []
+
+    def make_hook(name: str, in_features: int, device: torch.device):
+        entry: dict[str, Any] = {"n_samples": 0}
+        if kind == "wanda":
+            entry["sq_norm_sum"] = torch.zeros(in_features, dtype=torch.float32, device=device)
+        else:
+            entry["hessian_sum"] = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        stats[name] = entry
+
+        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+            x = args[0].detach()
+            n_seq = x.shape[0] if x.dim() == 3 else 1
+            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if kind == "wanda":
+                entry["sq_norm_sum"] += x.pow(2).sum(dim=0)
+            else:
+                entry["hessian_sum"].addmm_(x.t(), x)  # += xᵀx (in, in)
+            entry["n_samples"] += n_seq
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name, module.in_features, module.weight.device)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def reconstruction_hooks(modules: dict[str, nn.Linear], dense: dict[str, torch.Tensor], max_samples: int
+                         ) -> Iterator[dict[str, list[float]]]:
+    """While open, accumulate per module ‖X·(W − Ŵ)ᵀ‖² and ‖X·Wᵀ‖² on the first ``max_samples`` sequences.
+
+    Yields {name: [err_sq_sum, ref_sq_sum, n_samples]}; the relative error is err/ref. ``dense``: (out, in).
+    """
+    acc: dict[str, list[float]] = {n: [0.0, 0.0, 0] for n in modules}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Linear, args: tuple, _output: Any) -> None:
+            entry = acc[name]
+            if entry[2] >= max_samples:
+                return
+            x = args[0].detach()
+            n_seq = x.shape[0] if x.dim() == 3 else 1
+            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            w_dense = dense[name].to(x.device, torch.float32)  # (out, in)
+            delta = w_dense - module.weight.detach().float()  # (out, in)
+            entry[0] += float((x @ delta.t()).pow(2).sum())
+            entry[1] += float((x @ w_dense.t()).pow(2).sum())
+            entry[2] += n_seq
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,71 @@
+"""Which modules a run prunes: ``targets`` / ``ignore`` matching, tied-weight protection, shape checks."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from podar.schemas.config import PruningConfig
+from podar.schemas.errors import ConfigError
+
+__all__ = ["resolve_targets", "matches"]
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """``re:<regex>`` full-matches the module name; otherwise an exact module name or class name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return pattern == name or pattern == type(module).__name__
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under more than one module (e.g. lm_head tied to the embeddings)."""
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules():
+        for _, p in module.named_parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}
+
+
+def resolve_targets(model: nn.Module, config: PruningConfig) -> tuple[dict[str, nn.Linear], list[str]]:
+    """(targets, notes): the Linear modules to prune, in model order, and why others were skipped.
+
+    Rules: only ``nn.Linear`` (embeddings are never pruned); ``ignore`` wins over ``targets``; a Linear whose
+    weight is tied to another module's is skipped unless ``targets`` names it exactly. Raises ConfigError when
+    nothing matches, or when the pattern does not fit a target's shape (naming the layer).
+    """
+    tied = _tied_parameter_ids(model)
+    selected: dict[str, nn.Linear] = {}
+    notes: list[str] = []
+    linear_names: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        linear_names.append(name)
+        if not any(matches(p, name, module) for p in config.targets):
+            continue
+        if any(matches(p, name, module) for p in config.ignore):
+            notes.append(f"{name}: skipped (ignore)")
+            continue
+        if id(module.weight) in tied and name not in config.targets:
+            notes.append(f"{name}: skipped (weight tied to another module; name it exactly in targets to prune)")
+            continue
+        selected[name] = module
+    if not selected:
+        sample = ", ".join(linear_names[:6]) or "(the model has no Linear module)"
+        raise ConfigError(
+            f"targets {list(config.targets)} (minus ignore {list(config.ignore)}) matched no Linear module; "
+            f"Linear modules look like: {sample}"
+        )
+    for name, module in selected.items():
+        out_f, in_f = module.weight.shape
+        config.pattern.check_layer(name, out_f, in_f)
+    return selected, notes
+
+
+@torch.no_grad()
+def snapshot_weights(targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """A CPU copy of each target's weight (out, in), taken before pruning (the dense reference)."""
+    return {name: module.weight.detach().to("cpu", copy=True) for name, module in targets.items()}
