@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import structlog
 
@@ -135,8 +136,8 @@ def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] 
         where = f"line {number} (seq {record.get('seq')})"
         if record.get("prev_sha256") != expected_prev:
             raise AuditError(
-                f"{where}: hash chain broken — prev_sha256 does not match the previous line; a line was "
-                "edited, removed or reordered before or at this one"
+                f"{where}: hash chain broken — prev_sha256 does not match line {number - 1}: that line was "
+                "edited, or a line was removed or reordered here"
             )
         expected_prev = _line_sha(line)
         if record.get("run_id") != run_id:
@@ -163,7 +164,7 @@ def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] 
             raise AuditError(
                 f"the manifest's history holds {len(hist)} moves, the audit log {len(transitions)}"
             )
-        for entry, record in zip(hist, transitions):
+        for entry, record in zip(hist, transitions, strict=True):
             if (entry.trigger, entry.source, entry.dest) != (record["trigger"], record["source"], record["dest"]):
                 raise AuditError(
                     f"seq {record['seq']}: audit says {record['trigger']} {record['source']}→{record['dest']}, "

@@ -7,9 +7,10 @@ states' on-enter hooks and fires the triggers; this module knows no handler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 from transitions import Machine, MachineError
 
@@ -53,7 +54,7 @@ class PruningStage(str, Enum):
         return self in (PruningStage.COMPLETE, PruningStage.FAILED)
 
     @classmethod
-    def from_display(cls, display: str) -> "PruningStage":
+    def from_display(cls, display: str) -> PruningStage:
         for stage, name in _DISPLAY.items():
             if name == display:
                 return stage

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from podar.schemas.errors import StageError
 from podar.schemas.records import AuditEvent, FailureInfo, HistoryEntry, RunManifest, StageResult

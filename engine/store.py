@@ -11,10 +11,11 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,6 +32,7 @@ ARTIFACTS = "artifacts"
 EXPORT = "export"
 
 _CHUNK_BYTES = 1 << 20  # hashing reads 1 MiB at a time
+_FILE_MODE = 0o644  # mkstemp creates 0600; run folders are meant to be read by auditors
 
 
 def utc_now() -> str:
@@ -63,6 +65,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -82,6 +85,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import structlog
 
@@ -170,7 +171,6 @@ class Pipeline:
             self._store.lock.release()
 
     def _prepare(self) -> Runner:
-        cfg = self.config
         store = RunStore(self.run_dir)
         if store.has_manifest():
             raise CheckpointError(

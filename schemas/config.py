@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -72,7 +73,7 @@ class SparsityPatternConfig(_Frozen):
     block_width: int | None = Field(default=None, description="block columns (input features), >= 1")
 
     @model_validator(mode="after")
-    def _check(self) -> "SparsityPatternConfig":
+    def _check(self) -> SparsityPatternConfig:
         if self.kind == "nm":
             if self.n is None or self.m is None:
                 raise ValueError("pattern.kind 'nm' needs both pattern.n and pattern.m (e.g. n=2, m=4)")
@@ -92,31 +93,31 @@ class SparsityPatternConfig(_Frozen):
         return self
 
     @classmethod
-    def unstructured(cls) -> "SparsityPatternConfig":
+    def unstructured(cls) -> SparsityPatternConfig:
         return cls(kind="unstructured")
 
     @classmethod
-    def nm(cls, n: int, m: int) -> "SparsityPatternConfig":
+    def nm(cls, n: int, m: int) -> SparsityPatternConfig:
         return cls(kind="nm", n=n, m=m)
 
     @classmethod
-    def nm_2_4(cls) -> "SparsityPatternConfig":
+    def nm_2_4(cls) -> SparsityPatternConfig:
         return cls.nm(2, 4)
 
     @classmethod
-    def nm_4_8(cls) -> "SparsityPatternConfig":
+    def nm_4_8(cls) -> SparsityPatternConfig:
         return cls.nm(4, 8)
 
     @classmethod
-    def block(cls, height: int, width: int) -> "SparsityPatternConfig":
+    def block(cls, height: int, width: int) -> SparsityPatternConfig:
         return cls(kind="block", block_height=height, block_width=width)
 
     @classmethod
-    def row(cls) -> "SparsityPatternConfig":
+    def row(cls) -> SparsityPatternConfig:
         return cls(kind="row")
 
     @classmethod
-    def column(cls) -> "SparsityPatternConfig":
+    def column(cls) -> SparsityPatternConfig:
         return cls(kind="column")
 
     @property
@@ -206,7 +207,7 @@ class _Ramp(_Schedule):
     frequency: int = Field(default=1, ge=1, description="steps between pruning rounds, >= 1")
 
     @model_validator(mode="after")
-    def _check_range(self) -> "_Ramp":
+    def _check_range(self) -> _Ramp:
         if self.end_step <= self.start_step:
             raise ValueError(
                 f"schedule needs end_step > start_step; got start_step={self.start_step}, end_step={self.end_step}"
@@ -233,7 +234,7 @@ class Gradual(_Ramp):
     frequency: int = Field(ge=1, description="steps between pruning rounds, >= 1")
 
     @model_validator(mode="after")
-    def _check_sparsities(self) -> "Gradual":
+    def _check_sparsities(self) -> Gradual:
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"schedule needs initial_sparsity <= final_sparsity; got {self.initial_sparsity} > "
@@ -420,7 +421,7 @@ class PruningConfig(_Frozen):
         return data
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "PruningConfig":
+    def _check_consistency(self) -> PruningConfig:
         sched_final = self.schedule.sparsity if isinstance(self.schedule, OneShot) else self.schedule.final_sparsity
         if sched_final is not None and not math.isclose(sched_final, self.target_sparsity, abs_tol=1e-9):
             raise ValueError(
@@ -472,21 +473,21 @@ class PruningConfig(_Frozen):
 
     # ------------------------------------------------------------ fluent builder
 
-    def _with(self, **changes: Any) -> "PruningConfig":
+    def _with(self, **changes: Any) -> PruningConfig:
         data = self.model_dump(mode="python")
         data.update(changes)
         return type(self).model_validate(data)
 
-    def with_method(self, method: PruneMethod | str) -> "PruningConfig":
+    def with_method(self, method: PruneMethod | str) -> PruningConfig:
         return self._with(method=PruneMethod(method))
 
-    def with_target_sparsity(self, sparsity: float) -> "PruningConfig":
+    def with_target_sparsity(self, sparsity: float) -> PruningConfig:
         schedule = self.schedule
         if isinstance(schedule, OneShot):
             return self._with(target_sparsity=sparsity, schedule=schedule.model_copy(update={"sparsity": None}))
         return self._with(target_sparsity=sparsity)
 
-    def with_pattern(self, pattern: SparsityPatternConfig) -> "PruningConfig":
+    def with_pattern(self, pattern: SparsityPatternConfig) -> PruningConfig:
         if pattern.fixed_sparsity is not None and isinstance(self.schedule, OneShot):
             return self._with(
                 pattern=pattern,
@@ -495,32 +496,32 @@ class PruningConfig(_Frozen):
             )
         return self._with(pattern=pattern)
 
-    def with_schedule(self, schedule: OneShot | Gradual | Cubic) -> "PruningConfig":
+    def with_schedule(self, schedule: OneShot | Gradual | Cubic) -> PruningConfig:
         if isinstance(schedule, OneShot):
             return self._with(schedule=schedule.model_copy(update={"sparsity": None}))
         return self._with(schedule=schedule, target_sparsity=schedule.final_sparsity)
 
-    def with_model(self, model: ModelSourceConfig) -> "PruningConfig":
+    def with_model(self, model: ModelSourceConfig) -> PruningConfig:
         return self._with(model=model)
 
-    def with_calibration(self, calibration: CalibrationConfig) -> "PruningConfig":
+    def with_calibration(self, calibration: CalibrationConfig) -> PruningConfig:
         return self._with(calibration=calibration)
 
-    def with_finetune(self, finetune: FineTuneConfig) -> "PruningConfig":
+    def with_finetune(self, finetune: FineTuneConfig) -> PruningConfig:
         return self._with(finetune=finetune)
 
-    def with_evaluation(self, evaluation: EvaluationConfig) -> "PruningConfig":
+    def with_evaluation(self, evaluation: EvaluationConfig) -> PruningConfig:
         return self._with(evaluation=evaluation)
 
-    def with_export(self, export: ExportConfig) -> "PruningConfig":
+    def with_export(self, export: ExportConfig) -> PruningConfig:
         return self._with(export=export)
 
-    def with_targets(self, targets: tuple[str, ...], ignore: tuple[str, ...] | None = None) -> "PruningConfig":
+    def with_targets(self, targets: tuple[str, ...], ignore: tuple[str, ...] | None = None) -> PruningConfig:
         return self._with(targets=tuple(targets), ignore=self.ignore if ignore is None else tuple(ignore))
 
     # ------------------------------------------------------------ validation and files
 
-    def validate(self, layer_shapes: Mapping[str, tuple[int, int]] | None = None) -> "PruningConfig":
+    def validate(self, layer_shapes: Mapping[str, tuple[int, int]] | None = None) -> PruningConfig:
         """Re-check every rule; with ``layer_shapes`` (name → (out, in)), also that the pattern fits each.
 
         Raises ConfigError naming the field or layer. Returns self so it chains.
@@ -534,14 +535,14 @@ class PruningConfig(_Frozen):
         return self
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "PruningConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> PruningConfig:
         try:
             return cls.model_validate(dict(data))
         except ValidationError as e:
             raise ConfigError(_format_validation_error(e, source)) from e
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "PruningConfig":
+    def from_file(cls, path: str | Path) -> PruningConfig:
         """Load from ``.yaml``/``.yml`` or ``.json``; errors name the file and the field."""
         path = Path(path)
         if not path.is_file():

@@ -73,6 +73,8 @@ def run(ctx: RunContext) -> StageResult:
     pruned = perplexity(ctx.model, windows, batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress,
                         desc="eval pruned", text_name=ev.dataset)
     increase_pct = (pruned.ppl / dense_ppl - 1.0) * 100.0
+    n_zero = sum(int((m.weight == 0).sum()) for m in ctx.state.targets.values())
+    n_total = sum(m.weight.numel() for m in ctx.state.targets.values())
     gates = ev.gates
     failures = []
     if gates.max_perplexity_increase_pct is not None and increase_pct > gates.max_perplexity_increase_pct:
@@ -88,7 +90,8 @@ def run(ctx: RunContext) -> StageResult:
         stage=STAGE,
         metrics={"dense_ppl": dense_ppl, "pruned_ppl": pruned.ppl, "ppl_increase_pct": increase_pct,
                  "windows": pruned.n_windows, "seq_len": pruned.seq_len, "dataset": ev.dataset,
-                 "gates_failed": len(failures), "dense_baseline_reused": reused},
+                 "gates_failed": len(failures), "dense_baseline_reused": reused,
+                 "pruned_layers_sparsity": n_zero / n_total, "pruned_layers": len(ctx.state.targets)},
         outcome=outcome,
         notes=failures,
     )

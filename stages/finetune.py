@@ -51,6 +51,7 @@ def run(ctx: RunContext) -> StageResult:
     accelerator = ctx.accelerator
     optimizer = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
     losses: list[float] = []
+    pruned_max_abs: list[float] = []  # max |w| over pruned positions after each step: must stay 0.0
     try:
         model.train()
         prepared, optimizer = accelerator.prepare(model, optimizer)
@@ -71,10 +72,19 @@ def run(ctx: RunContext) -> StageResult:
                 accelerator.clip_grad_norm_(params, ft.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            leaked = 0.0
             with torch.no_grad():
                 for name, mask in device_masks.items():
-                    st.targets[name].weight.masked_fill_(~mask, 0.0)
+                    weight = st.targets[name].weight
+                    weight.masked_fill_(~mask, 0.0)
+                    pruned_values = weight.masked_select(~mask)
+                    if pruned_values.numel():
+                        leaked = max(leaked, float(pruned_values.abs().max()))
+            if leaked != 0.0:
+                raise StageError(f"pruned weights are not zero after step {st.step + step} (max |w| {leaked})",
+                                 stage="Fine-tuning")
             losses.append(float(loss.detach()))
+            pruned_max_abs.append(leaked)
         ctx.model = accelerator.unwrap_model(prepared)
     finally:
         model.eval()
@@ -89,7 +99,8 @@ def run(ctx: RunContext) -> StageResult:
                              stage="Fine-tuning", layer=name)
     st.step += n_steps
     record = ctx.store.save_json(f"artifacts/finetune/round{st.round_index:03d}_losses.json",
-                                 {"losses": losses, "first_step": st.step - n_steps}, stage=STAGE, kind="statistics")
+                                 {"losses": losses, "first_step": st.step - n_steps,
+                                  "pruned_max_abs_after_step": pruned_max_abs}, stage=STAGE, kind="statistics")
     ctx.add_artifact(record)
     return StageResult(stage=STAGE, metrics={"skipped": False, "steps": n_steps, "first_loss": losses[0],
                                              "last_loss": losses[-1], "trained": ft.train})

@@ -10,9 +10,10 @@ Statistics are sums with a sample count, in fp32 whatever the model's dtype:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ def capture_first_block_inputs(model: nn.Module, samples: torch.Tensor, batch_si
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Outputs of ``block`` on every cached batch: the next block's inputs."""
     out = BlockInputs(kwargs=inputs.kwargs)
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
         result = block(hidden, **kwargs)
         out.hidden.append((result[0] if isinstance(result, tuple) else result).detach())
     return out

