@@ -60,7 +60,15 @@ class AuditLog:
         self._sink = _DurableFileLogger(self.path)
         self.head_sha256 = chain_seed(run_id)
         self.next_seq = 0
+        self.repaired: str | None = None
         if self.path.exists():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):  # a crash inside the last append: drop the partial line
+                keep = raw[: raw.rfind(b"\n") + 1]
+                self.repaired = raw[len(keep):].decode("utf-8", "replace")
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(keep))
+                    os.fsync(f.fileno())
             records = read_audit(self.path)
             if records:
                 last_line = self.path.read_text(encoding="utf-8").splitlines()[-1]
@@ -146,7 +154,9 @@ def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] 
             raise AuditError(f"{where}: sequence number {record.get('seq')} out of order, expected {number - 1}")
         kind = record.get("event")
         if kind == "resumed":
-            state = record.get("dest", state)
+            if record.get("source") != state:
+                raise AuditError(f"{where}: resumed from '{record.get('source')}' but the run was in '{state}'")
+            state = PruningStage.IDLE.value
             continue
         if kind != "transition":
             continue

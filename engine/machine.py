@@ -20,6 +20,7 @@ __all__ = [
     "PruningStage",
     "Move",
     "MOVES",
+    "RESUMABLE",
     "CONDITIONS",
     "build_machine",
     "legal_moves",
@@ -115,7 +116,12 @@ MOVES: tuple[Move, ...] = (
     Move("evaluated", S.EVALUATING, S.FAILED, unless=("gate_passed",)),
     Move("exported", S.EXPORTING, S.COMPLETE),
     *(Move("fail", s, S.FAILED) for s in [S.IDLE, *_ACTIVE]),
+    # resume after a failure or a crash: a resumed run starts at Idle and moves to the stage to redo
+    *(Move(f"resume_{s.value}", S.IDLE, s) for s in (S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING,
+                                                     S.EVALUATING, S.EXPORTING)),
 )
+
+RESUMABLE: tuple[PruningStage, ...] = tuple(m.dest for m in MOVES if m.trigger.startswith("resume_"))
 
 
 def legal_moves() -> set[tuple[str, str, str]]:

@@ -17,6 +17,7 @@ from typing import Any
 from podar.schemas.errors import StageError
 from podar.schemas.records import AuditEvent, FailureInfo, HistoryEntry, RunManifest, StageResult
 
+from . import faults
 from .audit import AuditLog
 from .context import Cancelled, Handler, RunContext
 from .machine import PruningStage, build_machine, fire
@@ -62,6 +63,7 @@ class Runner:
         self.failure: FailureInfo | None = None
         self._pending_failure: FailureInfo | None = None
         self._last_event: AuditEvent | None = None
+        self.resume_target: PruningStage | None = None  # set by Pipeline.resume: the stage to redo
         self.machine = build_machine(
             self, condition=self.condition, initial=initial, on_enter=self._on_enter, before=self._before
         )
@@ -88,6 +90,8 @@ class Runner:
         if self._pending_failure is not None:
             return "fail"
         stage = self.stage
+        if stage is PruningStage.IDLE and self.resume_target is not None:
+            return f"resume_{self.resume_target.value}"
         if stage is PruningStage.PRUNING:
             return "next_group" if self.condition("more_layer_groups") else "pruned"
         if stage is PruningStage.FINE_TUNING:
@@ -101,7 +105,13 @@ class Runner:
         """Advance exactly one transition (running the new state's handler). Returns the new stage."""
         if self.ctx.cancel_event.is_set() and self._pending_failure is None and not self.stage.is_terminal():
             self._pending_failure = self._failure_from(Cancelled("cancelled"), self.stage)
-        fire(self, self.next_trigger())
+        try:
+            fire(self, self.next_trigger())
+        except KeyboardInterrupt as e:  # Ctrl-C outside a handler (e.g. during a checkpoint write)
+            if self.stage.is_terminal():
+                raise
+            self._pending_failure = self._failure_from(e, self.stage)
+            fire(self, "fail")
         event = self._last_event
         if event is not None:
             for listener in list(self.listeners):
@@ -120,6 +130,8 @@ class Runner:
         trigger = event.event.name
         source, dest = event.transition.source, event.transition.dest
         st = self.ctx.state
+        if trigger.startswith("resume_"):
+            self.resume_target = None
         if trigger == "next_group":
             st.group_index += 1
         elif trigger == "next_round":
@@ -178,15 +190,27 @@ class Runner:
         self._checkpoint(result)
         ctx.log.info("stage_done", stage=stage.display, duration_s=round(result.duration_s, 3), **result.summary())
 
+    def record_resume(self, from_state: str, note: str) -> None:
+        """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest."""
+        record = self.audit.write(event="resumed", trigger="resume", source=from_state,
+                                  dest=PruningStage.IDLE.value, at=utc_now(), metrics={"note": note})
+        self.manifest.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, "note": note})
+        self.manifest.state = PruningStage.IDLE.value
+        self.manifest.failure = None
+        self.manifest.audit_head_sha256 = self.audit.head_sha256
+        self._write_manifest()
+
     # ------------------------------------------------------------ helpers
     def _checkpoint(self, result: StageResult) -> None:
         m = self.manifest
         for rel, record in self.ctx.new_artifacts.items():
             m.artifacts[rel] = record
         result.artifacts = sorted(set(result.artifacts) | set(self.ctx.new_artifacts))
+        result.progress = self._progress()
         m.results.append(result)
         m.progress = self._progress()
         self._write_manifest()
+        faults.hit(f"after:{result.stage}")
 
     def _progress(self) -> dict[str, Any]:
         st = self.ctx.state

@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from podar.schemas.errors import CheckpointError
 from podar.schemas.records import ArtifactRecord, RunManifest
 
+from . import faults
+
 __all__ = ["RunStore", "RunLock", "atomic_write_bytes", "sha256_file", "utc_now"]
 
 MANIFEST = "manifest.json"
@@ -56,7 +58,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str = "write:artifact") -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,6 +68,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
+        faults.hit(fault_point)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -86,6 +89,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, _FILE_MODE)
+        faults.hit("write:artifact")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -197,7 +201,7 @@ class RunStore:
         if not self.is_main:
             return
         data = manifest.model_dump_json(indent=2).encode()
-        atomic_write_bytes(self.manifest_path, data)
+        atomic_write_bytes(self.manifest_path, data, fault_point="write:manifest")
 
     # ------------------------------------------------------------ artifacts
     def save_tensors(

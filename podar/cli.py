@@ -35,8 +35,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from podar import Pipeline
 
     configure_logging(args.log_json)
-    started = time.perf_counter()
     pipeline = Pipeline(args.config, run_dir=args.run_dir, progress=not args.no_progress)
+    return _drive(pipeline)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from podar import Pipeline
+
+    configure_logging(args.log_json)
+    pipeline = Pipeline.resume(args.run_dir, config=args.config, allow_config_change=args.allow_config_change,
+                               allow_model_change=args.allow_model_change, allow_data_change=args.allow_data_change,
+                               progress=not args.no_progress)
+    return _drive(pipeline)
+
+
+def _drive(pipeline) -> int:
+    started = time.perf_counter()
     try:
         result = pipeline.run()
     except KeyboardInterrupt:
@@ -151,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-json", action="store_true", help="JSON log lines instead of the console rendering")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("resume", help="continue a failed or interrupted run from its last checkpoint")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--config", type=Path, default=None, help="a config to use instead of the run's own")
+    p.add_argument("--allow-config-change", action="store_true", help="accept a config that differs from the run's")
+    p.add_argument("--allow-model-change", action="store_true", help="accept a model whose weights hash differs")
+    p.add_argument("--allow-data-change", action="store_true", help="accept texts whose sha256 differs")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-json", action="store_true")
+    p.set_defaults(func=_cmd_resume)
     p = sub.add_parser("status", help="where a run stands")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=_cmd_status)

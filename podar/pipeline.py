@@ -7,6 +7,7 @@ Composes the three packages: validates the config against the model before any w
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,20 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
+from safetensors import safe_open
 
-from podar.engine.audit import AuditLog
+from podar.engine.audit import AuditLog, read_audit, verify_audit
 from podar.engine.context import RunContext, RunState
-from podar.engine.data import check_tokenizer_fits
+from podar.engine.data import check_tokenizer_fits, load_text, resolve_data_dir, text_sha256
 from podar.engine.distributed import make_accelerator, world_size
 from podar.engine.machine import PruningStage
 from podar.engine.models import load_model, weights_fingerprint
 from podar.engine.runner import Runner, TransitionListener
-from podar.engine.store import RunStore, atomic_write_bytes, utc_now
+from podar.engine.store import RunStore, atomic_write_bytes, sha256_file, utc_now
 from podar.schemas.config import PruningConfig
-from podar.schemas.errors import CheckpointError, ConfigError
+from podar.schemas.errors import AuditError, CheckpointError, ConfigError
 from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageResult
 from podar.stages import HANDLERS
+from podar.stages.bitpack import unpack_bits
 from podar.stages.calibrate import calibration_samples
+from podar.stages.common import apply_mask
 from podar.stages.evaluate import evaluation_windows
 from podar.stages.sequential import decoder_layers, group_targets_by_block
 from podar.stages.targets import resolve_targets, snapshot_weights
@@ -102,6 +107,7 @@ class Pipeline:
         self._listeners: list[TransitionListener] = []
         self._runner: Runner | None = None
         self._store: RunStore | None = None
+        self._resume: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ public surface
     @property
@@ -158,6 +164,48 @@ class Pipeline:
         return PipelineResult(stage=runner.stage, run_id=self.run_id, run_dir=self.run_dir, metrics=metrics,
                               failure=runner.failure)
 
+    # ------------------------------------------------------------ resume
+    @classmethod
+    def resume(
+        cls,
+        run_dir: str | Path,
+        *,
+        config: PruningConfig | Mapping[str, Any] | str | Path | None = None,
+        model: Any = None,
+        tokenizer: Any = None,
+        allow_config_change: bool = False,
+        allow_model_change: bool = False,
+        allow_data_change: bool = False,
+        progress: bool = True,
+        logger: Any = None,
+    ) -> Pipeline:
+        """A Pipeline that continues the run in ``run_dir`` from its last complete checkpoint.
+
+        Refuses (CheckpointError, saying what differs and how to override) a changed config, a different model
+        or data hash, an artifact whose sha256 does not match, or a missing artifact. ``run()`` then continues.
+        """
+        store = RunStore(run_dir)
+        if not store.has_manifest():
+            raise CheckpointError(
+                f"'{store.manifest_path}' does not exist: the run in '{store.run_dir}' never wrote its first "
+                "checkpoint, so there is nothing to resume; start it again with the same --run-dir")
+        manifest = store.read_manifest()
+        saved = PruningConfig.from_dict(manifest.config, source=f"{store.manifest_path}")
+        if config is None:
+            config = saved
+        pipe = cls(config, run_dir=run_dir, model=model, tokenizer=tokenizer, progress=progress, logger=logger)
+        if pipe.config.sha256() != manifest.config_sha256 and not allow_config_change:
+            old, new = saved.model_dump(mode="json"), pipe.config.model_dump(mode="json")
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise CheckpointError(
+                f"the config differs from the run's (fields: {', '.join(changed) or 'canonical form'}); resume "
+                "with the run's own config, or pass allow_config_change=True (--allow-config-change)")
+        pipe.run_id = manifest.run_id
+        pipe._log = (logger or structlog.get_logger("podar")).bind(run_id=manifest.run_id)
+        pipe._resume = {"manifest": manifest, "allow_model_change": allow_model_change,
+                        "allow_data_change": allow_data_change}
+        return pipe
+
     # ------------------------------------------------------------ preparation (before any work)
     def _ensure_runner(self) -> Runner:
         if self._runner is None:
@@ -172,29 +220,31 @@ class Pipeline:
 
     def _prepare(self) -> Runner:
         store = RunStore(self.run_dir)
-        if store.has_manifest():
+        resuming = self._resume is not None
+        if store.has_manifest() and not resuming:
             raise CheckpointError(
                 f"run folder '{store.run_dir}' already holds a run ({store.manifest_path.name}); choose a new "
-                "--run-dir, or resume it")
+                "--run-dir, or resume it (podar resume)")
         store.prepare()
         store.lock.acquire()
         self._store = store
         try:
-            return self._prepare_locked(store)
+            if store.lock.took_over is not None:
+                self._log.warning("stale_lock_taken_over", previous=store.lock.took_over)
+            ctx = self._context(store)
+            return self._resumed_runner(ctx) if resuming else self._fresh_runner(ctx)
         except BaseException:
             store.lock.release()
             raise
 
-    def _prepare_locked(self, store: RunStore) -> Runner:
+    def _context(self, store: RunStore) -> RunContext:
+        """Load and check everything a run needs, before any work: model, tokenizer, targets, texts."""
         cfg = self.config
         log = self._log
-        if store.lock.took_over is not None:
-            log.warning("stale_lock_taken_over", previous=store.lock.took_over)
         accelerator = make_accelerator(cfg.device)
         store.is_main = accelerator.is_main_process
         if self._model is None:
-            model, tokenizer = load_model(cfg.model)
-            self._model, self._tokenizer = model, tokenizer
+            self._model, self._tokenizer = load_model(cfg.model)
         model, tokenizer = self._model, self._tokenizer
         needs_text = cfg.method.requires_calibration() or cfg.evaluation.enabled or cfg.finetune.enabled
         if tokenizer is None and needs_text:
@@ -209,7 +259,7 @@ class Pipeline:
         state = RunState(targets=targets)
         ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store,
                          log=log, run_id=self.run_id, state=state, progress=self._progress)
-        # data checks before any work: the texts exist and are long enough
+        data_sha = state.extras.setdefault("data_sha256", {})
         if cfg.method.requires_calibration():
             calibration_samples(ctx)
             if cfg.calibration.sequential and decoder_layers(model) is not None:
@@ -217,22 +267,148 @@ class Pipeline:
                 state.layer_groups = name_groups
                 state.extras["block_groups"] = block_groups
         if cfg.evaluation.enabled:
-            evaluation_windows(ctx)
-        fingerprint = weights_fingerprint(model)
-        state.extras["model_fingerprint"] = fingerprint
+            data_sha["evaluation"] = evaluation_windows(ctx)[1]
+        if cfg.finetune.enabled:
+            text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
+            data_sha["finetune"] = text_sha256(text)
+        state.extras["model_fingerprint"] = weights_fingerprint(model)
         state.dense_weights = snapshot_weights(targets)
         log.info("targets_resolved", pruned=len(targets), skipped=notes,
                  groups=len(state.layer_groups) or 1, first=list(targets)[:3])
+        return ctx
 
+    def _fresh_runner(self, ctx: RunContext) -> Runner:
+        cfg, store = self.config, ctx.store
         now = utc_now()
         manifest = RunManifest(
             run_id=self.run_id, created_at=now, updated_at=now, config=cfg.model_dump(mode="json"),
             config_sha256=cfg.sha256(), state=PruningStage.IDLE.value, versions=library_versions(),
-            world_size=world_size(accelerator), model_fingerprint=fingerprint,
+            world_size=world_size(ctx.accelerator), model_fingerprint=ctx.state.extras["model_fingerprint"],
+            data_sha256=dict(ctx.state.extras["data_sha256"]),
         )
         audit = AuditLog(store.audit_path, self.run_id)
         runner = Runner(ctx, HANDLERS, manifest, audit)
         runner.listeners.extend(self._listeners)
         store.write_manifest(manifest)
-        atomic_write_bytes(store.run_dir / "config.yaml", cfg.to_yaml().encode())
+        atomic_write_bytes(store.run_dir / "config.yaml", cfg.to_yaml().encode(), fault_point="write:config")
         return runner
+
+    def _resumed_runner(self, ctx: RunContext) -> Runner:
+        info = self._resume
+        store = ctx.store
+        manifest = store.read_manifest()  # re-read under the lock
+        if manifest.state == PruningStage.COMPLETE.value:
+            raise CheckpointError(f"run '{manifest.run_id}' is Complete; there is nothing to resume")
+        fp = ctx.state.extras["model_fingerprint"]
+        if fp != manifest.model_fingerprint and not info["allow_model_change"]:
+            raise CheckpointError(
+                f"the model's weights hash {fp[:16]}… differs from the run's {str(manifest.model_fingerprint)[:16]}…; "
+                "load the same model, or pass allow_model_change=True (--allow-model-change)")
+        for role, sha in ctx.state.extras["data_sha256"].items():
+            old = manifest.data_sha256.get(role)
+            if old is not None and old != sha and not info["allow_data_change"]:
+                raise CheckpointError(
+                    f"the {role} text's sha256 {sha[:16]}… differs from the run's {old[:16]}…; use the same data, or "
+                    "pass allow_data_change=True (--allow-data-change)")
+        for record in manifest.artifacts.values():  # every recorded artifact present and intact
+            path = store.artifact_path(record.path)
+            if not path.is_file():
+                raise CheckpointError(f"artifact '{record.path}' recorded in the manifest is missing; the run "
+                                      "cannot continue from this folder (start a new run)")
+            actual = sha256_file(path)
+            if actual != record.sha256:
+                raise CheckpointError(f"artifact '{record.path}' has sha256 {actual[:16]}…, the manifest records "
+                                      f"{record.sha256[:16]}…: it was changed or corrupted (start a new run)")
+        audit = AuditLog(store.audit_path, manifest.run_id)
+        if audit.repaired is not None:
+            self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])
+        reconcile_history(manifest, store.audit_path)
+        target, note = restore_state(ctx, manifest)
+        runner = Runner(ctx, HANDLERS, manifest, audit)
+        runner.listeners.extend(self._listeners)
+        runner.last_result = None
+        runner.resume_target = target
+        runner.record_resume(manifest.state, note)
+        self._log.info("resumed", from_state=manifest.resumes[-1]["from_state"],
+                       target=target.display if target else "Idle (start)", note=note)
+        return runner
+
+
+def reconcile_history(manifest: RunManifest, audit_path: Path) -> None:
+    """Adopt transitions the audit log holds beyond the manifest's history (a crash between the two writes).
+
+    The audit chain is verified first; a log shorter than the history is tampering and refused.
+    """
+    try:
+        verify_audit(audit_path, manifest.run_id)
+    except AuditError as e:
+        raise CheckpointError(f"the audit log does not verify, so the run cannot be resumed: {e}") from e
+    transitions = [r for r in read_audit(audit_path) if r.get("event") == "transition"]
+    if len(transitions) < len(manifest.history):
+        raise CheckpointError(f"the audit log holds {len(transitions)} moves but the manifest {len(manifest.history)}")
+    for record in transitions[len(manifest.history):]:
+        manifest.history.append(HistoryEntry(seq=record["seq"], trigger=record["trigger"], source=record["source"],
+                                             dest=record["dest"], at=record["at"]))
+        manifest.state = record["dest"]
+
+
+def restore_state(ctx: RunContext, manifest: RunManifest) -> tuple[PruningStage | None, str]:
+    """Replay the checkpointed results onto the freshly loaded model; return (stage to redo, note).
+
+    Masks are re-applied (or SparseGPT's and fine-tuning's changed weights loaded) in order; the loop counters
+    come from the last result. A stage that did not finish is redone from the start of its layer group / round.
+    """
+    cfg, st, store = ctx.config, ctx.state, ctx.store
+    modules = dict(ctx.model.named_modules())
+    params = dict(ctx.model.named_parameters())
+    for result in manifest.results:
+        records = [manifest.artifacts[a] for a in result.artifacts if a in manifest.artifacts]
+        masks = [r for r in records if r.kind == "masks"]
+        weights = [r for r in records if r.kind == "weights"]
+        for record in masks:
+            tensors = store.load_tensors(record)
+            shapes = json.loads(safetensors_metadata(store.artifact_path(record.path))["shapes"])
+            for name, packed in tensors.items():
+                st.masks[name] = unpack_bits(packed, shapes[name][1])
+                if not weights:
+                    apply_mask(modules[name], st.masks[name])
+        for record in weights:
+            with torch.no_grad():
+                for name, tensor in store.load_tensors(record).items():
+                    target = modules[name].weight if name in modules else params[name]
+                    target.copy_(tensor.to(target.device, target.dtype))
+    needs_cal = cfg.method.requires_calibration()
+    restart = PruningStage.CALIBRATING if needs_cal else PruningStage.COMPUTING_IMPORTANCE
+    if not manifest.results:
+        return None, "nothing finished: starting from the beginning"
+    last = manifest.results[-1]
+    prog = last.progress
+    st.round_index = int(prog.get("round_index", 0) or 0)
+    st.group_index = int(prog.get("group_index", 0) or 0)
+    st.step = int(prog.get("step", 0) or 0)
+    n_rounds = cfg.schedule.num_pruning_steps()
+    if last.stage in (PruningStage.CALIBRATING.value, PruningStage.COMPUTING_IMPORTANCE.value):
+        return restart, f"redo layer group {st.group_index} of round {st.round_index}"
+    if last.stage == PruningStage.PRUNING.value:
+        if prog.get("more_layer_groups"):
+            st.group_index += 1
+            return restart, f"continue with layer group {st.group_index} of round {st.round_index}"
+        return PruningStage.FINE_TUNING, f"pruning round {st.round_index} done: fine-tuning next"
+    if last.stage == PruningStage.FINE_TUNING.value:
+        if st.round_index + 1 < n_rounds:
+            st.round_index += 1
+            st.group_index = 0
+            return restart, f"continue with pruning round {st.round_index}"
+        return PruningStage.EVALUATING, "pruning and fine-tuning done: evaluating next"
+    if last.stage == PruningStage.EVALUATING.value:
+        if last.outcome == "gate_failed":
+            raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
+                                  "(change the gates in a new run, or set on_fail: warn)")
+        return PruningStage.EXPORTING, "evaluation done: exporting next"
+    # the export finished but the run stopped before the move to Complete: export again (same bytes)
+    return PruningStage.EXPORTING, "export done but not confirmed: exporting again"
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})

@@ -58,6 +58,8 @@ class StageResult(_Record):
     artifacts: list[str] = Field(default_factory=list, description="artifact paths (relative to the run folder)")
     outcome: str | None = None
     duration_s: float = 0.0
+    progress: dict[str, Scalar] = Field(
+        default_factory=dict, description="loop counters when the stage finished (round, group, step)")
     notes: list[str] = Field(default_factory=list)
 
     def summary(self, limit: int = 8) -> dict[str, Scalar]:
@@ -110,5 +112,7 @@ class RunManifest(_Record):
     versions: dict[str, str] = Field(default_factory=dict)
     world_size: int = Field(default=1, ge=1)
     model_fingerprint: str | None = None
+    data_sha256: dict[str, str] = Field(default_factory=dict, description="sha256 of each input text, by role")
+    resumes: list[dict[str, Scalar]] = Field(default_factory=list, description="each resumption: when, from where")
     failure: FailureInfo | None = None
     audit_head_sha256: str | None = Field(default=None, description="sha256 of the last audit line")

@@ -13,12 +13,12 @@ import torch
 from tqdm.auto import tqdm
 
 from podar.engine.context import RunContext
-from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
+from podar.engine.data import calibration_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
 from .common import active_targets
-from .sequential import capture_first_block_inputs, collect_stats, decoder_layers
+from .sequential import capture_first_block_inputs, collect_stats, decoder_layers, run_block
 
 STAGE = "calibrating"
 
@@ -32,6 +32,7 @@ def calibration_samples(ctx: RunContext) -> torch.Tensor:
     text = load_text(cal.dataset, resolve_data_dir(ctx.config.data_dir), field="calibration.dataset")
     ids = tokenize_text(ctx.tokenizer, text)
     samples = calibration_windows(ids, cal.num_samples, cal.sequence_length, cal.seed, name=cal.dataset)
+    ctx.state.extras.setdefault("data_sha256", {})["calibration"] = text_sha256(text)
     ctx.state.extras["calibration_samples"] = samples
     return samples
 
@@ -49,8 +50,13 @@ def run(ctx: RunContext) -> StageResult:
             layers = decoder_layers(model)
             assert layers is not None
             if st.group_index == 0 or "block_inputs" not in st.extras:
-                st.extras["block_inputs"] = capture_first_block_inputs(
-                    model, samples, cfg.calibration.batch_size, ctx.device)
+                # first group of a round, or a resumed run: embeddings once, then the (pruned) blocks before
+                inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device)
+                for earlier in block_groups[: st.group_index]:
+                    for b in earlier:
+                        inputs = run_block(layers[b], inputs)
+                        forwards += len(inputs.hidden)
+                st.extras["block_inputs"] = inputs
             inputs = st.extras["block_inputs"]
             group_blocks = block_groups[st.group_index]
             with collect_stats(targets, kind) as stats:

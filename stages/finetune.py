@@ -102,5 +102,8 @@ def run(ctx: RunContext) -> StageResult:
                                  {"losses": losses, "first_step": st.step - n_steps,
                                   "pruned_max_abs_after_step": pruned_max_abs}, stage=STAGE, kind="statistics")
     ctx.add_artifact(record)
+    trained = {name: p for name, p in model.named_parameters() if any(p is q for q in params)}
+    ctx.add_artifact(ctx.store.save_tensors(f"artifacts/weights/finetune_round{st.round_index:03d}.safetensors",
+                                            trained, stage=STAGE, kind="weights"))
     return StageResult(stage=STAGE, metrics={"skipped": False, "steps": n_steps, "first_loss": losses[0],
                                              "last_loss": losses[-1], "trained": ft.train})

@@ -7,6 +7,8 @@ error ‖WX − ŴX‖² / ‖WX‖² measured on the way.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from tqdm.auto import tqdm
 
@@ -113,10 +115,14 @@ def run(ctx: RunContext) -> StageResult:
     rel = f"artifacts/masks/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
     record = ctx.store.save_tensors(
         rel, {n: pack_bits(m.cpu()) for n, m in masks.items()}, stage=STAGE, kind="masks",
-        metadata={"format": "packbits-rowmajor-msb", "shapes": repr({n: list(m.shape) for n, m in masks.items()}),
+        metadata={"format": "packbits-rowmajor-msb", "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()}),
                   "sparsity": f"{sparsity:.6f}", "pattern": cfg.pattern.label()},
     )
     ctx.add_artifact(record)
+    if cfg.method is PruneMethod.SPARSEGPT:  # the OBS update changed the kept weights too: record them
+        wrel = f"artifacts/weights/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
+        ctx.add_artifact(ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
+                                                kind="weights"))
 
     block_groups = st.extras.get("block_groups")
     forwards = 0

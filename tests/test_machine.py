@@ -96,7 +96,21 @@ def test_every_move_covered_and_nothing_else():
     covered = {(t, i.value, d.value) for i, t, _c, d in CASES}
     covered |= {("start", "idle", "calibrating"), ("start", "idle", "computing_importance")}
     covered |= {("fail", s.value, "failed") for s in S if not s.is_terminal()}
+    covered |= {(f"resume_{s.value}", "idle", s.value) for s in RESUME_TARGETS}
     assert covered == legal_moves()
+
+
+RESUME_TARGETS = [S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING, S.EVALUATING, S.EXPORTING]
+
+
+@pytest.mark.parametrize("stage", RESUME_TARGETS)
+def test_resume_moves_from_idle(stage):
+    m = make(S.IDLE)
+    fire(m, f"resume_{stage.value}")
+    assert m.state == stage.value
+    m = make(S.PRUNING)
+    with pytest.raises(TransitionError):
+        fire(m, f"resume_{stage.value}")
 
 
 def test_mermaid_lists_every_move():

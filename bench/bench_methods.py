@@ -1,0 +1,126 @@
+"""podar against llm-compressor on SmolLM2-135M: magnitude, Wanda, SparseGPT at 50% unstructured and 2:4.
+
+Same model folder, same 64 calibration windows of 512 tokens (WikiText-2 validation), same 32 evaluation windows
+of 512 tokens (WikiText-2 raw test), perplexity by podar's evaluator for both. Each run is its own process
+(peak RSS is per process, read right after pruning). llm-compressor runs in its own virtual environment
+(.venv-llmc, created here with torch==2.13.0). Prints one table; writes bench/results.json and results.md.
+
+    make bench                                 # everything
+    python bench/bench_methods.py --only podar --cases wanda:unstructured
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = common.ROOT.parent
+LLMC_VENV = ROOT / ".venv-llmc"
+CASES = ["magnitude:unstructured", "magnitude:2:4", "wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured",
+         "sparsegpt:2:4"]
+
+
+def ensure_llmc_venv() -> Path:
+    py = LLMC_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+    check = subprocess.run([str(py), "-c", "import llmcompressor, datasets"], capture_output=True)
+    if check.returncode != 0:
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "torch==2.13.0", "llmcompressor==0.14.0.1"],
+                       check=True)
+    return py
+
+
+def run_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def eval_weights(path: Path) -> tuple[float, float]:
+    """(perplexity, sparsity of the pruned Linear layers) of the dense model with ``path``'s weights loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from podar.stages.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
+    weights = load_file(str(path))
+    modules = dict(model.named_modules())
+    zeros = total = 0
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w)
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return perplexity(model, common.eval_ids()).ppl, zeros / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["podar", "llm-compressor"], default=None)
+    ap.add_argument("--cases", nargs="*", default=CASES)
+    args = ap.parse_args()
+    common.prepare()
+    rows = []
+    for case in args.cases:
+        method, pattern = case.split(":", 1)
+        if args.only in (None, "podar"):
+            r = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern", pattern,
+                          "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}")])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if args.only in (None, "llm-compressor") and method != "magnitude":
+            py = ensure_llmc_venv()
+            out = common.CACHE / f"llmc-{method}-{pattern.replace(':', '')}.safetensors"
+            r = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
+                          "--model", str(common.MODEL_DIR), "--calibration", str(common.CALIB), "--out", str(out)])
+            r["ppl"], r["sparsity"] = eval_weights(out)
+            out.unlink()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    table = render(rows)
+    print(table)
+    (common.ROOT / "results.json").write_text(json.dumps(rows, indent=2))
+    (common.ROOT / "results.md").write_text(table + "\n")
+
+
+def render(rows: list[dict]) -> str:
+    by = {(r["tool"], r["method"], r["pattern"]): r for r in rows}
+    out = ["| method | pattern | podar time (s) | llm-c time (s) | time ratio | podar peak RSS (MB) | llm-c peak RSS (MB)"
+           " | podar ppl | llm-c ppl | ppl ratio |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    seen = []
+    for r in rows:
+        key = (r["method"], r["pattern"])
+        if key in seen:
+            continue
+        seen.append(key)
+        p = by.get(("podar", *key), {})
+        c = by.get(("llm-compressor", *key), {})
+
+        def f(d, k, fmt="{:.1f}"):
+            return fmt.format(d[k]) if k in d else "—"
+
+        ratio = f"{p['prune_s'] / c['prune_s']:.2f}×" if p and c else "—"
+        pratio = f"{p['ppl'] / c['ppl']:.3f}" if p and c else "—"
+        out.append(f"| {key[0]} | {key[1]} | {f(p, 'prune_s')} | {f(c, 'prune_s')} | {ratio} | {f(p, 'peak_rss_mb', '{:.0f}')}"
+                   f" | {f(c, 'peak_rss_mb', '{:.0f}')} | {f(p, 'ppl', '{:.2f}')} | {f(c, 'ppl', '{:.2f}')} | {pratio} |")
+    dense = next((r["dense_ppl"] for r in rows if "dense_ppl" in r), None)
+    if dense:
+        out.append(f"\nDense perplexity: {dense:.2f}.")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Shared set-up of the benchmark: the same model folder, calibration samples and evaluation windows for
+podar and llm-compressor. Runs in podar's environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+MODEL_DIR = CACHE / "smollm2-135m-dense"
+CALIB = CACHE / "calibration_ids.safetensors"
+EVAL = CACHE / "eval_ids.safetensors"
+
+NUM_SAMPLES = 64
+SEQ_LEN = 512
+EVAL_WINDOWS = 32
+SEED = 0
+
+
+def data_dir() -> Path:
+    value = os.environ.get("PODAR_DATA_DIR")
+    if not value:
+        raise SystemExit("set PODAR_DATA_DIR to the folder with wikitext-2/ and wikitext-2-raw/ (make bench does)")
+    return Path(value)
+
+
+def prepare() -> None:
+    """Write the dense model folder (fp32, from the GGUF) and the token windows both tools use."""
+    from podar.engine.data import calibration_windows, eval_windows, load_text, tokenize_text
+    from podar.engine.models import load_model
+    from podar.schemas.config import ModelSourceConfig
+
+    CACHE.mkdir(exist_ok=True)
+    if not (MODEL_DIR / "config.json").is_file():
+        model, tok = load_model(ModelSourceConfig())
+        model.save_pretrained(str(MODEL_DIR), safe_serialization=True)
+        tok.save_pretrained(str(MODEL_DIR))
+    if not CALIB.is_file() or not EVAL.is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+        cal = tokenize_text(tok, load_text("wikitext2-valid", data_dir()))
+        ev = tokenize_text(tok, load_text("wikitext2", data_dir()))
+        save_file({"input_ids": calibration_windows(cal, NUM_SAMPLES, SEQ_LEN, SEED).contiguous()}, str(CALIB))
+        save_file({"input_ids": eval_windows(ev, SEQ_LEN, EVAL_WINDOWS).contiguous()}, str(EVAL))
+
+
+def calibration_ids() -> torch.Tensor:
+    return load_file(str(CALIB))["input_ids"]
+
+
+def eval_ids() -> torch.Tensor:
+    return load_file(str(EVAL))["input_ids"]

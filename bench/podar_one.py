@@ -1,0 +1,82 @@
+"""One podar run for the benchmark (a subprocess, so its peak memory is its own). Prints one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", required=True)
+    ap.add_argument("--pattern", required=True, choices=["unstructured", "2:4"])
+    ap.add_argument("--run-dir", required=True)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from podar import (
+        CalibrationConfig,
+        EvaluationConfig,
+        ExportConfig,
+        ModelSourceConfig,
+        Pipeline,
+        PruningConfig,
+        PruningStage,
+        QualityGates,
+        SparsityPatternConfig,
+    )
+
+    torch.set_num_threads(torch.get_num_threads())
+    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
+    pattern = SparsityPatternConfig.nm_2_4() if args.pattern == "2:4" else SparsityPatternConfig.unstructured()
+    cfg = PruningConfig(
+        method=args.method, target_sparsity=0.5, pattern=pattern,
+        model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
+        calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
+                                      dataset="wikitext2-valid", seed=common.SEED, batch_size=1),
+        evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
+                                    max_windows=common.EVAL_WINDOWS,
+                                    gates=QualityGates(max_perplexity_increase_pct=None)),
+        export=ExportConfig(verify_windows=0),
+    )
+    run_dir = Path(args.run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    pipe = Pipeline(cfg, run_dir=run_dir, model=model, tokenizer=tok, progress=False)
+    while pipe.stage is not PruningStage.FINE_TUNING and not pipe.stage.is_terminal():
+        pipe.step()
+    prune_s = time.perf_counter() - started
+    peak_after_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the same samples and windows as llm-compressor gets
+    ctx = pipe._runner.ctx  # noqa: SLF001 (benchmark introspection)
+    if args.method != "magnitude":
+        assert torch.equal(ctx.state.extras["calibration_samples"], common.calibration_ids())
+    assert torch.equal(ctx.state.extras["eval_windows"][0], common.eval_ids())
+    stage_s = {}
+    for r in pipe.results:
+        stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
+    result = pipe.run()
+    ev = result.metrics["evaluating"]
+    print(json.dumps({
+        "tool": "podar", "method": args.method, "pattern": args.pattern, "prune_s": prune_s,
+        "stage_s": stage_s, "peak_rss_mb": peak_after_prune,
+        "ppl": ev["pruned_ppl"], "dense_ppl": ev["dense_ppl"], "sparsity": ev["pruned_layers_sparsity"],
+        "ok": result.ok,
+    }))
+    shutil.rmtree(run_dir / "export", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Restart after failure: kill the process at every checkpoint boundary and inside writes, resume, and get
+exactly the same export (sha256-equal) as a run never interrupted. Plus each refusal of resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+
+from podar import CheckpointError, Pipeline, PruningStage, TinyModelConfig, tiny_llama, verify_audit
+from podar.engine import faults
+from podar.engine.audit import read_audit
+from podar.engine.store import RunStore, sha256_file
+from podar.stages import HANDLERS
+
+
+@pytest.fixture
+def resume_config(tiny_config):
+    """Wanda (two sequential layer groups) with fine-tuning: every kind of checkpoint happens."""
+    return tiny_config.with_method("wanda").with_finetune(
+        tiny_config.finetune.model_copy(update={"enabled": True, "steps": 2}))
+
+
+def export_hashes(run_dir):
+    export = run_dir / "export"
+    return {str(p.relative_to(export)): sha256_file(p) for p in sorted(export.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def reference(resume_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().ok
+    return export_hashes(run_dir)
+
+
+def run_cli(config_path, run_dir, fault):
+    env = {**os.environ, faults.ENV: fault, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "podar.cli", "run", str(config_path), "--run-dir", str(run_dir),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+
+
+KILL_POINTS = [
+    "kill@after:calibrating#1", "kill@after:computing_importance#1", "kill@after:pruning#1",  # layer group 0
+    "kill@after:calibrating#2", "kill@after:pruning#2",  # inside Calibrating's loop, after group 1
+    "kill@after:fine_tuning#1", "kill@after:evaluating#1", "kill@after:exporting#1",
+    "kill@write:artifact#1", "kill@write:artifact#4",  # inside an artifact write (temp file not yet renamed)
+    "kill@write:manifest#2", "kill@write:manifest#6", "kill@write:manifest#15",  # inside the manifest write
+]
+
+
+def test_killed_before_first_manifest_is_rerun(resume_config, reference, tmp_path):
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(resume_config.to_yaml())
+    run_dir = tmp_path / "run"
+    assert run_cli(config_path, run_dir, "kill@write:manifest#1").returncode == -signal.SIGKILL
+    with pytest.raises(CheckpointError, match="never wrote its first checkpoint.*start it again"):
+        Pipeline.resume(run_dir, progress=False)
+    assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().ok  # the stale lock is taken over
+    assert export_hashes(run_dir) == reference
+
+
+@pytest.mark.parametrize("fault", KILL_POINTS)
+def test_sigkill_then_resume_gives_identical_export(fault, resume_config, reference, tmp_path):
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(resume_config.to_yaml())
+    run_dir = tmp_path / "run"
+    proc = run_cli(config_path, run_dir, fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run_dir / "run.lock").exists()  # the dead process left its lock behind
+    with capture_logs() as logs:
+        result = Pipeline.resume(run_dir, progress=False).run()
+    assert result.ok, result.failure
+    assert any(e["event"] == "stale_lock_taken_over" for e in logs)
+    assert export_hashes(run_dir) == reference
+    manifest = RunStore(run_dir).read_manifest()
+    verify_audit(run_dir / "audit.jsonl", manifest.run_id, manifest.history)
+    assert [r["event"] for r in read_audit(run_dir / "audit.jsonl")].count("resumed") == 1
+    assert len(manifest.resumes) == 1
+
+
+def test_ctrl_c_fails_interrupted_and_resumes(resume_config, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "interrupt@after:pruning#1")
+    faults.reset()
+    run_dir = tmp_path / "run"
+    result = Pipeline(resume_config, run_dir=run_dir, progress=False).run()
+    assert result.stage is PruningStage.FAILED and result.failure.reason == "interrupted"
+    monkeypatch.delenv(faults.ENV)
+    assert Pipeline.resume(run_dir, progress=False).run().ok
+    assert export_hashes(run_dir) == reference
+
+
+def test_full_disk_fails_then_resumes(resume_config, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "enospc@write:artifact#2")
+    faults.reset()
+    run_dir = tmp_path / "run"
+    result = Pipeline(resume_config, run_dir=run_dir, progress=False).run()
+    assert result.stage is PruningStage.FAILED
+    assert result.failure.type == "OSError" and "No space left" in result.failure.message
+    assert not [p for p in (run_dir / "artifacts").rglob("*.tmp")]  # the failed write left no temp file
+    monkeypatch.delenv(faults.ENV)
+    assert Pipeline.resume(run_dir, progress=False).run().ok
+    assert export_hashes(run_dir) == reference
+
+
+def test_raising_handler_then_resume(resume_config, reference, tmp_path, monkeypatch):
+    original = HANDLERS[PruningStage.EVALUATING]
+    calls = []
+
+    def flaky(ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient failure")
+        return original(ctx)
+
+    monkeypatch.setitem(HANDLERS, PruningStage.EVALUATING, flaky)
+    run_dir = tmp_path / "run"
+    assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
+    result = Pipeline.resume(run_dir, progress=False).run()
+    assert result.ok and len(calls) == 2
+    assert export_hashes(run_dir) == reference
+    records = read_audit(run_dir / "audit.jsonl")
+    resumed = [r for r in records if r["event"] == "resumed"]
+    assert resumed[0]["source"] == "failed" and records[resumed[0]["seq"] + 1]["trigger"] == "resume_evaluating"
+
+
+@pytest.fixture
+def failed_run(resume_config, tmp_path, monkeypatch):
+    """A run that failed in Fine-tuning (after both pruning groups were checkpointed)."""
+
+    def boom(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(HANDLERS, PruningStage.FINE_TUNING, boom)
+    run_dir = tmp_path / "run"
+    assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
+    monkeypatch.undo()
+    return run_dir
+
+
+def test_resume_refuses_changed_config(failed_run, resume_config):
+    changed = resume_config.with_targets(("Linear",), ignore=("re:.*lm_head", "re:.*v_proj"))
+    with pytest.raises(CheckpointError, match=r"config differs.*ignore.*allow_config_change"):
+        Pipeline.resume(failed_run, config=changed, progress=False)
+    assert Pipeline.resume(failed_run, config=changed, allow_config_change=True, progress=False) is not None
+
+
+def test_resume_refuses_different_model(failed_run):
+    model, tok = tiny_llama(TinyModelConfig())
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    with pytest.raises(CheckpointError, match="weights hash.*allow_model_change"):
+        Pipeline.resume(failed_run, model=model, tokenizer=tok, progress=False).run()
+    assert not (failed_run / "run.lock").exists()
+
+
+def test_resume_refuses_changed_data(resume_config, tmp_path, corpus):
+    copy = tmp_path / "corpus.txt"
+    copy.write_text(corpus.read_text())
+    cfg = resume_config.with_calibration(resume_config.calibration.model_copy(update={"dataset": str(copy)}))
+    cfg = cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": False}))
+    run_dir = tmp_path / "run"
+    os.environ[faults.ENV] = "interrupt@after:pruning#1"
+    faults.reset()
+    try:
+        assert Pipeline(cfg, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
+    finally:
+        del os.environ[faults.ENV]
+    copy.write_text(corpus.read_text() + "\nan extra line changes the calibration text .")
+    with pytest.raises(CheckpointError, match="calibration text's sha256.*allow_data_change"):
+        Pipeline.resume(run_dir, progress=False).run()
+
+
+def test_resume_refuses_corrupted_artifact_naming_it(failed_run):
+    path = failed_run / "artifacts/masks/round000_group000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"artifacts/masks/round000_group000\.safetensors.*sha256"):
+        Pipeline.resume(failed_run, progress=False).run()
+
+
+def test_resume_refuses_missing_artifact_naming_it(failed_run):
+    (failed_run / "artifacts/masks/round000_group001.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"round000_group001\.safetensors.*missing"):
+        Pipeline.resume(failed_run, progress=False).run()
+
+
+def test_resume_refuses_tampered_audit(failed_run):
+    audit = failed_run / "audit.jsonl"
+    lines = audit.read_text().splitlines()
+    del lines[1]
+    audit.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CheckpointError, match="audit log does not verify"):
+        Pipeline.resume(failed_run, progress=False).run()
+
+
+def test_resume_refuses_complete_run(resume_config, tmp_path):
+    run_dir = tmp_path / "run"
+    assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().ok
+    with pytest.raises(CheckpointError, match="Complete; there is nothing to resume"):
+        Pipeline.resume(run_dir, progress=False).run()
+
+
+def test_resume_refuses_while_another_process_holds_the_lock(failed_run):
+    import json
+    import socket
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (failed_run / "run.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                         "since": "t"}))
+        with pytest.raises(CheckpointError, match=f"locked by pid {holder.pid} on host {socket.gethostname()}"):
+            Pipeline.resume(failed_run, progress=False).run()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over
+    with capture_logs() as logs:
+        assert Pipeline.resume(failed_run, progress=False).run().ok
+    assert any(e["event"] == "stale_lock_taken_over" for e in logs)
+
+
+def test_partial_audit_line_is_dropped_on_resume(failed_run):
+    audit = failed_run / "audit.jsonl"
+    with open(audit, "a") as f:
+        f.write('{"run_id": "half a line')
+    with capture_logs() as logs:
+        assert Pipeline.resume(failed_run, progress=False).run().ok
+    assert any(e["event"] == "audit_partial_line_dropped" for e in logs)
+    manifest = RunStore(failed_run).read_manifest()
+    verify_audit(audit, manifest.run_id, manifest.history)
