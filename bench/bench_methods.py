@@ -97,9 +97,9 @@ def main() -> None:
 
 def render(rows: list[dict]) -> str:
     by = {(r["tool"], r["method"], r["pattern"]): r for r in rows}
-    out = ["| method | pattern | podar time (s) | llm-c time (s) | time ratio | podar peak RSS (MB) | llm-c peak RSS (MB)"
-           " | podar ppl | llm-c ppl | ppl ratio |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = ["method", "pattern", "podar time (s)", "llm-c time (s)", "time ratio", "podar peak RSS (MB)",
+              "llm-c peak RSS (MB)", "podar ppl", "llm-c ppl", "ppl ratio"]
+    out = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     seen = []
     for r in rows:
         key = (r["method"], r["pattern"])
@@ -112,10 +112,11 @@ def render(rows: list[dict]) -> str:
         def f(d, k, fmt="{:.1f}"):
             return fmt.format(d[k]) if k in d else "—"
 
-        ratio = f"{p['prune_s'] / c['prune_s']:.2f}×" if p and c else "—"
-        pratio = f"{p['ppl'] / c['ppl']:.3f}" if p and c else "—"
-        out.append(f"| {key[0]} | {key[1]} | {f(p, 'prune_s')} | {f(c, 'prune_s')} | {ratio} | {f(p, 'peak_rss_mb', '{:.0f}')}"
-                   f" | {f(c, 'peak_rss_mb', '{:.0f}')} | {f(p, 'ppl', '{:.2f}')} | {f(c, 'ppl', '{:.2f}')} | {pratio} |")
+        cells = [key[0], key[1], f(p, "prune_s"), f(c, "prune_s"),
+                 f"{p['prune_s'] / c['prune_s']:.2f}×" if p and c else "—",
+                 f(p, "peak_rss_mb", "{:.0f}"), f(c, "peak_rss_mb", "{:.0f}"), f(p, "ppl", "{:.2f}"),
+                 f(c, "ppl", "{:.2f}"), f"{p['ppl'] / c['ppl']:.3f}" if p and c else "—"]
+        out.append("| " + " | ".join(cells) + " |")
     dense = next((r["dense_ppl"] for r in rows if "dense_ppl" in r), None)
     if dense:
         out.append(f"\nDense perplexity: {dense:.2f}.")

@@ -40,6 +40,7 @@ from podar.schemas import (
     TransitionError,
 )
 from podar.stages.perplexity import PerplexityResult, perplexity
+from podar.stages.quality import TextMetrics, evaluate
 
 from .pipeline import Pipeline, PipelineResult
 
@@ -47,7 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Pipeline", "PipelineResult", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit", "AuditSummary",
-    "load_model", "tiny_llama", "perplexity", "PerplexityResult",
+    "load_model", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
     "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig", "TinyModelConfig",
     "StageResult", "AuditEvent", "RunManifest", "FailureInfo",

@@ -61,7 +61,8 @@ def _drive(pipeline) -> int:
     print(f"run {result.run_id}: {result.stage.display} in {elapsed:.1f} s — folder {result.run_dir}")
     if "dense_ppl" in ev:
         print(f"perplexity ({ev['dataset']}, {ev['windows']} windows × {ev['seq_len']} tokens): "
-              f"dense {ev['dense_ppl']:.2f} → pruned {ev['pruned_ppl']:.2f} ({ev['ppl_increase_pct']:+.1f}%)")
+              f"dense {ev['dense_ppl']:.2f} → pruned {ev['pruned_ppl']:.2f} ({ev['ppl_increase_pct']:+.1f}%); "
+              f"KL {ev['kl_mean']:.4f} nats/token, top-1 agreement {ev['top1_agreement']:.4f}")
     pr = result.metrics.get("pruning", {})
     if pr:
         print(f"sparsity: target {pr['target_sparsity']:.3f}, achieved {pr['achieved_sparsity']:.4f} "
@@ -142,6 +143,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from podar.engine.report import write_report
+
+    report = write_report(args.run_dir)
+    print(f"wrote {args.run_dir / 'report.json'}, {args.run_dir / 'report.md'} and {len(report.plots)} plot(s)")
+    print((args.run_dir / "report.md").read_text())
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from podar.engine.report import compare_runs
+
+    print(compare_runs(args.run_dirs))
+    return 0
+
+
 def _cmd_graph(_args: argparse.Namespace) -> int:
     from podar.engine.machine import mermaid
 
@@ -180,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="verify a run's audit log (hash chain, legal moves, manifest)")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(func=_cmd_audit)
+    p = sub.add_parser("report", help="rebuild report.json, report.md and the plots from a run folder")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("compare", help="several runs side by side")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("graph", help="print the state machine as a mermaid diagram")
     p.set_defaults(func=_cmd_graph)
     p = sub.add_parser("schema", help="print the JSON Schema of PruningConfig")

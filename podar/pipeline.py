@@ -25,6 +25,7 @@ from podar.engine.data import check_tokenizer_fits, load_text, resolve_data_dir,
 from podar.engine.distributed import make_accelerator, world_size
 from podar.engine.machine import PruningStage
 from podar.engine.models import load_model, weights_fingerprint
+from podar.engine.report import write_report
 from podar.engine.runner import Runner, TransitionListener
 from podar.engine.store import RunStore, atomic_write_bytes, sha256_file, utc_now
 from podar.schemas.config import PruningConfig
@@ -144,17 +145,29 @@ class Pipeline:
             self._release()
             raise
         if stage.is_terminal():
-            self._release()
+            self._finish()
         return stage
 
     def run(self) -> PipelineResult:
-        """Drive the machine to Complete or Failed and return the result."""
+        """Drive the machine to Complete or Failed, write the report, and return the result."""
         runner = self._ensure_runner()
         try:
             runner.run()
+        except BaseException:
+            self._release()
+            raise
+        self._finish()
+        return self.result()
+
+    def _finish(self) -> None:
+        """Write report.json / report.md / plots (a failure here is logged, never changes the outcome)."""
+        try:
+            if self._store is not None and self._store.is_main:
+                write_report(self._store.run_dir)
+        except Exception as e:  # the run's outcome is already durable; the report can be rebuilt later
+            self._log.warning("report_failed", error=str(e), hint="podar report RUN_DIR rebuilds it")
         finally:
             self._release()
-        return self.result()
 
     def result(self) -> PipelineResult:
         runner = self._ensure_runner()
@@ -267,7 +280,8 @@ class Pipeline:
                 state.layer_groups = name_groups
                 state.extras["block_groups"] = block_groups
         if cfg.evaluation.enabled:
-            data_sha["evaluation"] = evaluation_windows(ctx)[1]
+            for i, dataset in enumerate(cfg.evaluation.datasets()):
+                data_sha["evaluation" if i == 0 else f"evaluation:{dataset}"] = evaluation_windows(ctx, dataset)[1]
         if cfg.finetune.enabled:
             text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
             data_sha["finetune"] = text_sha256(text)

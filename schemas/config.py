@@ -306,26 +306,56 @@ class FineTuneConfig(_Frozen):
 
 
 class QualityGates(_Frozen):
-    """Limits the pruned model must meet for Exporting to run. None switches a gate off."""
+    """Limits the pruned model must meet on an evaluation text for Exporting to run. None switches a gate off."""
 
     max_perplexity_increase_pct: float | None = Field(
         default=100.0, gt=0.0, description="largest allowed (ppl_pruned / ppl_dense − 1) × 100, percent"
     )
     max_perplexity: float | None = Field(default=None, gt=1.0, description="largest allowed pruned perplexity")
+    max_kl: float | None = Field(
+        default=None, gt=0.0, description="largest allowed mean KL(dense ‖ pruned) per token, nats"
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="smallest allowed share of positions where the argmax agrees"
+    )
     on_fail: Literal["fail", "warn"] = Field(
-        default="fail", description="'fail' sends the run to Failed; 'warn' records and exports"
+        default="fail", description="'fail' sends the run to Failed; 'warn' records the failure and exports"
     )
 
 
 class EvaluationConfig(_Frozen):
-    """Perplexity by the Wanda/SparseGPT protocol: non-overlapping windows, remainder dropped."""
+    """Perplexity by the Wanda/SparseGPT protocol (non-overlapping windows, remainder dropped), plus KL and
+    top-1 agreement against the dense model on the same windows, on one or more texts."""
 
     enabled: bool = True
     dataset: str = Field(default="wikitext2", description="named dataset under the data folder, or a text file")
+    extra_datasets: tuple[str, ...] = Field(default=(), description="more evaluation texts, each gated too")
     sequence_length: int = Field(default=512, ge=8, description="tokens per window")
     max_windows: int | None = Field(default=32, ge=1, description="evaluate the first N windows; None: all")
     batch_size: int = Field(default=1, ge=1, description="windows per forward pass")
+    kl_top_k: int | None = Field(
+        default=256, ge=1,
+        description="dense tokens kept per position for KL (plus one bucket for the rest); None: the whole "
+        "vocabulary (exact, large cache)",
+    )
     gates: QualityGates = QualityGates()
+    gates_per_dataset: dict[str, QualityGates] = Field(
+        default_factory=dict, description="gates for one text by its dataset name, replacing 'gates' there"
+    )
+
+    @model_validator(mode="after")
+    def _check_gate_names(self) -> EvaluationConfig:
+        unknown = set(self.gates_per_dataset) - set(self.datasets())
+        if unknown:
+            raise ValueError(f"evaluation.gates_per_dataset names {sorted(unknown)}, which are not evaluated "
+                             f"(dataset / extra_datasets: {self.datasets()})")
+        return self
+
+    def datasets(self) -> list[str]:
+        return [self.dataset, *self.extra_datasets]
+
+    def gates_for(self, dataset: str) -> QualityGates:
+        return self.gates_per_dataset.get(dataset, self.gates)
 
 
 class ExportConfig(_Frozen):

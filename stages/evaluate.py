@@ -1,66 +1,101 @@
-"""Evaluating: perplexity of the dense and the pruned model on the same windows; the quality gates decide.
+"""Evaluating: the pruned model against the dense one on every evaluation text; the quality gates decide.
 
-The dense baseline runs with the dense weights swapped back in (restored on any exit) and is cached in the run
-folder (``artifacts/dense_baseline.json``) keyed by the model fingerprint, the text's sha256 and the protocol, so a
-resumed or repeated run does not pay for it again.
+Per text: perplexity (dense and pruned), mean KL(dense ‖ pruned) per token and top-1 agreement, on the same
+windows (``stages.quality``). The dense reference runs with the dense weights swapped back in (restored on any
+exit) and is cached in the run folder (``artifacts/baseline/<text>.safetensors``) under a key made of the model
+fingerprint, the text's sha256 and the protocol, so a resumed or repeated run does not pay for it again; a
+changed input changes the key and the reference is recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import re
+
+import torch
+from safetensors import safe_open
 
 from podar.engine.context import RunContext
 from podar.engine.data import eval_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
+from podar.schemas.config import QualityGates
 from podar.schemas.records import StageResult
 
 from .common import swapped_weights
-from .perplexity import perplexity
+from .quality import TextMetrics, compare_to_reference, dense_reference, reference_metrics
 
 STAGE = "evaluating"
-BASELINE = "artifacts/dense_baseline.json"
+PROTOCOL = "ppl+kl-v2"
 
 
-def evaluation_windows(ctx: RunContext):
-    """(windows (n, T) int64, text sha256) of the evaluation text, cached in the run state."""
-    cached = ctx.state.extras.get("eval_windows")
-    if cached is not None:
-        return cached
+def evaluation_windows(ctx: RunContext, dataset: str | None = None) -> tuple[torch.Tensor, str]:
+    """(windows (n, T) int64, text sha256) of an evaluation text (default: the primary), cached in the run state."""
     ev = ctx.config.evaluation
-    text = load_text(ev.dataset, resolve_data_dir(ctx.config.data_dir), field="evaluation.dataset")
-    ids = tokenize_text(ctx.tokenizer, text)
-    windows = eval_windows(ids, ev.sequence_length, ev.max_windows, name=ev.dataset)
-    ctx.state.extras["eval_windows"] = (windows, text_sha256(text))
-    return ctx.state.extras["eval_windows"]
+    dataset = dataset or ev.dataset
+    cache = ctx.state.extras.setdefault("eval_windows_by_dataset", {})
+    if dataset not in cache:
+        text = load_text(dataset, resolve_data_dir(ctx.config.data_dir), field="evaluation.dataset")
+        windows = eval_windows(tokenize_text(ctx.tokenizer, text), ev.sequence_length, ev.max_windows, name=dataset)
+        cache[dataset] = (windows, text_sha256(text))
+    if dataset == ev.dataset:
+        ctx.state.extras["eval_windows"] = cache[dataset]
+    return cache[dataset]
 
 
-def _baseline_key(ctx: RunContext, text_sha: str, n_windows: int) -> str:
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "text"
+
+
+def _baseline_key(ctx: RunContext, text_sha: str, windows: torch.Tensor) -> str:
     ev = ctx.config.evaluation
-    parts = [ctx.state.extras.get("model_fingerprint", ""), text_sha, str(ev.sequence_length), str(n_windows),
-             "ppl-v1"]
+    parts = [ctx.state.extras.get("model_fingerprint", ""), text_sha, str(ev.sequence_length),
+             str(windows.shape[0]), str(ev.kl_top_k), PROTOCOL]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def dense_baseline(ctx: RunContext, windows, text_sha: str) -> tuple[float, bool]:
-    """(dense perplexity, reused from cache)."""
-    key = _baseline_key(ctx, text_sha, windows.shape[0])
-    path = ctx.store.artifact_path(BASELINE)
+def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str
+                   ) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the dense reference of ``dataset``, reused from the run folder's cache)."""
+    ev = ctx.config.evaluation
+    key = _baseline_key(ctx, text_sha, windows)
+    rel = f"artifacts/baseline/{_slug(dataset)}.safetensors"
+    path = ctx.store.artifact_path(rel)
     if path.is_file():
         try:
-            cached = json.loads(path.read_text())
-            if cached.get("key") == key:
-                return float(cached["ppl"]), True
-        except (OSError, ValueError, KeyError):
-            pass
-    ev = ctx.config.evaluation
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    ref = {k: f.get_tensor(k) for k in f.keys()}
+                    ref["topk_ids"] = ref["topk_ids"].long()
+                    ctx.add_artifact(ctx.store.record(rel, stage=STAGE, kind="statistics"))
+                    return ref, True
+        except Exception as e:  # an unreadable cache is recomputed, never trusted
+            ctx.log.warning("baseline_cache_unreadable", path=rel, error=str(e))
     with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
-        result = perplexity(ctx.model, windows, batch_size=ev.batch_size, device=ctx.device,
-                            progress=ctx.progress, desc="eval dense", text_name=ev.dataset)
-    record = ctx.store.save_json(BASELINE, {"key": key, "ppl": result.ppl, "n_windows": result.n_windows,
-                                            "seq_len": result.seq_len, "dataset": ev.dataset, "text_sha256": text_sha},
-                                 stage=STAGE, kind="statistics")
+        ref = dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size, device=ctx.device,
+                              progress=ctx.progress, text=dataset)
+    stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}
+    record = ctx.store.save_tensors(rel, stored, stage=STAGE, kind="statistics",
+                                    metadata={"key": key, "dataset": dataset, "text_sha256": text_sha,
+                                              "protocol": PROTOCOL})
     ctx.add_artifact(record)
-    return result.ppl, False
+    return ref, False
+
+
+def check_gates(dataset: str, gates: QualityGates, dense: TextMetrics, pruned: TextMetrics) -> list[str]:
+    """The failed gates of one text, each with the measured value, the limit and the text named."""
+    failures = []
+    increase = (pruned.ppl / dense.ppl - 1.0) * 100.0
+    if gates.max_perplexity_increase_pct is not None and increase > gates.max_perplexity_increase_pct:
+        failures.append(f"'{dataset}': perplexity rose {increase:.1f}% ({dense.ppl:.2f} → {pruned.ppl:.2f}), above "
+                        f"max_perplexity_increase_pct={gates.max_perplexity_increase_pct:g}")
+    if gates.max_perplexity is not None and pruned.ppl > gates.max_perplexity:
+        failures.append(f"'{dataset}': perplexity {pruned.ppl:.2f} is above max_perplexity={gates.max_perplexity:g}")
+    if gates.max_kl is not None and pruned.kl_mean is not None and pruned.kl_mean > gates.max_kl:
+        failures.append(f"'{dataset}': mean KL {pruned.kl_mean:.4f} nats is above max_kl={gates.max_kl:g}")
+    if (gates.min_top1_agreement is not None and pruned.top1_agreement is not None
+            and pruned.top1_agreement < gates.min_top1_agreement):
+        failures.append(f"'{dataset}': top-1 agreement {pruned.top1_agreement:.4f} is below "
+                        f"min_top1_agreement={gates.min_top1_agreement:g}")
+    return failures
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -68,30 +103,37 @@ def run(ctx: RunContext) -> StageResult:
     if not ev.enabled:
         return StageResult(stage=STAGE, metrics={"skipped": True}, outcome="gate_passed",
                            notes=["evaluation disabled: no quality gate was applied"])
-    windows, text_sha = evaluation_windows(ctx)
-    dense_ppl, reused = dense_baseline(ctx, windows, text_sha)
-    pruned = perplexity(ctx.model, windows, batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress,
-                        desc="eval pruned", text_name=ev.dataset)
-    increase_pct = (pruned.ppl / dense_ppl - 1.0) * 100.0
+    metrics: dict = {}
+    per_text: dict[str, dict] = {}
+    failures: list[str] = []
+    fail_hard = False
+    for i, dataset in enumerate(ev.datasets()):
+        windows, text_sha = evaluation_windows(ctx, dataset)
+        ref, reused = dense_baseline(ctx, dataset, windows, text_sha)
+        dense = reference_metrics(ref, windows.shape[1])
+        pruned = compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size, device=ctx.device,
+                                      progress=ctx.progress, text=dataset, check=ctx.check_cancelled)
+        gates = ev.gates_for(dataset)
+        failed = check_gates(dataset, gates, dense, pruned)
+        failures.extend(failed)
+        fail_hard = fail_hard or (bool(failed) and gates.on_fail == "fail")
+        values = {"dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
+                  "ppl_increase_pct": (pruned.ppl / dense.ppl - 1.0) * 100.0, "kl_mean": pruned.kl_mean,
+                  "top1_agreement": pruned.top1_agreement, "windows": pruned.n_windows, "seq_len": pruned.seq_len,
+                  "dense_baseline_reused": reused, "gates_failed": len(failed)}
+        per_text[dataset] = {**values, "failures": failed, "on_fail": gates.on_fail}
+        prefix = "" if i == 0 else f"{dataset}."
+        metrics.update({f"{prefix}{k}": v for k, v in values.items()})
+        if i == 0:
+            metrics["dataset"] = dataset
     n_zero = sum(int((m.weight == 0).sum()) for m in ctx.state.targets.values())
     n_total = sum(m.weight.numel() for m in ctx.state.targets.values())
-    gates = ev.gates
-    failures = []
-    if gates.max_perplexity_increase_pct is not None and increase_pct > gates.max_perplexity_increase_pct:
-        failures.append(f"perplexity on '{ev.dataset}' rose {increase_pct:.1f}% ({dense_ppl:.2f} → {pruned.ppl:.2f}), "
-                        f"above the gate max_perplexity_increase_pct={gates.max_perplexity_increase_pct:g}")
-    if gates.max_perplexity is not None and pruned.ppl > gates.max_perplexity:
-        failures.append(f"perplexity on '{ev.dataset}' is {pruned.ppl:.2f}, above the gate "
-                        f"max_perplexity={gates.max_perplexity:g}")
-    outcome = "gate_failed" if failures and gates.on_fail == "fail" else "gate_passed"
+    metrics.update({"pruned_layers_sparsity": n_zero / n_total, "pruned_layers": len(ctx.state.targets),
+                    "texts": len(per_text), "gates_failed_total": len(failures)})
+    ctx.add_artifact(ctx.store.save_json("artifacts/evaluation.json", {"texts": per_text, "protocol": PROTOCOL,
+                                                                       "kl_top_k": ev.kl_top_k},
+                                         stage=STAGE, kind="report"))
     if failures:
-        ctx.log.warning("quality_gate_failed", failures=failures, on_fail=gates.on_fail)
-    return StageResult(
-        stage=STAGE,
-        metrics={"dense_ppl": dense_ppl, "pruned_ppl": pruned.ppl, "ppl_increase_pct": increase_pct,
-                 "windows": pruned.n_windows, "seq_len": pruned.seq_len, "dataset": ev.dataset,
-                 "gates_failed": len(failures), "dense_baseline_reused": reused,
-                 "pruned_layers_sparsity": n_zero / n_total, "pruned_layers": len(ctx.state.targets)},
-        outcome=outcome,
-        notes=failures,
-    )
+        ctx.log.warning("quality_gate_failed", failures=failures, outcome="fail" if fail_hard else "warn")
+    return StageResult(stage=STAGE, metrics=metrics, outcome="gate_failed" if fail_hard else "gate_passed",
+                       notes=failures)

@@ -1,0 +1,183 @@
+"""The run report: ``report.json`` (schema ``RunReport``), ``report.md`` and PNG plots, built from the run folder
+alone (manifest and artifacts), so ``podar report RUN_DIR`` can rebuild it at any time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from podar.schemas.config import OneShot, PruningConfig
+from podar.schemas.report import LayerReport, RunReport, TextReport
+
+from .machine import PruningStage
+from .store import RunStore, atomic_write_bytes
+
+__all__ = ["build_report", "write_report", "compare_runs"]
+
+PRUNING_STAGES = (PruningStage.CALIBRATING.value, PruningStage.COMPUTING_IMPORTANCE.value, PruningStage.PRUNING.value)
+
+
+def build_report(run_dir: str | Path) -> RunReport:
+    store = RunStore(run_dir)
+    m = store.read_manifest()
+    cfg = PruningConfig.from_dict(m.config, source=str(store.manifest_path))
+    durations: dict[str, float] = {}
+    layers: dict[str, LayerReport] = {}
+    losses: list[float] = []
+    export_bytes = None
+    for r in m.results:
+        durations[r.stage] = durations.get(r.stage, 0.0) + r.duration_s
+        if r.stage == PruningStage.PRUNING.value:
+            for name, lm in r.layer_metrics.items():
+                layers[name] = LayerReport(
+                    name=name, sparsity=float(lm.get("sparsity") or 0.0),
+                    reconstruction_error=lm.get("reconstruction_error"),
+                    round=int(r.metrics.get("round") or 0), group=int(r.metrics.get("group") or 0))
+        if r.stage == PruningStage.EXPORTING.value:
+            export_bytes = int(r.metrics.get("bytes") or 0)
+    for rel in sorted(m.artifacts):
+        if rel.startswith("artifacts/finetune/") and rel.endswith("_losses.json"):
+            losses.extend(json.loads(store.artifact_path(rel).read_text())["losses"])
+    texts = []
+    eval_path = store.artifact_path("artifacts/evaluation.json")
+    if "artifacts/evaluation.json" in m.artifacts and eval_path.is_file():
+        for dataset, t in json.loads(eval_path.read_text())["texts"].items():
+            texts.append(TextReport(dataset=dataset, windows=t["windows"], seq_len=t["seq_len"],
+                                    dense_ppl=t["dense_ppl"], pruned_ppl=t["pruned_ppl"],
+                                    ppl_increase_pct=t["ppl_increase_pct"], kl_mean=t["kl_mean"],
+                                    top1_agreement=t["top1_agreement"],
+                                    dense_baseline_reused=t["dense_baseline_reused"],
+                                    gate_failures=t["failures"], on_fail=t["on_fail"]))
+    ordered = list(layers.values())
+    total = sum(lay.sparsity for lay in ordered)
+    points: list[tuple[int, float]] = []
+    if not isinstance(cfg.schedule, OneShot):
+        points = [(s, cfg.schedule.sparsity_at_step(s)) for s in cfg.schedule.pruning_steps()]
+    return RunReport(
+        run_id=m.run_id, state=m.state, created_at=m.created_at, updated_at=m.updated_at, method=cfg.method.value,
+        pattern=cfg.pattern.label(), target_sparsity=cfg.target_sparsity, scope=cfg.resolved_scope(),
+        schedule=cfg.schedule.kind, model=f"{cfg.model.kind}:{cfg.model.name}", failure=m.failure,
+        achieved_sparsity=None if not ordered else total / len(ordered), layers=ordered, texts=texts,
+        stage_durations_s=durations, pruning_time_s=sum(durations.get(s, 0.0) for s in PRUNING_STAGES),
+        total_time_s=sum(durations.values()), schedule_points=points, finetune_losses=losses,
+        export_format=cfg.export.format if export_bytes is not None else None, export_bytes=export_bytes,
+    )
+
+
+def _plots(report: RunReport, folder: Path) -> list[str]:
+    """Write the PNG plots (matplotlib's object API: no global pyplot state). Returns names relative to the run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=100)
+        written.append(f"plots/{name}")
+
+    if report.layers:
+        names = [lay.name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+                 for lay in report.layers]
+        fig = Figure(figsize=(max(6, len(names) * 0.08), 3.2))
+        ax = fig.add_subplot()
+        ax.bar(range(len(names)), [lay.sparsity for lay in report.layers], color="#4477aa")
+        ax.axhline(report.target_sparsity, color="#cc3311", lw=1, ls="--", label="target")
+        ax.set_ylabel("sparsity")
+        ax.set_title("Per-layer sparsity")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel(f"pruned layer (model order, {len(names)} layers)")
+        ax.legend(loc="lower right")
+        save(fig, "layer_sparsity.png")
+        errs = [lay.reconstruction_error for lay in report.layers]
+        if any(e is not None for e in errs):
+            fig = Figure(figsize=(max(6, len(names) * 0.08), 3.2))
+            ax = fig.add_subplot()
+            ax.bar(range(len(names)), [e or 0.0 for e in errs], color="#228833")
+            ax.set_yscale("log")
+            ax.set_ylabel("‖WX − ŴX‖² / ‖WX‖²")
+            ax.set_xlabel("pruned layer (model order)")
+            ax.set_title("Per-layer reconstruction error on calibration inputs")
+            save(fig, "layer_reconstruction_error.png")
+    if report.schedule_points:
+        fig = Figure(figsize=(5, 3))
+        ax = fig.add_subplot()
+        steps, values = zip(*report.schedule_points, strict=True)
+        ax.step(steps, values, where="post", marker="o")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("target sparsity")
+        ax.set_title(f"Sparsity schedule ({report.schedule})")
+        save(fig, "sparsity_schedule.png")
+    if report.finetune_losses:
+        fig = Figure(figsize=(5, 3))
+        ax = fig.add_subplot()
+        ax.plot(range(1, len(report.finetune_losses) + 1), report.finetune_losses, marker=".")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_title("Masked fine-tuning loss")
+        save(fig, "finetune_loss.png")
+    return written
+
+
+def _markdown(r: RunReport) -> str:
+    lines = [f"# podar run {r.run_id}", "",
+             f"**{PruningStage(r.state).display}** — {r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} "
+             f"({r.scope}), schedule {r.schedule}, model `{r.model}`.", ""]
+    if r.failure:
+        lines += [f"Failed in {r.failure.stage}: {r.failure.type}: {r.failure.message}", ""]
+    if r.achieved_sparsity is not None:
+        lines += [f"Achieved sparsity over {len(r.layers)} pruned layers: {r.achieved_sparsity:.4f}.", ""]
+    if r.texts:
+        lines += ["| text | windows × tokens | dense ppl | pruned ppl | Δ ppl | KL (nats/token) | top-1 agreement "
+                  "| gates |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for t in r.texts:
+            kl = "—" if t.kl_mean is None else f"{t.kl_mean:.4f}"
+            ag = "—" if t.top1_agreement is None else f"{t.top1_agreement:.4f}"
+            gate = "passed" if t.gates_passed else f"FAILED ({t.on_fail})"
+            lines.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {t.dense_ppl:.2f} | {t.pruned_ppl:.2f} | "
+                         f"{t.ppl_increase_pct:+.1f}% | {kl} | {ag} | {gate} |")
+        lines.append("")
+        for t in r.texts:
+            lines += [f"- gate: {f}" for f in t.gate_failures]
+    lines += ["| stage | time (s) |", "| --- | --- |"]
+    lines += [f"| {PruningStage(s).display} | {d:.2f} |" for s, d in r.stage_durations_s.items()]
+    lines += [f"| pruning (calibrating + importance + pruning) | {r.pruning_time_s:.2f} |", ""]
+    if r.export_bytes is not None:
+        lines += [f"Export: format `{r.export_format}`, {r.export_bytes / 1e6:.1f} MB.", ""]
+    lines += [f"![{p}]({p})" for p in r.plots]
+    worst = sorted((lay for lay in r.layers if lay.reconstruction_error is not None),
+                   key=lambda lay: -(lay.reconstruction_error or 0.0))[:10]
+    if worst:
+        lines += ["", "Largest reconstruction errors:", "", "| layer | sparsity | error |", "| --- | --- | --- |"]
+        lines += [f"| {lay.name} | {lay.sparsity:.4f} | {lay.reconstruction_error:.4g} |" for lay in worst]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path) -> RunReport:
+    """Build the report from the run folder and write report.json, report.md and plots/*.png."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    report.plots = _plots(report, run_dir / "plots")
+    atomic_write_bytes(run_dir / "report.json", report.model_dump_json(indent=2).encode(), fault_point="write:report")
+    atomic_write_bytes(run_dir / "report.md", _markdown(report).encode(), fault_point="write:report")
+    return report
+
+
+def compare_runs(run_dirs: list[str | Path]) -> str:
+    """Several runs side by side (method, pattern, sparsity, perplexity, KL, time) as a markdown table."""
+    rows = ["| run | state | method | pattern | sparsity | dense ppl | pruned ppl | KL | top-1 | pruning s | total s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for d in run_dirs:
+        r = build_report(d)
+        t = r.texts[0] if r.texts else None
+
+        def fmt(v, f="{:.2f}"):
+            return "—" if v is None else f.format(v)
+
+        rows.append(f"| {Path(d).name} | {r.state} | {r.method} | {r.pattern} | {fmt(r.achieved_sparsity, '{:.4f}')} "
+                    f"| {fmt(t and t.dense_ppl)} | {fmt(t and t.pruned_ppl)} | {fmt(t and t.kl_mean, '{:.4f}')} "
+                    f"| {fmt(t and t.top1_agreement, '{:.4f}')} | {r.pruning_time_s:.1f} | {r.total_time_s:.1f} |")
+    return "\n".join(rows)

@@ -1,0 +1,72 @@
+"""The run report (``RUN_DIR/report.json``): what a person reads after a run, rebuilt from the run folder."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .records import FailureInfo
+
+__all__ = ["REPORT_SCHEMA_VERSION", "LayerReport", "TextReport", "RunReport"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LayerReport(_Report):
+    """One pruned layer: achieved sparsity (zeros / weights) and relative reconstruction error on calibration
+    inputs, ‖WX − ŴX‖² / ‖WX‖² (None when no calibration inputs were used, e.g. magnitude)."""
+
+    name: str
+    sparsity: float = Field(ge=0.0, le=1.0)
+    reconstruction_error: float | None = None
+    round: int = 0
+    group: int = 0
+
+
+class TextReport(_Report):
+    """One evaluation text: every metric dense and pruned, and its gate outcome."""
+
+    dataset: str
+    windows: int
+    seq_len: int
+    dense_ppl: float
+    pruned_ppl: float
+    ppl_increase_pct: float
+    kl_mean: float | None = Field(default=None, description="mean KL(dense ‖ pruned) per token, nats")
+    top1_agreement: float | None = None
+    dense_baseline_reused: bool = False
+    gate_failures: list[str] = Field(default_factory=list)
+    on_fail: str = "fail"
+
+    @property
+    def gates_passed(self) -> bool:
+        return not self.gate_failures
+
+
+class RunReport(_Report):
+    schema_version: int = REPORT_SCHEMA_VERSION
+    run_id: str
+    state: str
+    created_at: str
+    updated_at: str
+    method: str
+    pattern: str
+    target_sparsity: float
+    scope: str
+    schedule: str
+    model: str
+    failure: FailureInfo | None = None
+    achieved_sparsity: float | None = Field(default=None, description="zeros / weights over all pruned layers")
+    layers: list[LayerReport] = Field(default_factory=list)
+    texts: list[TextReport] = Field(default_factory=list)
+    stage_durations_s: dict[str, float] = Field(default_factory=dict, description="summed over visits, seconds")
+    pruning_time_s: float = Field(default=0.0, description="Calibrating + Computing Importance + Pruning, seconds")
+    total_time_s: float = 0.0
+    schedule_points: list[tuple[int, float]] = Field(default_factory=list, description="(step, sparsity) per round")
+    finetune_losses: list[float] = Field(default_factory=list)
+    export_format: str | None = None
+    export_bytes: int | None = None
+    plots: list[str] = Field(default_factory=list, description="PNG files, relative to the run folder")

@@ -1,0 +1,168 @@
+"""Quality of a pruned model against its dense reference, on the same token windows.
+
+- Perplexity: the papers' protocol (windows of T tokens, NLL of tokens 1..T-1, exp of the token mean).
+- KL(dense ‖ pruned) of the next-token distributions, averaged over every predicted position, and the top-1
+  agreement (the pruned model's argmax equals the dense model's). Both need no labels.
+
+The dense side is kept compactly (so it can be cached and reused): per window the NLL sum, and per position the
+dense model's top-k token ids with their log-probabilities. KL is computed over those k tokens plus one bucket
+holding the remaining probability mass: exact when k covers the vocabulary (``kl_top_k=None``), otherwise the KL
+of the two distributions coarse-grained the same way — a lower bound of the full KL that tightens as k grows.
+All accumulation is fp32 per position and fp64 across positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from podar.schemas.errors import StageError
+
+__all__ = ["TextMetrics", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate"]
+
+
+@dataclass(frozen=True)
+class TextMetrics:
+    """Metrics of one model on one text. ``kl_mean``/``top1_agreement`` are None without a reference."""
+
+    ppl: float
+    nll_sum: float
+    n_tokens: int
+    n_windows: int
+    seq_len: int
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """nll: (B,) fp64 — summed NLL of ids[:, 1:] under logits[:, :-1]; logits (B, T, V), ids (B, T)."""
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    return per_token.double().sum(dim=1)
+
+
+def _check_finite(values: torch.Tensor, start: int, text: str, what: str) -> None:
+    bad = (~torch.isfinite(values)).nonzero()
+    if bad.numel():
+        raise StageError(f"evaluation of '{text}' produced a non-finite {what} in window {start + int(bad[0, 0])}",
+                         stage="Evaluating")
+
+
+@torch.no_grad()
+def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int | None, batch_size: int = 1,
+                    device: torch.device | str = "cpu", progress: bool = False, text: str = "text",
+                    ) -> dict[str, torch.Tensor]:
+    """The compact dense reference of ``windows`` (n, T):
+
+    ``nll`` (n,) fp64; ``topk_ids`` (n, T-1, k) int64 and ``topk_logp`` (n, T-1, k) fp32 — the reference
+    model's k most likely next tokens and their log-probs (k = vocabulary when ``top_k`` is None).
+    """
+    n, t = windows.shape
+    nll = torch.empty(n, dtype=torch.float64)
+    ids_out: list[torch.Tensor] = []
+    logp_out: list[torch.Tensor] = []
+    for start in tqdm(range(0, n, batch_size), desc=f"dense {text}"[:40], disable=not progress, leave=False):
+        batch = windows[start:start + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
+        nll_b = _nll(logits, batch).cpu()
+        _check_finite(nll_b, start, text, "dense loss")
+        nll[start:start + batch.shape[0]] = nll_b
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
+        k = logp.shape[-1] if top_k is None else min(top_k, logp.shape[-1])
+        top = torch.topk(logp, k, dim=-1)  # sorted: index 0 is the argmax
+        ids_out.append(top.indices.cpu())
+        logp_out.append(top.values.cpu())
+    return {"nll": nll, "topk_ids": torch.cat(ids_out), "topk_logp": torch.cat(logp_out)}
+
+
+def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logits: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl (B, T-1) fp32, agree (B, T-1) bool) for one batch.
+
+    ref_ids/ref_logp: (B, T-1, k) the reference's top-k; logits: (B, T, V) the compared model's.
+    KL over the k tokens plus one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r).
+    """
+    logq_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    logq = torch.gather(logq_all, -1, ref_ids)  # (B, T-1, k)
+    p = ref_logp.exp()
+    kl = (p * (ref_logp - logq)).sum(dim=-1)  # (B, T-1)
+    if ref_ids.shape[-1] < logq_all.shape[-1]:
+        p_rest = (1.0 - p.sum(dim=-1)).clamp_min(0.0)  # (B, T-1)
+        q_rest = (1.0 - logq.exp().sum(dim=-1)).clamp_min(1e-30)
+        rest = torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - torch.log(q_rest)),
+                           torch.zeros_like(p_rest))
+        kl = kl + rest
+    agree = logq_all.argmax(dim=-1) == ref_ids[..., 0]
+    return kl.clamp_min(0.0), agree
+
+
+@torch.no_grad()
+def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, reference: dict[str, torch.Tensor] | None,
+                         *, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = False,
+                         text: str = "text", check: Callable[[], None] | None = None) -> TextMetrics:
+    """Perplexity of ``model`` on ``windows`` (n, T), and KL/agreement against ``reference`` when given."""
+    n, t = windows.shape
+    nll_sum = 0.0
+    kl_sum = 0.0
+    agree_sum = 0
+    for start in tqdm(range(0, n, batch_size), desc=f"eval {text}"[:40], disable=not progress, leave=False):
+        if check is not None:
+            check()
+        batch = windows[start:start + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
+        nll_b = _nll(logits, batch).cpu()
+        _check_finite(nll_b, start, text, "loss")
+        nll_sum += float(nll_b.sum())
+        if reference is not None:
+            end = start + batch.shape[0]
+            kl, agree = kl_and_agreement(reference["topk_ids"][start:end].to(logits.device),
+                                         reference["topk_logp"][start:end].to(logits.device), logits)
+            _check_finite(kl.sum(dim=1).cpu(), start, text, "KL divergence")
+            kl_sum += float(kl.double().sum())
+            agree_sum += int(agree.sum())
+    n_tokens = n * (t - 1)
+    return TextMetrics(
+        ppl=math.exp(nll_sum / n_tokens), nll_sum=nll_sum, n_tokens=n_tokens, n_windows=n, seq_len=t,
+        kl_mean=None if reference is None else kl_sum / n_tokens,
+        top1_agreement=None if reference is None else agree_sum / n_tokens,
+    )
+
+
+def reference_metrics(reference: dict[str, torch.Tensor], seq_len: int) -> TextMetrics:
+    """The reference model's own metrics (perplexity) from its cached reference."""
+    n = reference["nll"].shape[0]
+    n_tokens = n * (seq_len - 1)
+    total = float(reference["nll"].sum())
+    return TextMetrics(ppl=math.exp(total / n_tokens), nll_sum=total, n_tokens=n_tokens, n_windows=n,
+                       seq_len=seq_len, kl_mean=0.0, top1_agreement=1.0)
+
+
+def evaluate(model: torch.nn.Module, tokenizer: Any, texts: dict[str, str], *, reference: torch.nn.Module | None = None,
+             seq_len: int = 512, max_windows: int | None = None, batch_size: int = 1, kl_top_k: int | None = 256,
+             device: torch.device | str | None = None, progress: bool = False) -> dict[str, dict[str, TextMetrics]]:
+    """Evaluate ``model`` on each text (name → text), outside any run.
+
+    Returns {name: {"model": TextMetrics, "reference": TextMetrics}} ("reference" only when a reference model
+    is given; the model's KL and top-1 agreement are then measured against it on the same windows).
+    """
+    from podar.engine.data import eval_windows, tokenize_text
+
+    device = device or next(model.parameters()).device
+    out: dict[str, dict[str, TextMetrics]] = {}
+    for name, text in texts.items():
+        windows = eval_windows(tokenize_text(tokenizer, text), seq_len, max_windows, name=name)
+        ref = None
+        entry: dict[str, TextMetrics] = {}
+        if reference is not None:
+            ref = dense_reference(reference, windows, top_k=kl_top_k, batch_size=batch_size, device=device,
+                                  progress=progress, text=name)
+            entry["reference"] = reference_metrics(ref, seq_len)
+        entry["model"] = compare_to_reference(model, windows, ref, batch_size=batch_size, device=device,
+                                              progress=progress, text=name)
+        out[name] = entry
+    return out
