@@ -9,6 +9,8 @@ statistics at once (logged).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from tqdm.auto import tqdm
 
@@ -18,7 +20,14 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
 from .common import active_targets
-from .sequential import capture_first_block_inputs, collect_stats, decoder_layers, run_block
+from .sequential import (
+    capture_first_block_inputs,
+    collect_stats,
+    decoder_layers,
+    execution_order,
+    run_block,
+    skipped_module,
+)
 
 STAGE = "calibrating"
 
@@ -59,7 +68,12 @@ def run(ctx: RunContext) -> StageResult:
                 st.extras["block_inputs"] = inputs
             inputs = st.extras["block_inputs"]
             group_blocks = block_groups[st.group_index]
-            with collect_stats(targets, kind) as stats:
+            last_block = layers[group_blocks[-1]]
+            in_last = {n: m for n, m in targets.items() if any(m is x for x in last_block.modules())}
+            order = execution_order(last_block, in_last, inputs.hidden[0], inputs.kwargs[0]) if in_last else []
+            # the last Linear of the last block feeds no other target: its product is skipped in this pass
+            skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
+            with collect_stats(targets, kind) as stats, skip:
                 chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
                 for b in group_blocks:
                     ctx.check_cancelled()

@@ -12,7 +12,7 @@ from podar.schemas.records import StageResult
 
 from .common import active_targets
 from .scores import magnitude_score, score_stats, wanda_score
-from .sparsegpt import sparsegpt_saliency
+from .sparsegpt import hessian_from_sum, inverse_hessian_factor, sparsegpt_saliency
 
 STAGE = "computing_importance"
 
@@ -48,13 +48,15 @@ def run(ctx: RunContext) -> StageResult:
                 score = wanda_score(weight, stats["sq_norm_sum"], stats["n_samples"])
             else:
                 _check_finite(stats["hessian_sum"], name, "the calibration Hessian ΣxxT")
-                score, hinv, damp_used, retries = sparsegpt_saliency(
-                    weight, stats["hessian_sum"], stats["n_samples"], cfg.calibration.dampening_frac,
-                    on_retry=lambda frac, n=name: ctx.log.warning("cholesky_retry", layer=n, dampening_frac=frac),
-                    layer=name,
-                )
-                stats["hinv_upper"] = hinv
-                layer_metrics.setdefault(name, {}).update({"dampening_frac": damp_used, "cholesky_retries": retries})
+                if "hinv_upper" not in stats:  # layers sharing an input share H, so its factor is computed once
+                    stats["hinv_upper"], stats["dead"], stats["damp_used"], stats["retries"] = inverse_hessian_factor(
+                        hessian_from_sum(stats["hessian_sum"], stats["n_samples"]), cfg.calibration.dampening_frac,
+                        layer=name,
+                        on_retry=lambda frac, n=name: ctx.log.warning("cholesky_retry", layer=n, dampening_frac=frac),
+                    )
+                score = sparsegpt_saliency(weight, stats["hinv_upper"], stats["dead"])
+                layer_metrics.setdefault(name, {}).update(
+                    {"dampening_frac": stats["damp_used"], "cholesky_retries": stats["retries"]})
         _check_finite(score, name, "the importance score")
         ctx.state.scores[name] = score
         layer_metrics.setdefault(name, {}).update(score_stats(score))

@@ -24,7 +24,7 @@ from .sequential import decoder_layers, reconstruction_hooks, run_block
 from .sparsegpt import sparsegpt_prune
 
 STAGE = "pruning"
-RECON_SAMPLES = 16  # calibration sequences used to measure the reconstruction error
+RECON_SAMPLES = 4  # calibration sequences (the first ones) on which the reconstruction error is measured
 
 
 def _masks_from_scores(ctx: RunContext, sparsity: float) -> dict[str, torch.Tensor]:
@@ -52,9 +52,9 @@ def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[st
     for name, module in active_targets(ctx).items():
         ctx.check_cancelled()
         ctx.current_layer = name
-        hinv = st.stats[name]["hinv_upper"]
+        stats = st.stats[name]
         new_w, keep, loss = sparsegpt_prune(
-            module.weight, hinv, sparsity, n=cfg.pattern.n, m=cfg.pattern.m,
+            module.weight, stats["hinv_upper"], sparsity, dead=stats["dead"], n=cfg.pattern.n, m=cfg.pattern.m,
             block_size=cfg.calibration.sparsegpt_block_size, prior_mask=st.masks.get(name),
         )
         with torch.no_grad():

@@ -140,38 +140,89 @@ def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str
     """Forward hooks that add each module's input statistics into the yielded dict while the context is open.
 
     kind 'wanda': {'sq_norm_sum': (in,) fp32, 'n_samples': int}; kind 'sparsegpt': {'hessian_sum': (in, in)
-    fp32, 'n_samples': int}. ``n_samples`` counts sequences (the batch dimension).
+    fp32, 'n_samples': int}. ``n_samples`` counts sequences (the batch dimension). Modules that receive the very
+    same input tensor one after the other (q/k/v after one norm, gate/up after another) share one accumulator
+    (the same dict object), so each statistic is computed once per input.
     """
     stats: dict[str, dict[str, Any]] = {}
     handles = []
+    last: dict[str, Any] = {"x": None, "name": None}
 
-    def make_hook(name: str, in_features: int, device: torch.device):
-        entry: dict[str, Any] = {"n_samples": 0}
+    def new_entry(in_features: int, device: torch.device) -> dict[str, Any]:
         if kind == "wanda":
-            entry["sq_norm_sum"] = torch.zeros(in_features, dtype=torch.float32, device=device)
-        else:
-            entry["hessian_sum"] = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        stats[name] = entry
+            return {"n_samples": 0, "sq_norm_sum": torch.zeros(in_features, dtype=torch.float32, device=device)}
+        return {"n_samples": 0,
+                "hessian_sum": torch.zeros(in_features, in_features, dtype=torch.float32, device=device)}
 
-        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
-            x = args[0].detach()
+    def make_hook(name: str):
+        def hook(module: nn.Linear, args: tuple, _output: Any) -> None:
+            x = args[0]
+            if x is last["x"] and last["name"] in stats:
+                leader = stats[last["name"]]
+                if stats.get(name) is not leader:  # first time: alias the leader's accumulator
+                    stats[name] = leader
+                return
+            last["x"], last["name"] = x, name
+            entry = stats.get(name)
+            if entry is None:
+                entry = stats[name] = new_entry(module.in_features, module.weight.device)
             n_seq = x.shape[0] if x.dim() == 3 else 1
-            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
             if kind == "wanda":
-                entry["sq_norm_sum"] += x.pow(2).sum(dim=0)
+                entry["sq_norm_sum"] += flat.pow(2).sum(dim=0)
             else:
-                entry["hessian_sum"].addmm_(x.t(), x)  # += xᵀx (in, in)
+                entry["hessian_sum"].addmm_(flat.t(), flat)  # += xᵀx (in, in)
             entry["n_samples"] += n_seq
 
         return hook
 
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name, module.in_features, module.weight.device)))
+            handles.append(module.register_forward_hook(make_hook(name)))
         yield stats
     finally:
         for h in handles:
             h.remove()
+        last.clear()
+
+
+@contextmanager
+def skipped_module(module: nn.Linear) -> Iterator[None]:
+    """While open, ``module`` returns zeros of its output shape without computing (its input hooks still run).
+
+    For the statistics pass: the last Linear of a block feeds no other target, so its product is not needed.
+    """
+    def zero_forward(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], module.out_features)
+
+    module.forward = zero_forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward  # back to the class's forward
+
+
+def execution_order(block: nn.Module, modules: dict[str, nn.Linear], hidden: torch.Tensor,
+                    kwargs: dict[str, Any]) -> list[str]:
+    """Names of ``modules`` in the order a forward of ``block`` calls them (one sample is run)."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            block(hidden[:1], **_first_sample_kwargs(kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def _first_sample_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] > 1:  # (B, 1, T, T) attention masks
+            v = v[:1]
+        out[k] = v
+    return out
 
 
 @contextmanager

@@ -66,35 +66,29 @@ def inverse_hessian_factor(
     )
 
 
-def sparsegpt_saliency(
-    weight: torch.Tensor, hessian_sum: torch.Tensor, n_samples: int, dampening_frac: float, *,
-    on_retry: Callable[[float], None] | None = None, layer: str = "?",
-) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """(saliency (out, in) fp32 = w²/U_jj², U (in, in), frac_used, retries) for the unmodified weight."""
-    upper, dead, frac, retries = inverse_hessian_factor(
-        hessian_from_sum(hessian_sum, n_samples), dampening_frac, layer=layer, on_retry=on_retry
-    )
+def sparsegpt_saliency(weight: torch.Tensor, hinv_upper: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """saliency: (out, in) fp32 = w² / U_jj² for the unmodified weight; dead: (in,) bool inputs (score 0)."""
     w = weight.detach().float().clone()
     w[:, dead] = 0.0
-    saliency = w.pow(2) / torch.diag(upper).pow(2)[None, :]  # (out, in)
-    return saliency, upper, frac, retries
+    return w.pow(2) / torch.diag(hinv_upper).pow(2)[None, :]  # (out, in)
 
 
 @torch.no_grad()
 def sparsegpt_prune(
-    weight: torch.Tensor, hinv_upper: torch.Tensor, sparsity_frac: float, *, n: int | None = None,
-    m: int | None = None, block_size: int = 128, prior_mask: torch.Tensor | None = None,
+    weight: torch.Tensor, hinv_upper: torch.Tensor, sparsity_frac: float, *, dead: torch.Tensor | None = None,
+    n: int | None = None, m: int | None = None, block_size: int = 128, prior_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(W', keep, loss): W' (out, in) fp32 pruned and OBS-updated, keep (out, in) bool, loss = Σ OBS error / 2.
 
     Unstructured when ``n``/``m`` are None: per column block, the floor(s · out · block) lowest saliencies are
     pruned. N:M: at every group start, the m−n lowest saliencies of the group are pruned in each row.
-    ``prior_mask`` (out, in) bool: weights already pruned stay pruned (gradual rounds).
+    ``prior_mask`` (out, in) bool: weights already pruned stay pruned (gradual rounds). ``dead`` (in,) bool:
+    inputs never active in calibration (their weights are zeroed, as in the reference).
     """
     w = weight.detach().float().clone()  # (out, in)
     out_f, in_f = w.shape
-    dead = torch.diag(hinv_upper) == 0
-    w[:, dead] = 0.0
+    if dead is not None:
+        w[:, dead] = 0.0
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
     loss = torch.zeros(out_f, dtype=torch.float64, device=w.device)
     nm = n is not None and m is not None

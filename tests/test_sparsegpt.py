@@ -1,0 +1,149 @@
+"""SparseGPT and the calibration statistics against plain float64 references written from the papers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from podar import TinyModelConfig, tiny_llama
+from podar.stages.sequential import (
+    capture_first_block_inputs,
+    collect_stats,
+    execution_order,
+    run_block,
+    skipped_module,
+)
+from podar.stages.sparsegpt import hessian_from_sum, inverse_hessian_factor, sparsegpt_prune, sparsegpt_saliency
+
+
+def data(out_f=24, in_f=40, tokens=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    # correlated inputs with uneven scales, as activations are
+    mix = torch.randn(in_f, in_f, generator=g, dtype=torch.float64) * 0.3 + torch.eye(in_f, dtype=torch.float64)
+    x = (torch.randn(tokens, in_f, generator=g, dtype=torch.float64) @ mix) * torch.linspace(0.2, 3, in_f)
+    return w, x
+
+
+def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01):
+    """Frantar & Alistarh (2023), Algorithm 1, in float64 with plain loops."""
+    w = w.clone()
+    h = 2.0 * x.t() @ x / 1  # one "sample": the scale cancels in the solver
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rows, cols = w.shape
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        if n is None:
+            sal = w[:, i1:i2] ** 2 / torch.diag(hinv)[i1:i2] ** 2
+            k = int(sal.numel() * sparsity)
+            flat = torch.zeros(sal.numel(), dtype=torch.bool)
+            flat[torch.argsort(sal.reshape(-1), stable=True)[:k]] = True
+            prune[:, i1:i2] = flat.view_as(sal)
+        for i in range(i1, i2):
+            if n is not None and (i - i1) % m == 0:
+                sal = w[:, i:i + m] ** 2 / torch.diag(hinv)[i:i + m] ** 2
+                for r in range(rows):
+                    prune[r, i + torch.argsort(sal[r], stable=True)[: m - n]] = True
+            q = torch.where(prune[:, i], torch.zeros_like(w[:, i]), w[:, i])
+            err = (w[:, i] - q) / hinv[i, i]
+            w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+            w[:, i] = q
+    w[prune] = 0
+    return w, ~prune
+
+
+def recon_error(w, w_hat, x):
+    return float(((x @ (w - w_hat).t()) ** 2).sum() / ((x @ w.t()) ** 2).sum())
+
+
+@pytest.mark.parametrize("shape,block", [((24, 40), 128), ((16, 64), 16), ((8, 37), 10)])
+def test_unstructured_no_worse_than_reference(shape, block):
+    w, x = data(*shape)
+    ref_w, ref_keep = reference_sparsegpt(w, x, 0.5, block=block)
+    h_sum = (x.t() @ x).float()
+    upper, dead, _frac, _r = inverse_hessian_factor(hessian_from_sum(h_sum, 1), 0.01)
+    ours, keep, _loss = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, block_size=block)
+    ours_err, ref_err = recon_error(w, ours.double(), x), recon_error(w, ref_w, x)
+    assert ours_err <= ref_err * 1.01 + 1e-9
+    expected = sum(int(shape[0] * (min(i + block, shape[1]) - i) * 0.5) for i in range(0, shape[1], block))
+    assert int((~keep).sum()) == expected
+    assert torch.equal(ours[~keep], torch.zeros(int((~keep).sum())))
+    # magnitude pruning at the same sparsity is much worse: the OBS update matters
+    mag = w.clone()
+    mag[w.abs() < w.abs().median()] = 0
+    assert ours_err < recon_error(w, mag, x)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_nm_no_worse_than_reference_and_exact(n, m):
+    w, x = data(16, 64, seed=1)
+    ref_w, _ = reference_sparsegpt(w, x, 0.5, n=n, m=m)
+    upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
+    ours, keep, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, n=n, m=m)
+    assert recon_error(w, ours.double(), x) <= recon_error(w, ref_w, x) * 1.01 + 1e-9
+    assert (keep.view(16, -1, m).sum(dim=-1) == n).all()
+
+
+def test_dead_inputs_zeroed_and_saliency():
+    w, x = data(8, 16, seed=2)
+    x[:, 3] = 0
+    upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
+    assert dead.tolist() == [i == 3 for i in range(16)]
+    sal = sparsegpt_saliency(w.float(), upper, dead)
+    assert (sal[:, 3] == 0).all()
+    ref = (w.float() ** 2) / torch.diag(upper)[None, :] ** 2
+    assert torch.allclose(sal[:, :3], ref[:, :3])
+    ours, keep, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead)
+    assert (ours[:, 3] == 0).all()
+
+
+def test_cholesky_retries_then_fails_loudly():
+    h = -torch.eye(4)  # negative definite: no dampening of 0.01·mean(diag) can fix it within the bound
+    h[0, 0] = 1.0
+    retries = []
+    with pytest.raises(Exception, match="layer 'x'.*Cholesky.*failed"):
+        inverse_hessian_factor(h, 0.01, layer="x", on_retry=retries.append)
+    assert len(retries) == 8 and retries[0] == pytest.approx(0.02)
+    # a singular but positive semi-definite H succeeds with the first dampening
+    x = torch.randn(3, 6)
+    upper, _d, frac, r = inverse_hessian_factor(x.t() @ x, 0.01)
+    assert r == 0 and frac == 0.01 and torch.isfinite(upper).all()
+
+
+def test_block_statistics_match_direct_computation():
+    model, _tok = tiny_llama(TinyModelConfig())
+    block = model.model.layers[0]
+    samples = torch.randint(3, 200, (3, 24))
+    inputs = capture_first_block_inputs(model, samples, 2, torch.device("cpu"))
+    assert inputs.n_samples == 3 and [h.shape[0] for h in inputs.hidden] == [2, 1]
+    targets = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: captured[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in targets.items()]
+    run_block(block, inputs)
+    for h in hooks:
+        h.remove()
+    order = execution_order(block, targets, inputs.hidden[0], inputs.kwargs[0])
+    assert order[-1] == "mlp.down_proj" and order[:3] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    for kind in ("wanda", "sparsegpt"):
+        with collect_stats(targets, kind) as stats, skipped_module(targets[order[-1]]):
+            run_block(block, inputs)
+        assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
+        assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+        assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
+        for name in targets:
+            x = torch.cat(captured[name]).double()  # (tokens, in)
+            assert stats[name]["n_samples"] == 3
+            if kind == "wanda":
+                assert torch.allclose(stats[name]["sq_norm_sum"].double(), (x ** 2).sum(0), rtol=1e-5)
+            else:
+                assert torch.allclose(stats[name]["hessian_sum"].double(), x.t() @ x, rtol=1e-4, atol=1e-4)
+    # the skipped module is restored afterwards
+    out = targets["mlp.down_proj"](torch.ones(1, 128))
+    assert out.abs().sum() > 0
