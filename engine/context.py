@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from podar.schemas.records import ArtifactRecord, StageResult
 
 from .store import RunStore
 
-__all__ = ["RunContext", "RunState", "Handler", "Cancelled"]
+__all__ = ["RunContext", "RunState", "Handler", "Cancelled", "DenseSnapshot"]
 
 
 class Cancelled(PodarError):
@@ -35,7 +35,8 @@ class RunState:
     """
 
     targets: dict[str, torch.nn.Module] = field(default_factory=dict)  # pruned Linear modules
-    dense_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) CPU copy before pruning
+    # (out, in) weights before pruning, by module name: a mapping read from disk on demand (DenseSnapshot)
+    dense_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) bool, True = kept
     stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics of the current group
@@ -45,6 +46,32 @@ class RunState:
     round_index: int = 0  # schedule: pruning round (0-based)
     step: int = 0  # fine-tuning optimizer steps done
     extras: dict[str, Any] = field(default_factory=dict)  # stage-private caches (e.g. sequential inputs)
+
+
+class DenseSnapshot(Mapping[str, torch.Tensor]):
+    """The pruned layers' weights before pruning, kept in a safetensors file and read one tensor at a time,
+    so the dense reference costs disk, not memory."""
+
+    def __init__(self, path: Any) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            self._names = list(f.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 Handler = Callable[["RunContext"], StageResult]

@@ -39,6 +39,7 @@ from podar.schemas import (
     TinyModelConfig,
     TransitionError,
 )
+from podar.stages.export_io import load_pretrained
 from podar.stages.perplexity import PerplexityResult, perplexity
 from podar.stages.quality import TextMetrics, evaluate
 
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Pipeline", "PipelineResult", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit", "AuditSummary",
-    "load_model", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
+    "load_model", "load_pretrained", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
     "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig", "TinyModelConfig",
     "StageResult", "AuditEvent", "RunManifest", "FailureInfo",

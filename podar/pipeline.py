@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from podar.engine.audit import AuditLog, read_audit, verify_audit
-from podar.engine.context import RunContext, RunState
+from podar.engine.context import DenseSnapshot, RunContext, RunState
 from podar.engine.data import check_tokenizer_fits, load_text, resolve_data_dir, text_sha256
 from podar.engine.distributed import make_accelerator, world_size
 from podar.engine.machine import PruningStage
@@ -41,6 +41,7 @@ from podar.stages.targets import resolve_targets, snapshot_weights
 
 __all__ = ["Pipeline", "PipelineResult", "library_versions"]
 
+DENSE_REFERENCE = "artifacts/dense_reference.safetensors"  # pruned layers' weights before pruning
 _VERSIONED = ("podar", "torch", "transformers", "accelerate", "safetensors", "transitions", "pydantic", "structlog")
 
 
@@ -286,7 +287,10 @@ class Pipeline:
             text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
             data_sha["finetune"] = text_sha256(text)
         state.extras["model_fingerprint"] = weights_fingerprint(model)
-        state.dense_weights = snapshot_weights(targets)
+        dense_path = store.artifact_path(DENSE_REFERENCE)
+        if not (self._resume is not None and dense_path.is_file()):
+            snapshot_weights(targets, dense_path)  # the dense reference lives on disk, not in memory
+        state.dense_weights = DenseSnapshot(dense_path)
         log.info("targets_resolved", pruned=len(targets), skipped=notes,
                  groups=len(state.layer_groups) or 1, first=list(targets)[:3])
         return ctx
@@ -300,6 +304,7 @@ class Pipeline:
             world_size=world_size(ctx.accelerator), model_fingerprint=ctx.state.extras["model_fingerprint"],
             data_sha256=dict(ctx.state.extras["data_sha256"]),
         )
+        manifest.artifacts[DENSE_REFERENCE] = store.record(DENSE_REFERENCE, stage="idle", kind="weights")
         audit = AuditLog(store.audit_path, self.run_id)
         runner = Runner(ctx, HANDLERS, manifest, audit)
         runner.listeners.extend(self._listeners)

@@ -359,14 +359,21 @@ class EvaluationConfig(_Frozen):
 
 
 class ExportConfig(_Frozen):
-    """Where and how the pruned model is written."""
+    """How the pruned model is written (and reloaded to verify it before the stage counts as done)."""
 
-    format: Literal["dense"] = Field(default="dense", description="'dense': save_pretrained folder, zeros kept")
+    format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask"] = Field(
+        default="dense",
+        description="'dense': save_pretrained folder, zeros kept; 'sparse-bitmask': non-zeros + bitmask (any "
+        "sparsity); 'sparse-24-bitmask': the kept half + bitmask (2:4); compressed-tensors naming",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        default="none", description="'int8': symmetric per-output-channel int8 weights of the pruned layers"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="dtype of the written weights; 'auto' keeps the model's"
+        default="auto", description="dtype of the written floating tensors; 'auto' keeps the model's"
     )
     verify_windows: int = Field(default=2, ge=0, description="evaluation windows whose logits are compared on reload")
-    max_shard_size: str = Field(default="2GB", description="largest safetensors shard")
+    max_shard_size: str = Field(default="2GB", description="largest safetensors shard, e.g. '2GB', '500MiB'")
 
 
 class TinyModelConfig(_Frozen):
@@ -471,6 +478,8 @@ class PruningConfig(_Frozen):
             raise ValueError(f"scope 'global' applies to unstructured masks only, not '{self.pattern.label()}'")
         if self.method is PruneMethod.SPARSEGPT and self.pattern.kind not in ("unstructured", "nm"):
             raise ValueError(f"method sparsegpt supports unstructured and N:M patterns, not '{self.pattern.label()}'")
+        if self.export.format == "sparse-24-bitmask" and self.pattern.label() != "2:4":
+            raise ValueError(f"export.format 'sparse-24-bitmask' needs pattern 2:4, not '{self.pattern.label()}'")
         if self.method is PruneMethod.SPARSEGPT and self.scope not in ("auto",):
             raise ValueError("method sparsegpt chooses its mask per OBS column block; leave scope 'auto'")
         if not self.targets:

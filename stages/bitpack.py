@@ -1,13 +1,14 @@
-"""Bit packing of boolean masks: row-major, 8 columns per byte, first column in the most significant bit
-(numpy's ``packbits`` default order, which compressed-tensors' bitmask format uses)."""
+"""Bit packing of boolean masks: row-major, 8 columns per byte, the first column in the least significant bit
+(numpy's ``packbits(..., bitorder="little")``, the order compressed-tensors' bitmask formats use)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_bits", "unpack_bits"]
+__all__ = ["pack_bits", "unpack_bits", "BIT_ORDER"]
 
-_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+BIT_ORDER = "little"
+_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,6 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     rows, n_bytes = packed.shape
     if n_bytes * 8 < cols or n_bytes * 8 - cols >= 8:
         raise ValueError(f"packed width {n_bytes} bytes does not hold {cols} columns")
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = (packed[:, :, None] >> shifts) & 1  # (rows, bytes, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.to(torch.uint8)[:, :, None] >> shifts) & 1  # (rows, bytes, 8)
     return bits.reshape(rows, n_bytes * 8)[:, :cols].bool()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from podar.engine.context import RunContext
@@ -27,9 +31,21 @@ def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
 
 @contextmanager
 @torch.no_grad()
-def swapped_weights(modules: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily load ``weights`` into ``modules`` (e.g. the dense reference); restored on any exit."""
-    saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
+def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.Tensor],
+                    spill_dir: Path | None = None) -> Iterator[None]:
+    """Temporarily load ``weights`` into ``modules`` (e.g. the dense reference); restored on any exit.
+
+    With ``spill_dir``, the current weights wait in a temporary safetensors file there instead of in memory.
+    """
+    spill = None
+    saved: Mapping[str, torch.Tensor]
+    if spill_dir is not None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        spill = spill_dir / f".swap-{os.getpid()}.safetensors"
+        save_file({n: m.weight.detach().cpu().contiguous() for n, m in modules.items()}, str(spill))
+        saved = _LazyFile(spill)
+    else:
+        saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
     try:
         for name, m in modules.items():
             m.weight.copy_(weights[name].to(m.weight.device, m.weight.dtype))
@@ -37,6 +53,25 @@ def swapped_weights(modules: dict[str, nn.Linear], weights: dict[str, torch.Tens
     finally:
         for name, m in modules.items():
             m.weight.copy_(saved[name].to(m.weight.device, m.weight.dtype))
+        if spill is not None:
+            spill.unlink(missing_ok=True)
+
+
+class _LazyFile(Mapping[str, torch.Tensor]):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        with safe_open(str(self.path), framework="pt") as f:
+            return iter(list(f.keys()))
+
+    def __len__(self) -> int:
+        with safe_open(str(self.path), framework="pt") as f:
+            return len(list(f.keys()))
 
 
 def expected_pruned(shape: tuple[int, int], pattern: SparsityPatternConfig, scope: str, sparsity: float) -> int:

@@ -69,7 +69,7 @@ def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sh
                     return ref, True
         except Exception as e:  # an unreadable cache is recomputed, never trusted
             ctx.log.warning("baseline_cache_unreadable", path=rel, error=str(e))
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.run_dir / "artifacts"):
         ref = dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size, device=ctx.device,
                               progress=ctx.progress, text=dataset)
     stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}

@@ -1,14 +1,14 @@
-"""Exporting: a ``save_pretrained``-compatible folder (safetensors), reloaded and checked before it counts.
+"""Exporting: the pruned model written in the configured format, reloaded and checked before it counts.
 
-Written into a temporary folder beside ``RUN_DIR/export`` and moved into place only after the reload check
-passes: every tensor bit-exact, logits of a few evaluation windows equal within float tolerance. Every file's
-sha256 and size go into the manifest.
+Written into a temporary folder beside ``RUN_DIR/export`` and moved into place only after the check passes:
+reloaded with podar's own loader (``load_pretrained``), every tensor equal to the in-memory one (bit-exact, or
+exactly the quantize-dequantize result for int8), and the logits of a few evaluation windows close. Every
+file's sha256 and size go into the manifest; the pruned layers' bytes are compared with dense float16.
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import torch
 
@@ -18,55 +18,55 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
 from .evaluate import evaluation_windows
+from .export_io import load_pretrained, parse_size, roundtrip_weight, write_compressed
 
 STAGE = "exporting"
-# Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|.
-_LOGIT_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
+# exact same-dtype weights leave only float noise; float16 / bfloat16 / int8 rounding of weights moves logits.
+_LOGIT_RTOL = {"exact": 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1, "int8": 2.5e-1}
 
 
-def _export_state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    if dtype is None:
-        return sd
-    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-
-
-def verify_export(ctx: RunContext, folder: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype
-                  ) -> dict[str, float]:
-    """Reload ``folder`` with transformers, compare every tensor and the logits. Raises StageError naming the tensor."""
-    from transformers import AutoModelForCausalLM
-
+@torch.no_grad()
+def verify_export(ctx: RunContext, folder, dtype: torch.dtype, quantize: bool) -> dict[str, float]:
+    """Reload ``folder`` and compare every tensor and the logits. Raises StageError naming the tensor."""
     try:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        reloaded = load_pretrained(folder, dtype=torch.float32)
     except Exception as e:
-        raise StageError(f"the export in '{folder}' does not reload with transformers: {e}", stage="Exporting") from e
+        raise StageError(f"the export in '{folder}' does not reload: {e}", stage="Exporting") from e
+    targets = {f"{name}.weight" for name in ctx.state.targets}
     got = reloaded.state_dict()
-    missing = sorted(set(expected) - set(got))
-    if missing:
-        raise StageError(f"tensor '{missing[0]}' is missing from the reloaded export ({len(missing)} missing)",
-                         stage="Exporting", layer=missing[0])
-    for name, tensor in expected.items():
+    checked = 0
+    for name, tensor in ctx.model.state_dict().items():
+        if name not in got:
+            raise StageError(f"tensor '{name}' is missing from the reloaded export", stage="Exporting", layer=name)
+        if name in targets:
+            expected = roundtrip_weight(tensor, quantize, dtype)
+        else:
+            expected = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+        expected = expected.float() if expected.is_floating_point() else expected
         other = got[name]
-        if other.shape != tensor.shape or other.dtype != tensor.dtype or not torch.equal(other, tensor.cpu()):
+        if other.shape != expected.shape or not torch.equal(other.to(expected.dtype).cpu(), expected.cpu()):
             raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
-                             f"{tuple(tensor.shape)}, dtype {other.dtype} vs {tensor.dtype})", stage="Exporting",
-                             layer=name)
-    metrics: dict[str, float] = {"tensors_checked": float(len(expected))}
+                             f"{tuple(expected.shape)})", stage="Exporting", layer=name)
+        checked += 1
+    metrics: dict[str, float] = {"tensors_checked": float(checked)}
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
         windows, _ = evaluation_windows(ctx)
         batch = windows[:n]
-        with torch.no_grad():
-            ref = ctx.model(input_ids=batch.to(ctx.device), use_cache=False).logits.float().cpu()
-            new = reloaded(input_ids=batch, use_cache=False).logits.float()
+        ref = ctx.model(input_ids=batch.to(ctx.device), use_cache=False).logits.float().cpu()
+        new = reloaded(input_ids=batch, use_cache=False).logits.float()
         diff = float((ref - new).abs().max())
-        scale = float(ref.abs().max())
-        tol = _LOGIT_RTOL.get(dtype, 1e-2) * max(scale, 1.0)
-        if ctx.model.dtype != dtype:
-            tol = max(tol, _LOGIT_RTOL.get(dtype, 1e-2) * 4 * max(scale, 1.0))
-        if not diff <= tol:
-            raise StageError(f"logits of the reloaded export differ by {diff:.3g} (> {tol:.3g}) on {n} window(s)",
-                             stage="Exporting")
+        scale = max(float(ref.abs().max()), 1.0)
+        if quantize:
+            rtol = _LOGIT_RTOL["int8"]
+        elif dtype == ctx.model.dtype or dtype == torch.float32:
+            rtol = _LOGIT_RTOL["exact"]
+        else:
+            rtol = _LOGIT_RTOL.get(dtype, 1e-1)
+        if not diff <= rtol * scale:
+            raise StageError(f"logits of the reloaded export differ by {diff:.3g} (> {rtol * scale:.3g}) on {n} "
+                             "window(s)", stage="Exporting")
         metrics["logits_max_abs_diff"] = diff
     del reloaded
     return metrics
@@ -79,39 +79,35 @@ def run(ctx: RunContext) -> StageResult:
     tmp = final.with_name(".export.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     model = ctx.model
     strip_quantizer(model)
-    expected = _export_state_dict(model, dtype)
-    save_dtype = dtype or model.dtype
+    dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    quantize = cfg.quantization == "int8"
+    metrics: dict = {}
     if store.is_main:
-        model.save_pretrained(str(tmp), state_dict=dict(expected), safe_serialization=True,
-                              max_shard_size=cfg.max_shard_size)
-        if ctx.tokenizer is not None:
-            ctx.tokenizer.save_pretrained(str(tmp))
-    if dtype is not None:
-        import json
-
-        cfg_path = tmp / "config.json"
-        data = json.loads(cfg_path.read_text())
-        data["dtype"] = cfg.dtype
-        cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True))
-    metrics = verify_export(ctx, tmp, expected, save_dtype)
+        summary = write_compressed(
+            model, tmp, fmt=cfg.format, quantize=quantize, targets=set(ctx.state.targets), dtype=dtype,
+            max_shard_bytes=parse_size(cfg.max_shard_size), tokenizer=ctx.tokenizer,
+            sparsity=ctx.config.target_sparsity, structure=ctx.config.pattern.label(),
+        )
+        metrics.update({"pruned_layers_bytes": summary.target_bytes,
+                        "pruned_layers_dense_fp16_bytes": summary.target_dense_fp16_bytes,
+                        "pruned_layers_ratio_vs_fp16": summary.target_ratio,
+                        "shards": sum(1 for f in summary.files if f.endswith(".safetensors"))})
+    metrics.update(verify_export(ctx, tmp, dtype, quantize))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    total = 0
-    weight_bytes = 0
+    total = weight_bytes = 0
     for path in sorted(final.rglob("*")):
         if path.is_file():
-            rel = str(path.relative_to(store.run_dir))
-            record = store.record(rel, stage=STAGE, kind="export")
+            record = store.record(str(path.relative_to(store.run_dir)), stage=STAGE, kind="export")
             ctx.add_artifact(record)
             total += record.bytes
             if path.suffix == ".safetensors":
                 weight_bytes += record.bytes
     return StageResult(
         stage=STAGE,
-        metrics={"format": cfg.format, "dtype": str(save_dtype).replace("torch.", ""), "bytes": total,
-                 "weight_bytes": weight_bytes, **metrics, "path": str(final)},
+        metrics={"format": cfg.format, "quantization": cfg.quantization, "dtype": str(dtype).replace("torch.", ""),
+                 "bytes": total, "weight_bytes": weight_bytes, **metrics, "path": str(final)},
     )

@@ -115,7 +115,7 @@ def run(ctx: RunContext) -> StageResult:
     rel = f"artifacts/masks/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
     record = ctx.store.save_tensors(
         rel, {n: pack_bits(m.cpu()) for n, m in masks.items()}, stage=STAGE, kind="masks",
-        metadata={"format": "packbits-rowmajor-msb", "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()}),
+        metadata={"format": "packbits-rowmajor-lsb", "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()}),
                   "sparsity": f"{sparsity:.6f}", "pattern": cfg.pattern.label()},
     )
     ctx.add_artifact(record)
@@ -130,7 +130,8 @@ def run(ctx: RunContext) -> StageResult:
         layers = decoder_layers(ctx.model)
         assert layers is not None
         inputs = st.extras["block_inputs"]
-        with reconstruction_hooks(targets, st.dense_weights, RECON_SAMPLES) as acc:
+        dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
+        with reconstruction_hooks(targets, dense, RECON_SAMPLES) as acc:
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
                 inputs = run_block(layers[b], inputs)
                 forwards += len(inputs.hidden)

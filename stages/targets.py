@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from podar.schemas.config import PruningConfig
@@ -66,6 +69,8 @@ def resolve_targets(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
 
 
 @torch.no_grad()
-def snapshot_weights(targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """A CPU copy of each target's weight (out, in), taken before pruning (the dense reference)."""
-    return {name: module.weight.detach().to("cpu", copy=True) for name, module in targets.items()}
+def snapshot_weights(targets: dict[str, nn.Linear], path: Path) -> None:
+    """Write each target's weight (out, in), as it is before pruning, into a safetensors file (atomically)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({name: m.weight.detach().cpu().contiguous() for name, m in targets.items()}, str(tmp))
+    os.replace(tmp, path)

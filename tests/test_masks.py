@@ -129,5 +129,5 @@ def test_bitpack_round_trip_and_numpy_order(shape):
     mask[0] = True
     packed = pack_bits(mask)
     assert packed.shape == (shape[0], (shape[1] + 7) // 8)
-    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=-1))
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=-1, bitorder="little"))
     assert torch.equal(unpack_bits(packed, shape[1]), mask)
