@@ -286,6 +286,8 @@ class CalibrationConfig(_Frozen):
         default=0.01, gt=0.0, lt=1.0, description="SparseGPT: dampening as a fraction of mean diag(H)"
     )
     sparsegpt_block_size: int = Field(default=128, ge=1, description="SparseGPT: columns per OBS block")
+    reconstruction_samples: int = Field(
+        default=4, ge=0, description="calibration sequences on which each layer's reconstruction error is measured")
 
 
 class FineTuneConfig(_Frozen):

@@ -161,12 +161,12 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
             summary.target_dense_fp16_bytes += tensor.numel() * 2
         else:
             pieces = {name: tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()}
+        nbytes = sum(v.numel() * v.element_size() for v in pieces.values())
+        if current and current_bytes + nbytes > max_shard_bytes:  # the pieces of one weight stay in one shard
+            flush()
         for k, v in pieces.items():
-            nbytes = v.numel() * v.element_size()
-            if current and current_bytes + nbytes > max_shard_bytes:
-                flush()
             current[k] = v.contiguous().cpu()
-            current_bytes += nbytes
+        current_bytes += nbytes
     flush()
     n = len(shard_paths)
     weight_map = {}
@@ -213,9 +213,8 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    prefixes = {k[: -len(".bitmask")] for k in tensors if k.endswith(".bitmask")}
-    if fmt == "dense":
-        prefixes = set()
+    pieces = (".shape", ".compressed", ".bitmask", ".row_offsets")
+    prefixes = set() if fmt == "dense" else {k.rsplit(".", 1)[0] for k in tensors if k.endswith(pieces)}
     for prefix in prefixes:
         try:
             if fmt == "sparse-bitmask":
@@ -238,7 +237,8 @@ def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, dtype: torch.dty
         q = out[weight_key]
         if q.dtype != torch.int8:
             raise CheckpointError(f"tensor '{weight_key}' has a weight_scale but is {q.dtype}, not int8")
-        out[weight_key] = dequantize_int8(q, tensors[k].float(), dtype)
+        scale = tensors[k]
+        out[weight_key] = dequantize_int8(q, scale.float(), scale.dtype)  # in the export's dtype, as written
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
 
 

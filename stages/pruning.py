@@ -24,7 +24,6 @@ from .sequential import decoder_layers, reconstruction_hooks, run_block
 from .sparsegpt import sparsegpt_prune
 
 STAGE = "pruning"
-RECON_SAMPLES = 4  # calibration sequences (the first ones) on which the reconstruction error is measured
 
 
 def _masks_from_scores(ctx: RunContext, sparsity: float) -> dict[str, torch.Tensor]:
@@ -131,13 +130,14 @@ def run(ctx: RunContext) -> StageResult:
         assert layers is not None
         inputs = st.extras["block_inputs"]
         dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
-        with reconstruction_hooks(targets, dense, RECON_SAMPLES) as acc:
+        with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc:
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
                 inputs = run_block(layers[b], inputs)
                 forwards += len(inputs.hidden)
         st.extras["block_inputs"] = inputs
-        for name, (err, ref, _n) in acc.items():
-            layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
+        for name, (err, ref, n_seen) in acc.items():
+            if n_seen:
+                layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
     st.scores.clear()
     st.stats = {}
     errors = [m["reconstruction_error"] for m in layer_metrics.values() if "reconstruction_error" in m]

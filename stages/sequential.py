@@ -236,17 +236,20 @@ def reconstruction_hooks(modules: dict[str, nn.Linear], dense: dict[str, torch.T
     handles = []
 
     def make_hook(name: str):
-        def hook(module: nn.Linear, args: tuple, _output: Any) -> None:
+        def hook(module: nn.Linear, args: tuple, output: Any) -> None:
             entry = acc[name]
             if entry[2] >= max_samples:
                 return
             x = args[0].detach()
             n_seq = x.shape[0] if x.dim() == 3 else 1
             x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            w_dense = dense[name].to(x.device, torch.float32)  # (out, in)
-            delta = w_dense - module.weight.detach().float()  # (out, in)
-            entry[0] += float((x @ delta.t()).pow(2).sum())
-            entry[1] += float((x @ w_dense.t()).pow(2).sum())
+            delta = dense[name].to(x.device, torch.float32) - module.weight.detach().float()  # (out, in)
+            err = x @ delta.t()  # (tokens, out) = XWᵀ − XŴᵀ
+            pruned_out = output.detach().reshape(-1, output.shape[-1]).float()  # XŴᵀ (+ bias)
+            if module.bias is not None:
+                pruned_out = pruned_out - module.bias.detach().float()
+            entry[0] += float(err.pow(2).sum())
+            entry[1] += float((pruned_out + err).pow(2).sum())  # ‖XWᵀ‖² without a second product
             entry[2] += n_seq
 
         return hook

@@ -147,3 +147,23 @@ def test_block_statistics_match_direct_computation():
     # the skipped module is restored afterwards
     out = targets["mlp.down_proj"](torch.ones(1, 128))
     assert out.abs().sum() > 0
+
+
+def test_reconstruction_error_matches_direct_computation():
+    from podar.stages.sequential import reconstruction_hooks
+
+    g = torch.Generator().manual_seed(3)
+    layer = nn.Linear(12, 5, bias=True)
+    dense = {"l": layer.weight.detach().clone()}
+    with torch.no_grad():
+        layer.weight[layer.weight.abs() < layer.weight.abs().median()] = 0
+    x = torch.randn(3, 7, 12, generator=g)  # 3 sequences of 7 tokens
+    with reconstruction_hooks({"l": layer}, dense, max_samples=2) as acc:
+        layer(x[:2])
+        layer(x[2:])  # beyond max_samples: ignored
+    err, ref, n = acc["l"]
+    xs = x[:2].reshape(-1, 12).double()
+    w, w_hat = dense["l"].double(), layer.weight.detach().double()
+    assert n == 2
+    assert err == pytest.approx(float(((xs @ (w - w_hat).t()) ** 2).sum()), rel=1e-5)
+    assert ref == pytest.approx(float(((xs @ w.t()) ** 2).sum()), rel=1e-5)
