@@ -24,6 +24,10 @@ import common  # noqa: E402
 
 ROOT = common.ROOT.parent
 LLMC_VENV = ROOT / ".venv-llmc"
+# the export each podar case writes (float16), so one bench run also measures every format's size
+EXPORTS = {"magnitude:unstructured": ("sparse-bitmask", "none"), "magnitude:2:4": ("sparse-24-bitmask", "int8"),
+           "wanda:unstructured": ("sparse-bitmask", "int8"), "wanda:2:4": ("sparse-24-bitmask", "none"),
+           "sparsegpt:unstructured": ("dense", "none"), "sparsegpt:2:4": ("sparse-bitmask", "none")}
 CASES = ["magnitude:unstructured", "magnitude:2:4", "wanda:unstructured", "wanda:2:4", "sparsegpt:unstructured",
          "sparsegpt:2:4"]
 
@@ -76,8 +80,10 @@ def main() -> None:
     for case in args.cases:
         method, pattern = case.split(":", 1)
         if args.only in (None, "podar"):
+            fmt, quant = EXPORTS.get(case, ("dense", "none"))
             r = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern", pattern,
-                          "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}")])
+                          "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}"),
+                          "--export-format", fmt, "--quantization", quant])
             rows.append(r)
             print(json.dumps(r), flush=True)
         if args.only in (None, "llm-compressor") and method != "magnitude":
@@ -89,10 +95,23 @@ def main() -> None:
             out.unlink()
             rows.append(r)
             print(json.dumps(r), flush=True)
-    table = render(rows)
+    table = render(rows) + "\n\n" + render_exports(rows)
     print(table)
     (common.ROOT / "results.json").write_text(json.dumps(rows, indent=2))
     (common.ROOT / "results.md").write_text(table + "\n")
+
+
+def render_exports(rows: list[dict]) -> str:
+    out = ["| run | export format | int8 | pruned layers on disk (MB) | dense float16 (MB) | ratio |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ex = r.get("export") or {}
+        if r["tool"] != "podar" or not ex.get("format"):
+            continue
+        out.append(f"| {r['method']} {r['pattern']} | {ex['format']} | {ex['quantization']} | "
+                   f"{ex['pruned_layers_bytes'] / 1e6:.1f} | {ex['pruned_layers_dense_fp16_bytes'] / 1e6:.1f} | "
+                   f"{ex['pruned_layers_ratio_vs_fp16']:.3f}× |")
+    return "\n".join(out)
 
 
 def render(rows: list[dict]) -> str:

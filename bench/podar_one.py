@@ -21,6 +21,9 @@ def main() -> None:
     ap.add_argument("--method", required=True)
     ap.add_argument("--pattern", required=True, choices=["unstructured", "2:4"])
     ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    ap.add_argument("--export-format", default="dense")
+    ap.add_argument("--quantization", default="none")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,11 +48,13 @@ def main() -> None:
         method=args.method, target_sparsity=0.5, pattern=pattern,
         model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
         calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
-                                      dataset="wikitext2-valid", seed=common.SEED, batch_size=1),
+                                      dataset="wikitext2-valid", seed=common.SEED,
+                                      batch_size=args.batch_size),
         evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
                                     max_windows=common.EVAL_WINDOWS,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
-        export=ExportConfig(verify_windows=0),
+        export=ExportConfig(format=args.export_format, quantization=args.quantization, dtype="float16",
+                            verify_windows=2),
     )
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -69,11 +74,15 @@ def main() -> None:
         stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
     result = pipe.run()
     ev = result.metrics["evaluating"]
+    ex = result.metrics.get("exporting", {})
     print(json.dumps({
-        "tool": "podar", "method": args.method, "pattern": args.pattern, "prune_s": prune_s,
+        "tool": "podar", "method": args.method, "pattern": args.pattern, "batch_size": args.batch_size,
+        "prune_s": prune_s,
         "stage_s": stage_s, "peak_rss_mb": peak_after_prune,
         "ppl": ev["pruned_ppl"], "dense_ppl": ev["dense_ppl"], "sparsity": ev["pruned_layers_sparsity"],
-        "ok": result.ok,
+        "ok": result.ok, "kl": ev.get("kl_mean"), "top1": ev.get("top1_agreement"),
+        "export": {k: ex.get(k) for k in ("format", "quantization", "dtype", "weight_bytes", "pruned_layers_bytes",
+                                          "pruned_layers_dense_fp16_bytes", "pruned_layers_ratio_vs_fp16")},
     }))
     shutil.rmtree(run_dir / "export", ignore_errors=True)
 

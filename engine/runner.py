@@ -175,6 +175,7 @@ class Runner:
         ctx = self.ctx
         ctx.new_artifacts.clear()
         ctx.current_layer = None
+        written_s, written_b = ctx.store.write_seconds, ctx.store.write_bytes
         started = time.perf_counter()
         try:
             result = handler(ctx)
@@ -187,7 +188,7 @@ class Runner:
         if result.stage != stage.value:
             result.stage = stage.value
         self.last_result = result
-        self._checkpoint(result)
+        self._checkpoint(result, written_s, written_b)
         ctx.log.info("stage_done", stage=stage.display, duration_s=round(result.duration_s, 3), **result.summary())
 
     def record_resume(self, from_state: str, note: str) -> None:
@@ -201,12 +202,16 @@ class Runner:
         self._write_manifest()
 
     # ------------------------------------------------------------ helpers
-    def _checkpoint(self, result: StageResult) -> None:
+    def _checkpoint(self, result: StageResult, written_s: float, written_b: int) -> None:
         m = self.manifest
+        store = self.ctx.store
         for rel, record in self.ctx.new_artifacts.items():
             m.artifacts[rel] = record
         result.artifacts = sorted(set(result.artifacts) | set(self.ctx.new_artifacts))
         result.progress = self._progress()
+        # the cost of this checkpoint's artifacts (the manifest write that follows is not included)
+        result.checkpoint_s = store.write_seconds - written_s
+        result.checkpoint_bytes = store.write_bytes - written_b
         m.results.append(result)
         m.progress = self._progress()
         self._write_manifest()

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -165,6 +166,8 @@ class RunStore:
         self.run_dir = Path(run_dir).resolve()
         self.is_main = is_main
         self.lock = RunLock(self.run_dir)
+        self.write_seconds = 0.0  # time spent writing artifacts and manifests (checkpoint cost)
+        self.write_bytes = 0
 
     # ------------------------------------------------------------ paths
     @property
@@ -201,7 +204,10 @@ class RunStore:
         if not self.is_main:
             return
         data = manifest.model_dump_json(indent=2).encode()
+        started = time.perf_counter()
         atomic_write_bytes(self.manifest_path, data, fault_point="write:manifest")
+        self.write_seconds += time.perf_counter() - started
+        self.write_bytes += len(data)
 
     # ------------------------------------------------------------ artifacts
     def save_tensors(
@@ -211,15 +217,22 @@ class RunStore:
         """Write a safetensors artifact atomically; returns its record (sha256, size)."""
         path = self.artifact_path(rel)
         if self.is_main:
+            started = time.perf_counter()
             contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
             with atomic_path(path) as tmp:
                 save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+            self.write_seconds += time.perf_counter() - started
+            self.write_bytes += path.stat().st_size
         return self.record(rel, stage=stage, kind=kind)
 
     def save_json(self, rel: str, payload: Any, *, stage: str, kind: str) -> ArtifactRecord:
         path = self.artifact_path(rel)
         if self.is_main:
-            atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+            data = json.dumps(payload, indent=2, sort_keys=True).encode()
+            started = time.perf_counter()
+            atomic_write_bytes(path, data)
+            self.write_seconds += time.perf_counter() - started
+            self.write_bytes += len(data)
         return self.record(rel, stage=stage, kind=kind)
 
     def record(self, rel: str, *, stage: str, kind: str) -> ArtifactRecord:

@@ -60,6 +60,8 @@ class StageResult(_Record):
     duration_s: float = 0.0
     progress: dict[str, Scalar] = Field(
         default_factory=dict, description="loop counters when the stage finished (round, group, step)")
+    checkpoint_s: float = Field(default=0.0, description="seconds spent writing this stage's artifacts")
+    checkpoint_bytes: int = Field(default=0, description="bytes of this stage's artifacts")
     notes: list[str] = Field(default_factory=list)
 
     def summary(self, limit: int = 8) -> dict[str, Scalar]:

@@ -46,20 +46,36 @@ def _masks_from_scores(ctx: RunContext, sparsity: float) -> dict[str, torch.Tens
 
 
 def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[str, torch.Tensor]:
+    """OBS-prune the active targets; layers that share an input (one H) are solved together, rows stacked."""
     cfg, st = ctx.config, ctx.state
+    targets = active_targets(ctx)
+    groups: dict[int, list[str]] = {}
+    for name in targets:
+        groups.setdefault(id(st.stats[name]), []).append(name)
     masks = {}
-    for name, module in active_targets(ctx).items():
+    for names in groups.values():
         ctx.check_cancelled()
-        ctx.current_layer = name
-        stats = st.stats[name]
+        ctx.current_layer = names[0]
+        stats = st.stats[names[0]]
+        weights = [targets[n].weight for n in names]
+        bounds = [0]
+        for w in weights:
+            bounds.append(bounds[-1] + w.shape[0])
+        priors = [st.masks.get(n) for n in names]
+        prior = None
+        if any(p is not None for p in priors):
+            prior = torch.cat([p if p is not None else torch.ones_like(w, dtype=torch.bool)
+                               for p, w in zip(priors, weights, strict=True)])
         new_w, keep, loss = sparsegpt_prune(
-            module.weight, stats["hinv_upper"], sparsity, dead=stats["dead"], n=cfg.pattern.n, m=cfg.pattern.m,
-            block_size=cfg.calibration.sparsegpt_block_size, prior_mask=st.masks.get(name),
+            torch.cat([w.detach() for w in weights]), stats["hinv_upper"], sparsity, dead=stats["dead"],
+            n=cfg.pattern.n, m=cfg.pattern.m, block_size=cfg.calibration.sparsegpt_block_size, prior_mask=prior,
+            row_segments=list(zip(bounds[:-1], bounds[1:], strict=True)),
         )
-        with torch.no_grad():
-            module.weight.copy_(new_w.to(module.weight.dtype))
-        masks[name] = keep
-        layer_metrics.setdefault(name, {})["obs_loss"] = loss
+        for name, w, r0, r1 in zip(names, weights, bounds[:-1], bounds[1:], strict=True):
+            with torch.no_grad():
+                w.copy_(new_w[r0:r1].to(w.dtype))
+            masks[name] = keep[r0:r1]
+            layer_metrics.setdefault(name, {})["obs_loss"] = float(loss[r0:r1].sum())
     return masks
 
 

@@ -77,11 +77,16 @@ def sparsegpt_saliency(weight: torch.Tensor, hinv_upper: torch.Tensor, dead: tor
 def sparsegpt_prune(
     weight: torch.Tensor, hinv_upper: torch.Tensor, sparsity_frac: float, *, dead: torch.Tensor | None = None,
     n: int | None = None, m: int | None = None, block_size: int = 128, prior_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(W', keep, loss): W' (out, in) fp32 pruned and OBS-updated, keep (out, in) bool, loss = Σ OBS error / 2.
+    row_segments: list[tuple[int, int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W', keep, loss): W' (out, in) fp32 pruned and OBS-updated, keep (out, in) bool, loss (out,) fp64 = the OBS
+    error per row / 2.
 
-    Unstructured when ``n``/``m`` are None: per column block, the floor(s · out · block) lowest saliencies are
-    pruned. N:M: at every group start, the m−n lowest saliencies of the group are pruned in each row.
+    Unstructured when ``n``/``m`` are None: per column block, the floor(s · rows · block) lowest saliencies are
+    pruned, compared within each of ``row_segments`` (default: all rows as one). Several layers that share an
+    input (hence H) are solved together by stacking their rows, one segment per layer: rows are independent
+    given H, so the result equals solving each layer alone. N:M: at every group start, the m−n lowest saliencies
+    of the group are pruned in each row.
     ``prior_mask`` (out, in) bool: weights already pruned stay pruned (gradual rounds). ``dead`` (in,) bool:
     inputs never active in calibration (their weights are zeroed, as in the reference).
     """
@@ -104,10 +109,12 @@ def sparsegpt_prune(
             sal = w1.pow(2) / d1.pow(2)[None, :]  # (out, count)
             if prior_mask is not None:
                 sal = sal.masked_fill(~prior_mask[:, i1:i2], -1.0)
-            k = int(sal.numel() * sparsity_frac)
-            if k > 0:
-                order = torch.sort(sal.reshape(-1), stable=True).indices[:k]
-                prune1.view(-1)[order] = True
+            for r0, r1 in row_segments or [(0, out_f)]:
+                seg = sal[r0:r1]  # (rows of one layer, count)
+                k = int(seg.numel() * sparsity_frac)
+                if k > 0:
+                    order = torch.sort(seg.reshape(-1), stable=True).indices[:k]
+                    prune1[r0:r1].view(-1)[order] = True
         for i in range(count):
             if nm and i % m == 0:  # type: ignore[operator]
                 sal = w1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)[None, :]  # (out, m)
@@ -127,4 +134,4 @@ def sparsegpt_prune(
         prune[:, i1:i2] = prune1
         w[:, i2:] -= err1 @ hinv_upper[i1:i2, i2:]  # (out, count) @ (count, in−i2)
     w.masked_fill_(prune, 0.0)
-    return w, ~prune, float(loss.sum())
+    return w, ~prune, loss

@@ -90,6 +90,22 @@ def test_nm_no_worse_than_reference_and_exact(n, m):
     assert (keep.view(16, -1, m).sum(dim=-1) == n).all()
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_stacked_layers_equal_separate_solves(nm):
+    """Layers sharing one H (q/k/v) solved together give exactly what solving each alone gives."""
+    w1, x = data(12, 32, seed=4)
+    w2, _ = data(5, 32, seed=5)
+    upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
+    n, m = nm if nm else (None, None)
+    a, ka, la = sparsegpt_prune(w1.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
+    b, kb, lb = sparsegpt_prune(w2.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
+    both, kboth, lboth = sparsegpt_prune(torch.cat([w1, w2]).float(), upper, 0.5, dead=dead, n=n, m=m,
+                                         block_size=16, row_segments=[(0, 12), (12, 17)])
+    assert torch.allclose(both, torch.cat([a, b]), atol=1e-6)
+    assert torch.equal(kboth, torch.cat([ka, kb]))
+    assert torch.allclose(lboth, torch.cat([la, lb]))
+
+
 def test_dead_inputs_zeroed_and_saliency():
     w, x = data(8, 16, seed=2)
     x[:, 3] = 0
