@@ -291,8 +291,8 @@ class Pipeline:
         if not (self._resume is not None and dense_path.is_file()):
             snapshot_weights(targets, dense_path)  # the dense reference lives on disk, not in memory
         state.dense_weights = DenseSnapshot(dense_path)
-        log.info("targets_resolved", pruned=len(targets), skipped=notes,
-                 groups=len(state.layer_groups) or 1, first=list(targets)[:3])
+        log.info("targets_resolved", n_pruned=len(targets), pruned=list(targets), skipped=notes,
+                 groups=len(state.layer_groups) or 1)
         return ctx
 
     def _fresh_runner(self, ctx: RunContext) -> Runner:

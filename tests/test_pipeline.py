@@ -263,3 +263,49 @@ def test_cancel_ends_failed_cancelled(tiny_config, tmp_path):
 def test_stage_error_carries_layer():
     e = StageError("x", stage="Pruning", layer="a.b")
     assert e.layer == "a.b" and e.stage == "Pruning"
+
+
+def test_log_names_pruned_and_skipped_modules(tiny_config, tmp_path):
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        assert run(tiny_config, tmp_path).ok
+    [event] = [e for e in logs if e["event"] == "targets_resolved"]
+    assert event["n_pruned"] == 14 and "model.layers.1.mlp.down_proj" in event["pruned"]
+    assert any(s.startswith("lm_head") for s in event["skipped"])
+
+
+def test_tied_head_pruned_only_when_named(tiny_config, tmp_path):
+    cfg = tiny_config.with_targets(("Linear", "lm_head"), ignore=())
+    p = Pipeline(cfg, run_dir=tmp_path / "r", progress=False)
+    assert p.run().ok
+    assert "lm_head" in p._runner.ctx.state.targets  # noqa: SLF001
+    cfg = tiny_config.with_targets(("Linear",), ignore=())
+    p = Pipeline(cfg, run_dir=tmp_path / "r2", progress=False)
+    assert p.run().ok
+    assert "lm_head" not in p._runner.ctx.state.targets  # noqa: SLF001 (tied: skipped unless named)
+
+
+def test_non_llama_model_calibrates_in_one_dense_pass(tiny_config, tmp_path):
+    from structlog.testing import capture_logs
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from podar.engine.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2,
+                                     ffn_dim=64, num_attention_heads=4, max_position_embeddings=128,
+                                     word_embed_proj_dim=32)).eval()
+    cfg = tiny_config.with_method("wanda")
+    with capture_logs() as logs:
+        result = run(cfg, tmp_path, model=model, tokenizer=byte_tokenizer())
+    assert result.ok, result.failure
+    assert any(e["event"] == "calibration_one_pass" for e in logs)
+    assert [m[0] for m in moves(tmp_path / "run")].count("calibrated") == 1
+
+
+def test_sequential_off_uses_one_pass_on_llama(tiny_config, tmp_path):
+    cfg = tiny_config.with_method("sparsegpt").with_calibration(
+        tiny_config.calibration.model_copy(update={"sequential": False}))
+    assert run(cfg, tmp_path).ok
+    assert [m[0] for m in moves(tmp_path / "run")].count("calibrated") == 1
