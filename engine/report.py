@@ -81,21 +81,33 @@ def _plots(report: RunReport, folder: Path) -> list[str]:
     if report.layers:
         names = [lay.name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
                  for lay in report.layers]
-        fig = Figure(figsize=(max(6, len(names) * 0.08), 3.2))
+        kinds = [lay.name.rsplit(".", 1)[-1] for lay in report.layers]  # q_proj, up_proj, ...
+        palette = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
+        kind_color = {k: palette[i % len(palette)] for i, k in enumerate(dict.fromkeys(kinds))}
+        colors = [kind_color[k] for k in kinds]
+
+        def legend(ax) -> None:
+            from matplotlib.patches import Patch
+
+            ax.legend(handles=[Patch(color=c, label=k) for k, c in kind_color.items()], fontsize=7,
+                      ncol=min(len(kind_color), 7), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+
+        fig = Figure(figsize=(max(6, len(names) * 0.08), 3.4))
         ax = fig.add_subplot()
-        ax.bar(range(len(names)), [lay.sparsity for lay in report.layers], color="#4477aa")
+        ax.bar(range(len(names)), [lay.sparsity for lay in report.layers], color=colors)
+        legend(ax)
         ax.axhline(report.target_sparsity, color="#cc3311", lw=1, ls="--", label="target")
         ax.set_ylabel("sparsity")
         ax.set_title("Per-layer sparsity")
         ax.set_ylim(0, 1)
         ax.set_xlabel(f"pruned layer (model order, {len(names)} layers)")
-        ax.legend(loc="lower right")
         save(fig, "layer_sparsity.png")
         errs = [lay.reconstruction_error for lay in report.layers]
         if any(e is not None for e in errs):
-            fig = Figure(figsize=(max(6, len(names) * 0.08), 3.2))
+            fig = Figure(figsize=(max(6, len(names) * 0.08), 3.4))
             ax = fig.add_subplot()
-            ax.bar(range(len(names)), [e or 0.0 for e in errs], color="#228833")
+            ax.bar(range(len(names)), [e or 0.0 for e in errs], color=colors)
+            legend(ax)
             ax.set_yscale("log")
             ax.set_ylabel("‖WX − ŴX‖² / ‖WX‖²")
             ax.set_xlabel("pruned layer (model order)")
