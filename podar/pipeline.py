@@ -110,6 +110,7 @@ class Pipeline:
         self._runner: Runner | None = None
         self._store: RunStore | None = None
         self._resume: dict[str, Any] | None = None
+        self._cancel_early = False
 
     # ------------------------------------------------------------ public surface
     @property
@@ -224,7 +225,7 @@ class Pipeline:
     def _ensure_runner(self) -> Runner:
         if self._runner is None:
             self._runner = self._prepare()
-            if getattr(self, "_cancel_early", False):
+            if self._cancel_early:
                 self._runner.ctx.cancel_event.set()
         return self._runner
 
@@ -343,6 +344,10 @@ class Pipeline:
             self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])
         reconcile_history(manifest, store.audit_path)
         target, note = restore_state(ctx, manifest)
+        if self.config.sha256() != manifest.config_sha256:  # allowed by allow_config_change
+            note += f"; config changed (sha256 {manifest.config_sha256[:12]}… → {self.config.sha256()[:12]}…)"
+            manifest.config = self.config.model_dump(mode="json")
+            manifest.config_sha256 = self.config.sha256()
         runner = Runner(ctx, HANDLERS, manifest, audit)
         runner.listeners.extend(self._listeners)
         runner.last_result = None

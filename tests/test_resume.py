@@ -146,7 +146,10 @@ def test_resume_refuses_changed_config(failed_run, resume_config):
     changed = resume_config.with_targets(("Linear",), ignore=("re:.*lm_head", "re:.*v_proj"))
     with pytest.raises(CheckpointError, match=r"config differs.*ignore.*allow_config_change"):
         Pipeline.resume(failed_run, config=changed, progress=False)
-    assert Pipeline.resume(failed_run, config=changed, allow_config_change=True, progress=False) is not None
+    result = Pipeline.resume(failed_run, config=changed, allow_config_change=True, progress=False).run()
+    assert result.ok
+    manifest = RunStore(failed_run).read_manifest()
+    assert manifest.config_sha256 == changed.sha256() and "config changed" in str(manifest.resumes[-1]["note"])
 
 
 def test_resume_refuses_different_model(failed_run):
