@@ -29,13 +29,22 @@ def n_pruned(count: int, sparsity_frac: float) -> int:
 
 
 def _lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """keep: same shape as the 1-D or 2-D ``score`` (per row when 2-D), False at the k lowest entries."""
+    """keep: same shape as ``score`` (last dim compared; per row when 2-D or more), False at the k lowest entries.
+
+    Selection by the k-th smallest value (O(n), no sort); ties at that value go by position, first ones first —
+    exactly what a stable sort's first k would pick.
+    """
     keep = torch.ones_like(score, dtype=torch.bool)
     if k == 0:
         return keep
-    order = torch.sort(score, dim=-1, stable=True).indices[..., :k]
-    keep.scatter_(-1, order, False)
-    return keep
+    if k >= score.shape[-1]:
+        return ~keep
+    kth = torch.kthvalue(score, k, dim=-1, keepdim=True).values  # (..., 1) the k-th smallest
+    less = score < kth
+    tied = score == kth
+    need = k - less.sum(dim=-1, keepdim=True)  # (..., 1) how many tied entries to prune, by position
+    prune = less | (tied & (torch.cumsum(tied, dim=-1) <= need))
+    return ~prune
 
 
 def unstructured_mask(score: torch.Tensor, sparsity_frac: float, scope: str) -> torch.Tensor:

@@ -131,3 +131,16 @@ def test_bitpack_round_trip_and_numpy_order(shape):
     assert packed.shape == (shape[0], (shape[1] + 7) // 8)
     assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=-1, bitorder="little"))
     assert torch.equal(unpack_bits(packed, shape[1]), mask)
+
+
+def test_lowest_k_ties_by_position_like_a_stable_sort():
+    from podar.stages.masks import _lowest_k
+
+    score = torch.tensor([[3.0, 1.0, 1.0, 1.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    keep = _lowest_k(score, 3)
+    assert keep.tolist() == [[True, False, False, False, True, True], [False, False, False, True, True, True]]
+    g = torch.Generator().manual_seed(9)
+    ints = torch.randint(0, 4, (50, 33), generator=g).float()  # many ties
+    for k in (0, 1, 16, 32, 33):
+        ref = ref_per_row(ints, k / 33 + 1e-12) if k < 33 else torch.zeros_like(ints, dtype=torch.bool)
+        assert torch.equal(_lowest_k(ints, k), ref), k
