@@ -66,3 +66,17 @@ def test_bad_config_exits_2_with_field(tmp_path, capsys):
 def test_status_of_non_run_folder(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
     assert "not a podar run folder" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_from_the_cli(config_file, tmp_path, capsys, monkeypatch):
+    from podar.engine import faults
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(faults.ENV, "interrupt@after:pruning#1")
+    faults.reset()
+    assert main(["run", str(config_file), "--run-dir", str(run_dir), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.delenv(faults.ENV)
+    assert main(["resume", str(run_dir), "--no-progress"]) == 0
+    assert "Complete" in capsys.readouterr().out
+    assert main(["audit", str(run_dir)]) == 0
