@@ -2,7 +2,7 @@
 
 Same model folder, same 64 calibration windows of 512 tokens (WikiText-2 validation), same 32 evaluation windows
 of 512 tokens (WikiText-2 raw test), perplexity by podar's evaluator for both. Each run is its own process
-(peak RSS is per process, read right after pruning). llm-compressor runs in its own virtual environment
+(peak resident memory, VmHWM, is per process, read right after pruning). llm-compressor runs in its own virtual environment
 (.venv-llmc, created here with torch==2.13.0). Prints one table; writes bench/results.json and results.md.
 
     make bench                                 # everything
@@ -74,6 +74,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["podar", "llm-compressor"], default=None)
     ap.add_argument("--cases", nargs="*", default=CASES)
+    ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward, both tools")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of bench/results.json that this invocation does not re-measure")
     args = ap.parse_args()
     common.prepare()
     rows = []
@@ -83,18 +86,25 @@ def main() -> None:
             fmt, quant = EXPORTS.get(case, ("dense", "none"))
             r = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern", pattern,
                           "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}"),
-                          "--export-format", fmt, "--quantization", quant])
+                          "--export-format", fmt, "--quantization", quant, "--batch-size", str(args.batch_size)])
             rows.append(r)
             print(json.dumps(r), flush=True)
         if args.only in (None, "llm-compressor") and method != "magnitude":
             py = ensure_llmc_venv()
             out = common.CACHE / f"llmc-{method}-{pattern.replace(':', '')}.safetensors"
             r = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
-                          "--model", str(common.MODEL_DIR), "--calibration", str(common.CALIB), "--out", str(out)])
+                          "--model", str(common.MODEL_DIR), "--calibration", str(common.CALIB), "--out", str(out),
+                          "--batch-size", str(args.batch_size)])
             r["ppl"], r["sparsity"] = eval_weights(out)
             out.unlink()
             rows.append(r)
             print(json.dumps(r), flush=True)
+    if args.merge and (common.ROOT / "results.json").is_file():
+        fresh = {(r["tool"], r["method"], r["pattern"]) for r in rows}
+        old = json.loads((common.ROOT / "results.json").read_text())
+        kept = [r for r in old if (r["tool"], r["method"], r["pattern"]) not in fresh]
+        order = {c: i for i, c in enumerate(CASES)}
+        rows = sorted(kept + rows, key=lambda r: (order.get(f"{r['method']}:{r['pattern']}", 99), r["tool"] != "podar"))
     table = render(rows) + "\n\n" + render_exports(rows)
     print(table)
     (common.ROOT / "results.json").write_text(json.dumps(rows, indent=2))

@@ -21,6 +21,15 @@ EVAL_WINDOWS = 32
 SEED = 0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MiB. Not getrusage's ru_maxrss: Linux carries that over
+    from the forking parent across exec, so a child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def data_dir() -> Path:
     value = os.environ.get("PODAR_DATA_DIR")
     if not value:

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 from safetensors.torch import load_file
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory (VmHWM, MiB) of this process alone (see bench/common.py)."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
 
 
 def main() -> None:
@@ -22,6 +29,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--batch-size", type=int, default=4)
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -39,15 +47,16 @@ def main() -> None:
     recipe = WandaPruningModifier(**common) if args.method == "wanda" else SparseGPTModifier(**common)
     started = time.perf_counter()
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=args.batch_size)
     prune_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     from safetensors.torch import save_file
 
     weights = {n: m.weight.detach().contiguous() for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
     save_file(weights, args.out)
     print(json.dumps({"tool": "llm-compressor", "method": args.method, "pattern": args.pattern,
+                      "batch_size": args.batch_size,
                       "prune_s": prune_s, "peak_rss_mb": peak}))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
@@ -63,7 +62,7 @@ def main() -> None:
     while pipe.stage is not PruningStage.FINE_TUNING and not pipe.stage.is_terminal():
         pipe.step()
     prune_s = time.perf_counter() - started
-    peak_after_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_after_prune = common.peak_rss_mb()
     # the same samples and windows as llm-compressor gets
     ctx = pipe._runner.ctx  # noqa: SLF001 (benchmark introspection)
     if args.method != "magnitude":

@@ -49,29 +49,29 @@ class RunState:
 
 
 class DenseSnapshot(Mapping[str, torch.Tensor]):
-    """The pruned layers' weights before pruning, kept in a safetensors file and read one tensor at a time,
-    so the dense reference costs disk, not memory."""
+    """The pruned layers' weights before pruning, kept in safetensors files and read one tensor at a time, so
+    the dense reference costs disk, not memory."""
 
-    def __init__(self, path: Any) -> None:
+    def __init__(self, paths: list[Any]) -> None:
         from safetensors import safe_open
 
-        self.path = path
-        with safe_open(str(path), framework="pt") as f:
-            self._names = list(f.keys())
+        self._where: dict[str, Any] = {}
+        for path in paths:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    self._where[name] = path
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        if name not in self._names:
-            raise KeyError(name)
-        with safe_open(str(self.path), framework="pt") as f:
+        with safe_open(str(self._where[name]), framework="pt") as f:
             return f.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._where)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._where)
 
 
 Handler = Callable[["RunContext"], StageResult]

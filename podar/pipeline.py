@@ -41,7 +41,7 @@ from podar.stages.targets import resolve_targets, snapshot_weights
 
 __all__ = ["Pipeline", "PipelineResult", "library_versions"]
 
-DENSE_REFERENCE = "artifacts/dense_reference.safetensors"  # pruned layers' weights before pruning
+DENSE_REFERENCE = "artifacts/dense_reference"  # folder: the pruned layers' weights before pruning, in parts
 _VERSIONED = ("podar", "torch", "transformers", "accelerate", "safetensors", "transitions", "pydantic", "structlog")
 
 
@@ -288,10 +288,12 @@ class Pipeline:
             text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
             data_sha["finetune"] = text_sha256(text)
         state.extras["model_fingerprint"] = weights_fingerprint(model)
-        dense_path = store.artifact_path(DENSE_REFERENCE)
-        if not (self._resume is not None and dense_path.is_file()):
-            snapshot_weights(targets, dense_path)  # the dense reference lives on disk, not in memory
-        state.dense_weights = DenseSnapshot(dense_path)
+        dense_dir = store.artifact_path(DENSE_REFERENCE)
+        parts = sorted(dense_dir.glob("part-*.safetensors")) if self._resume is not None else []
+        if not parts:
+            parts = snapshot_weights(targets, dense_dir)  # the dense reference lives on disk, not in memory
+        state.dense_weights = DenseSnapshot(parts)
+        state.extras["dense_reference_parts"] = [str(p.relative_to(store.run_dir)) for p in parts]
         log.info("targets_resolved", n_pruned=len(targets), pruned=list(targets), skipped=notes,
                  groups=len(state.layer_groups) or 1)
         return ctx
@@ -305,7 +307,8 @@ class Pipeline:
             world_size=world_size(ctx.accelerator), model_fingerprint=ctx.state.extras["model_fingerprint"],
             data_sha256=dict(ctx.state.extras["data_sha256"]),
         )
-        manifest.artifacts[DENSE_REFERENCE] = store.record(DENSE_REFERENCE, stage="idle", kind="weights")
+        for rel in ctx.state.extras["dense_reference_parts"]:
+            manifest.artifacts[rel] = store.record(rel, stage="idle", kind="weights")
         audit = AuditLog(store.audit_path, self.run_id)
         runner = Runner(ctx, HANDLERS, manifest, audit)
         runner.listeners.extend(self._listeners)

@@ -68,9 +68,36 @@ def resolve_targets(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     return selected, notes
 
 
+SNAPSHOT_PART_BYTES = 64 * 2**20  # the dense reference is written in parts of at most 64 MiB (bounded memory)
+
+
 @torch.no_grad()
-def snapshot_weights(targets: dict[str, nn.Linear], path: Path) -> None:
-    """Write each target's weight (out, in), as it is before pruning, into a safetensors file (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({name: m.weight.detach().cpu().contiguous() for name, m in targets.items()}, str(tmp))
-    os.replace(tmp, path)
+def snapshot_weights(targets: dict[str, nn.Linear], folder: Path) -> list[Path]:
+    """Write each target's weight (out, in), as it is before pruning, into safetensors parts in ``folder``.
+
+    Parts hold at most SNAPSHOT_PART_BYTES each (one tensor alone may exceed it), so serializing never copies
+    more than one part. Each part is written atomically; returns the part paths.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            path = folder / f"part-{len(parts):05d}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file(current, str(tmp))
+            os.replace(tmp, path)
+            parts.append(path)
+        current, size = {}, 0
+
+    for name, module in targets.items():
+        w = module.weight.detach().cpu().contiguous()
+        if current and size + w.numel() * w.element_size() > SNAPSHOT_PART_BYTES:
+            flush()
+        current[name] = w
+        size += w.numel() * w.element_size()
+    flush()
+    return parts
