@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,8 @@ class RunState:
     # (out, in) weights before pruning, by module name: a mapping read from disk on demand (DenseSnapshot)
     dense_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) bool, True = kept
+    # (out, in) bool, True = kept; the pipeline hands in a bit-packed store (stages.common.PackedMasks)
+    masks: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics of the current group
     layer_groups: list[list[str]] = field(default_factory=list)  # sequential mode: names per group
     group_index: int = 0  # sequential mode: the group being calibrated/pruned

@@ -69,7 +69,10 @@ def _drive(pipeline) -> int:
               f"over {pr['layers_pruned']} layers ({pr['pattern']}, {pr['scope']})")
     ex = result.metrics.get("exporting", {})
     if ex:
-        print(f"export: {ex['path']} ({ex['format']}, {ex['dtype']}, {ex['bytes'] / 1e6:.1f} MB)")
+        quant = "" if ex.get("quantization", "none") == "none" else f" + {ex['quantization']}"
+        print(f"export: {ex['path']} ({ex['format']}{quant}, {ex['dtype']}, {ex['bytes'] / 1e6:.1f} MB on disk; "
+              f"pruned layers {ex['pruned_layers_bytes'] / 1e6:.1f} MB = {ex['pruned_layers_ratio_vs_fp16']:.3f}× "
+              "their dense float16 size)")
     if result.failure is not None:
         f = result.failure
         print(f"FAILED in {f.stage}: {f.type}: {f.message}" + (f" [layer {f.layer}]" if f.layer else ""),

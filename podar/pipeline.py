@@ -29,13 +29,12 @@ from podar.engine.report import write_report
 from podar.engine.runner import Runner, TransitionListener
 from podar.engine.store import RunStore, atomic_write_bytes, sha256_file, utc_now
 from podar.schemas.config import PruningConfig
-from podar.schemas.errors import AuditError, CheckpointError, ConfigError
+from podar.schemas.errors import AuditError, CheckpointError, ConfigError, DataError
 from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageResult
 from podar.stages import HANDLERS
 from podar.stages.bitpack import unpack_bits
 from podar.stages.calibrate import calibration_samples
-from podar.stages.common import apply_mask
-from podar.stages.evaluate import evaluation_windows
+from podar.stages.common import PackedMasks, apply_mask
 from podar.stages.sequential import decoder_layers, group_targets_by_block
 from podar.stages.targets import resolve_targets, snapshot_weights
 
@@ -271,7 +270,7 @@ class Pipeline:
         model.to(accelerator.device)
         model.eval()
 
-        state = RunState(targets=targets)
+        state = RunState(targets=targets, masks=PackedMasks())
         ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store,
                          log=log, run_id=self.run_id, state=state, progress=self._progress)
         data_sha = state.extras.setdefault("data_sha256", {})
@@ -281,9 +280,15 @@ class Pipeline:
                 block_groups, name_groups = group_targets_by_block(model, targets, cfg.calibration.blocks_per_group)
                 state.layer_groups = name_groups
                 state.extras["block_groups"] = block_groups
-        if cfg.evaluation.enabled:
+        if cfg.evaluation.enabled:  # tokenized when Evaluating runs; here: present, and not obviously too short
             for i, dataset in enumerate(cfg.evaluation.datasets()):
-                data_sha["evaluation" if i == 0 else f"evaluation:{dataset}"] = evaluation_windows(ctx, dataset)[1]
+                text = load_text(dataset, resolve_data_dir(cfg.data_dir), field="evaluation.dataset")
+                if len(text) < cfg.evaluation.sequence_length:
+                    raise DataError(
+                        f"evaluation text '{dataset}' has {len(text)} characters, fewer than one window of "
+                        f"evaluation.sequence_length={cfg.evaluation.sequence_length} tokens")
+                data_sha["evaluation" if i == 0 else f"evaluation:{dataset}"] = text_sha256(text)
+                del text
         if cfg.finetune.enabled:
             text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
             data_sha["finetune"] = text_sha256(text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,9 +15,10 @@ from torch import nn
 from podar.engine.context import RunContext
 from podar.schemas.config import SparsityPatternConfig
 
+from .bitpack import pack_bits, unpack_bits
 from .masks import n_pruned
 
-__all__ = ["active_targets", "swapped_weights", "expected_pruned", "apply_mask"]
+__all__ = ["active_targets", "swapped_weights", "expected_pruned", "apply_mask", "PackedMasks"]
 
 
 def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
@@ -72,6 +73,29 @@ class _LazyFile(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         with safe_open(str(self.path), framework="pt") as f:
             return len(list(f.keys()))
+
+
+class PackedMasks(MutableMapping[str, torch.Tensor]):
+    """Masks by module name, kept bit-packed (8 weights per byte); reads give (out, in) bool, True = kept."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._packed[name] = (pack_bits(mask.detach().cpu().bool()), mask.shape[1])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        packed, cols = self._packed[name]
+        return unpack_bits(packed, cols)
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 def expected_pruned(shape: tuple[int, int], pattern: SparsityPatternConfig, scope: str, sparsity: float) -> int:

@@ -68,7 +68,7 @@ def resolve_targets(model: nn.Module, config: PruningConfig) -> tuple[dict[str, 
     return selected, notes
 
 
-SNAPSHOT_PART_BYTES = 64 * 2**20  # the dense reference is written in parts of at most 64 MiB (bounded memory)
+SNAPSHOT_PART_BYTES = 16 * 2**20  # the dense reference is written in parts of at most 16 MiB (bounded memory)
 
 
 @torch.no_grad()
