@@ -3,7 +3,8 @@
 Same model folder, same 64 calibration windows of 512 tokens (WikiText-2 validation), same 32 evaluation windows
 of 512 tokens (WikiText-2 raw test), perplexity by podar's evaluator for both. Each run is its own process
 (peak resident memory, VmHWM, is per process, read right after pruning). llm-compressor runs in its own
-virtual environment (.venv-llmc, created here with torch==2.13.0), with the same calibration batch size. Prints one table; writes bench/results.json and results.md.
+virtual environment (.venv-llmc, created here with torch==2.13.0), with the same calibration batch size.
+Prints one table; writes bench/results.json and results.md.
 
     make bench                                 # everything
     python bench/bench_methods.py --only podar --cases wanda:unstructured
