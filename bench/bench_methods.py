@@ -3,7 +3,7 @@
 Same model folder, same 64 calibration windows of 512 tokens (WikiText-2 validation), same 32 evaluation windows
 of 512 tokens (WikiText-2 raw test), perplexity by podar's evaluator for both. Each run is its own process
 (peak resident memory, VmHWM, is per process, read right after pruning). llm-compressor runs in its own
-virtual environment (.venv-llmc, created here with torch==2.13.0), with the same calibration batch size.
+virtual environment (.venv-llmc, created here with torch==2.13.0), at its default calibration batch size.
 Prints one table; writes bench/results.json and results.md.
 
     make bench                                 # everything
@@ -75,7 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["podar", "llm-compressor"], default=None)
     ap.add_argument("--cases", nargs="*", default=CASES)
-    ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward, both tools")
+    ap.add_argument("--batch-size", type=int, default=4, help="podar's calibration windows per forward pass")
+    ap.add_argument("--llmc-batch-size", type=int, default=1,
+                    help="llm-compressor's calibration batch size (its default, 1, is its fastest and best here)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of bench/results.json that this invocation does not re-measure")
     args = ap.parse_args()
@@ -95,7 +97,7 @@ def main() -> None:
             out = common.CACHE / f"llmc-{method}-{pattern.replace(':', '')}.safetensors"
             r = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
                           "--model", str(common.MODEL_DIR), "--calibration", str(common.CALIB), "--out", str(out),
-                          "--batch-size", str(args.batch_size)])
+                          "--batch-size", str(args.llmc_batch_size)])
             r["ppl"], r["sparsity"] = eval_weights(out)
             out.unlink()
             rows.append(r)
