@@ -161,10 +161,8 @@ Step = Annotated[int, Field(ge=0, description="fine-tuning optimizer step, >= 0"
 
 
 class _Schedule(_Frozen):
-    """Shared behaviour; subclasses define ``pruning_steps`` and ``sparsity_at_step``."""
-
-    def pruning_steps(self) -> list[int]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    """Shared behaviour of the schedules; each subclass defines ``pruning_steps()`` (the steps with a pruning
+    round, ascending) and ``sparsity_at_step(step)``."""
 
     def should_prune(self, step: int) -> bool:
         """True when a pruning round happens at ``step``."""
