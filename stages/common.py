@@ -8,11 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from podar.engine.context import RunContext
+from podar.engine.context import DenseSnapshot, RunContext
 from podar.schemas.config import SparsityPatternConfig
 
 from .bitpack import pack_bits, unpack_bits
@@ -44,7 +43,7 @@ def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.T
         spill_dir.mkdir(parents=True, exist_ok=True)
         spill = spill_dir / f".swap-{os.getpid()}.safetensors"
         save_file({n: m.weight.detach().cpu().contiguous() for n, m in modules.items()}, str(spill))
-        saved = _LazyFile(spill)
+        saved = DenseSnapshot([spill])
     else:
         saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
     try:
@@ -56,23 +55,6 @@ def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.T
             m.weight.copy_(saved[name].to(m.weight.device, m.weight.dtype))
         if spill is not None:
             spill.unlink(missing_ok=True)
-
-
-class _LazyFile(Mapping[str, torch.Tensor]):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        with safe_open(str(self.path), framework="pt") as f:
-            return iter(list(f.keys()))
-
-    def __len__(self) -> int:
-        with safe_open(str(self.path), framework="pt") as f:
-            return len(list(f.keys()))
 
 
 class PackedMasks(MutableMapping[str, torch.Tensor]):

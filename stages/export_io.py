@@ -11,7 +11,6 @@ compressed tensors exists beside the model (never two full copies).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from podar.engine.store import sha256_file
 from podar.schemas.errors import CheckpointError
 
 from .sparse_formats import (
@@ -94,14 +94,6 @@ def roundtrip_weight(weight: torch.Tensor, quantize: bool, dtype: torch.dtype) -
         q, scale = quantize_int8(weight)
         return dequantize_int8(q, scale.to(dtype).float(), dtype)
     return weight.detach().to(dtype)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _quantization_config(fmt: str, quantize: bool, targets: Iterable[str], sparsity: float, structure: str
@@ -192,7 +184,7 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    files = {f: _sha256(folder / f) for f in final_names}
+    files = {f: sha256_file(folder / f) for f in final_names}
     meta = {"format": fmt, "quantization": "int8" if quantize else "none", "dtype": config["dtype"],
             "targets": sorted(targets), "files": files, "writer": "podar"}
     (folder / PODAR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -261,7 +253,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verif
             file = folder / name
             if not file.is_file():
                 raise CheckpointError(f"export file '{file}' is missing")
-            if _sha256(file) != sha:
+            if sha256_file(file) != sha:
                 raise CheckpointError(f"export file '{file}' does not match its sha256 in {PODAR_META}: it was "
                                       "changed, corrupted or truncated")
     raw = json.loads(config_path.read_text())
