@@ -33,9 +33,8 @@ from podar.schemas.errors import AuditError, CheckpointError, ConfigError, DataE
 from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageResult
 from podar.stages import HANDLERS
 from podar.stages.bitpack import unpack_bits
-from podar.stages.calibrate import calibration_samples
+from podar.stages.calibrate import calibration_samples, plan_sequential
 from podar.stages.common import PackedMasks, apply_mask
-from podar.stages.sequential import decoder_layers, group_targets_by_block
 from podar.stages.targets import resolve_targets, snapshot_weights
 
 __all__ = ["Pipeline", "PipelineResult", "library_versions"]
@@ -276,10 +275,7 @@ class Pipeline:
         data_sha = state.extras.setdefault("data_sha256", {})
         if cfg.method.requires_calibration():
             calibration_samples(ctx)
-            if cfg.calibration.sequential and decoder_layers(model) is not None:
-                block_groups, name_groups = group_targets_by_block(model, targets, cfg.calibration.blocks_per_group)
-                state.layer_groups = name_groups
-                state.extras["block_groups"] = block_groups
+            plan_sequential(ctx)
         if cfg.evaluation.enabled:  # tokenized when Evaluating runs; here: present, and not obviously too short
             for i, dataset in enumerate(cfg.evaluation.datasets()):
                 text = load_text(dataset, resolve_data_dir(cfg.data_dir), field="evaluation.dataset")

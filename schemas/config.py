@@ -279,6 +279,12 @@ class CalibrationConfig(_Frozen):
     sequential: bool = Field(
         default=True, description="calibrate block by block on already-pruned inputs (Wanda/SparseGPT reference)"
     )
+    granularity: Literal["block", "sublayer"] = Field(
+        default="sublayer",
+        description="sequential unit: 'block' (statistics from a dense pass of each block, then a pruned pass: "
+        "the Wanda/SparseGPT reference) or 'sublayer' (each block walked site by site, q/k/v -> o -> gate/up -> "
+        "down, every site's statistics taken after the sites before it are pruned: one pass per block)",
+    )
     blocks_per_group: int = Field(default=1, ge=1, description="decoder blocks per sequential layer group")
     dampening_frac: float = Field(
         default=0.01, gt=0.0, lt=1.0, description="SparseGPT: dampening as a fraction of mean diag(H)"
@@ -286,6 +292,13 @@ class CalibrationConfig(_Frozen):
     sparsegpt_block_size: int = Field(default=128, ge=1, description="SparseGPT: columns per OBS block")
     reconstruction_samples: int = Field(
         default=4, ge=0, description="calibration sequences on which each layer's reconstruction error is measured")
+
+    @model_validator(mode="after")
+    def _check_granularity(self) -> CalibrationConfig:
+        if self.granularity == "sublayer" and self.blocks_per_group != 1:
+            raise ValueError(f"calibration.granularity='sublayer' walks one block at a time; blocks_per_group="
+                             f"{self.blocks_per_group} needs granularity='block'")
+        return self
 
 
 class FineTuneConfig(_Frozen):

@@ -3,6 +3,8 @@
 Sequential (default, Llama-style decoders): at the first group of a pruning round, the calibration samples run
 through the embeddings once and the first block's inputs are cached; each group's statistics come from its
 blocks run on inputs produced by the already-pruned blocks before it (the Pruning stage propagates them).
+With ``calibration.granularity: sublayer`` a group is one site of a block (q/k/v, o, gate/up, down; see
+``sublayer.py``) and the walk through the block is shared by calibration and propagation.
 Other models, or ``calibration.sequential: false``: one dense pass of the whole model collects every target's
 statistics at once (logged).
 """
@@ -21,13 +23,18 @@ from podar.schemas.records import StageResult
 
 from .common import active_targets
 from .sequential import (
+    add_stats,
     capture_first_block_inputs,
     collect_stats,
     decoder_layers,
     execution_order,
+    finish_stats,
+    group_targets_by_block,
+    new_stat_entry,
     run_block,
     skipped_module,
 )
+from .sublayer import SITE_NAMES, SublayerCursor, check_block, group_targets_by_site
 
 STAGE = "calibrating"
 
@@ -46,6 +53,66 @@ def calibration_samples(ctx: RunContext) -> torch.Tensor:
     return samples
 
 
+def plan_sequential(ctx: RunContext) -> None:
+    """Split the targets into sequential layer groups (``state.layer_groups``), by block or by site; nothing for
+    one-pass calibration. Sub-layer granularity falls back to blocks, with a logged reason, when a block is not
+    Llama-style or walking it site by site does not reproduce its forward."""
+    cfg, st = ctx.config, ctx.state
+    layers = decoder_layers(ctx.model)
+    if not cfg.calibration.sequential or layers is None:
+        return
+    block_groups, name_groups = group_targets_by_block(ctx.model, st.targets, cfg.calibration.blocks_per_group)
+    if cfg.calibration.granularity == "sublayer":
+        plan = group_targets_by_site(layers, st.targets)
+        reason = None
+        if plan is None:
+            reason = ("a decoder block is not Llama-style (input_layernorm, self_attn with o_proj, "
+                      "post_attention_layernorm, mlp with down_proj)")
+        else:
+            probe = capture_first_block_inputs(ctx.model, calibration_samples(ctx)[:1], 1, ctx.device)
+            with torch.no_grad():
+                scale = float(probe.hidden[0].abs().max()) + 1.0
+            diff = check_block(layers[0], probe.hidden[0], probe.kwargs[0])
+            if not diff <= 1e-5 * scale:
+                reason = f"walking block 0 site by site differs from its forward by {diff:.3g}"
+        if reason is None:
+            assert plan is not None
+            st.layer_groups = plan[1]
+            st.extras["site_groups"] = plan[0]
+            ctx.log.info("calibration_plan", granularity="sublayer", groups=len(plan[0]), blocks=len(layers))
+            return
+        ctx.log.warning("sublayer_fallback", reason=reason, granularity="block")
+    st.layer_groups = name_groups
+    st.extras["block_groups"] = block_groups
+    ctx.log.info("calibration_plan", granularity="block", groups=len(block_groups), blocks=len(layers))
+
+
+def _site_stats(ctx: RunContext, kind: str, samples: torch.Tensor) -> tuple[dict, dict]:
+    """Statistics of the current site group on the walk's inputs; the walk is rebuilt (embeddings, then the
+    pruned sites before this one) at the start of a round or after a resume."""
+    cfg, st = ctx.config, ctx.state
+    layers = decoder_layers(ctx.model)
+    assert layers is not None
+    block, site = st.extras["site_groups"][st.group_index]
+    cursor = st.extras.get("cursor")
+    if st.group_index == 0 or cursor is None:
+        cursor = SublayerCursor.start(capture_first_block_inputs(ctx.model, samples, cfg.calibration.batch_size,
+                                                                 ctx.device))
+        st.extras["cursor"] = cursor
+    before = cursor.site_passes
+    cursor.advance_to(layers, block, site, before_step=ctx.check_cancelled)
+    entry = None
+    for x in cursor.site_inputs(layers):
+        ctx.check_cancelled()
+        if entry is None:
+            entry = new_stat_entry(kind, x.shape[-1], x.device)
+        add_stats(entry, x, kind)
+    assert entry is not None
+    names = st.layer_groups[st.group_index]
+    metrics = {"block": block, "site": SITE_NAMES[site], "replayed_site_passes": cursor.site_passes - before}
+    return {n: entry for n in names}, metrics
+
+
 def run(ctx: RunContext) -> StageResult:
     cfg, st = ctx.config, ctx.state
     kind = "wanda" if cfg.method.value == "wanda" else "sparsegpt"
@@ -54,8 +121,11 @@ def run(ctx: RunContext) -> StageResult:
     targets = active_targets(ctx)
     block_groups = st.extras.get("block_groups")
     forwards = 0
+    extra: dict = {}
     with torch.no_grad():
-        if block_groups:  # sequential
+        if st.extras.get("site_groups"):  # sequential, site by site
+            stats, extra = _site_stats(ctx, kind, samples)
+        elif block_groups:  # sequential, block by block
             layers = decoder_layers(model)
             assert layers is not None
             if st.group_index == 0 or "block_inputs" not in st.extras:
@@ -92,16 +162,17 @@ def run(ctx: RunContext) -> StageResult:
                     model(input_ids=samples[start:start + cfg.calibration.batch_size].to(ctx.device),
                           use_cache=False)
                     forwards += 1
+    finish_stats(stats)
     for name, entry in stats.items():
         if entry["n_samples"] == 0:
             raise StageError(f"layer '{name}' received no input during calibration (is it used in forward?)",
                              stage="Calibrating", layer=name)
     st.stats = stats
-    n_groups = len(block_groups) if block_groups else 1
+    n_groups = len(st.layer_groups) or 1
     st.more_layer_groups = st.group_index + 1 < n_groups
     return StageResult(
         stage=STAGE,
         metrics={"group": st.group_index, "groups": n_groups, "layers": len(targets),
                  "samples": int(samples.shape[0]), "tokens_per_sample": int(samples.shape[1]),
-                 "block_forwards": forwards},
+                 "block_forwards": forwards, **extra},
     )

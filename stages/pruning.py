@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from podar.engine.context import RunContext
+from podar.engine.memory import release_free_memory
 from podar.schemas.config import PruneMethod
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
@@ -88,6 +89,41 @@ def _expected(ctx: RunContext, shape: tuple[int, int], sparsity: float) -> int:
     return expected_pruned(shape, cfg.pattern, cfg.resolved_scope(), sparsity)
 
 
+def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
+    """Sequential modes: carry the calibration inputs past the group just pruned (its blocks, or its site), with
+    its weights as they are now, measuring each layer's reconstruction error on the way. Returns the block
+    forwards made (site passes count as one each). The cached inputs are dropped after the round's last group."""
+    cfg, st = ctx.config, ctx.state
+    block_groups, site_groups = st.extras.get("block_groups"), st.extras.get("site_groups")
+    cursor, inputs = st.extras.get("cursor"), st.extras.get("block_inputs")
+    if not ((site_groups and cursor is not None) or (block_groups and inputs is not None)):
+        return 0
+    layers = decoder_layers(ctx.model)
+    assert layers is not None
+    forwards = 0
+    dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
+    release_free_memory()  # what scoring and mask selection freed, before the activations grow
+    with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc:
+        if site_groups:
+            if cursor.position != tuple(site_groups[st.group_index]):
+                raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
+                                 f"{tuple(site_groups[st.group_index])}", stage="Pruning")
+            cursor.step(layers)
+            forwards += 1
+        else:
+            for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
+                inputs = run_block(layers[b], inputs)
+                forwards += len(inputs.hidden)
+            st.extras["block_inputs"] = inputs
+    for name, (err, ref, n_seen) in acc.items():
+        if n_seen:
+            layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
+    if not st.more_layer_groups:  # nothing downstream needs them: free the cached activations
+        st.extras.pop("cursor", None)
+        st.extras.pop("block_inputs", None)
+    return forwards
+
+
 def run(ctx: RunContext) -> StageResult:
     cfg, st = ctx.config, ctx.state
     sparsity = cfg.sparsity_at_round(st.round_index)
@@ -139,21 +175,7 @@ def run(ctx: RunContext) -> StageResult:
         ctx.add_artifact(ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
                                                 kind="weights"))
 
-    block_groups = st.extras.get("block_groups")
-    forwards = 0
-    if block_groups and "block_inputs" in st.extras:
-        layers = decoder_layers(ctx.model)
-        assert layers is not None
-        inputs = st.extras["block_inputs"]
-        dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
-        with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc:
-            for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
-                inputs = run_block(layers[b], inputs)
-                forwards += len(inputs.hidden)
-        st.extras["block_inputs"] = inputs
-        for name, (err, ref, n_seen) in acc.items():
-            if n_seen:
-                layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
+    forwards = _propagate(ctx, targets, layer_metrics)
     st.scores.clear()
     st.stats = {}
     errors = [m["reconstruction_error"] for m in layer_metrics.values() if "reconstruction_error" in m]

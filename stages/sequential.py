@@ -24,6 +24,9 @@ __all__ = [
     "capture_first_block_inputs",
     "run_block",
     "collect_stats",
+    "new_stat_entry",
+    "add_stats",
+    "finish_stats",
     "group_targets_by_block",
     "reconstruction_hooks",
 ]
@@ -135,6 +138,43 @@ def group_targets_by_block(model: nn.Module, targets: dict[str, nn.Module], bloc
     return block_groups, name_groups
 
 
+def new_stat_entry(kind: str, in_features: int, device: torch.device) -> dict[str, Any]:
+    """An empty accumulator: {'n_samples': 0, 'sq_norm_sum': (in,)} (wanda) or {'hessian_sum': (in, in)}, fp32."""
+    if kind == "wanda":
+        return {"n_samples": 0, "sq_norm_sum": torch.zeros(in_features, dtype=torch.float32, device=device)}
+    return {"n_samples": 0, "hessian_sum": torch.zeros(in_features, in_features, dtype=torch.float32, device=device)}
+
+
+_GRAM_ROWS = 256  # row band of the upper-triangular Gram update
+
+
+def add_stats(entry: dict[str, Any], x: torch.Tensor, kind: str) -> None:
+    """Add the inputs x (B, T, in) or (tokens, in) to ``entry``; ``n_samples`` counts sequences (B).
+
+    SparseGPT's Σ x xᵀ is symmetric, so only the bands on and above the diagonal are summed (about 60% of the
+    full product's work for in ≥ 512); ``finish_stats`` mirrors them once calibration is done.
+    """
+    n_seq = x.shape[0] if x.dim() == 3 else 1
+    flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+    if kind == "wanda":
+        entry["sq_norm_sum"] += flat.pow(2).sum(dim=0)
+    else:
+        h = entry["hessian_sum"]  # (in, in), upper bands valid
+        for r0 in range(0, h.shape[0], _GRAM_ROWS):
+            r1 = min(r0 + _GRAM_ROWS, h.shape[0])
+            h[r0:r1, r0:].addmm_(flat[:, r0:r1].t(), flat[:, r0:])  # += x[:, r0:r1]ᵀ x[:, r0:]
+        entry["upper_only"] = True
+    entry["n_samples"] += n_seq
+
+
+def finish_stats(stats: dict[str, dict[str, Any]]) -> None:
+    """Make every accumulator whole after its last ``add_stats``: Σ x xᵀ mirrored from its upper triangle."""
+    for entry in {id(e): e for e in stats.values()}.values():
+        if entry.pop("upper_only", False):
+            h = entry["hessian_sum"]
+            h.copy_(torch.triu(h) + torch.triu(h, diagonal=1).t())
+
+
 @contextmanager
 def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str, dict[str, Any]]]:
     """Forward hooks that add each module's input statistics into the yielded dict while the context is open.
@@ -148,12 +188,6 @@ def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str
     handles = []
     last: dict[str, Any] = {"x": None, "name": None}
 
-    def new_entry(in_features: int, device: torch.device) -> dict[str, Any]:
-        if kind == "wanda":
-            return {"n_samples": 0, "sq_norm_sum": torch.zeros(in_features, dtype=torch.float32, device=device)}
-        return {"n_samples": 0,
-                "hessian_sum": torch.zeros(in_features, in_features, dtype=torch.float32, device=device)}
-
     def make_hook(name: str):
         def hook(module: nn.Linear, args: tuple, _output: Any) -> None:
             x = args[0]
@@ -165,14 +199,8 @@ def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str
             last["x"], last["name"] = x, name
             entry = stats.get(name)
             if entry is None:
-                entry = stats[name] = new_entry(module.in_features, module.weight.device)
-            n_seq = x.shape[0] if x.dim() == 3 else 1
-            flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-            if kind == "wanda":
-                entry["sq_norm_sum"] += flat.pow(2).sum(dim=0)
-            else:
-                entry["hessian_sum"].addmm_(flat.t(), flat)  # += xᵀx (in, in)
-            entry["n_samples"] += n_seq
+                entry = stats[name] = new_stat_entry(kind, module.in_features, module.weight.device)
+            add_stats(entry, x, kind)
 
         return hook
 
@@ -184,6 +212,7 @@ def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str
         for h in handles:
             h.remove()
         last.clear()
+    finish_stats(stats)
 
 
 @contextmanager
@@ -225,6 +254,9 @@ def _first_sample_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_RECON_CHUNK = 512  # tokens per product in reconstruction_hooks
+
+
 @contextmanager
 def reconstruction_hooks(modules: dict[str, nn.Linear], dense: dict[str, torch.Tensor], max_samples: int
                          ) -> Iterator[dict[str, list[float]]]:
@@ -242,14 +274,17 @@ def reconstruction_hooks(modules: dict[str, nn.Linear], dense: dict[str, torch.T
                 return
             x = args[0].detach()
             n_seq = x.shape[0] if x.dim() == 3 else 1
-            x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            out = output.detach().reshape(-1, output.shape[-1])  # XŴᵀ (+ bias)
             delta = dense[name].to(x.device, torch.float32) - module.weight.detach().float()  # (out, in)
-            err = x @ delta.t()  # (tokens, out) = XWᵀ − XŴᵀ
-            pruned_out = output.detach().reshape(-1, output.shape[-1]).float()  # XŴᵀ (+ bias)
-            if module.bias is not None:
-                pruned_out = pruned_out - module.bias.detach().float()
-            entry[0] += float(err.pow(2).sum())
-            entry[1] += float((pruned_out + err).pow(2).sum())  # ‖XWᵀ‖² without a second product
+            bias = module.bias.detach().float() if module.bias is not None else None
+            for t0 in range(0, x.shape[0], _RECON_CHUNK):  # in token chunks: small temporaries
+                err = x[t0:t0 + _RECON_CHUNK].float() @ delta.t()  # (chunk, out) = XWᵀ − XŴᵀ
+                pruned_out = out[t0:t0 + _RECON_CHUNK].float()
+                if bias is not None:
+                    pruned_out = pruned_out - bias
+                entry[0] += float(err.pow(2).sum())
+                entry[1] += float((pruned_out + err).pow(2).sum())  # ‖XWᵀ‖² without a second product
             entry[2] += n_seq
 
         return hook

@@ -19,6 +19,8 @@ import torch
 
 from podar.schemas.errors import StageError
 
+from .masks import _lowest_k
+
 __all__ = ["hessian_from_sum", "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
 
 MAX_DAMPENING_RETRIES = 8  # frac doubles each retry: 0.01 → 2.56 at most
@@ -73,6 +75,16 @@ def sparsegpt_saliency(weight: torch.Tensor, hinv_upper: torch.Tensor, dead: tor
     return w.pow(2) / torch.diag(hinv_upper).pow(2)[None, :]  # (out, in)
 
 
+def _lowest_in_groups(sal: torch.Tensor, k: int) -> torch.Tensor:
+    """prune: (m, out) float, 1.0 at the k lowest of each column of sal (m, out); ties by position, as a stable
+    sort's first k. Ranks by m² comparisons (m is small: N:M groups), no sort."""
+    m = sal.shape[0]
+    a, b = sal[:, None, :], sal[None, :, :]  # a: entry j, b: entry i (m, m, out)
+    before = torch.ones(m, m, dtype=torch.bool, device=sal.device).tril(-1)[:, :, None]  # i < j
+    rank = (b < a).sum(dim=1) + ((b == a) & before).sum(dim=1)  # (m, out) position in a stable order
+    return (rank < k).to(sal.dtype)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: torch.Tensor, hinv_upper: torch.Tensor, sparsity_frac: float, *, dead: torch.Tensor | None = None,
@@ -100,38 +112,36 @@ def sparsegpt_prune(
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         count = i2 - i1
-        w1 = w[:, i1:i2].clone()  # (out, count)
-        err1 = torch.zeros_like(w1)
+        # the block transposed, (count, out): column i of W is the contiguous row i here
+        w1 = w[:, i1:i2].t().contiguous()  # (count, out)
+        err1 = torch.zeros_like(w1)  # (count, out)
         u1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
         d1 = torch.diag(u1)  # (count,)
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)
+        prune1 = torch.zeros_like(w1)  # (count, out) 1.0 = pruned (a float, so it multiplies)
         if not nm:
-            sal = w1.pow(2) / d1.pow(2)[None, :]  # (out, count)
+            sal = w1.pow(2) / d1.pow(2)[:, None]  # (count, out)
             if prior_mask is not None:
-                sal = sal.masked_fill(~prior_mask[:, i1:i2], -1.0)
+                sal = sal.masked_fill(~prior_mask[:, i1:i2].t(), -1.0)
             for r0, r1 in row_segments or [(0, out_f)]:
-                seg = sal[r0:r1]  # (rows of one layer, count)
+                seg = sal[:, r0:r1].t().reshape(-1)  # (rows·count,) in W's row-major order
                 k = int(seg.numel() * sparsity_frac)
-                if k > 0:
-                    order = torch.sort(seg.reshape(-1), stable=True).indices[:k]
-                    prune1[r0:r1].view(-1)[order] = True
+                if k > 0:  # the k lowest, ties by position (a stable sort's first k), without sorting
+                    prune1[:, r0:r1] = (~_lowest_k(seg, k)).view(r1 - r0, count).t()
         for i in range(count):
             if nm and i % m == 0:  # type: ignore[operator]
-                sal = w1[:, i:i + m].pow(2) / d1[i:i + m].pow(2)[None, :]  # (out, m)
+                sal = w1[i:i + m].pow(2) / d1[i:i + m].pow(2)[:, None]  # (m, out)
                 if prior_mask is not None:
-                    sal = sal.masked_fill(~prior_mask[:, i1 + i:i1 + i + m], -1.0)
-                low = torch.sort(sal, dim=1, stable=True).indices[:, : m - n]  # type: ignore[operator]
-                prune1.scatter_(1, i + low, True)
-            col = w1[:, i]  # (out,)
-            q = col.masked_fill(prune1[:, i], 0.0)
-            d = u1[i, i]
-            loss += ((col - q).double() ** 2 / float(d) ** 2) / 2
-            e = (col - q) / d  # (out,)
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]  # OBS update of the rest of the block
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        prune[:, i1:i2] = prune1
-        w[:, i2:] -= err1 @ hinv_upper[i1:i2, i2:]  # (out, count) @ (count, in−i2)
-    w.masked_fill_(prune, 0.0)
+                    sal = sal.masked_fill(~prior_mask[:, i1 + i:i1 + i + m].t(), -1.0)
+                prune1[i:i + m] = _lowest_in_groups(sal, m - n)  # type: ignore[operator]
+            # e = (w − q) / U_ii with q the column after pruning: the pruned entries over U_ii, 0 elsewhere
+            e = err1[i]  # (out,)
+            torch.mul(w1[i], prune1[i], out=e)
+            e.div_(u1[i, i])
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # OBS update of the rest of the block (column i → ≈q)
+        loss += err1.double().pow(2).sum(dim=0) / 2  # Σ (w − q)² / U_ii² / 2 per row
+        prune1 = prune1.bool()
+        w1.masked_fill_(prune1, 0.0)  # exactly q where the update left rounding residue
+        w[:, i1:i2] = w1.t()
+        prune[:, i1:i2] = prune1.t()
+        w[:, i2:] -= err1.t() @ hinv_upper[i1:i2, i2:]  # (out, count) @ (count, in−i2)
     return w, ~prune, loss

@@ -90,7 +90,8 @@ def test_2_4_mask_exact(tiny_config, tmp_path):
 @pytest.mark.parametrize("method", [PruneMethod.WANDA, PruneMethod.SPARSEGPT])
 @pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
 def test_calibration_methods_sequential(tiny_config, tmp_path, method, pattern):
-    cfg = tiny_config.with_method(method).with_pattern(pattern)
+    cfg = tiny_config.with_method(method).with_pattern(pattern).with_calibration(
+        tiny_config.calibration.model_copy(update={"granularity": "block"}))
     result = run(cfg, tmp_path)
     assert result.ok, result.failure
     triggers = [m[0] for m in moves(tmp_path / "run")]

@@ -21,7 +21,8 @@ from podar.stages import HANDLERS
 
 @pytest.fixture
 def resume_config(tiny_config):
-    """Wanda (two sequential layer groups) with fine-tuning: every kind of checkpoint happens."""
+    """Wanda (sub-layer sequential: eight layer groups over two blocks) with fine-tuning: every kind of
+    checkpoint happens."""
     return tiny_config.with_method("wanda").with_finetune(
         tiny_config.finetune.model_copy(update={"enabled": True, "steps": 2}))
 
@@ -51,6 +52,19 @@ KILL_POINTS = [
     "kill@write:artifact#1", "kill@write:artifact#4",  # inside an artifact write (temp file not yet renamed)
     "kill@write:manifest#2", "kill@write:manifest#6", "kill@write:manifest#15",  # inside the manifest write
 ]
+
+
+@pytest.mark.parametrize("fault", ["kill@after:pruning#1", "kill@after:calibrating#2"])
+def test_block_granularity_resumes_to_identical_export(fault, resume_config, tmp_path):
+    """The default walks blocks site by site; the reference block-by-block mode resumes just as exactly."""
+    cfg = resume_config.with_calibration(resume_config.calibration.model_copy(update={"granularity": "block"}))
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
 
 
 def test_killed_before_first_manifest_is_rerun(resume_config, reference, tmp_path):

@@ -183,3 +183,14 @@ def test_reconstruction_error_matches_direct_computation():
     assert n == 2
     assert err == pytest.approx(float(((xs @ (w - w_hat).t()) ** 2).sum()), rel=1e-5)
     assert ref == pytest.approx(float(((xs @ w.t()) ** 2).sum()), rel=1e-5)
+
+
+def test_nm_group_choice_breaks_ties_like_a_stable_sort():
+    from podar.stages.sparsegpt import _lowest_in_groups
+
+    g = torch.Generator().manual_seed(3)
+    sal = torch.randint(0, 3, (4, 500), generator=g).float()  # many ties
+    for k in (1, 2, 3):
+        ref = torch.zeros_like(sal)
+        ref.scatter_(0, torch.sort(sal, dim=0, stable=True).indices[:k], 1.0)
+        assert torch.equal(_lowest_in_groups(sal, k), ref)

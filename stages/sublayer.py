@@ -1,0 +1,194 @@
+"""Sub-layer sequential calibration ("true sequential", as GPTQ's reference code calls it) for Llama-style
+decoder blocks: one forward of each block instead of two.
+
+Block-sequential calibration (``sequential.py``) runs every block twice: once with dense weights to collect the
+statistics of all its Linears, once with pruned weights to produce the next block's inputs. Here a block is
+walked site by site, a *site* being the input that a set of Linears reads:
+
+    site 0  attention input    input_layernorm(x)                     -> q_proj, k_proj, v_proj
+    site 1  attention output   attention core (before o_proj)         -> o_proj
+    site 2  MLP input          post_attention_layernorm(x + o(...))   -> gate_proj, up_proj
+    site 3  MLP activation     act(gate(h)) * up(h)                   -> down_proj
+
+The statistics of a site are collected on its inputs for all samples, its Linears are pruned, and only then is
+the walk advanced past the site with the pruned weights. Each site's statistics therefore come from the already
+pruned sites before it (the inputs the layer will see at inference), and each product is computed once.
+
+The walk uses the block's own modules (``self_attn`` with ``o_proj`` passed through, ``mlp`` with ``down_proj``
+passed through) and a block is accepted only if walking it reproduces its forward exactly (``check_block``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sequential import BlockInputs
+
+__all__ = ["N_SITES", "SITE_NAMES", "block_sites", "check_block", "group_targets_by_site", "SublayerCursor"]
+
+N_SITES = 4
+SITE_NAMES = ("attention_input", "attention_output", "mlp_input", "mlp_activation")
+
+
+def block_sites(block: nn.Module) -> list[list[nn.Linear]] | None:
+    """The block's Linears grouped by the site they read (see the module docstring), or None when the block is
+    not Llama-style (missing parts, or a Linear outside the four sites)."""
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    norms = (getattr(block, "input_layernorm", None), getattr(block, "post_attention_layernorm", None))
+    o_proj, down = getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)
+    if not (isinstance(o_proj, nn.Linear) and isinstance(down, nn.Linear) and all(
+            isinstance(n, nn.Module) for n in norms)):
+        return None
+    sites = [[m for m in attn.modules() if isinstance(m, nn.Linear) and m is not o_proj], [o_proj],
+             [m for m in mlp.modules() if isinstance(m, nn.Linear) and m is not down], [down]]
+    n_linear = sum(isinstance(m, nn.Linear) for m in block.modules())
+    if not sites[0] or not sites[2] or sum(len(s) for s in sites) != n_linear:
+        return None
+    return sites
+
+
+@contextmanager
+def _passthrough(module: nn.Module) -> Iterator[None]:
+    """While open, ``module(x)`` returns ``x`` (so a parent's forward hands back the Linear's input)."""
+    module.forward = lambda x: x  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+@dataclass
+class SublayerCursor:
+    """Where the walk through the decoder stack stands: block ``block``, about to read site ``site``.
+
+    ``hidden`` (N, T, C): the residual stream of all N samples, the block's input at sites 0–1 and x + attention
+    at sites 2–3, updated in place. ``carry``: the stored input of site 1 (N, T, C_attn) or site 3 (N, T, I),
+    None at sites 0 and 2. Each is one allocation (not one per batch), so memory returns whole when freed.
+    ``batches``: sample ranges run together, with the keyword arguments each batch's block call gets.
+    """
+
+    block: int
+    site: int
+    hidden: torch.Tensor
+    batches: list[tuple[int, int]]
+    kwargs: list[dict[str, Any]]
+    carry: torch.Tensor | None = None
+    site_passes: int = field(default=0)
+
+    @classmethod
+    def start(cls, inputs: BlockInputs) -> SublayerCursor:
+        bounds, n = [], 0
+        for h in inputs.hidden:
+            bounds.append((n, n + h.shape[0]))
+            n += h.shape[0]
+        hidden = torch.cat(inputs.hidden) if len(inputs.hidden) > 1 else inputs.hidden[0].clone()
+        return cls(block=0, site=0, hidden=hidden, batches=bounds, kwargs=list(inputs.kwargs))
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.block, self.site
+
+    @torch.no_grad()
+    def site_inputs(self, layers: nn.ModuleList) -> Iterator[torch.Tensor]:
+        """The current site's input per batch: (B, T, C) at sites 0–2, (B, T, I) at site 3."""
+        blk = layers[self.block]
+        for a, b in self.batches:
+            if self.site == 0:
+                yield blk.input_layernorm(self.hidden[a:b])
+            elif self.site == 2:
+                yield blk.post_attention_layernorm(self.hidden[a:b])
+            else:
+                assert self.carry is not None
+                yield self.carry[a:b]
+
+    @torch.no_grad()
+    def step(self, layers: nn.ModuleList) -> None:
+        """Run the current site's Linears (with the weights they have now) and move to the next site.
+
+        The same calls, in the same order, as the block's forward: ``x + o_proj(attn)`` and ``x + down(act)``
+        are done in place (float addition commutes, so the result is bitwise the same).
+        """
+        blk = layers[self.block]
+        if self.site in (0, 2):
+            carry = None
+            for (a, b), kw in zip(self.batches, self.kwargs, strict=True):
+                if self.site == 0:
+                    with _passthrough(blk.self_attn.o_proj):
+                        out = _first(blk.self_attn(hidden_states=blk.input_layernorm(self.hidden[a:b]), **kw))
+                else:
+                    with _passthrough(blk.mlp.down_proj):
+                        out = blk.mlp(blk.post_attention_layernorm(self.hidden[a:b]))
+                if carry is None:
+                    carry = out.new_empty(self.hidden.shape[0], *out.shape[1:])
+                carry[a:b] = out
+                del out
+            self.carry = carry
+        else:
+            assert self.carry is not None
+            proj = blk.self_attn.o_proj if self.site == 1 else blk.mlp.down_proj
+            for a, b in self.batches:
+                self.hidden[a:b] += proj(self.carry[a:b])
+            self.carry = None
+        self.site_passes += 1
+        if self.site == N_SITES - 1:
+            self.block, self.site = self.block + 1, 0
+        else:
+            self.site += 1
+
+    def advance_to(self, layers: nn.ModuleList, block: int, site: int,
+                   before_step: Callable[[], None] | None = None) -> None:
+        """Step until the cursor stands at (block, site); it never moves backwards. ``before_step`` runs before
+        every step (a cancellation check)."""
+        if (block, site) < self.position:
+            raise ValueError(f"cursor at {self.position} cannot move back to {(block, site)}")
+        while self.position < (block, site):
+            if before_step is not None:
+                before_step()
+            self.step(layers)
+
+
+def _first(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+@torch.no_grad()
+def check_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> float:
+    """Largest |difference| between the block's own forward and the site-by-site walk, on one batch (B, T, C).
+
+    0.0 for Llama-style blocks (the walk makes the very same calls); anything else means the block computes
+    something the walk does not, and sub-layer calibration must not be used on it.
+    """
+    reference = _first(block(hidden, **kwargs))
+    layers = nn.ModuleList([block])
+    cursor = SublayerCursor(block=0, site=0, hidden=hidden.clone(), batches=[(0, hidden.shape[0])],
+                            kwargs=[kwargs])
+    cursor.advance_to(layers, 1, 0)
+    return float((cursor.hidden - reference).abs().max())
+
+
+def group_targets_by_site(layers: nn.ModuleList, targets: dict[str, nn.Module]
+                          ) -> tuple[list[tuple[int, int]], list[list[str]]] | None:
+    """((block, site) per layer group, target names per group), in walk order; None when some block is not
+    Llama-style. Targets outside the decoder blocks are the caller's concern (block grouping rejects them)."""
+    where: dict[int, tuple[int, int]] = {}
+    for b, block in enumerate(layers):
+        sites = block_sites(block)
+        if sites is None:
+            return None
+        for s, mods in enumerate(sites):
+            for m in mods:
+                where[id(m)] = (b, s)
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, module in targets.items():
+        pos = where.get(id(module))
+        if pos is None:
+            return None
+        groups.setdefault(pos, []).append(name)
+    positions = sorted(groups)
+    return positions, [groups[p] for p in positions]

@@ -1,0 +1,195 @@
+"""Sub-layer sequential calibration: the site walk against the block's own forward, the site grouping, and the
+masks of a whole run against a float64 reference built from the pruned model's own activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from structlog.testing import capture_logs
+from torch import nn
+
+from podar import Pipeline, PruneMethod, PruningStage, SparsityPatternConfig, TinyModelConfig, tiny_llama
+from podar.engine.store import RunStore
+from podar.schemas.errors import ConfigError
+from podar.stages.bitpack import unpack_bits
+from podar.stages.sequential import add_stats, capture_first_block_inputs, finish_stats, new_stat_entry, run_block
+from podar.stages.sublayer import SITE_NAMES, SublayerCursor, block_sites, check_block, group_targets_by_site
+
+
+def tiny(seed=0, layers=2):
+    torch.manual_seed(seed)
+    model, _tok = tiny_llama(TinyModelConfig(num_hidden_layers=layers))
+    return model.eval()
+
+
+def block_inputs(model, n=5, t=24, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, t), generator=g)
+    return capture_first_block_inputs(model, ids, batch, torch.device("cpu"))
+
+
+def test_walk_reproduces_the_blocks_forward_bitwise():
+    model = tiny(layers=3)
+    inputs = block_inputs(model)  # batches of 2, 2, 1
+    expected = inputs
+    for block in model.model.layers:
+        expected = run_block(block, expected)
+    cursor = SublayerCursor.start(inputs)
+    cursor.advance_to(model.model.layers, 3, 0)
+    assert cursor.site_passes == 12 and cursor.carry is None
+    assert torch.equal(cursor.hidden, torch.cat(expected.hidden))
+    assert check_block(model.model.layers[0], inputs.hidden[0], inputs.kwargs[0]) == 0.0
+    with pytest.raises(ValueError, match="cannot move back"):
+        cursor.advance_to(model.model.layers, 1, 2)
+
+
+def test_site_inputs_are_what_each_linear_reads():
+    model = tiny()
+    inputs = block_inputs(model)
+    block = model.model.layers[0]
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0]))
+             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    run_block(block, inputs)
+    for h in hooks:
+        h.remove()
+    cursor = SublayerCursor.start(inputs)
+    for site, name in enumerate(["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"]):
+        assert cursor.position == (0, site)
+        got = torch.cat(list(cursor.site_inputs(model.model.layers)))
+        assert torch.equal(got, torch.cat(seen[name])), SITE_NAMES[site]
+        cursor.step(model.model.layers)
+
+
+def test_block_sites_and_grouping():
+    model = tiny()
+    sites = block_sites(model.model.layers[0])
+    names = {id(m): n for n, m in model.model.layers[0].named_modules()}
+    assert [[names[id(m)] for m in s] for s in sites] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n
+               and "k_proj" not in n and not n.endswith("1.self_attn.o_proj")}
+    positions, groups = group_targets_by_site(model.model.layers, targets)
+    assert positions == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert groups[0] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    assert groups[4] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+    class NotLlama(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    assert block_sites(NotLlama()) is None
+    assert group_targets_by_site(nn.ModuleList([NotLlama()]), {}) is None
+
+
+def test_gram_upper_bands_match_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    entry = new_stat_entry("sparsegpt", 600, torch.device("cpu"))  # 600 > 256: three row bands
+    xs = [torch.randn(3, 7, 600, generator=g) * torch.linspace(0.1, 2, 600) for _ in range(3)]
+    for x in xs:
+        add_stats(entry, x, "sparsegpt")
+    finish_stats({"a": entry, "b": entry})  # one shared accumulator, finished once
+    flat = torch.cat([x.reshape(-1, 600) for x in xs]).double()
+    ref = flat.t() @ flat
+    assert entry["n_samples"] == 9 and "upper_only" not in entry
+    assert torch.allclose(entry["hessian_sum"].double(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(entry["hessian_sum"], entry["hessian_sum"].t())
+
+
+def _masks(run_dir) -> dict[str, torch.Tensor]:
+    manifest = RunStore(run_dir).read_manifest()
+    import json
+
+    from safetensors import safe_open
+
+    out = {}
+    for rel, art in manifest.artifacts.items():
+        if art.kind != "masks":
+            continue
+        with safe_open(str(run_dir / rel), framework="pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+            for name in f.keys():
+                out[name] = unpack_bits(f.get_tensor(name), shapes[name][1])
+    return out
+
+
+def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path):
+    """Sub-layer Wanda: each layer's statistics come from inputs that went through every pruned site before it,
+    which are exactly the inputs that layer sees in the final pruned model. So the masks must equal per-row Wanda
+    masks computed in float64 from the dense weights and the activations of the *pruned* model."""
+    cfg = tiny_config.with_method("wanda").with_calibration(
+        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+    model, tok = tiny_llama(cfg.model.tiny)
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+    result = pipe.run()
+    assert result.ok, result.failure
+    masks = _masks(tmp_path / "run")
+    samples = pipe._runner.ctx.state.extras["calibration_samples"]  # noqa: SLF001
+    norms: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, a, o, n=n: norms.__setitem__(n, norms.get(n, 0) + a[0].double().pow(2).sum(dim=(0, 1))))
+        for n, m in model.named_modules() if n in masks]
+    bs = cfg.calibration.batch_size
+    with torch.no_grad():
+        for i in range(0, samples.shape[0], bs):  # the pruned model, in the run's batches
+            model.model(input_ids=samples[i:i + bs], use_cache=False)
+    for h in hooks:
+        h.remove()
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        score = dense[name].double().abs() * (norms[name] / samples.shape[0]).sqrt()[None, :]
+        k = dense[name].shape[1] // 2
+        ref_keep = torch.ones_like(mask)
+        ref_keep.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+        assert torch.equal(mask, ref_keep), name
+
+
+@pytest.mark.parametrize("method", [PruneMethod.WANDA, PruneMethod.SPARSEGPT])
+@pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
+def test_sublayer_runs_site_by_site(tiny_config, tmp_path, method, pattern):
+    cfg = tiny_config.with_method(method).with_pattern(pattern).with_calibration(
+        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+    with capture_logs() as logs:
+        result = Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run()
+    assert result.ok, result.failure
+    assert any(e["event"] == "calibration_plan" and e["granularity"] == "sublayer" and e["groups"] == 8
+               for e in logs)
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    calibrations = [r for r in manifest.results if r.stage == "calibrating"]
+    assert [(r.metrics["block"], r.metrics["site"]) for r in calibrations] == [
+        (b, s) for b in range(2) for s in SITE_NAMES]
+    prunings = [r for r in manifest.results if r.stage == "pruning"]
+    assert [r.metrics["block_forwards"] for r in prunings] == [1] * 8  # one site pass each: one forward per block
+    for r in prunings:
+        for name, lm in r.layer_metrics.items():
+            assert lm["mask_sparsity"] == pytest.approx(0.5, abs=0.01), name
+            assert 0.0 < lm["reconstruction_error"] < 1.0, name
+    assert len([a for a in manifest.artifacts.values() if a.kind == "masks"]) == 8
+
+
+def test_sublayer_falls_back_to_blocks_when_the_walk_differs(tiny_config, tmp_path):
+    model, tok = tiny_llama(tiny_config.model.tiny)
+    block = model.model.layers[0]
+    plain = type(block).forward
+    block.forward = lambda *a, **k: plain(block, *a, **k) * 1.5  # computes something the walk does not
+    cfg = tiny_config.with_method("wanda").with_calibration(
+        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+    with capture_logs() as logs:
+        pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+        while pipe.stage not in (PruningStage.FINE_TUNING, PruningStage.FAILED):  # (no export: not a real model)
+            pipe.step()
+    assert pipe.stage is PruningStage.FINE_TUNING
+    assert [r.metrics.get("block_forwards") for r in pipe.results if r.stage == "pruning"] == [4, 4]
+    fallback = [e for e in logs if e["event"] == "sublayer_fallback"]
+    assert fallback and "differs from its forward" in fallback[0]["reason"]
+    assert any(e["event"] == "calibration_plan" and e["granularity"] == "block" for e in logs)
+
+
+def test_sublayer_needs_one_block_per_group():
+    from podar import CalibrationConfig
+
+    with pytest.raises((ConfigError, ValueError), match="blocks_per_group"):
+        CalibrationConfig(granularity="sublayer", blocks_per_group=2)
