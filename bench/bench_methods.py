@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["podar", "llm-compressor"], default=None)
     ap.add_argument("--cases", nargs="*", default=CASES)
     ap.add_argument("--batch-size", type=int, default=4, help="podar's calibration windows per forward pass")
-    ap.add_argument("--granularity", default="sublayer", choices=["block", "sublayer"],
+    ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"],
                     help="podar's sequential calibration unit (calibration.granularity)")
     ap.add_argument("--llmc-batch-size", type=int, default=1,
                     help="llm-compressor's calibration batch size (its default, 1, is its fastest and best here)")

@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--pattern", required=True, choices=["unstructured", "2:4"])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
-    ap.add_argument("--granularity", default="sublayer", choices=["block", "sublayer"])
+    ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"])
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
     args = ap.parse_args()

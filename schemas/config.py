@@ -279,11 +279,12 @@ class CalibrationConfig(_Frozen):
     sequential: bool = Field(
         default=True, description="calibrate block by block on already-pruned inputs (Wanda/SparseGPT reference)"
     )
-    granularity: Literal["block", "sublayer"] = Field(
-        default="sublayer",
+    granularity: Literal["auto", "block", "sublayer"] = Field(
+        default="auto",
         description="sequential unit: 'block' (statistics from a dense pass of each block, then a pruned pass: "
-        "the Wanda/SparseGPT reference) or 'sublayer' (each block walked site by site, q/k/v -> o -> gate/up -> "
-        "down, every site's statistics taken after the sites before it are pruned: one pass per block)",
+        "the Wanda/SparseGPT reference), 'sublayer' (each block walked site by site, q/k/v -> o -> gate/up -> "
+        "down, every site's statistics taken after the sites before it are pruned: one pass per block), or "
+        "'auto': sublayer for SparseGPT, block for Wanda (see README, 'Sequential calibration')",
     )
     blocks_per_group: int = Field(default=1, ge=1, description="decoder blocks per sequential layer group")
     dampening_frac: float = Field(
@@ -510,6 +511,21 @@ class PruningConfig(_Frozen):
             PruneMethod.WANDA: "per_row",
             PruneMethod.SPARSEGPT: "per_obs_block",
         }[self.method]
+
+    def resolved_granularity(self) -> str:
+        """The sequential unit, spelled out: 'block' or 'sublayer'.
+
+        'auto' walks sites for SparseGPT, whose OBS update reconstructs each layer's output on the inputs it is
+        given, so inputs that already went through the pruned sites are the right ones (GPTQ's "true
+        sequential"), and it halves the forwards; Wanda keeps the reference's dense in-block statistics (its
+        scores do not compensate, and site-by-site statistics measured worse at 2:4 on SmolLM2, README).
+        """
+        g = self.calibration.granularity
+        if g != "auto":
+            return g
+        if self.calibration.blocks_per_group != 1:
+            return "block"
+        return "sublayer" if self.method is PruneMethod.SPARSEGPT else "block"
 
     def sparsity_at_round(self, round_index: int) -> float:
         """Target sparsity of pruning round ``round_index`` (0-based) of the schedule."""

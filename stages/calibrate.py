@@ -62,7 +62,7 @@ def plan_sequential(ctx: RunContext) -> None:
     if not cfg.calibration.sequential or layers is None:
         return
     block_groups, name_groups = group_targets_by_block(ctx.model, st.targets, cfg.calibration.blocks_per_group)
-    if cfg.calibration.granularity == "sublayer":
+    if cfg.resolved_granularity() == "sublayer":
         plan = group_targets_by_site(layers, st.targets)
         reason = None
         if plan is None:
@@ -133,7 +133,7 @@ def run(ctx: RunContext) -> StageResult:
                 inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device)
                 for earlier in block_groups[: st.group_index]:
                     for b in earlier:
-                        inputs = run_block(layers[b], inputs)
+                        inputs = run_block(layers[b], inputs, in_place=True)
                         forwards += len(inputs.hidden)
                 st.extras["block_inputs"] = inputs
             inputs = st.extras["block_inputs"]

@@ -58,7 +58,9 @@ def run(ctx: RunContext) -> StageResult:
                 layer_metrics.setdefault(name, {}).update(
                     {"dampening_frac": stats["damp_used"], "cholesky_retries": stats["retries"]})
         _check_finite(score, name, "the importance score")
-        ctx.state.scores[name] = score
+        if cfg.method is not PruneMethod.MAGNITUDE or cfg.resolved_scope() == "global":
+            ctx.state.scores[name] = score
+        # else: |W| is recomputed layer by layer in Pruning, so every layer's score is never alive at once
         layer_metrics.setdefault(name, {}).update(score_stats(score))
     ctx.current_layer = None
     return StageResult(

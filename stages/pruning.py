@@ -21,6 +21,7 @@ from podar.schemas.records import StageResult
 from .bitpack import pack_bits
 from .common import active_targets, apply_mask, expected_pruned
 from .masks import global_unstructured_masks, pattern_mask
+from .scores import magnitude_score
 from .sequential import decoder_layers, reconstruction_hooks, run_block
 from .sparsegpt import sparsegpt_prune
 
@@ -31,18 +32,25 @@ def _masks_from_scores(ctx: RunContext, sparsity: float) -> dict[str, torch.Tens
     cfg, st = ctx.config, ctx.state
     p = cfg.pattern
     scope = cfg.resolved_scope()
-    scores = {}
-    for name, score in st.scores.items():
+    targets = active_targets(ctx)
+
+    def score_of(name: str) -> torch.Tensor:
+        score = st.scores.pop(name, None)  # one layer's score alive at a time
+        if score is None:  # magnitude keeps no scores (ComputingImportance checked them): |W| again
+            if cfg.method is not PruneMethod.MAGNITUDE:
+                raise StageError(f"layer '{name}': no importance score", stage="Pruning", layer=name)
+            score = magnitude_score(targets[name].weight.detach())
         prior = st.masks.get(name)
         # weights pruned in an earlier round stay pruned: they go first
-        scores[name] = score if prior is None else score.masked_fill(~prior.to(score.device), float("-inf"))
+        return score if prior is None else score.masked_fill(~prior.to(score.device), float("-inf"))
+
     if scope == "global":
-        return global_unstructured_masks(scores, sparsity)
+        return global_unstructured_masks({n: score_of(n) for n in targets}, sparsity)
     masks = {}
-    for name, score in scores.items():
+    for name in targets:
         ctx.current_layer = name
-        masks[name] = pattern_mask(score, kind=p.kind, sparsity_frac=sparsity, scope=scope, n=p.n, m=p.m,
-                                   block_height=p.block_height, block_width=p.block_width)
+        masks[name] = pattern_mask(score_of(name), kind=p.kind, sparsity_frac=sparsity, scope=scope, n=p.n,
+                                   m=p.m, block_height=p.block_height, block_width=p.block_width)
     return masks
 
 
@@ -102,7 +110,8 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
     assert layers is not None
     forwards = 0
     dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
-    release_free_memory()  # what scoring and mask selection freed, before the activations grow
+    if not site_groups or cursor.site in (0, 2):  # passes that allocate a stored activation
+        release_free_memory()  # what scoring and mask selection freed, before the activations grow
     with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc:
         if site_groups:
             if cursor.position != tuple(site_groups[st.group_index]):
@@ -112,7 +121,7 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
             forwards += 1
         else:
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
-                inputs = run_block(layers[b], inputs)
+                inputs = run_block(layers[b], inputs, in_place=True)
                 forwards += len(inputs.hidden)
             st.extras["block_inputs"] = inputs
     for name, (err, ref, n_seen) in acc.items():

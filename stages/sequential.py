@@ -95,12 +95,13 @@ def capture_first_block_inputs(model: nn.Module, samples: torch.Tensor, batch_si
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """Outputs of ``block`` on every cached batch: the next block's inputs."""
-    out = BlockInputs(kwargs=inputs.kwargs)
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        result = block(hidden, **kwargs)
-        out.hidden.append((result[0] if isinstance(result, tuple) else result).detach())
+def run_block(block: nn.Module, inputs: BlockInputs, in_place: bool = False) -> BlockInputs:
+    """Outputs of ``block`` on every cached batch: the next block's inputs. ``in_place``: each batch's output
+    replaces its input in ``inputs`` as soon as it is computed (one set of activations alive, not two)."""
+    out = inputs if in_place else BlockInputs(kwargs=inputs.kwargs, hidden=[None] * len(inputs.hidden))  # type: ignore[list-item]
+    for i, kwargs in enumerate(inputs.kwargs):
+        result = block(inputs.hidden[i], **kwargs)
+        out.hidden[i] = (result[0] if isinstance(result, tuple) else result).detach()
     return out
 
 

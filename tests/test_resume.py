@@ -24,7 +24,8 @@ def resume_config(tiny_config):
     """Wanda (sub-layer sequential: eight layer groups over two blocks) with fine-tuning: every kind of
     checkpoint happens."""
     return tiny_config.with_method("wanda").with_finetune(
-        tiny_config.finetune.model_copy(update={"enabled": True, "steps": 2}))
+        tiny_config.finetune.model_copy(update={"enabled": True, "steps": 2})).with_calibration(
+        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
 
 
 def export_hashes(run_dir):
@@ -56,7 +57,7 @@ KILL_POINTS = [
 
 @pytest.mark.parametrize("fault", ["kill@after:pruning#1", "kill@after:calibrating#2"])
 def test_block_granularity_resumes_to_identical_export(fault, resume_config, tmp_path):
-    """The default walks blocks site by site; the reference block-by-block mode resumes just as exactly."""
+    """The fixture walks blocks site by site; the reference block-by-block mode resumes just as exactly."""
     cfg = resume_config.with_calibration(resume_config.calibration.model_copy(update={"granularity": "block"}))
     assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
     config_path = tmp_path / "c.yaml"

@@ -193,3 +193,11 @@ def test_sublayer_needs_one_block_per_group():
 
     with pytest.raises((ConfigError, ValueError), match="blocks_per_group"):
         CalibrationConfig(granularity="sublayer", blocks_per_group=2)
+
+
+def test_auto_granularity_walks_sites_for_sparsegpt_only(tiny_config):
+    assert tiny_config.calibration.granularity == "auto"
+    assert tiny_config.with_method("sparsegpt").resolved_granularity() == "sublayer"
+    assert tiny_config.with_method("wanda").resolved_granularity() == "block"
+    two = tiny_config.calibration.model_copy(update={"blocks_per_group": 2})
+    assert tiny_config.with_method("sparsegpt").with_calibration(two).resolved_granularity() == "block"
