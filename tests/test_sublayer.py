@@ -115,11 +115,12 @@ def _masks(run_dir) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path):
+@pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
+def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path, pattern):
     """Sub-layer Wanda: each layer's statistics come from inputs that went through every pruned site before it,
     which are exactly the inputs that layer sees in the final pruned model. So the masks must equal per-row Wanda
     masks computed in float64 from the dense weights and the activations of the *pruned* model."""
-    cfg = tiny_config.with_method("wanda").with_calibration(
+    cfg = tiny_config.with_method("wanda").with_pattern(pattern).with_calibration(
         tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
     model, tok = tiny_llama(cfg.model.tiny)
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -141,9 +142,14 @@ def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path):
     assert len(masks) == 14
     for name, mask in masks.items():
         score = dense[name].double().abs() * (norms[name] / samples.shape[0]).sqrt()[None, :]
-        k = dense[name].shape[1] // 2
-        ref_keep = torch.ones_like(mask)
-        ref_keep.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], False)
+        if pattern.kind == "nm":  # 2 lowest of every 4 consecutive inputs, per row
+            groups = score.view(score.shape[0], -1, 4)
+            ref_keep = torch.ones_like(groups, dtype=torch.bool)
+            ref_keep.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[:, :, :2], False)
+            ref_keep = ref_keep.view_as(mask)
+        else:  # half of every row
+            ref_keep = torch.ones_like(mask)
+            ref_keep.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :score.shape[1] // 2], False)
         assert torch.equal(mask, ref_keep), name
 
 
