@@ -61,6 +61,7 @@ def plan_sequential(ctx: RunContext) -> None:
     layers = decoder_layers(ctx.model)
     if not cfg.calibration.sequential or layers is None:
         return
+    # by block first: it rejects targets outside the decoder blocks, and it is the fallback of the site walk
     block_groups, name_groups = group_targets_by_block(ctx.model, st.targets, cfg.calibration.blocks_per_group)
     if cfg.resolved_granularity() == "sublayer":
         plan = group_targets_by_site(layers, st.targets)

@@ -10,7 +10,7 @@ Statistics are sums with a sample count, in fp32 whatever the model's dtype:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +24,8 @@ __all__ = [
     "capture_first_block_inputs",
     "run_block",
     "collect_stats",
+    "replaced_forward",
+    "skipped_module",
     "new_stat_entry",
     "add_stats",
     "finish_stats",
@@ -217,19 +219,21 @@ def collect_stats(modules: dict[str, nn.Linear], kind: str) -> Iterator[dict[str
 
 
 @contextmanager
-def skipped_module(module: nn.Linear) -> Iterator[None]:
-    """While open, ``module`` returns zeros of its output shape without computing (its input hooks still run).
-
-    For the statistics pass: the last Linear of a block feeds no other target, so its product is not needed.
-    """
-    def zero_forward(x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], module.out_features)
-
-    module.forward = zero_forward  # type: ignore[method-assign]
+def replaced_forward(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While open, calling ``module`` runs ``forward`` instead of its own (its hooks still run); restored on exit."""
+    module.forward = forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         del module.forward  # back to the class's forward
+
+
+def skipped_module(module: nn.Linear):
+    """While open, ``module`` returns zeros of its output shape without computing (its input hooks still run).
+
+    For the statistics pass: the last Linear of a block feeds no other target, so its product is not needed.
+    """
+    return replaced_forward(module, lambda x: x.new_zeros(*x.shape[:-1], module.out_features))
 
 
 def execution_order(block: nn.Module, modules: dict[str, nn.Linear], hidden: torch.Tensor,

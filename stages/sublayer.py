@@ -21,14 +21,13 @@ passed through) and a block is accepted only if walking it reproduces its forwar
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .sequential import BlockInputs
+from .sequential import BlockInputs, replaced_forward
 
 __all__ = ["N_SITES", "SITE_NAMES", "block_sites", "check_block", "group_targets_by_site", "SublayerCursor"]
 
@@ -53,14 +52,9 @@ def block_sites(block: nn.Module) -> list[list[nn.Linear]] | None:
     return sites
 
 
-@contextmanager
-def _passthrough(module: nn.Module) -> Iterator[None]:
+def _passthrough(module: nn.Module):
     """While open, ``module(x)`` returns ``x`` (so a parent's forward hands back the Linear's input)."""
-    module.forward = lambda x: x  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.forward
+    return replaced_forward(module, lambda x: x)
 
 
 @dataclass
