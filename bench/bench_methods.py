@@ -80,10 +80,13 @@ def main() -> None:
                     help="podar's sequential calibration unit (calibration.granularity)")
     ap.add_argument("--llmc-batch-size", type=int, default=1,
                     help="llm-compressor's calibration batch size (its default, 1, is its fastest and best here)")
+    ap.add_argument("--seed", type=int, default=common.SEED,
+                    help="calibration windows' seed; other than 0, results go to results-seed<N>.json/.md")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of bench/results.json that this invocation does not re-measure")
     args = ap.parse_args()
-    common.prepare()
+    common.prepare(args.seed)
+    stem = "results" if args.seed == common.SEED else f"results-seed{args.seed}"
     rows = []
     for case in args.cases:
         method, pattern = case.split(":", 1)
@@ -92,29 +95,31 @@ def main() -> None:
             r = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern", pattern,
                           "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}"),
                           "--export-format", fmt, "--quantization", quant, "--batch-size", str(args.batch_size),
-                          "--granularity", args.granularity])
+                          "--granularity", args.granularity, "--seed", str(args.seed)])
             rows.append(r)
             print(json.dumps(r), flush=True)
         if args.only in (None, "llm-compressor") and method != "magnitude":
             py = ensure_llmc_venv()
             out = common.CACHE / f"llmc-{method}-{pattern.replace(':', '')}.safetensors"
             r = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
-                          "--model", str(common.MODEL_DIR), "--calibration", str(common.CALIB), "--out", str(out),
+                          "--model", str(common.MODEL_DIR), "--calibration", str(common.calib_path(args.seed)),
+                          "--out", str(out),
                           "--batch-size", str(args.llmc_batch_size)])
             r["ppl"], r["sparsity"] = eval_weights(out)
+            r["seed"] = args.seed
             out.unlink()
             rows.append(r)
             print(json.dumps(r), flush=True)
-    if args.merge and (common.ROOT / "results.json").is_file():
+    if args.merge and (common.ROOT / f"{stem}.json").is_file():
         fresh = {(r["tool"], r["method"], r["pattern"]) for r in rows}
-        old = json.loads((common.ROOT / "results.json").read_text())
+        old = json.loads((common.ROOT / f"{stem}.json").read_text())
         kept = [r for r in old if (r["tool"], r["method"], r["pattern"]) not in fresh]
         order = {c: i for i, c in enumerate(CASES)}
         rows = sorted(kept + rows, key=lambda r: (order.get(f"{r['method']}:{r['pattern']}", 99), r["tool"] != "podar"))
     table = render(rows) + "\n\n" + render_exports(rows)
     print(table)
-    (common.ROOT / "results.json").write_text(json.dumps(rows, indent=2))
-    (common.ROOT / "results.md").write_text(table + "\n")
+    (common.ROOT / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    (common.ROOT / f"{stem}.md").write_text(table + "\n")
 
 
 def render_exports(rows: list[dict]) -> str:

@@ -37,7 +37,12 @@ def data_dir() -> Path:
     return Path(value)
 
 
-def prepare() -> None:
+def calib_path(seed: int = SEED) -> Path:
+    """The calibration windows' file for ``seed`` (seed 0, the bench's default, keeps its historical name)."""
+    return CALIB if seed == SEED else CACHE / f"calibration_ids_seed{seed}.safetensors"
+
+
+def prepare(seed: int = SEED) -> None:
     """Write the dense model folder (fp32, from the GGUF) and the token windows both tools use."""
     from podar.engine.data import calibration_windows, eval_windows, load_text, tokenize_text
     from podar.engine.models import load_model
@@ -48,18 +53,19 @@ def prepare() -> None:
         model, tok = load_model(ModelSourceConfig())
         model.save_pretrained(str(MODEL_DIR), safe_serialization=True)
         tok.save_pretrained(str(MODEL_DIR))
-    if not CALIB.is_file() or not EVAL.is_file():
+    if not calib_path(seed).is_file() or not EVAL.is_file():
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
         cal = tokenize_text(tok, load_text("wikitext2-valid", data_dir()))
         ev = tokenize_text(tok, load_text("wikitext2", data_dir()))
-        save_file({"input_ids": calibration_windows(cal, NUM_SAMPLES, SEQ_LEN, SEED).contiguous()}, str(CALIB))
+        save_file({"input_ids": calibration_windows(cal, NUM_SAMPLES, SEQ_LEN, seed).contiguous()},
+                  str(calib_path(seed)))
         save_file({"input_ids": eval_windows(ev, SEQ_LEN, EVAL_WINDOWS).contiguous()}, str(EVAL))
 
 
-def calibration_ids() -> torch.Tensor:
-    return load_file(str(CALIB))["input_ids"]
+def calibration_ids(seed: int = SEED) -> torch.Tensor:
+    return load_file(str(calib_path(seed)))["input_ids"]
 
 
 def eval_ids() -> torch.Tensor:

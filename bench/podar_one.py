@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--pattern", required=True, choices=["unstructured", "2:4"])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
+    ap.add_argument("--seed", type=int, default=common.SEED, help="calibration windows' seed")
     ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"])
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
@@ -48,7 +49,7 @@ def main() -> None:
         method=args.method, target_sparsity=0.5, pattern=pattern,
         model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
         calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
-                                      dataset="wikitext2-valid", seed=common.SEED,
+                                      dataset="wikitext2-valid", seed=args.seed,
                                       batch_size=args.batch_size, granularity=args.granularity),
         evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
                                     max_windows=common.EVAL_WINDOWS,
@@ -67,7 +68,7 @@ def main() -> None:
     # the same samples and windows as llm-compressor gets
     ctx = pipe._runner.ctx  # noqa: SLF001 (benchmark introspection)
     if args.method != "magnitude":
-        assert torch.equal(ctx.state.extras["calibration_samples"], common.calibration_ids())
+        assert torch.equal(ctx.state.extras["calibration_samples"], common.calibration_ids(args.seed))
     stage_s = {}
     for r in pipe.results:
         stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
@@ -77,7 +78,7 @@ def main() -> None:
     ex = result.metrics.get("exporting", {})
     print(json.dumps({
         "tool": "podar", "method": args.method, "pattern": args.pattern, "batch_size": args.batch_size,
-        "granularity": args.granularity, "prune_s": prune_s,
+        "granularity": args.granularity, "seed": args.seed, "prune_s": prune_s,
         "stage_s": stage_s, "peak_rss_mb": peak_after_prune,
         "ppl": ev["pruned_ppl"], "dense_ppl": ev["dense_ppl"], "sparsity": ev["pruned_layers_sparsity"],
         "ok": result.ok, "kl": ev.get("kl_mean"), "top1": ev.get("top1_agreement"),

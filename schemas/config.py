@@ -287,6 +287,12 @@ class CalibrationConfig(_Frozen):
         "'auto': sublayer for SparseGPT, block for Wanda (see README, 'Sequential calibration')",
     )
     blocks_per_group: int = Field(default=1, ge=1, description="decoder blocks per sequential layer group")
+    chunked_attention: bool = Field(
+        default=True,
+        description="sequential calibration forwards compute causal attention in query chunks of 128 rows, skipping "
+        "the masked half (models on transformers' 'sdpa' attention; equal up to float rounding); false: the "
+        "model's own attention",
+    )
     dampening_frac: float = Field(
         default=0.01, gt=0.0, lt=1.0, description="SparseGPT: dampening as a fraction of mean diag(H)"
     )

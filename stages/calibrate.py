@@ -21,6 +21,7 @@ from podar.engine.data import calibration_windows, load_text, resolve_data_dir, 
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
+from .attention import block_attention
 from .common import active_targets
 from .sequential import (
     add_stats,
@@ -101,7 +102,8 @@ def _site_stats(ctx: RunContext, kind: str, samples: torch.Tensor) -> tuple[dict
                                                                  ctx.device))
         st.extras["cursor"] = cursor
     before = cursor.site_passes
-    cursor.advance_to(layers, block, site, before_step=ctx.check_cancelled)
+    with block_attention(ctx.model, cfg.calibration.chunked_attention):
+        cursor.advance_to(layers, block, site, before_step=ctx.check_cancelled)
     entry = None
     for x in cursor.site_inputs(layers):
         ctx.check_cancelled()
@@ -132,10 +134,11 @@ def run(ctx: RunContext) -> StageResult:
             if st.group_index == 0 or "block_inputs" not in st.extras:
                 # first group of a round, or a resumed run: embeddings once, then the (pruned) blocks before
                 inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device)
-                for earlier in block_groups[: st.group_index]:
-                    for b in earlier:
-                        inputs = run_block(layers[b], inputs, in_place=True)
-                        forwards += len(inputs.hidden)
+                with block_attention(ctx.model, cfg.calibration.chunked_attention):
+                    for earlier in block_groups[: st.group_index]:
+                        for b in earlier:
+                            inputs = run_block(layers[b], inputs, in_place=True)
+                            forwards += len(inputs.hidden)
                 st.extras["block_inputs"] = inputs
             inputs = st.extras["block_inputs"]
             group_blocks = block_groups[st.group_index]
@@ -144,7 +147,8 @@ def run(ctx: RunContext) -> StageResult:
             order = execution_order(last_block, in_last, inputs.hidden[0], inputs.kwargs[0]) if in_last else []
             # the last Linear of the last block feeds no other target: its product is skipped in this pass
             skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
-            with collect_stats(targets, kind) as stats, skip:
+            attention = block_attention(model, cfg.calibration.chunked_attention)
+            with collect_stats(targets, kind) as stats, skip, attention:
                 chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
                 for b in group_blocks:
                     ctx.check_cancelled()

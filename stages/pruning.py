@@ -18,6 +18,7 @@ from podar.schemas.config import PruneMethod
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
+from .attention import block_attention
 from .bitpack import pack_bits
 from .common import active_targets, apply_mask, expected_pruned
 from .masks import global_unstructured_masks, pattern_mask
@@ -112,7 +113,8 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
     dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
     if not site_groups or cursor.site in (0, 2):  # passes that allocate a stored activation
         release_free_memory()  # what scoring and mask selection freed, before the activations grow
-    with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc:
+    attention = block_attention(ctx.model, cfg.calibration.chunked_attention)
+    with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc, attention:
         if site_groups:
             if cursor.position != tuple(site_groups[st.group_index]):
                 raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
