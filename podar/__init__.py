@@ -43,12 +43,13 @@ from podar.stages.export_io import load_pretrained
 from podar.stages.perplexity import PerplexityResult, perplexity
 from podar.stages.quality import TextMetrics, evaluate
 
-from .pipeline import Pipeline, PipelineResult
+from .pipeline import Pipeline, PipelineResult, run_masks
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Pipeline", "PipelineResult", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit", "AuditSummary",
+    "Pipeline", "PipelineResult", "run_masks", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit",
+    "AuditSummary",
     "load_model", "load_pretrained", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
     "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig", "TinyModelConfig",

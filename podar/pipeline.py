@@ -37,7 +37,7 @@ from podar.stages.calibrate import calibration_samples, plan_sequential
 from podar.stages.common import PackedMasks, apply_mask
 from podar.stages.targets import resolve_targets, snapshot_weights
 
-__all__ = ["Pipeline", "PipelineResult", "library_versions"]
+__all__ = ["Pipeline", "PipelineResult", "library_versions", "run_masks"]
 
 DENSE_REFERENCE = "artifacts/dense_reference"  # folder: the pruned layers' weights before pruning, in parts
 _VERSIONED = ("podar", "torch", "transformers", "accelerate", "safetensors", "transitions", "pydantic", "structlog")
@@ -394,12 +394,10 @@ def restore_state(ctx: RunContext, manifest: RunManifest) -> tuple[PruningStage 
         masks = [r for r in records if r.kind == "masks"]
         weights = [r for r in records if r.kind == "weights"]
         for record in masks:
-            tensors = store.load_tensors(record)
-            shapes = json.loads(safetensors_metadata(store.artifact_path(record.path))["shapes"])
-            for name, packed in tensors.items():
-                st.masks[name] = unpack_bits(packed, shapes[name][1])
+            for name, mask in _mask_artifact(store, record).items():
+                st.masks[name] = mask
                 if not weights:
-                    apply_mask(modules[name], st.masks[name])
+                    apply_mask(modules[name], mask)
         for record in weights:
             with torch.no_grad():
                 for name, tensor in store.load_tensors(record).items():
@@ -435,6 +433,26 @@ def restore_state(ctx: RunContext, manifest: RunManifest) -> tuple[PruningStage 
         return PruningStage.EXPORTING, "evaluation done: exporting next"
     # the export finished but the run stopped before the move to Complete: export again (same bytes)
     return PruningStage.EXPORTING, "export done but not confirmed: exporting again"
+
+
+def _mask_artifact(store: RunStore, record: Any) -> dict[str, torch.Tensor]:
+    """The masks (out, in) bool, True = kept, of one mask artifact (its sha256 checked on load)."""
+    shapes = json.loads(safetensors_metadata(store.artifact_path(record.path))["shapes"])
+    return {name: unpack_bits(packed, shapes[name][1]) for name, packed in store.load_tensors(record).items()}
+
+
+def run_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every layer's mask (out, in) bool, True = kept, as a run folder recorded it (the latest per layer, in the
+    order the masks were written). Reads only; each artifact's sha256 is checked against the manifest."""
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    out: dict[str, torch.Tensor] = {}
+    for result in manifest.results:
+        for rel in result.artifacts:
+            record = manifest.artifacts.get(rel)
+            if record is not None and record.kind == "masks":
+                out.update(_mask_artifact(store, record))
+    return out
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

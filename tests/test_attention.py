@@ -102,9 +102,7 @@ def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_con
                                                                         granularity):
     """Calibration forwards of 320-token windows run chunked (counted), give the masks the model's own attention
     gives, and leave the model on its own attention afterwards."""
-    from test_sublayer import _masks
-
-    from podar import Pipeline
+    from podar import Pipeline, run_masks
     from podar.stages import attention as attention_mod
 
     calls = []
@@ -121,7 +119,7 @@ def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_con
         assert result.ok, result.failure
         assert (len(calls) > n_before) == chunked
         assert pipe._runner.ctx.model.config._attn_implementation == "sdpa"  # noqa: SLF001
-        masks[chunked] = _masks(tmp_path / f"run-{chunked}")
+        masks[chunked] = run_masks(tmp_path / f"run-{chunked}")
     assert masks[True].keys() == masks[False].keys() and len(masks[True]) == 14
     for name in masks[True]:
         assert torch.equal(masks[True][name], masks[False][name]), name

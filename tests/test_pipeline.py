@@ -310,3 +310,22 @@ def test_sequential_off_uses_one_pass_on_llama(tiny_config, tmp_path):
         tiny_config.calibration.model_copy(update={"sequential": False}))
     assert run(cfg, tmp_path).ok
     assert [m[0] for m in moves(tmp_path / "run")].count("calibrated") == 1
+
+
+def test_run_masks_reads_what_the_run_pruned_and_refuses_a_changed_artifact(tiny_config, tmp_path):
+    from podar import run_masks
+    from podar.schemas.errors import CheckpointError
+
+    cfg = tiny_config.with_method("wanda").with_pattern(SparsityPatternConfig.nm_2_4())
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    assert pipe.run().ok
+    masks = run_masks(tmp_path / "run")
+    modules = dict(pipe._runner.ctx.model.named_modules())  # noqa: SLF001
+    assert len(masks) == 14
+    for name, mask in masks.items():
+        assert torch.equal(mask, modules[name].weight.detach() != 0), name
+        assert int(mask.sum()) * 2 == mask.numel()
+    path = next((tmp_path / "run" / "artifacts" / "masks").glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(CheckpointError, match="sha256"):
+        run_masks(tmp_path / "run")

@@ -8,10 +8,9 @@ import torch
 from structlog.testing import capture_logs
 from torch import nn
 
-from podar import Pipeline, PruneMethod, PruningStage, SparsityPatternConfig, TinyModelConfig, tiny_llama
+from podar import Pipeline, PruneMethod, PruningStage, SparsityPatternConfig, TinyModelConfig, run_masks, tiny_llama
 from podar.engine.store import RunStore
 from podar.schemas.errors import ConfigError
-from podar.stages.bitpack import unpack_bits
 from podar.stages.sequential import add_stats, capture_first_block_inputs, finish_stats, new_stat_entry, run_block
 from podar.stages.sublayer import SITE_NAMES, SublayerCursor, block_sites, check_block, group_targets_by_site
 
@@ -98,23 +97,6 @@ def test_gram_upper_bands_match_float64_reference():
     assert torch.equal(entry["hessian_sum"], entry["hessian_sum"].t())
 
 
-def _masks(run_dir) -> dict[str, torch.Tensor]:
-    manifest = RunStore(run_dir).read_manifest()
-    import json
-
-    from safetensors import safe_open
-
-    out = {}
-    for rel, art in manifest.artifacts.items():
-        if art.kind != "masks":
-            continue
-        with safe_open(str(run_dir / rel), framework="pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
-            for name in f.keys():
-                out[name] = unpack_bits(f.get_tensor(name), shapes[name][1])
-    return out
-
-
 @pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
 def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path, pattern):
     """Sub-layer Wanda: each layer's statistics come from inputs that went through every pruned site before it,
@@ -127,7 +109,7 @@ def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path, pat
     pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
     result = pipe.run()
     assert result.ok, result.failure
-    masks = _masks(tmp_path / "run")
+    masks = run_masks(tmp_path / "run")
     samples = pipe._runner.ctx.state.extras["calibration_samples"]  # noqa: SLF001
     norms: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(

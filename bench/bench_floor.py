@@ -1,0 +1,92 @@
+"""The least time sequential calibration can take on this machine: the matrix products and the attention it
+cannot avoid, timed one by one on SmolLM2-135M's shapes, summed over the bench's calibration set, and set
+against llm-compressor's measured time (bench/results.json) and the "half of it" target.
+
+Per block and calibration batch (B windows of T tokens), a pass is the seven Linear products plus one causal
+attention. The reference statistics (Wanda/SparseGPT block by block) need a dense pass without the last
+Linear (down_proj feeds no other target) and a pruned pass: 1.75 passes' products. The site-by-site walk
+needs one pass. Nothing else (norms, rotary, statistics, masks, solves, checkpoints) is counted, so the real
+times lie above these floors.
+
+    python bench/bench_floor.py            # B = 4, T = 512, 64 windows, 30 blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from podar.stages.attention import causal_attention_chunked
+
+# SmolLM2-135M: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64, 30 blocks
+HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, BLOCKS = 576, 1536, 9, 3, 64, 30
+LINEARS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+           "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_proj": (MLP, HIDDEN),
+           "up_proj": (MLP, HIDDEN), "down_proj": (HIDDEN, MLP)}  # (out, in)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = args.batch_size * args.seq_len
+    gemm = {}
+    for name, (out_f, in_f) in LINEARS.items():
+        x, w = torch.randn(rows, in_f), torch.randn(out_f, in_f)
+        gemm[name] = best_of(lambda x=x, w=w: F.linear(x, w), args.repeats)
+    q = torch.randn(args.batch_size, HEADS, args.seq_len, HEAD_DIM)
+    k, v = (torch.randn(args.batch_size, KV_HEADS, args.seq_len, HEAD_DIM) for _ in range(2))
+    attn_sdpa = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                        args.repeats)
+    attn_chunked = best_of(lambda: causal_attention_chunked(q, k, v), args.repeats)
+
+    calls = BLOCKS * -(-args.samples // args.batch_size)  # block forwards of one batch per pass
+    flops = {n: 2 * rows * o * i for n, (o, i) in LINEARS.items()}
+    print(f"one batch: {args.batch_size} × {args.seq_len} tokens; {calls} block-batch calls per pass\n")
+    print("| product | time per call | GFLOP/s |\n| --- | --- | --- |")
+    for n in LINEARS:
+        print(f"| {n} | {gemm[n] * 1e3:.2f} ms | {flops[n] / gemm[n] / 1e9:.0f} |")
+    print(f"| attention, SDPA causal | {attn_sdpa * 1e3:.2f} ms | |")
+    print(f"| attention, chunked causal | {attn_chunked * 1e3:.2f} ms | |")
+
+    full = sum(gemm.values())
+    stats = full - gemm["down_proj"]
+    attn = min(attn_sdpa, attn_chunked)
+    floors = {"block (reference statistics)": (stats + full) * calls, "sublayer (site walk)": full * calls}
+    floors_attn = {"block (reference statistics)": (stats + full + 2 * attn) * calls,
+                   "sublayer (site walk)": (full + attn) * calls}
+    llmc = {}
+    results = Path(__file__).resolve().parent / "results.json"
+    if results.is_file():
+        for r in json.loads(results.read_text()):
+            if r["tool"] == "llm-compressor" and r["method"] == "wanda":
+                llmc[r["pattern"]] = r["prune_s"]
+    print("\n| mode | products only | products + attention |"
+          + "".join(f" half of llm-c Wanda {p} |" for p in llmc))
+    print("| --- | --- | --- |" + " --- |" * len(llmc))
+    for mode in floors:
+        print(f"| {mode} | {floors[mode]:.1f} s | {floors_attn[mode]:.1f} s |"
+              + "".join(f" {0.5 * t:.1f} s |" for t in llmc.values()))
+
+
+if __name__ == "__main__":
+    main()
