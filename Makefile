@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PODAR_DATA_DIR ?= $(abspath ../shared/data)
 export PODAR_DATA_DIR
 
-.PHONY: install model demo test test-slow lint bench clean
+.PHONY: install model demo test test-slow lint bench bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,12 @@ lint: install
 
 bench: model
 	$(PY) bench/bench_methods.py
+
+# the calibration-based cases on two more calibration draws (seeds 1, 2), then perplexity ratios over all three
+bench-seeds: model
+	$(PY) bench/bench_methods.py --seed 1 --cases wanda:unstructured wanda:2:4 sparsegpt:unstructured sparsegpt:2:4
+	$(PY) bench/bench_methods.py --seed 2 --cases wanda:unstructured wanda:2:4 sparsegpt:unstructured sparsegpt:2:4
+	$(PY) bench/summarize_seeds.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     ap.add_argument("--seed", type=int, default=common.SEED, help="calibration windows' seed")
     ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"])
+    ap.add_argument("--chunked-attention", default="on", choices=["on", "off"],
+                    help="calibration.chunked_attention")
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
     args = ap.parse_args()
@@ -50,7 +52,8 @@ def main() -> None:
         model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
         calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
                                       dataset="wikitext2-valid", seed=args.seed,
-                                      batch_size=args.batch_size, granularity=args.granularity),
+                                      batch_size=args.batch_size, granularity=args.granularity,
+                                      chunked_attention=args.chunked_attention == "on"),
         evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
                                     max_windows=common.EVAL_WINDOWS,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
