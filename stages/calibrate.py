@@ -134,7 +134,7 @@ def run(ctx: RunContext) -> StageResult:
             if st.group_index == 0 or "block_inputs" not in st.extras:
                 # first group of a round, or a resumed run: embeddings once, then the (pruned) blocks before
                 inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device)
-                with block_attention(ctx.model, cfg.calibration.chunked_attention):
+                with block_attention(model, cfg.calibration.chunked_attention):
                     for earlier in block_groups[: st.group_index]:
                         for b in earlier:
                             inputs = run_block(layers[b], inputs, in_place=True)

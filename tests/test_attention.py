@@ -41,24 +41,27 @@ def _tiny(seed=0):
     return model.eval()
 
 
-def test_context_switches_sdpa_models_and_restores():
+@pytest.fixture
+def chunked_calls(monkeypatch) -> list[int]:
+    """Counts the calls that take the chunked path (one entry per call)."""
+    from podar.stages import attention as attention_mod
+
+    calls: list[int] = []
+    real = attention_mod.causal_attention_chunked
+    monkeypatch.setattr(attention_mod, "causal_attention_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_context_switches_sdpa_models_and_restores(chunked_calls):
     model = _tiny()
     assert model.config._attn_implementation == "sdpa"
     ids = torch.randint(0, model.config.vocab_size, (3, 2 * CHUNK + 40), generator=torch.Generator().manual_seed(1))
     inputs = capture_first_block_inputs(model, ids, 2, torch.device("cpu"))
     want = run_block(model.model.layers[0], inputs).hidden
-    calls = []
-    from podar.stages import attention as attention_mod
-
-    real = attention_mod.causal_attention_chunked
-    attention_mod.causal_attention_chunked = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        with chunked_causal_attention(model) as switched:
-            assert switched and model.config._attn_implementation == IMPLEMENTATION
-            got = run_block(model.model.layers[0], inputs).hidden
-    finally:
-        attention_mod.causal_attention_chunked = real
-    assert len(calls) == 2  # one per batch: the chunked path really ran
+    with chunked_causal_attention(model) as switched:
+        assert switched and model.config._attn_implementation == IMPLEMENTATION
+        got = run_block(model.model.layers[0], inputs).hidden
+    assert len(chunked_calls) == 2  # one per batch: the chunked path really ran
     assert model.config._attn_implementation == "sdpa"
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -98,16 +101,13 @@ def test_other_attention_implementations_are_left_alone():
 
 
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
-def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_config, tmp_path, monkeypatch,
+def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_config, tmp_path, chunked_calls,
                                                                         granularity):
     """Calibration forwards of 320-token windows run chunked (counted), give the masks the model's own attention
     gives, and leave the model on its own attention afterwards."""
     from podar import Pipeline, run_masks
-    from podar.stages import attention as attention_mod
 
-    calls = []
-    real = attention_mod.causal_attention_chunked
-    monkeypatch.setattr(attention_mod, "causal_attention_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = chunked_calls
     masks = {}
     for chunked in (True, False):
         cal = tiny_config.calibration.model_copy(update={"granularity": granularity, "sequence_length": 320,
