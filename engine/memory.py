@@ -1,32 +1,96 @@
-"""Handing freed heap memory back to the operating system between layer groups.
+"""Keeping the process's resident memory to what a run is using.
 
-Activations of a few MiB each are allocated and freed thousands of times during calibration; glibc keeps the
-freed pages in its heap, so the process's resident size creeps up with fragmentation although nothing is alive.
-``malloc_trim(0)`` returns every whole free page. Elsewhere (macOS, musl, Windows) this is a no-op.
+- ``release_free_memory``: activations of a few MiB each are allocated and freed thousands of times during
+  calibration; glibc keeps the freed pages in its heap, so the resident size creeps up with fragmentation
+  although nothing is alive. ``malloc_trim(0)`` returns every whole free page.
+- ``page_out_file_backed``: a model loaded from safetensors is a private file mapping whose pages become
+  resident only when read. Hashing the weights (the run's fingerprint) and writing the dense reference read all
+  of them at once; afterwards the kernel is told (``madvise(MADV_PAGEOUT)``) that those pages are not needed now,
+  so they come back block by block as calibration reaches them instead of all staying resident from the start.
+  Only file-backed mappings are advised (anonymous memory is never touched); the data is unchanged either way.
+
+Both are Linux-only and do nothing elsewhere (macOS, musl, Windows).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import sys
+from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 
-__all__ = ["release_free_memory"]
+import torch
+
+__all__ = ["file_backed_ranges", "page_out_file_backed", "release_free_memory"]
+
+_MADV_PAGEOUT = 21  # linux/mman.h, Linux ≥ 5.4
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim():
+def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
         return None
 
 
 def release_free_memory() -> bool:
     """Return the allocator's free pages to the OS; True when something was released."""
-    trim = _malloc_trim()
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     return bool(trim(0)) if trim is not None else False
+
+
+def file_backed_ranges(maps_text: str | None = None) -> list[tuple[int, int]]:
+    """[start, end) address ranges of this process's mappings backed by a regular file (``/proc/self/maps``
+    lines with an inode and a path); [] where there is no such file."""
+    if maps_text is None:
+        path = Path("/proc/self/maps")
+        if not path.exists():
+            return []
+        maps_text = path.read_text()
+    ranges = []
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[4] == "0" or not fields[5].startswith("/"):
+            continue  # anonymous, heap, stack, vdso, …
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        ranges.append((start, end))
+    return sorted(ranges)
+
+
+def page_out_file_backed(tensors: Iterable[torch.Tensor], ranges: list[tuple[int, int]] | None = None) -> int:
+    """Advise the kernel to drop the resident pages of the CPU tensors' storage that lie in file-backed
+    mappings (whole pages only). Returns the bytes advised; 0 where unsupported. Never changes the data: a page
+    read again is brought back from the file (or the page cache). ``ranges``: ``file_backed_ranges()`` read
+    once by a caller that advises tensor by tensor."""
+    libc = _libc()
+    if libc is None:
+        return 0
+    ranges = file_backed_ranges() if ranges is None else ranges
+    if not ranges:
+        return 0
+    page = mmap.PAGESIZE
+    spans: set[tuple[int, int]] = set()
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        for start, end in ranges:
+            a, b = max(lo, start), min(hi, end)
+            a, b = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
+            if b > a:
+                spans.add((a, b))
+    advised = 0
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for a, b in sorted(spans):
+        if madvise(a, b - a, _MADV_PAGEOUT) == 0:
+            advised += b - a
+    return advised

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,16 @@ def load_model(source: ModelSourceConfig) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+def weights_fingerprint(model: torch.nn.Module,
+                        after_each: Callable[[torch.Tensor], object] | None = None) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order. ``after_each`` is
+    called with each tensor once it is hashed (e.g. to let its file-mapped pages go)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
             digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if after_each is not None:
+            after_each(tensor)
     return digest.hexdigest()

@@ -24,6 +24,7 @@ from podar.engine.context import DenseSnapshot, RunContext, RunState
 from podar.engine.data import check_tokenizer_fits, load_text, resolve_data_dir, text_sha256
 from podar.engine.distributed import make_accelerator, world_size
 from podar.engine.machine import PruningStage
+from podar.engine.memory import file_backed_ranges, page_out_file_backed
 from podar.engine.models import load_model, weights_fingerprint
 from podar.engine.report import write_report
 from podar.engine.runner import Runner, TransitionListener
@@ -288,11 +289,15 @@ class Pipeline:
         if cfg.finetune.enabled:
             text = load_text(cfg.finetune.dataset, resolve_data_dir(cfg.data_dir), field="finetune.dataset")
             data_sha["finetune"] = text_sha256(text)
-        state.extras["model_fingerprint"] = weights_fingerprint(model)
+        # hashing and the dense reference read every weight at once: pages mapped from the model's file are let
+        # go right after (calibration brings each block's back when it gets there), so they are not all resident
+        ranges = file_backed_ranges()
+        state.extras["model_fingerprint"] = weights_fingerprint(
+            model, after_each=lambda t: page_out_file_backed([t], ranges))
         dense_dir = store.artifact_path(DENSE_REFERENCE)
         parts = sorted(dense_dir.glob("part-*.safetensors")) if self._resume is not None else []
-        if not parts:
-            parts = snapshot_weights(targets, dense_dir)  # the dense reference lives on disk, not in memory
+        if not parts:  # the dense reference lives on disk, not in memory
+            parts = snapshot_weights(targets, dense_dir, after_part=lambda ws: page_out_file_backed(ws, ranges))
         state.dense_weights = DenseSnapshot(parts)
         state.extras["dense_reference_parts"] = [str(p.relative_to(store.run_dir)) for p in parts]
         log.info("targets_resolved", n_pruned=len(targets), pruned=list(targets), skipped=notes,

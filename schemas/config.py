@@ -298,7 +298,8 @@ class CalibrationConfig(_Frozen):
     )
     sparsegpt_block_size: int = Field(default=128, ge=1, description="SparseGPT: columns per OBS block")
     reconstruction_samples: int = Field(
-        default=4, ge=0, description="calibration sequences on which each layer's reconstruction error is measured")
+        default=4, ge=0, description="calibration sequences on which each layer's reconstruction error is measured "
+        "(Wanda, magnitude; SparseGPT measures it on all of them, from its Σ x xᵀ)")
 
     @model_validator(mode="after")
     def _check_granularity(self) -> CalibrationConfig:

@@ -7,7 +7,9 @@ error ‖WX − ŴX‖² / ‖WX‖² measured on the way.
 
 from __future__ import annotations
 
+import itertools
 import json
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -23,8 +25,8 @@ from .bitpack import pack_bits
 from .common import active_targets, apply_mask, expected_pruned
 from .masks import global_unstructured_masks, pattern_mask
 from .scores import magnitude_score
-from .sequential import decoder_layers, reconstruction_hooks, run_block
-from .sparsegpt import sparsegpt_prune
+from .sequential import BlockInputs, decoder_layers, reconstruction_hooks, run_block
+from .sparsegpt import gram_errors, sparsegpt_prune
 
 STAGE = "pruning"
 
@@ -76,16 +78,22 @@ def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[st
         if any(p is not None for p in priors):
             prior = torch.cat([p if p is not None else torch.ones_like(w, dtype=torch.bool)
                                for p, w in zip(priors, weights, strict=True)])
+        before = torch.cat([w.detach() for w in weights])  # (Σ out, in) the weights as calibrated
         new_w, keep, loss = sparsegpt_prune(
-            torch.cat([w.detach() for w in weights]), stats["hinv_upper"], sparsity, dead=stats["dead"],
+            before, stats["hinv_upper"], sparsity, dead=stats["dead"],
             n=cfg.pattern.n, m=cfg.pattern.m, block_size=cfg.calibration.sparsegpt_block_size, prior_mask=prior,
             row_segments=list(zip(bounds[:-1], bounds[1:], strict=True)),
         )
+        # ‖WX − ŴX‖² / ‖WX‖² on every calibration token of these inputs, from Σ x xᵀ (no forward needed)
+        err, ref = gram_errors(before, new_w, stats["hessian_sum"])
         for name, w, r0, r1 in zip(names, weights, bounds[:-1], bounds[1:], strict=True):
             with torch.no_grad():
                 w.copy_(new_w[r0:r1].to(w.dtype))
             masks[name] = keep[r0:r1]
-            layer_metrics.setdefault(name, {})["obs_loss"] = float(loss[r0:r1].sum())
+            ref_sum = float(ref[r0:r1].sum())
+            layer_metrics.setdefault(name, {}).update(
+                {"obs_loss": float(loss[r0:r1].sum()),
+                 "reconstruction_error": float(err[r0:r1].sum()) / ref_sum if ref_sum > 0 else 0.0})
     return masks
 
 
@@ -100,8 +108,12 @@ def _expected(ctx: RunContext, shape: tuple[int, int], sparsity: float) -> int:
 
 def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
     """Sequential modes: carry the calibration inputs past the group just pruned (its blocks, or its site), with
-    its weights as they are now, measuring each layer's reconstruction error on the way. Returns the block
-    forwards made (site passes count as one each). The cached inputs are dropped after the round's last group."""
+    its weights as they are now. Returns the block forwards made (site passes count as one each).
+
+    Wanda and magnitude measure each layer's reconstruction error on the way, on the first
+    ``calibration.reconstruction_samples`` windows (SparseGPT measured it on all of them from Σ x xᵀ). After the
+    round's last group nothing downstream needs the outputs: only the windows the measurement reads are run, and
+    the cached inputs are dropped."""
     cfg, st = ctx.config, ctx.state
     block_groups, site_groups = st.extras.get("block_groups"), st.extras.get("site_groups")
     cursor, inputs = st.extras.get("cursor"), st.extras.get("block_inputs")
@@ -109,30 +121,52 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
         return 0
     layers = decoder_layers(ctx.model)
     assert layers is not None
+    measure = cfg.method is not PruneMethod.SPARSEGPT
+    n_measured = cfg.calibration.reconstruction_samples if measure else 0
+    last = not st.more_layer_groups
     forwards = 0
-    dense = {n: st.dense_weights[n] for n in targets}  # this group's dense weights only
-    if not site_groups or cursor.site in (0, 2):  # passes that allocate a stored activation
+    if not site_groups or cursor.site in (0, 2):  # passes that allocate activations
         release_free_memory()  # what scoring and mask selection freed, before the activations grow
+    dense = {n: st.dense_weights[n] for n in targets} if measure else {}  # this group's dense weights only
+    hooks = reconstruction_hooks(targets, dense, n_measured) if measure else nullcontext({})
     attention = block_attention(ctx.model, cfg.calibration.chunked_attention)
-    with reconstruction_hooks(targets, dense, cfg.calibration.reconstruction_samples) as acc, attention:
+    with hooks as acc, attention:
         if site_groups:
             if cursor.position != tuple(site_groups[st.group_index]):
                 raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
                                  f"{tuple(site_groups[st.group_index])}", stage="Pruning")
-            cursor.step(layers)
-            forwards += 1
+            n_batches = _batches_covering(cursor.batches, n_measured) if last else None
+            if n_batches != 0:
+                cursor.step(layers, max_batches=n_batches)
+                forwards += 1
         else:
+            if last:
+                ends = list(itertools.accumulate(h.shape[0] for h in inputs.hidden))
+                k = _batches_covering(list(zip([0, *ends[:-1]], ends, strict=True)), n_measured)
+                inputs = BlockInputs(kwargs=inputs.kwargs[:k], hidden=inputs.hidden[:k])
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
                 inputs = run_block(layers[b], inputs, in_place=True)
                 forwards += len(inputs.hidden)
             st.extras["block_inputs"] = inputs
+    if site_groups and cursor.site in (1, 3):  # the pass just made freed its per-batch temporaries
+        release_free_memory()  # give them back before the next site's statistics and factorization
     for name, (err, ref, n_seen) in acc.items():
         if n_seen:
             layer_metrics[name]["reconstruction_error"] = err / ref if ref > 0 else 0.0
-    if not st.more_layer_groups:  # nothing downstream needs them: free the cached activations
+    if last:  # nothing downstream needs them: free the cached activations
         st.extras.pop("cursor", None)
         st.extras.pop("block_inputs", None)
     return forwards
+
+
+def _batches_covering(batches: list[tuple[int, int]], n_samples: int) -> int:
+    """How many of the leading batches (sample ranges) hold the first ``n_samples`` samples."""
+    if n_samples <= 0:
+        return 0
+    for i, (_a, b) in enumerate(batches):
+        if b >= n_samples:
+            return i + 1
+    return len(batches)
 
 
 def run(ctx: RunContext) -> StageResult:

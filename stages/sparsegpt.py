@@ -21,7 +21,7 @@ from podar.schemas.errors import StageError
 
 from .masks import _lowest_k
 
-__all__ = ["hessian_from_sum", "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
+__all__ = ["gram_errors", "hessian_from_sum", "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
 
 MAX_DAMPENING_RETRIES = 8  # frac doubles each retry: 0.01 → 2.56 at most
 
@@ -29,6 +29,22 @@ MAX_DAMPENING_RETRIES = 8  # frac doubles each retry: 0.01 → 2.56 at most
 def hessian_from_sum(hessian_sum: torch.Tensor, n_samples: int) -> torch.Tensor:
     """H: (in, in) fp32 = (2/N) · Σ x xᵀ, from the sum Σ x xᵀ and N calibration sequences."""
     return hessian_sum.float() * (2.0 / n_samples)
+
+
+def gram_errors(dense: torch.Tensor, pruned: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(err, ref): (out,) fp64 each, per output row ‖X(w − ŵ)‖² and ‖Xw‖² over every calibration token, from the
+    Gram matrix alone: ‖Xv‖² = v Σxxᵀ vᵀ.
+
+    dense, pruned: (out, in) the weight before and after pruning; gram: (in, in) Σ x xᵀ (symmetric, fp32, the
+    calibration sum, not normalised). The relative reconstruction error of rows r0:r1 is err[r0:r1].sum() /
+    ref[r0:r1].sum(). Inputs never active have zero rows/columns in ``gram`` and contribute nothing.
+    """
+    w = dense.float()
+    delta = w - pruned.float()  # (out, in)
+    g = gram.float()
+    err = (delta @ g).mul_(delta).sum(dim=1, dtype=torch.float64)  # (out,)
+    ref = (w @ g).mul_(w).sum(dim=1, dtype=torch.float64)  # (out,)
+    return err, ref
 
 
 def inverse_hessian_factor(

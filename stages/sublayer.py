@@ -63,7 +63,8 @@ class SublayerCursor:
 
     ``hidden`` (N, T, C): the residual stream of all N samples, the block's input at sites 0–1 and x + attention
     at sites 2–3, updated in place. ``carry``: the stored input of site 1 (N, T, C_attn) or site 3 (N, T, I),
-    None at sites 0 and 2. Each is one allocation (not one per batch), so memory returns whole when freed.
+    None at sites 0 and 2: a view of ``buffer``, one allocation made at the first step and reused by every
+    site after it, so the walk does not fault fresh pages in (and fragment the heap) twice per block.
     ``batches``: sample ranges run together, with the keyword arguments each batch's block call gets.
     """
 
@@ -74,6 +75,8 @@ class SublayerCursor:
     kwargs: list[dict[str, Any]]
     carry: torch.Tensor | None = None
     site_passes: int = field(default=0)
+    buffer: torch.Tensor | None = None  # (N · T · max carried width,) flat, the storage of ``carry``
+    truncated: bool = False  # a step ran only some batches: the walk cannot continue
 
     @classmethod
     def start(cls, inputs: BlockInputs) -> SublayerCursor:
@@ -102,16 +105,24 @@ class SublayerCursor:
                 yield self.carry[a:b]
 
     @torch.no_grad()
-    def step(self, layers: nn.ModuleList) -> None:
+    def step(self, layers: nn.ModuleList, max_batches: int | None = None) -> None:
         """Run the current site's Linears (with the weights they have now) and move to the next site.
 
+        ``max_batches``: run only the first batches (when nothing downstream needs the rest); the walk then
+        ends there — a later step raises.
+
         The same calls, in the same order, as the block's forward: ``x + o_proj(attn)`` and ``x + down(act)``
-        are done in place (float addition commutes, so the result is bitwise the same).
+        are done in place (float addition commutes, so the result is bitwise the same). Stored site outputs go
+        into one buffer kept for the whole walk (``carry``).
         """
+        if self.truncated:
+            raise RuntimeError(f"the site walk was cut short at {self.position} and cannot go on")
         blk = layers[self.block]
+        batches = self.batches if max_batches is None else self.batches[:max_batches]
+        self.truncated = len(batches) < len(self.batches)
         if self.site in (0, 2):
             carry = None
-            for (a, b), kw in zip(self.batches, self.kwargs, strict=True):
+            for (a, b), kw in zip(batches, self.kwargs, strict=False):
                 if self.site == 0:
                     with _passthrough(blk.self_attn.o_proj):
                         out = _first(blk.self_attn(hidden_states=blk.input_layernorm(self.hidden[a:b]), **kw))
@@ -119,21 +130,36 @@ class SublayerCursor:
                     with _passthrough(blk.mlp.down_proj):
                         out = blk.mlp(blk.post_attention_layernorm(self.hidden[a:b]))
                 if carry is None:
-                    carry = out.new_empty(self.hidden.shape[0], *out.shape[1:])
+                    carry = self._carry_view(blk, out)
                 carry[a:b] = out
                 del out
             self.carry = carry
         else:
             assert self.carry is not None
             proj = blk.self_attn.o_proj if self.site == 1 else blk.mlp.down_proj
-            for a, b in self.batches:
-                self.hidden[a:b] += proj(self.carry[a:b])
+            for a, b in batches:
+                self.hidden[a:b].add_(proj(self.carry[a:b]))
             self.carry = None
         self.site_passes += 1
         if self.site == N_SITES - 1:
             self.block, self.site = self.block + 1, 0
         else:
             self.site += 1
+
+    def _carry_view(self, blk: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        """(N, *out.shape[1:]) view of ``buffer`` for the site's stored output, ``buffer`` (re)made only when it
+        is missing, too small, or of another dtype/device. Sized for the wider of the block's two carries."""
+        shape = (self.hidden.shape[0], *out.shape[1:])
+        need = 1
+        for d in shape:
+            need *= d
+        buf = self.buffer
+        if buf is None or buf.numel() < need or buf.dtype != out.dtype or buf.device != out.device:
+            widths = (blk.self_attn.o_proj.in_features, blk.mlp.down_proj.in_features, out.shape[-1])
+            size = max(need, need // out.shape[-1] * max(widths))
+            self.buffer = buf = None  # the old one goes before the new one is made
+            self.buffer = buf = out.new_empty(size)
+        return buf[:need].view(shape)
 
     def advance_to(self, layers: nn.ModuleList, block: int, site: int,
                    before_step: Callable[[], None] | None = None) -> None:

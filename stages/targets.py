@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,11 +73,13 @@ SNAPSHOT_PART_BYTES = 16 * 2**20  # the dense reference is written in parts of a
 
 
 @torch.no_grad()
-def snapshot_weights(targets: dict[str, nn.Linear], folder: Path) -> list[Path]:
+def snapshot_weights(targets: dict[str, nn.Linear], folder: Path,
+                     after_part: Callable[[list[torch.Tensor]], object] | None = None) -> list[Path]:
     """Write each target's weight (out, in), as it is before pruning, into safetensors parts in ``folder``.
 
     Parts hold at most SNAPSHOT_PART_BYTES each (one tensor alone may exceed it), so serializing never copies
-    more than one part. Each part is written atomically; returns the part paths.
+    more than one part. Each part is written atomically; returns the part paths. ``after_part`` is called with
+    the weights of each part once it is written.
     """
     folder.mkdir(parents=True, exist_ok=True)
     parts: list[Path] = []
@@ -91,6 +94,8 @@ def snapshot_weights(targets: dict[str, nn.Linear], folder: Path) -> list[Path]:
             save_file(current, str(tmp))
             os.replace(tmp, path)
             parts.append(path)
+            if after_part is not None:
+                after_part(list(current.values()))
         current, size = {}, 0
 
     for name, module in targets.items():

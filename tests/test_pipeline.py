@@ -329,3 +329,18 @@ def test_run_masks_reads_what_the_run_pruned_and_refuses_a_changed_artifact(tiny
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     with pytest.raises(CheckpointError, match="sha256"):
         run_masks(tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_last_group_runs_only_what_its_error_needs(tiny_config, tmp_path, method):
+    """Block by block, the last group's outputs feed nothing: Wanda runs only the windows its reconstruction error
+    is measured on, SparseGPT (error from Σ x xᵀ on every window) runs none; every layer still has its error."""
+    cal = tiny_config.calibration.model_copy(update={"granularity": "block", "batch_size": 1,
+                                                     "reconstruction_samples": 2})
+    pipe = Pipeline(tiny_config.with_method(method).with_calibration(cal), run_dir=tmp_path / "run", progress=False)
+    assert pipe.run().ok
+    prunings = [r for r in pipe.results if r.stage == "pruning"]
+    assert [r.metrics["block_forwards"] for r in prunings] == ([4, 2] if method == "wanda" else [4, 0])
+    for r in prunings:
+        errors = [lm["reconstruction_error"] for lm in r.layer_metrics.values()]
+        assert len(errors) == 7 and all(0.0 < e < 1.0 for e in errors), r.metrics["group"]

@@ -194,3 +194,23 @@ def test_nm_group_choice_breaks_ties_like_a_stable_sort():
         ref = torch.zeros_like(sal)
         ref.scatter_(0, torch.sort(sal, dim=0, stable=True).indices[:k], 1.0)
         assert torch.equal(_lowest_in_groups(sal, k), ref)
+
+
+def test_gram_errors_match_the_errors_on_the_inputs():
+    """SparseGPT's per-layer error from Σ x xᵀ equals ‖XWᵀ − XŴᵀ‖² and ‖XWᵀ‖² computed on the tokens (float64),
+    per row; a dead input (all-zero column of X) contributes nothing whatever its weights."""
+    from podar.stages.sparsegpt import gram_errors
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    x[:, 7] = 0.0  # dead input
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    h = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 6), 0.01)
+    w_hat, _keep, _loss = sparsegpt_prune(w.float(), h[0], 0.5, dead=h[1], n=2, m=4)
+    err, ref = gram_errors(w.float(), w_hat, (x.t() @ x).float())
+    assert err.dtype == ref.dtype == torch.float64 and err.shape == ref.shape == (10,)
+    direct_err = ((x @ (w - w_hat.double()).t()) ** 2).sum(dim=0)  # (out,)
+    direct_ref = ((x @ w.t()) ** 2).sum(dim=0)
+    assert torch.allclose(err, direct_err, rtol=1e-4)
+    assert torch.allclose(ref, direct_ref, rtol=1e-5)
+    assert 0 < float(err.sum() / ref.sum()) < 1

@@ -1,0 +1,69 @@
+"""Resident-memory helpers: which mappings count as file-backed, and paging out a file-mapped tensor (its
+resident pages go, its data stays) while anonymous memory is never advised."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from podar.engine.memory import file_backed_ranges, page_out_file_backed, release_free_memory
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and madvise")
+
+MAPS = """\
+55d0c0a00000-55d0c0a21000 r--p 00000000 08:01 1048601                    /usr/bin/python3.11
+55d0c2b3d000-55d0c2d9e000 rw-p 00000000 00:00 0                          [heap]
+7f1a2c000000-7f1a2c021000 rw-p 00000000 00:00 0
+7f1a30400000-7f1a5052a000 rw-p 00000000 fe:00 5416436                    /data/model.safetensors
+7ffd5b9f0000-7ffd5ba11000 rw-p 00000000 00:00 0                          [stack]
+7ffd5bbe4000-7ffd5bbe6000 r-xp 00000000 00:00 0                          [vdso]
+"""
+
+
+def test_file_backed_ranges_keep_only_mappings_of_files():
+    assert file_backed_ranges(MAPS) == [(0x55D0C0A00000, 0x55D0C0A21000), (0x7F1A30400000, 0x7F1A5052A000)]
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile")
+
+
+@linux
+def test_page_out_drops_a_file_mapped_tensors_pages_and_keeps_its_data(tmp_path):
+    values = np.random.default_rng(0).standard_normal(8 * 2**20 // 4).astype(np.float32)  # 8 MiB
+    path = tmp_path / "weights.bin"
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private file mapping, as safetensors
+    assert float(mapped.sum()) == pytest.approx(float(values.sum()), rel=1e-4)  # every page now resident
+    resident = _rss_file_kib()
+    advised = page_out_file_backed([mapped])
+    if advised == 0:
+        pytest.skip("this kernel does not support MADV_PAGEOUT")
+    assert advised >= 7 * 2**20  # whole pages inside the tensor
+    assert _rss_file_kib() < resident - 4 * 1024  # at least 4 MiB of its pages are gone
+    assert torch.equal(mapped, torch.from_numpy(values))  # the data comes back unchanged
+
+
+def test_page_out_leaves_anonymous_memory_alone():
+    t = torch.randn(2**20)
+    before = t.clone()
+    assert page_out_file_backed([t]) == 0
+    assert torch.equal(t, before)
+    release_free_memory()  # callable anywhere; a no-op where unsupported
+
+
+def test_fingerprint_hands_each_hashed_tensor_on():
+    from podar import TinyModelConfig, tiny_llama
+    from podar.engine.models import weights_fingerprint
+
+    model, _tok = tiny_llama(TinyModelConfig())
+    seen: list[torch.Tensor] = []
+    assert weights_fingerprint(model, after_each=seen.append) == weights_fingerprint(model)
+    assert len(seen) == len(model.state_dict())
