@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PODAR_DATA_DIR ?= $(abspath ../shared/data)
 export PODAR_DATA_DIR
 
-.PHONY: install model demo test test-slow lint bench bench-seeds clean
+.PHONY: install model demo test test-slow lint bench bench-time bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ lint: install
 
 bench: model
 	$(PY) bench/bench_methods.py
+
+# pruning time in interleaved podar / llm-compressor pairs (the machine's speed drifts between runs)
+bench-time: model
+	$(PY) bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
 
 # the calibration-based cases on two more calibration draws (seeds 1, 2), then perplexity ratios over all three
 bench-seeds: model

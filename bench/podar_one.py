@@ -27,6 +27,8 @@ def main() -> None:
                     help="calibration.chunked_attention")
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
+    ap.add_argument("--time-only", action="store_true",
+                    help="stop after pruning: time, stage times and peak memory only (no evaluation, no export)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +77,12 @@ def main() -> None:
     stage_s = {}
     for r in pipe.results:
         stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
+    if args.time_only:
+        print(json.dumps({"tool": "podar", "method": args.method, "pattern": args.pattern, "seed": args.seed,
+                          "batch_size": args.batch_size, "granularity": args.granularity, "prune_s": prune_s,
+                          "stage_s": stage_s, "peak_rss_mb": peak_after_prune}))
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
     result = pipe.run()
     assert torch.equal(ctx.state.extras["eval_windows"][0], common.eval_ids())
     ev = result.metrics["evaluating"]
