@@ -1,7 +1,9 @@
 """Where a podar run reaches its peak memory: the bench's set-up (SmolLM2-135M fp32, 64 × 512 calibration
 windows, seed 0) stepped one stage at a time, printing the peak (VmHWM) and current (VmRSS) resident memory of
-this process whenever the peak grew by more than 5 MiB, with the stage (and layer group) whose handler grew it.
-Groups of the site walk: 4 per block, group % 4 = 0 q/k/v, 1 o_proj, 2 gate/up, 3 down_proj.
+this process whenever the peak grew by more than 5 MiB, with the stage (and layer group) whose handler grew it,
+and how much of the resident memory is anonymous (activations, pruned weights) and file-backed (the model's
+weights mapped from its safetensors file, shared libraries). Groups of the site walk: 4 per block, group % 4 =
+0 q/k/v, 1 o_proj, 2 gate/up, 3 down_proj.
 
     python bench/memory_trace.py --method sparsegpt --pattern 2:4
 """
@@ -21,7 +23,7 @@ import common  # noqa: E402
 
 
 def status_mb(field: str) -> int:
-    """A /proc/self/status memory field (VmHWM, VmRSS) in MiB."""
+    """A /proc/self/status memory field (VmHWM, VmRSS, RssAnon, RssFile) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) // 1024
@@ -51,7 +53,8 @@ def main() -> None:
     common.prepare()
     model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
-    print(f"model loaded: peak {status_mb('VmHWM')} MiB, resident {status_mb('VmRSS')} MiB")
+    print(f"model loaded: peak {status_mb('VmHWM')} MiB, resident {status_mb('VmRSS')} MiB "
+          f"(anonymous {status_mb('RssAnon')}, file {status_mb('RssFile')})")
     pattern = SparsityPatternConfig.nm_2_4() if args.pattern == "2:4" else SparsityPatternConfig.unstructured()
     cfg = PruningConfig(
         method=args.method, target_sparsity=0.5, pattern=pattern,
@@ -74,7 +77,8 @@ def main() -> None:
             if peak > last + 5:
                 group = pipe._runner.ctx.state.group_index  # noqa: SLF001
                 print(f"step {step} ({pipe.stage.value}, group {group}): peak {peak} MiB, "
-                      f"resident {status_mb('VmRSS')} MiB")
+                      f"resident {status_mb('VmRSS')} MiB (anonymous {status_mb('RssAnon')}, "
+                      f"file {status_mb('RssFile')})")
                 last = peak
         print(f"end of pruning: peak {status_mb('VmHWM')} MiB")
     finally:

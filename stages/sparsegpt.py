@@ -66,9 +66,12 @@ def inverse_hessian_factor(
         damped = h.clone()
         damped[idx, idx] += frac * mean_diag
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # at most three (in, in) matrices alive at once: h, the factor, its successor
         if info.item() == 0:
             inv = torch.cholesky_inverse(lower)  # (in, in) = (H + λI)⁻¹
+            del lower
             upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info2.item() == 0 and torch.isfinite(upper).all():
                 return upper, dead, frac, retry
         if retry == MAX_DAMPENING_RETRIES:
