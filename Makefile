@@ -43,10 +43,13 @@ bench: model
 bench-time: model
 	$(PY) bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
 
-# the calibration-based cases on two more calibration draws (seeds 1, 2), then perplexity ratios over all three
+# the calibration-based cases on two more calibration draws (seeds 1, 2), SparseGPT 2:4 (the closest call) on
+# two more (3, 4), then perplexity ratios over all draws
 bench-seeds: model
 	$(PY) bench/bench_methods.py --seed 1 --cases wanda:unstructured wanda:2:4 sparsegpt:unstructured sparsegpt:2:4
 	$(PY) bench/bench_methods.py --seed 2 --cases wanda:unstructured wanda:2:4 sparsegpt:unstructured sparsegpt:2:4
+	$(PY) bench/bench_methods.py --seed 3 --cases sparsegpt:2:4
+	$(PY) bench/bench_methods.py --seed 4 --cases sparsegpt:2:4
 	$(PY) bench/summarize_seeds.py
 
 clean:
