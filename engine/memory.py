@@ -7,7 +7,8 @@
   resident only when read. Hashing the weights (the run's fingerprint) and writing the dense reference read all
   of them at once; afterwards the kernel is told (``madvise(MADV_PAGEOUT)``) that those pages are not needed now,
   so they come back block by block as calibration reaches them instead of all staying resident from the start.
-  Only file-backed mappings are advised (anonymous memory is never touched); the data is unchanged either way.
+  Only file-backed mappings are advised, never anonymous ones; the data is unchanged either way. (Pages of such a
+  mapping that were already written are private copies: with swap configured the kernel may swap them out.)
 
 Both are Linux-only and do nothing elsewhere (macOS, musl, Windows).
 """
@@ -34,9 +35,11 @@ def _libc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def release_free_memory() -> bool:
@@ -65,10 +68,11 @@ def file_backed_ranges(maps_text: str | None = None) -> list[tuple[int, int]]:
 
 
 def page_out_file_backed(tensors: Iterable[torch.Tensor], ranges: list[tuple[int, int]] | None = None) -> int:
-    """Advise the kernel to drop the resident pages of the CPU tensors' storage that lie in file-backed
-    mappings (whole pages only). Returns the bytes advised; 0 where unsupported. Never changes the data: a page
-    read again is brought back from the file (or the page cache). ``ranges``: ``file_backed_ranges()`` read
-    once by a caller that advises tensor by tensor."""
+    """Advise the kernel to drop the resident pages of the CPU tensors' bytes (each tensor's own extent, not
+    the rest of a storage it is a view of) that lie in file-backed mappings (whole pages only). Returns the
+    bytes advised; 0 where unsupported. Never changes the data: a page read again is brought back from the file
+    (or the page cache). ``ranges``: ``file_backed_ranges()`` read once by a caller that advises tensor by
+    tensor."""
     libc = _libc()
     if libc is None:
         return 0
@@ -80,17 +84,16 @@ def page_out_file_backed(tensors: Iterable[torch.Tensor], ranges: list[tuple[int
     for t in tensors:
         if t.device.type != "cpu" or t.numel() == 0:
             continue
-        storage = t.untyped_storage()
-        lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        lo = t.data_ptr()
+        hi = lo + extent * t.element_size()
         for start, end in ranges:
             a, b = max(lo, start), min(hi, end)
             a, b = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
             if b > a:
                 spans.add((a, b))
     advised = 0
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for a, b in sorted(spans):
-        if madvise(a, b - a, _MADV_PAGEOUT) == 0:
+        if libc.madvise(a, b - a, _MADV_PAGEOUT) == 0:
             advised += b - a
     return advised

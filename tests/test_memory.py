@@ -67,3 +67,16 @@ def test_fingerprint_hands_each_hashed_tensor_on():
     seen: list[torch.Tensor] = []
     assert weights_fingerprint(model, after_each=seen.append) == weights_fingerprint(model)
     assert len(seen) == len(model.state_dict())
+
+
+@linux
+def test_page_out_of_a_view_advises_only_the_views_pages(tmp_path):
+    values = np.zeros(4 * 2**20 // 4, dtype=np.float32)  # 4 MiB file
+    path = tmp_path / "weights.bin"
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    half = mapped[: mapped.numel() // 2]  # a view over the first 2 MiB of the mapping
+    advised = page_out_file_backed([half])
+    if advised == 0:
+        pytest.skip("this kernel does not support MADV_PAGEOUT")
+    assert advised <= 2 * 2**20  # not the whole storage
