@@ -21,13 +21,18 @@ EVAL_WINDOWS = 32
 SEED = 0
 
 
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmHWM, VmRSS, RssAnon, RssFile) in MiB, this process only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM) in MiB. Not getrusage's ru_maxrss: Linux carries that over
     from the forking parent across exec, so a child of a big parent would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status_mib("VmHWM")
 
 
 def data_dir() -> Path:
@@ -62,6 +67,34 @@ def prepare(seed: int = SEED) -> None:
         save_file({"input_ids": calibration_windows(cal, NUM_SAMPLES, SEQ_LEN, seed).contiguous()},
                   str(calib_path(seed)))
         save_file({"input_ids": eval_windows(ev, SEQ_LEN, EVAL_WINDOWS).contiguous()}, str(EVAL))
+
+
+def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int = 4, granularity: str = "auto",
+                 chunked_attention: bool = True, export=None):
+    """The PruningConfig of a bench run: 50% ``pattern`` ('unstructured' or '2:4') with ``method``, the bench's
+    model folder, calibration windows (``seed``) and evaluation windows, no perplexity gate; ``export`` an
+    ExportConfig or None for the default."""
+    from podar import (
+        CalibrationConfig,
+        EvaluationConfig,
+        ExportConfig,
+        ModelSourceConfig,
+        PruningConfig,
+        QualityGates,
+        SparsityPatternConfig,
+    )
+
+    return PruningConfig(
+        method=method, target_sparsity=0.5,
+        pattern=SparsityPatternConfig.nm_2_4() if pattern == "2:4" else SparsityPatternConfig.unstructured(),
+        model=ModelSourceConfig(kind="hf", name=str(MODEL_DIR)),
+        calibration=CalibrationConfig(num_samples=NUM_SAMPLES, sequence_length=SEQ_LEN, dataset="wikitext2-valid",
+                                      seed=seed, batch_size=batch_size, granularity=granularity,
+                                      chunked_attention=chunked_attention),
+        evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=SEQ_LEN, max_windows=EVAL_WINDOWS,
+                                    gates=QualityGates(max_perplexity_increase_pct=None)),
+        export=export if export is not None else ExportConfig(),
+    )
 
 
 def calibration_ids(seed: int = SEED) -> torch.Tensor:

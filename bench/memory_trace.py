@@ -23,11 +23,8 @@ import common  # noqa: E402
 
 
 def status_mb(field: str) -> int:
-    """A /proc/self/status memory field (VmHWM, VmRSS, RssAnon, RssFile) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) // 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    """A /proc/self/status memory field (VmHWM, VmRSS, RssAnon, RssFile) in whole MiB."""
+    return int(common.status_mib(field))
 
 
 def main() -> None:
@@ -39,32 +36,14 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from podar import (
-        CalibrationConfig,
-        EvaluationConfig,
-        ModelSourceConfig,
-        Pipeline,
-        PruningConfig,
-        PruningStage,
-        QualityGates,
-        SparsityPatternConfig,
-    )
+    from podar import Pipeline, PruningStage
 
     common.prepare()
     model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
     print(f"model loaded: peak {status_mb('VmHWM')} MiB, resident {status_mb('VmRSS')} MiB "
           f"(anonymous {status_mb('RssAnon')}, file {status_mb('RssFile')})")
-    pattern = SparsityPatternConfig.nm_2_4() if args.pattern == "2:4" else SparsityPatternConfig.unstructured()
-    cfg = PruningConfig(
-        method=args.method, target_sparsity=0.5, pattern=pattern,
-        model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
-        calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
-                                      dataset="wikitext2-valid", seed=common.SEED, batch_size=args.batch_size),
-        evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
-                                    max_windows=common.EVAL_WINDOWS,
-                                    gates=QualityGates(max_perplexity_increase_pct=None)),
-    )
+    cfg = common.podar_config(args.method, args.pattern, batch_size=args.batch_size)
     run_dir = Path(tempfile.mkdtemp(prefix="podar-memtrace-"))
     try:
         pipe = Pipeline(cfg, run_dir=run_dir / "run", model=model, tokenizer=tok, progress=False)

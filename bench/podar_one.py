@@ -33,35 +33,16 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from podar import (
-        CalibrationConfig,
-        EvaluationConfig,
-        ExportConfig,
-        ModelSourceConfig,
-        Pipeline,
-        PruningConfig,
-        PruningStage,
-        QualityGates,
-        SparsityPatternConfig,
-    )
+    from podar import ExportConfig, Pipeline, PruningStage
 
     torch.set_num_threads(torch.get_num_threads())
     model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
-    pattern = SparsityPatternConfig.nm_2_4() if args.pattern == "2:4" else SparsityPatternConfig.unstructured()
-    cfg = PruningConfig(
-        method=args.method, target_sparsity=0.5, pattern=pattern,
-        model=ModelSourceConfig(kind="hf", name=str(common.MODEL_DIR)),
-        calibration=CalibrationConfig(num_samples=common.NUM_SAMPLES, sequence_length=common.SEQ_LEN,
-                                      dataset="wikitext2-valid", seed=args.seed,
-                                      batch_size=args.batch_size, granularity=args.granularity,
-                                      chunked_attention=args.chunked_attention == "on"),
-        evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=common.SEQ_LEN,
-                                    max_windows=common.EVAL_WINDOWS,
-                                    gates=QualityGates(max_perplexity_increase_pct=None)),
+    cfg = common.podar_config(
+        args.method, args.pattern, seed=args.seed, batch_size=args.batch_size, granularity=args.granularity,
+        chunked_attention=args.chunked_attention == "on",
         export=ExportConfig(format=args.export_format, quantization=args.quantization, dtype="float16",
-                            verify_windows=2),
-    )
+                            verify_windows=2))
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()

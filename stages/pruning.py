@@ -135,14 +135,13 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
             if cursor.position != tuple(site_groups[st.group_index]):
                 raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
                                  f"{tuple(site_groups[st.group_index])}", stage="Pruning")
-            n_batches = _batches_covering(cursor.batches, n_measured) if last else None
+            n_batches = _batches_covering([b - a for a, b in cursor.batches], n_measured) if last else None
             if n_batches != 0:
                 cursor.step(layers, max_batches=n_batches)
                 forwards += 1
         else:
             if last:
-                ends = list(itertools.accumulate(h.shape[0] for h in inputs.hidden))
-                k = _batches_covering(list(zip([0, *ends[:-1]], ends, strict=True)), n_measured)
+                k = _batches_covering([h.shape[0] for h in inputs.hidden], n_measured)
                 inputs = BlockInputs(kwargs=inputs.kwargs[:k], hidden=inputs.hidden[:k])
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
                 inputs = run_block(layers[b], inputs, in_place=True)
@@ -159,14 +158,14 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
     return forwards
 
 
-def _batches_covering(batches: list[tuple[int, int]], n_samples: int) -> int:
-    """How many of the leading batches (sample ranges) hold the first ``n_samples`` samples."""
+def _batches_covering(sizes: list[int], n_samples: int) -> int:
+    """How many of the leading batches (``sizes``: samples per batch, in order) hold the first ``n_samples``."""
     if n_samples <= 0:
         return 0
-    for i, (_a, b) in enumerate(batches):
-        if b >= n_samples:
+    for i, end in enumerate(itertools.accumulate(sizes)):
+        if end >= n_samples:
             return i + 1
-    return len(batches)
+    return len(sizes)
 
 
 def run(ctx: RunContext) -> StageResult:

@@ -20,6 +20,7 @@ passed through) and a block is accepted only if walking it reproduces its forwar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,9 +151,7 @@ class SublayerCursor:
         """(N, *out.shape[1:]) view of ``buffer`` for the site's stored output, ``buffer`` (re)made only when it
         is missing, too small, or of another dtype/device. Sized for the wider of the block's two carries."""
         shape = (self.hidden.shape[0], *out.shape[1:])
-        need = 1
-        for d in shape:
-            need *= d
+        need = math.prod(shape)
         buf = self.buffer
         if buf is None or buf.numel() < need or buf.dtype != out.dtype or buf.device != out.device:
             widths = (blk.self_attn.o_proj.in_features, blk.mlp.down_proj.in_features, out.shape[-1])
