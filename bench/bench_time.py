@@ -28,6 +28,11 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=CASES)
     ap.add_argument("--pairs", type=int, default=3)
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error(f"--pairs must be at least 1, got {args.pairs}")
+    bad = [c for c in args.cases if c not in CASES]
+    if bad:
+        ap.error(f"--cases: unknown {bad}; choose from {CASES}")
     common.prepare()
     py = ensure_llmc_venv()
     rows = []
