@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import shutil
 import sys
 import time
@@ -29,6 +31,9 @@ def main() -> None:
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--time-only", action="store_true",
                     help="stop after pruning: time, stage times and peak memory only (no evaluation, no export)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="profile the pruning with cProfile: write the stats to this file and print the 30 "
+                         "functions with the most own time to stderr (times are inflated by the profiler)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,11 +50,18 @@ def main() -> None:
                             verify_windows=2))
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
+    profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
+    if profiler:
+        profiler.enable()
     pipe = Pipeline(cfg, run_dir=run_dir, model=model, tokenizer=tok, progress=False)
     while pipe.stage is not PruningStage.FINE_TUNING and not pipe.stage.is_terminal():
         pipe.step()
     prune_s = time.perf_counter() - started
+    if profiler:
+        profiler.disable()
+        profiler.dump_stats(str(args.profile))
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     peak_after_prune = common.peak_rss_mb()
     # the same samples and windows as llm-compressor gets
     ctx = pipe._runner.ctx  # noqa: SLF001 (benchmark introspection)

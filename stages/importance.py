@@ -18,7 +18,11 @@ STAGE = "computing_importance"
 
 
 def _check_finite(tensor: torch.Tensor, layer: str, what: str) -> None:
-    bad = (~torch.isfinite(tensor)).sum().item()
+    """Raise naming ``layer`` when ``tensor`` holds NaN/Inf. One reduction when all is well: any NaN or Inf makes
+    the sum non-finite; only then are the bad entries counted (a sum that merely overflowed has none)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
     if bad:
         raise StageError(
             f"layer '{layer}': {what} has {bad} non-finite value(s) (NaN/Inf); the model or its calibration "

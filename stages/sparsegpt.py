@@ -23,6 +23,7 @@ from .masks import _lowest_k
 
 __all__ = ["gram_errors", "hessian_from_sum", "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
 
+_SUB_BLOCK = 16  # unstructured: columns whose errors are spread over the rest of the block in one product
 MAX_DAMPENING_RETRIES = 8  # frac doubles each retry: 0.01 → 2.56 at most
 
 
@@ -56,9 +57,12 @@ def inverse_hessian_factor(
     ``dead``: (in,) bool, inputs never active during calibration. Raises StageError naming ``layer`` when the
     factorization fails after MAX_DAMPENING_RETRIES doublings of the dampening (never falls back silently).
     """
-    h = hessian.float().clone()  # (in, in)
-    dead = torch.diag(h) == 0  # (in,)
-    h[dead, dead] = 1.0
+    # reversed order (J H J, J the exchange matrix): if J (H + λI) J = L Lᵀ, then (H + λI)⁻¹ = Uᵀ U with
+    # U = J L⁻¹ J upper triangular — one Cholesky and one triangular inverse instead of Cholesky, inverse from
+    # the factor, and a second Cholesky
+    h = hessian.float().flip(0, 1)  # (in, in) J H J (a copy)
+    dead = torch.diag(h).flip(0) == 0  # (in,) in the original order
+    h[dead.flip(0), dead.flip(0)] = 1.0
     mean_diag = torch.mean(torch.diag(h)).item()
     frac = dampening_frac
     idx = torch.arange(h.shape[0], device=h.device)
@@ -66,13 +70,12 @@ def inverse_hessian_factor(
         damped = h.clone()
         damped[idx, idx] += frac * mean_diag
         lower, info = torch.linalg.cholesky_ex(damped)
-        del damped  # at most three (in, in) matrices alive at once: h, the factor, its successor
+        del damped  # at most three (in, in) matrices alive at once: h, the factor, its inverse
         if info.item() == 0:
-            inv = torch.cholesky_inverse(lower)  # (in, in) = (H + λI)⁻¹
-            del lower
-            upper, info2 = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if info2.item() == 0 and torch.isfinite(upper).all():
+            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)  # J L⁻¹ J
+            del lower, eye
+            if torch.isfinite(upper).all():
                 return upper, dead, frac, retry
         if retry == MAX_DAMPENING_RETRIES:
             break
@@ -94,14 +97,32 @@ def sparsegpt_saliency(weight: torch.Tensor, hinv_upper: torch.Tensor, dead: tor
     return w.pow(2) / torch.diag(hinv_upper).pow(2)[None, :]  # (out, in)
 
 
-def _lowest_in_groups(sal: torch.Tensor, k: int) -> torch.Tensor:
-    """prune: (m, out) float, 1.0 at the k lowest of each column of sal (m, out); ties by position, as a stable
-    sort's first k. Ranks by m² comparisons (m is small: N:M groups), no sort."""
+def _group_ranker(m: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, thr) for ``_lowest_in_groups``: C (m, m·m), thr (m, 1).
+
+    rank_j, the number of entries of a group of m that come before entry j in a stable ascending order, is
+    j + (C @ L)[j] with L[a, b] = [s_a < s_b] (flattened): of a pair a > b (a later), a comes first only when
+    s_a < s_b, so L[a, b] adds one to rank_b and takes one from the b < a that would otherwise count towards
+    rank_a. Entry j is among the k lowest when (C @ L)[j] < k − j = thr[j].
+    """
+    c = torch.zeros(m, m, m, dtype=dtype, device=device)  # [j, a, b]
+    for a in range(m):
+        for b in range(a):
+            c[b, a, b] += 1.0
+            c[a, a, b] -= 1.0
+    thr = (k - torch.arange(m, dtype=dtype, device=device))[:, None]
+    return c.view(m, m * m), thr
+
+
+def _lowest_in_groups(sal: torch.Tensor, k: int,
+                      ranker: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """prune: (m, out) bool, True at the k lowest of each column of sal (m, out); ties by position, as a stable
+    sort's first k. m² comparisons and one (m, m²) @ (m², out) product, no sort (m is small: N:M groups).
+    ``ranker``: ``_group_ranker(m, k, ...)`` when the caller keeps it across calls."""
     m = sal.shape[0]
-    a, b = sal[:, None, :], sal[None, :, :]  # a: entry j, b: entry i (m, m, out)
-    before = torch.ones(m, m, dtype=torch.bool, device=sal.device).tril(-1)[:, :, None]  # i < j
-    rank = (b < a).sum(dim=1) + ((b == a) & before).sum(dim=1)  # (m, out) position in a stable order
-    return (rank < k).to(sal.dtype)
+    coef, thr = ranker if ranker is not None else _group_ranker(m, k, sal.dtype, sal.device)
+    lower = (sal[:, None, :] < sal[None, :, :]).view(m * m, -1).to(sal.dtype)  # (m², out) [s_a < s_b]
+    return (coef @ lower) < thr  # (m, out)
 
 
 @torch.no_grad()
@@ -128,6 +149,7 @@ def sparsegpt_prune(
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
     loss = torch.zeros(out_f, dtype=torch.float64, device=w.device)
     nm = n is not None and m is not None
+    ranker = _group_ranker(m, m - n, w.dtype, w.device) if nm else None  # type: ignore[operator]
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         count = i2 - i1
@@ -135,30 +157,41 @@ def sparsegpt_prune(
         w1 = w[:, i1:i2].t().contiguous()  # (count, out)
         err1 = torch.zeros_like(w1)  # (count, out)
         u1 = hinv_upper[i1:i2, i1:i2]  # (count, count)
-        d1 = torch.diag(u1)  # (count,)
-        prune1 = torch.zeros_like(w1)  # (count, out) 1.0 = pruned (a float, so it multiplies)
+        inv_d = torch.diag(u1).reciprocal()  # (count,) 1 / U_ii
+        inv_d2 = inv_d.square()  # (count,)
+        # (count, out): 1/U_ii where the weight is pruned, 0 where kept — the pruned entries' error factor
+        scale1 = torch.zeros_like(w1)
         if not nm:
-            sal = w1.pow(2) / d1.pow(2)[:, None]  # (count, out)
+            sal = w1.square().mul_(inv_d2[:, None])  # (count, out)
             if prior_mask is not None:
                 sal = sal.masked_fill(~prior_mask[:, i1:i2].t(), -1.0)
             for r0, r1 in row_segments or [(0, out_f)]:
                 seg = sal[:, r0:r1].t().reshape(-1)  # (rows·count,) in W's row-major order
                 k = int(seg.numel() * sparsity_frac)
                 if k > 0:  # the k lowest, ties by position (a stable sort's first k), without sorting
-                    prune1[:, r0:r1] = (~_lowest_k(seg, k)).view(r1 - r0, count).t()
-        for i in range(count):
-            if nm and i % m == 0:  # type: ignore[operator]
-                sal = w1[i:i + m].pow(2) / d1[i:i + m].pow(2)[:, None]  # (m, out)
+                    scale1[:, r0:r1] = (~_lowest_k(seg, k)).view(r1 - r0, count).t()
+            scale1.mul_(inv_d[:, None])
+        # columns in sub-blocks of ``sub`` (N:M: one group): inside a sub-block each column's error updates only
+        # the sub-block's later columns; the rest of the block gets the sub-block's errors in one product after
+        # it (the same sums as column by column, regrouped)
+        sub = m if nm else _SUB_BLOCK
+        for g0 in range(0, count, sub):  # type: ignore[arg-type]
+            g1 = min(g0 + sub, count)  # type: ignore[operator]
+            if nm:  # the group's mask, chosen on its weights as updated so far
+                sal = w1[g0:g1].square().mul_(inv_d2[g0:g1, None])  # (m, out)
                 if prior_mask is not None:
-                    sal = sal.masked_fill(~prior_mask[:, i1 + i:i1 + i + m].t(), -1.0)
-                prune1[i:i + m] = _lowest_in_groups(sal, m - n)  # type: ignore[operator]
-            # e = (w − q) / U_ii with q the column after pruning: the pruned entries over U_ii, 0 elsewhere
-            e = err1[i]  # (out,)
-            torch.mul(w1[i], prune1[i], out=e)
-            e.div_(u1[i, i])
-            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # OBS update of the rest of the block (column i → ≈q)
+                    sal.masked_fill_(~prior_mask[:, i1 + g0:i1 + g1].t(), -1.0)
+                pruned = _lowest_in_groups(sal, m - n, ranker)  # type: ignore[operator]
+                torch.mul(pruned, inv_d[g0:g1, None], out=scale1[g0:g1])
+            for i in range(g0, g1):
+                # e = (w − q) / U_ii with q the column after pruning: the pruned entries over U_ii, 0 elsewhere
+                e = torch.mul(w1[i], scale1[i], out=err1[i])  # (out,)
+                if i + 1 < g1:
+                    w1[i + 1:g1].addr_(u1[i, i + 1:g1], e, alpha=-1.0)  # OBS update of the sub-block's rest
+            if g1 < count:  # (count − g1, g) @ (g, out): the sub-block's errors on the block's later columns
+                w1[g1:].addmm_(u1[g0:g1, g1:].t(), err1[g0:g1], alpha=-1.0)
         loss += err1.double().pow(2).sum(dim=0) / 2  # Σ (w − q)² / U_ii² / 2 per row
-        prune1 = prune1.bool()
+        prune1 = scale1 != 0  # (count, out) True = pruned (1/U_ii > 0)
         w1.masked_fill_(prune1, 0.0)  # exactly q where the update left rounding residue
         w[:, i1:i2] = w1.t()
         prune[:, i1:i2] = prune1.t()

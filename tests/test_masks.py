@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from podar.schemas.errors import StageError
 from podar.stages.bitpack import pack_bits, unpack_bits
 from podar.stages.masks import (
     block_mask,
@@ -144,3 +145,18 @@ def test_lowest_k_ties_by_position_like_a_stable_sort():
     for k in (0, 1, 16, 32, 33):
         ref = ref_per_row(ints, k / 33 + 1e-12) if k < 33 else torch.zeros_like(ints, dtype=torch.bool)
         assert torch.equal(_lowest_k(ints, k), ref), k
+
+
+def test_finite_check_names_the_layer_and_passes_an_overflowing_sum():
+    """The weight/statistic check: NaN or Inf anywhere fails naming the layer and the count; finite values whose
+    sum overflows float32 pass."""
+    from podar.stages.importance import _check_finite
+
+    big = torch.full((4, 4), 3e38)  # finite, but the sum is inf
+    _check_finite(big, "layer.a", "the weight")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(5, 7)
+        t[2, 3] = bad
+        t[4, 0] = bad
+        with pytest.raises(StageError, match=r"layer 'layer.b': the weight has 2 non-finite"):
+            _check_finite(t, "layer.b", "the weight")

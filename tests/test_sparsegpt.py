@@ -119,6 +119,23 @@ def test_dead_inputs_zeroed_and_saliency():
     assert (ours[:, 3] == 0).all()
 
 
+def test_inverse_factor_is_upper_and_squares_to_the_dampened_inverse_in_float64():
+    """U is upper triangular with a positive diagonal and Uᵀ U = (H + λI)⁻¹ (dead inputs set to H_jj = 1), the
+    inverse computed directly in float64."""
+    w, x = data(8, 48, seed=6)
+    x[:, 5] = 0  # a dead input
+    h = hessian_from_sum((x.t() @ x).float(), 3)
+    upper, dead, frac, retries = inverse_hessian_factor(h, 0.01)
+    assert retries == 0 and frac == 0.01 and dead.nonzero().flatten().tolist() == [5]
+    assert torch.equal(upper, torch.triu(upper)) and (torch.diag(upper) > 0).all()
+    h64 = h.double().clone()
+    h64[5, 5] = 1.0
+    h64 += 0.01 * torch.diag(h64).mean() * torch.eye(48, dtype=torch.float64)
+    ref = torch.linalg.inv(h64)
+    got = upper.double().t() @ upper.double()
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
 def test_cholesky_retries_then_fails_loudly():
     h = -torch.eye(4)  # negative definite: no dampening of 0.01·mean(diag) can fix it within the bound
     h[0, 0] = 1.0
@@ -189,11 +206,13 @@ def test_nm_group_choice_breaks_ties_like_a_stable_sort():
     from podar.stages.sparsegpt import _lowest_in_groups
 
     g = torch.Generator().manual_seed(3)
-    sal = torch.randint(0, 3, (4, 500), generator=g).float()  # many ties
-    for k in (1, 2, 3):
-        ref = torch.zeros_like(sal)
-        ref.scatter_(0, torch.sort(sal, dim=0, stable=True).indices[:k], 1.0)
-        assert torch.equal(_lowest_in_groups(sal, k), ref)
+    for m in (2, 4, 8):
+        sal = torch.randint(-1, 3, (m, 500), generator=g).float()  # many ties; −1 as a prior mask marks
+        sal[:, :50] = torch.rand(m, 50, generator=g)  # and columns without ties
+        for k in range(m + 1):
+            ref = torch.zeros_like(sal, dtype=torch.bool)
+            ref.scatter_(0, torch.sort(sal, dim=0, stable=True).indices[:k], True)
+            assert torch.equal(_lowest_in_groups(sal, k), ref), (m, k)
 
 
 def test_gram_errors_match_the_errors_on_the_inputs():
