@@ -4,11 +4,14 @@ Math (fp32 throughout):
 - H = (2/N) Σ x xᵀ over every calibration token, N = calibration sequences (the reference's normaliser).
 - Dead inputs (diag H = 0) get H_jj = 1 and their weights are zeroed.
 - Dampening: H + λ I with λ = frac · mean(diag H); if Cholesky fails, frac is doubled (a bounded number of times).
-- U = upper Cholesky factor of H⁻¹. Saliency of w_ij = w_ij² / U_jj².
+- U = upper Cholesky factor of H⁻¹ (Uᵀ U = H⁻¹), computed as J L⁻¹ J from the lower factor L of J H J (J reverses
+  the order). Saliency of w_ij = w_ij² / U_jj².
 - Columns are processed in blocks of ``block_size``: the mask of a block is chosen at the block start (the
   lowest-saliency fraction of the block's weights, unstructured) or at each group start (N:M); each column's
   pruning error is spread over the remaining columns of the block (OBS update), then the block's error over
-  the columns after it.
+  the columns after it. Inside a block the same sums are grouped once more: a column's error goes at once to
+  the later columns of its sub-block (an N:M group, or 16 columns), the sub-block's errors to the rest of the
+  block in one product.
 """
 
 from __future__ import annotations
