@@ -56,10 +56,11 @@ def load_text(name: str, data_dir: Path | None, *, field: str = "dataset") -> st
         hub = _from_hub(spec["hub"])
         if hub is not None:
             return hub
-        where = f"'{data_dir / spec['file']}'" if data_dir else "no data folder (data_dir / PODAR_DATA_DIR unset)"
+        where = (f"'{data_dir / spec['file']}' does not exist" if data_dir
+                 else "no data folder is set (data_dir, PODAR_DATA_DIR)")
         raise DataError(
-            f"{field} '{name}': {where} not found and the 'datasets' package is not available for the hub "
-            "fallback; set PODAR_DATA_DIR (or data_dir) to the folder holding it"
+            f"{field} '{name}': {where}, and the hub fallback needs the 'datasets' package and a connection; set "
+            f"PODAR_DATA_DIR (or data_dir) to the folder that holds {spec['file']}"
         )
     path = Path(name).expanduser()
     if not path.is_file():

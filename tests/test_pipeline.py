@@ -344,3 +344,18 @@ def test_last_group_runs_only_what_its_error_needs(tiny_config, tmp_path, method
     for r in prunings:
         errors = [lm["reconstruction_error"] for lm in r.layer_metrics.values()]
         assert len(errors) == 7 and all(0.0 < e < 1.0 for e in errors), r.metrics["group"]
+
+
+def test_named_dataset_without_data_folder_names_the_field_and_the_fix(tmp_path, monkeypatch):
+    """A named dataset with no data folder (or a folder without its file) and no hub: the error names the config
+    field, the missing path or unset setting, and what to set."""
+    from podar.engine import data
+    from podar.schemas.errors import DataError
+
+    monkeypatch.setattr(data, "_from_hub", lambda spec: None)
+    with pytest.raises(DataError, match=r"calibration\.dataset 'wikitext2-valid': no data folder is set "
+                                        r"\(data_dir, PODAR_DATA_DIR\).*wikitext-2/valid\.txt"):
+        data.load_text("wikitext2-valid", None, field="calibration.dataset")
+    with pytest.raises(DataError, match=r"evaluation\.dataset 'wikitext2': '.*wiki\.test\.raw' does not exist.*"
+                                        r"PODAR_DATA_DIR"):
+        data.load_text("wikitext2", tmp_path, field="evaluation.dataset")
