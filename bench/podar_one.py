@@ -35,6 +35,8 @@ def main() -> None:
                     help="profile the pruning with cProfile: write the stats to this file and print the 30 "
                          "functions with the most own time to stderr (times are inflated by the profiler)")
     args = ap.parse_args()
+    if args.profile is not None and not args.profile.parent.is_dir():
+        ap.error(f"--profile: folder '{args.profile.parent}' does not exist")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

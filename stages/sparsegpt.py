@@ -64,8 +64,9 @@ def inverse_hessian_factor(
     # U = J L⁻¹ J upper triangular — one Cholesky and one triangular inverse instead of Cholesky, inverse from
     # the factor, and a second Cholesky
     h = hessian.float().flip(0, 1)  # (in, in) J H J (a copy)
-    dead = torch.diag(h).flip(0) == 0  # (in,) in the original order
-    h[dead.flip(0), dead.flip(0)] = 1.0
+    dead_reversed = torch.diag(h) == 0  # (in,) in J's order
+    h[dead_reversed, dead_reversed] = 1.0
+    dead = dead_reversed.flip(0)  # (in,) in the original order
     mean_diag = torch.mean(torch.diag(h)).item()
     frac = dampening_frac
     idx = torch.arange(h.shape[0], device=h.device)
@@ -73,7 +74,7 @@ def inverse_hessian_factor(
         damped = h.clone()
         damped[idx, idx] += frac * mean_diag
         lower, info = torch.linalg.cholesky_ex(damped)
-        del damped  # at most three (in, in) matrices alive at once: h, the factor, its inverse
+        del damped  # at most four (in, in) matrices alive at once: h, the factor, the identity, the inverse
         if info.item() == 0:
             eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
             upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)  # J L⁻¹ J
