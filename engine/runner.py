@@ -1,10 +1,13 @@
 """The runner: binds stage handlers to the machine's on-enter hooks, checkpoints each result, writes the audit
 record of every move, and fires the next trigger after the hook returns (so nothing nests).
 
-Order of one step: choose the trigger → the machine checks conditions → ``_before`` appends the audit line and
-writes the manifest (state = destination, not yet done) → the destination's on-enter hook runs its handler →
-the result is checkpointed (artifacts recorded, manifest written last). A handler that raises is recorded once
-and the next step fires ``fail``.
+Order of one step: choose the trigger → the machine checks conditions → ``_before`` appends the audit line (the
+move is durable from here) → the destination's on-enter hook runs its handler → the result is checkpointed
+(artifacts recorded, manifest written last, with the move's history entry). A move into a terminal state
+(Complete, Failed) has no handler: ``_before`` writes the manifest itself. A handler that raises is recorded
+once and the next step fires ``fail``. So the manifest is written once per move; while a handler runs it still
+shows the previous state, and the audit log holds the move in progress (resume and ``podar status`` adopt it:
+``reconcile_history``).
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ class Runner:
 
     # ------------------------------------------------------------ callbacks
     def _before(self, event: Any) -> None:
-        """Audit line + manifest for the move about to happen (durable before the next stage starts)."""
+        """Audit line for the move about to happen (durable before the next stage starts); the manifest too when
+        the destination is terminal (otherwise the checkpoint after the handler writes it)."""
         trigger = event.event.name
         source, dest = event.transition.source, event.transition.dest
         st = self.ctx.state
@@ -160,7 +164,8 @@ class Runner:
         m.progress = self._progress()
         if error is not None:
             m.failure = error
-        self._write_manifest()
+        if PruningStage(dest).is_terminal():  # no handler and no checkpoint follow: this is the move's record
+            self._write_manifest()
         self.ctx.log.info(
             "transition", trigger=trigger, source=PruningStage(source).display, dest=PruningStage(dest).display,
             duration_s=record.duration_s, **({"error": error.message} if error else {}),

@@ -114,9 +114,18 @@ def stage_rows(manifest) -> list[tuple[str, str, str]]:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from podar.engine.store import RunStore
+    from podar.pipeline import reconcile_history
+    from podar.schemas.errors import CheckpointError
 
-    manifest = RunStore(args.run_dir).read_manifest()
-    print(f"run {manifest.run_id} — state {manifest.state} — updated {manifest.updated_at}")
+    store = RunStore(args.run_dir)
+    manifest = store.read_manifest()
+    written_state = manifest.state
+    try:  # a stage at work is in the audit log only until its checkpoint: show it as current
+        reconcile_history(manifest, store.audit_path)
+    except CheckpointError as e:
+        print(f"warning: {e}")
+    print(f"run {manifest.run_id} — state {manifest.state} — updated {manifest.updated_at}"
+          + (f" (audit log; last checkpoint at {written_state})" if manifest.state != written_state else ""))
     for ind, name, note in stage_rows(manifest):
         print(f"  {ind} {name}" + (f"  ({note})" if note else ""))
     for r in manifest.results:

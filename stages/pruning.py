@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from podar.engine.context import RunContext
-from podar.engine.memory import release_free_memory
+from podar.engine.memory import file_backed_ranges, page_out_file_backed, release_free_memory
 from podar.schemas.config import PruneMethod
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
@@ -86,9 +86,14 @@ def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[st
         )
         # ‖WX − ŴX‖² / ‖WX‖² on every calibration token of these inputs, from Σ x xᵀ (no forward needed)
         err, ref = gram_errors(before, new_w, stats["hessian_sum"])
+        ranges = file_backed_ranges()
         for name, w, r0, r1 in zip(names, weights, bounds[:-1], bounds[1:], strict=True):
-            with torch.no_grad():
-                w.copy_(new_w[r0:r1].to(w.dtype))
+            # the solver's rows become the weight (a view of new_w when the dtypes agree): no copy into the old
+            # storage, whose pages, when mapped from the model's file, would each be faulted in and copied
+            old = w.data
+            w.data = new_w[r0:r1].to(old.dtype)
+            page_out_file_backed([old], ranges)  # the old weight's file pages are not needed any more
+            del old
             masks[name] = keep[r0:r1]
             ref_sum = float(ref[r0:r1].sum())
             layer_metrics.setdefault(name, {}).update(

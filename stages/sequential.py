@@ -148,24 +148,38 @@ def new_stat_entry(kind: str, in_features: int, device: torch.device) -> dict[st
     return {"n_samples": 0, "hessian_sum": torch.zeros(in_features, in_features, dtype=torch.float32, device=device)}
 
 
-_GRAM_ROWS = 256  # row band of the upper-triangular Gram update
+_GRAM_LEAF = 128  # diagonal blocks at most this wide are summed whole (a square product)
+
+
+def _add_upper_gram(h: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> None:
+    """h[lo:hi, lo:hi] upper triangle (and some entries below it, inside diagonal leaves) += x[:, lo:hi]ᵀ x[:, lo:hi].
+
+    h (in, in) fp32, x (tokens, in) fp32. Halves recursively: the off-diagonal quarter is one product, the two
+    diagonal halves recurse down to leaves of ``_GRAM_LEAF`` columns — about half the full product's work plus
+    the leaves, in products large enough to run near the machine's peak (leaf 128 measured best of 96–288 on
+    2 CPU cores for in = 576 and 1536: 10–12% less time than row bands of 256)."""
+    if hi - lo <= _GRAM_LEAF:
+        h[lo:hi, lo:hi].addmm_(x[:, lo:hi].t(), x[:, lo:hi])
+        return
+    mid = lo + ((hi - lo) // 2 + 31) // 32 * 32  # split on a multiple of 32 columns
+    _add_upper_gram(h, x, lo, mid)
+    h[lo:mid, mid:hi].addmm_(x[:, lo:mid].t(), x[:, mid:hi])  # (mid−lo, hi−mid)
+    _add_upper_gram(h, x, mid, hi)
 
 
 def add_stats(entry: dict[str, Any], x: torch.Tensor, kind: str) -> None:
     """Add the inputs x (B, T, in) or (tokens, in) to ``entry``; ``n_samples`` counts sequences (B).
 
-    SparseGPT's Σ x xᵀ is symmetric, so only the bands on and above the diagonal are summed (about 60% of the
-    full product's work for in ≥ 512); ``finish_stats`` mirrors them once calibration is done.
+    SparseGPT's Σ x xᵀ is symmetric, so only its upper triangle is summed (``_add_upper_gram``: a little over
+    half the full product's work); ``finish_stats`` mirrors it once calibration is done.
     """
     n_seq = x.shape[0] if x.dim() == 3 else 1
     flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
     if kind == "wanda":
         entry["sq_norm_sum"] += flat.pow(2).sum(dim=0)
     else:
-        h = entry["hessian_sum"]  # (in, in), upper bands valid
-        for r0 in range(0, h.shape[0], _GRAM_ROWS):
-            r1 = min(r0 + _GRAM_ROWS, h.shape[0])
-            h[r0:r1, r0:].addmm_(flat[:, r0:r1].t(), flat[:, r0:])  # += x[:, r0:r1]ᵀ x[:, r0:]
+        h = entry["hessian_sum"]  # (in, in), upper triangle valid
+        _add_upper_gram(h, flat, 0, h.shape[0])
         entry["upper_only"] = True
     entry["n_samples"] += n_seq
 

@@ -64,9 +64,11 @@ class SublayerCursor:
 
     ``hidden`` (N, T, C): the residual stream of all N samples, the block's input at sites 0–1 and x + attention
     at sites 2–3, updated in place. ``carry``: the stored input of site 1 (N, T, C_attn) or site 3 (N, T, I),
-    None at sites 0 and 2: a view of ``buffer``, one allocation made at the first step and reused by every
-    site after it, so the walk does not fault fresh pages in (and fragment the heap) twice per block.
-    ``batches``: sample ranges run together, with the keyword arguments each batch's block call gets.
+    None at sites 0 and 2: a view of the head of ``buffer``, one allocation made when the walk first needs it
+    and reused by every site after it, so the walk does not fault fresh pages in (and fragment the heap) twice
+    per block. At sites 0 and 2 the tail of ``buffer`` holds the normed inputs that ``site_inputs`` made, for
+    the ``step`` after it (``held``). ``batches``: sample ranges run together, with the keyword arguments each
+    batch's block call gets.
     """
 
     block: int
@@ -76,8 +78,9 @@ class SublayerCursor:
     kwargs: list[dict[str, Any]]
     carry: torch.Tensor | None = None
     site_passes: int = field(default=0)
-    buffer: torch.Tensor | None = None  # (N · T · max carried width,) flat, the storage of ``carry``
+    buffer: torch.Tensor | None = None  # (N · T · widest of C, C_attn, I,) flat: ``carry`` and held inputs
     truncated: bool = False  # a step ran only some batches: the walk cannot continue
+    held: tuple[int, int] | None = None  # the position whose normed site inputs (sites 0, 2) lie in the buffer
 
     @classmethod
     def start(cls, inputs: BlockInputs) -> SublayerCursor:
@@ -94,16 +97,29 @@ class SublayerCursor:
 
     @torch.no_grad()
     def site_inputs(self, layers: nn.ModuleList) -> Iterator[torch.Tensor]:
-        """The current site's input per batch: (B, T, C) at sites 0–2, (B, T, I) at site 3."""
+        """The current site's input per batch: (B, T, C) at sites 0–2, (B, T, I) at site 3.
+
+        Sites 0 and 2 are normed from ``hidden``; the normed inputs are kept in the tail of ``buffer`` (see
+        ``_held_view``) so that the ``step`` that follows reads them instead of norming again. They count as held
+        only once every batch was yielded (a consumer that stops early leaves nothing held)."""
         blk = layers[self.block]
-        for a, b in self.batches:
-            if self.site == 0:
-                yield blk.input_layernorm(self.hidden[a:b])
-            elif self.site == 2:
-                yield blk.post_attention_layernorm(self.hidden[a:b])
-            else:
-                assert self.carry is not None
+        self.held = None
+        if self.site in (1, 3):
+            assert self.carry is not None
+            for a, b in self.batches:
                 yield self.carry[a:b]
+            return
+        norm = blk.input_layernorm if self.site == 0 else blk.post_attention_layernorm
+        held = None
+        for a, b in self.batches:
+            x = norm(self.hidden[a:b])  # (B, T, C)
+            if a == 0:
+                held = self._held_view(blk, x)
+            if held is not None:
+                held[a:b] = x
+            yield x
+        if held is not None:
+            self.held = self.position
 
     @torch.no_grad()
     def step(self, layers: nn.ModuleList, max_batches: int | None = None) -> None:
@@ -122,19 +138,27 @@ class SublayerCursor:
         batches = self.batches if max_batches is None else self.batches[:max_batches]
         self.truncated = len(batches) < len(self.batches)
         if self.site in (0, 2):
+            # the normed inputs that site_inputs kept (the same values, bitwise), else normed here
+            held = self._held_view(blk, self.hidden) if self.held == self.position else None
+            norm = blk.input_layernorm if self.site == 0 else blk.post_attention_layernorm
             carry = None
             for (a, b), kw in zip(batches, self.kwargs, strict=False):
+                x = held[a:b] if held is not None else norm(self.hidden[a:b])  # (B, T, C)
                 if self.site == 0:
                     with _passthrough(blk.self_attn.o_proj):
-                        out = _first(blk.self_attn(hidden_states=blk.input_layernorm(self.hidden[a:b]), **kw))
+                        out = _first(blk.self_attn(hidden_states=x, **kw))
                 else:
                     with _passthrough(blk.mlp.down_proj):
-                        out = blk.mlp(blk.post_attention_layernorm(self.hidden[a:b]))
+                        out = blk.mlp(x)
+                del x
                 if carry is None:
                     carry = self._carry_view(blk, out)
+                # batch a:b's stored output may overwrite its own held input (already read), never a later
+                # batch's: see _held_view
                 carry[a:b] = out
                 del out
             self.carry = carry
+            self.held = None
         else:
             assert self.carry is not None
             proj = blk.self_attn.o_proj if self.site == 1 else blk.mlp.down_proj
@@ -147,18 +171,36 @@ class SublayerCursor:
         else:
             self.site += 1
 
+    def _buffer_for(self, blk: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+        """``buffer``, (re)made only when missing, smaller than N · T · ``width`` or of another dtype/device than
+        ``like``. Sized for the widest of the block's two carries, its hidden size and ``width``."""
+        n, t = self.hidden.shape[0], self.hidden.shape[1]
+        widths = (blk.self_attn.o_proj.in_features, blk.mlp.down_proj.in_features, self.hidden.shape[-1], width)
+        buf = self.buffer
+        if buf is None or buf.numel() < n * t * width or buf.dtype != like.dtype or buf.device != like.device:
+            self.held = None
+            self.buffer = buf = None  # the old one goes before the new one is made
+            self.buffer = buf = like.new_empty(n * t * max(widths))
+        return buf
+
     def _carry_view(self, blk: nn.Module, out: torch.Tensor) -> torch.Tensor:
-        """(N, *out.shape[1:]) view of ``buffer`` for the site's stored output, ``buffer`` (re)made only when it
-        is missing, too small, or of another dtype/device. Sized for the wider of the block's two carries."""
+        """(N, *out.shape[1:]) view of the head of ``buffer`` for the site's stored output."""
         shape = (self.hidden.shape[0], *out.shape[1:])
         need = math.prod(shape)
-        buf = self.buffer
-        if buf is None or buf.numel() < need or buf.dtype != out.dtype or buf.device != out.device:
-            widths = (blk.self_attn.o_proj.in_features, blk.mlp.down_proj.in_features, out.shape[-1])
-            size = max(need, need // out.shape[-1] * max(widths))
-            self.buffer = buf = None  # the old one goes before the new one is made
-            self.buffer = buf = out.new_empty(size)
-        return buf[:need].view(shape)
+        return self._buffer_for(blk, out.shape[-1], out)[:need].view(shape)
+
+    def _held_view(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """(N, T, C) view of the tail of ``buffer`` for the normed inputs of site 0 or 2 (C = x's width), or None
+        when x's dtype is not the buffer's.
+
+        Batch [a, b) is held from element size − (N − a)·T·C on, and its stored output (width W ≤ the buffer's
+        width per token, ``size`` = N·T·width) is written to [a·T·W, b·T·W): since width ≥ C and width ≥ W, that
+        ends at or before the held inputs of the batches after it, which are still to be read."""
+        n, t, c = self.hidden.shape[0], self.hidden.shape[1], x.shape[-1]
+        buf = self._buffer_for(blk, c, self.hidden)
+        if x.dtype != buf.dtype:
+            return None
+        return buf[buf.numel() - n * t * c:].view(n, t, c)
 
     def advance_to(self, layers: nn.ModuleList, block: int, site: int,
                    before_step: Callable[[], None] | None = None) -> None:

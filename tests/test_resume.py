@@ -252,3 +252,36 @@ def test_partial_audit_line_is_dropped_on_resume(failed_run):
     assert any(e["event"] == "audit_partial_line_dropped" for e in logs)
     manifest = RunStore(failed_run).read_manifest()
     verify_audit(audit, manifest.run_id, manifest.history)
+
+
+def test_manifest_is_written_once_per_move(resume_config, tmp_path, monkeypatch):
+    """The first manifest, one per checkpointed stage, and the move into Complete: no write before a handler."""
+    writes = []
+    original = RunStore.write_manifest
+
+    def counting(self, manifest):
+        writes.append(manifest.state)
+        original(self, manifest)
+
+    monkeypatch.setattr(RunStore, "write_manifest", counting)
+    assert Pipeline(resume_config, run_dir=tmp_path / "run", progress=False).run().ok
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    assert len(writes) == 1 + len(manifest.results) + 1
+    assert writes[0] == PruningStage.IDLE.value and writes[-1] == PruningStage.COMPLETE.value
+    assert len(manifest.history) == len(manifest.results) + 1  # every move but the last ran a handler
+
+
+def test_status_shows_the_stage_at_work_from_the_audit_log(resume_config, tmp_path, capsys):
+    from podar.cli import main
+
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(resume_config.to_yaml())
+    run_dir = tmp_path / "run"
+    assert run_cli(config_path, run_dir, "kill@write:artifact#4").returncode == -signal.SIGKILL
+    written = RunStore(run_dir).read_manifest().state
+    moves = [r for r in read_audit(run_dir / "audit.jsonl") if r.get("event") == "transition"]
+    assert moves[-1]["dest"] != written  # killed inside a stage: its checkpoint was never written
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"state {moves[-1]['dest']}" in out and f"last checkpoint at {written}" in out
+    assert f"🟢 {PruningStage(moves[-1]['dest']).display}" in out

@@ -59,6 +59,46 @@ def test_walk_keeps_one_carry_buffer_and_stops_after_a_cut_short_step():
         cursor.step(layers)
 
 
+def odd_widths_model():
+    """Attention width 32 and MLP width 48, both below the hidden size 64 (the held inputs are the widest)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["tiny", "odd-widths"])
+def test_norms_made_for_the_statistics_are_reused_by_the_step(odd):
+    model = odd_widths_model() if odd else tiny(layers=2)
+    layers = model.model.layers
+    inputs = block_inputs(model)  # batches of 2, 2, 1
+    plain = SublayerCursor.start(inputs)
+    plain.advance_to(layers, 2, 0)  # never asked for its site inputs: norms every batch itself
+
+    calls = {"n": 0}
+    norms = [m for b in layers for m in (b.input_layernorm, b.post_attention_layernorm)]
+    handles = [m.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1)) for m in norms]
+    try:
+        cursor = SublayerCursor.start(inputs)
+        while cursor.position < (2, 0):
+            if cursor.position == (1, 2):  # a consumer that stops after one batch: nothing is held
+                next(iter(cursor.site_inputs(layers)))
+                assert cursor.held is None
+            else:
+                list(cursor.site_inputs(layers))
+                assert cursor.held == (cursor.position if cursor.site in (0, 2) else None)
+            cursor.step(layers)
+            assert cursor.held is None
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(cursor.hidden, plain.hidden)  # bitwise: the held inputs are the very values
+    # 4 normed sites x 3 batches, once each; the cut-short site: 1 batch for the consumer, 3 in the step
+    assert calls["n"] == 3 * 3 + 1 + 3
+
+
 def test_site_inputs_are_what_each_linear_reads():
     model = tiny()
     inputs = block_inputs(model)
@@ -102,7 +142,7 @@ def test_block_sites_and_grouping():
 
 def test_gram_upper_bands_match_float64_reference():
     g = torch.Generator().manual_seed(0)
-    entry = new_stat_entry("sparsegpt", 600, torch.device("cpu"))  # 600 > 256: three row bands
+    entry = new_stat_entry("sparsegpt", 600, torch.device("cpu"))  # 600 > 128: three levels of halving
     xs = [torch.randn(3, 7, 600, generator=g) * torch.linspace(0.1, 2, 600) for _ in range(3)]
     for x in xs:
         add_stats(entry, x, "sparsegpt")
