@@ -15,6 +15,7 @@ Both are Linux-only and do nothing elsewhere (macOS, musl, Windows).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import mmap
@@ -87,7 +88,10 @@ def page_out_file_backed(tensors: Iterable[torch.Tensor], ranges: list[tuple[int
         extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
         lo = t.data_ptr()
         hi = lo + extent * t.element_size()
-        for start, end in ranges:
+        # ranges are sorted and disjoint: start at the last one beginning at or before lo
+        for start, end in ranges[max(bisect.bisect_right(ranges, (lo, lo)) - 1, 0):]:
+            if start >= hi:
+                break
             a, b = max(lo, start), min(hi, end)
             a, b = -(-a // page) * page, b // page * page  # whole pages inside the tensor only
             if b > a:

@@ -80,3 +80,25 @@ def test_page_out_of_a_view_advises_only_the_views_pages(tmp_path):
     if advised == 0:
         pytest.skip("this kernel does not support MADV_PAGEOUT")
     assert advised <= 2 * 2**20  # not the whole storage
+
+
+@linux
+def test_page_out_finds_the_tensors_ranges_among_many(tmp_path):
+    """The ranges are searched by bisection: a tensor inside one range among many, or across two adjacent ones,
+    is advised whole; ranges elsewhere are not touched."""
+    values = np.ones(4 * 2**20 // 4, dtype=np.float32)  # 4 MiB file
+    path = tmp_path / "weights.bin"
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    lo = mapped.data_ptr()
+    hi = lo + mapped.numel() * 4
+    (start, end), = [(a, b) for a, b in file_backed_ranges() if a <= lo < b]
+    page = 4096
+    far_below = [(page * (i + 1), page * (i + 2)) for i in range(0, 200, 2)]  # unmapped, below every mapping
+    mid = (lo + hi) // 2 // page * page
+    whole = (hi // page * page) - (-(-lo // page) * page)  # bytes of the whole pages inside the tensor
+    if page_out_file_backed([mapped]) == 0:
+        pytest.skip("this kernel does not support MADV_PAGEOUT")
+    for ranges in ([*far_below, (start, end)], [*far_below, (start, mid), (mid, end)]):
+        assert page_out_file_backed([mapped], ranges) == whole
+    assert float(mapped.sum()) == values.size
