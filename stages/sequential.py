@@ -156,8 +156,8 @@ def _add_upper_gram(h: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> None:
 
     h (in, in) fp32, x (tokens, in) fp32. Halves recursively: the off-diagonal quarter is one product, the two
     diagonal halves recurse down to leaves of ``_GRAM_LEAF`` columns — about half the full product's work plus
-    the leaves, in products large enough to run near the machine's peak (leaf 128 measured best of 96–288 on
-    2 CPU cores for in = 576 and 1536: 10–12% less time than row bands of 256)."""
+    the leaves, in products large enough to run near the machine's peak (``bench/bench_gram.py`` times it
+    against the row bands of 256 it replaced and other leaf widths)."""
     if hi - lo <= _GRAM_LEAF:
         h[lo:hi, lo:hi].addmm_(x[:, lo:hi].t(), x[:, lo:hi])
         return

@@ -193,9 +193,10 @@ class SublayerCursor:
         """(N, T, C) view of the tail of ``buffer`` for the normed inputs of site 0 or 2 (C = x's width), or None
         when x's dtype is not the buffer's.
 
-        Batch [a, b) is held from element size − (N − a)·T·C on, and its stored output (width W ≤ the buffer's
-        width per token, ``size`` = N·T·width) is written to [a·T·W, b·T·W): since width ≥ C and width ≥ W, that
-        ends at or before the held inputs of the batches after it, which are still to be read."""
+        Batch [a, b) is held from element size − (N − a)·T·C on (size = the buffer's length), and its stored
+        output, of width W, is written to [a·T·W, b·T·W) of the same buffer (or to a new one): since size ≥ N·T·C
+        and size ≥ N·T·W, that ends at or before the held inputs of every later batch, which are still to be read
+        (b·T·W ≤ size − (N − b)·T·C)."""
         n, t, c = self.hidden.shape[0], self.hidden.shape[1], x.shape[-1]
         buf = self._buffer_for(blk, c, self.hidden)
         if x.dtype != buf.dtype:
