@@ -18,7 +18,7 @@ from podar.engine.context import RunContext
 from podar.engine.memory import file_backed_ranges, page_out_file_backed, release_free_memory
 from podar.schemas.config import PruneMethod
 from podar.schemas.errors import StageError
-from podar.schemas.records import StageResult
+from podar.schemas.records import ArtifactRecord, StageResult
 
 from .attention import block_attention
 from .bitpack import pack_bits
@@ -100,6 +100,23 @@ def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[st
                 {"obs_loss": float(loss[r0:r1].sum()),
                  "reconstruction_error": float(err[r0:r1].sum()) / ref_sum if ref_sum > 0 else 0.0})
     return masks
+
+
+def _map_from_checkpoint(ctx: RunContext, targets: dict, record: ArtifactRecord) -> None:
+    """Let the group's weights be the checkpoint just written, mapped from its file (copy-on-write), instead of
+    the solver's copies in memory. Calibration does not read them again (the walk has gone past them): their
+    pages stay on disk until evaluation or export reads them, so the run's resident memory does not grow by the
+    pruned weights, group after group. CPU weights on the process that writes the run folder only."""
+    if not ctx.store.is_main or any(m.weight.device.type != "cpu" for m in targets.values()):
+        return
+    mapped = ctx.store.load_tensors(record, verify=False)  # just written and hashed from the file
+    for name, module in targets.items():
+        tensor = mapped[name]
+        w = module.weight
+        if tensor.shape != w.shape or tensor.dtype != w.dtype:
+            raise StageError(f"layer '{name}': the weights checkpoint '{record.path}' holds {tuple(tensor.shape)} "
+                             f"{tensor.dtype}, the layer {tuple(w.shape)} {w.dtype}", stage="Pruning", layer=name)
+        w.data = tensor
 
 
 def _expected(ctx: RunContext, shape: tuple[int, int], sparsity: float) -> int:
@@ -219,12 +236,16 @@ def run(ctx: RunContext) -> StageResult:
                   "sparsity": f"{sparsity:.6f}", "pattern": cfg.pattern.label()},
     )
     ctx.add_artifact(record)
+    weights_record = None
     if cfg.method is PruneMethod.SPARSEGPT:  # the OBS update changed the kept weights too: record them
         wrel = f"artifacts/weights/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
-        ctx.add_artifact(ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
-                                                kind="weights"))
+        weights_record = ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
+                                                kind="weights")
+        ctx.add_artifact(weights_record)
 
     forwards = _propagate(ctx, targets, layer_metrics)
+    if weights_record is not None:
+        _map_from_checkpoint(ctx, targets, weights_record)
     st.scores.clear()
     st.stats = {}
     errors = [m["reconstruction_error"] for m in layer_metrics.values() if "reconstruction_error" in m]

@@ -1,6 +1,7 @@
 """End-to-end runs on a tiny random Llama (seconds each)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -359,3 +360,37 @@ def test_named_dataset_without_data_folder_names_the_field_and_the_fix(tmp_path,
     with pytest.raises(DataError, match=r"evaluation\.dataset 'wikitext2': '.*wiki\.test\.raw' does not exist.*"
                                         r"PODAR_DATA_DIR"):
         data.load_text("wikitext2", tmp_path, field="evaluation.dataset")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
+def test_sparsegpt_weights_are_mapped_from_their_checkpoint(tiny_config, tmp_path):
+    """After a group is pruned and propagated, its weights are the checkpoint just written, mapped from the file
+    (so they need not stay resident), equal to what the solver made; writing to them never changes the file."""
+    from safetensors.torch import load_file
+
+    from podar.engine.memory import file_backed_ranges
+    from podar.engine.store import sha256_file
+
+    run_dir = tmp_path / "run"
+    pipe = Pipeline(tiny_config.with_method("sparsegpt"), run_dir=run_dir, progress=False)
+    while pipe.stage is not PruningStage.FINE_TUNING:
+        pipe.step()
+    ctx = pipe._runner.ctx  # noqa: SLF001
+    records = [r for r in RunStore(run_dir).read_manifest().artifacts.values() if r.kind == "weights"]
+    saved = {}
+    for record in records:
+        saved.update(load_file(run_dir / record.path))
+    ranges = file_backed_ranges()
+    assert sorted(saved) == sorted(ctx.state.targets)
+    for name, module in ctx.state.targets.items():
+        w = module.weight.detach()
+        assert torch.equal(w, saved[name]), name
+        assert any(a <= w.data_ptr() < b for a, b in ranges), f"{name} is a copy in memory"
+        assert int((w == 0).sum()) * 2 == w.numel()
+    assert pipe.run().ok
+    path = run_dir / records[0].path
+    digest = sha256_file(path)
+    name = next(iter(load_file(path)))
+    with torch.no_grad():
+        ctx.state.targets[name].weight.add_(1.0)  # copy-on-write: the run folder's checkpoint stays as it was
+    assert sha256_file(path) == digest == records[0].sha256
