@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from podar.engine.context import RunContext
 from podar.engine.memory import file_backed_ranges, page_out_file_backed, release_free_memory
 from podar.schemas.config import PruneMethod
-from podar.schemas.errors import StageError
+from podar.schemas.errors import CheckpointError, StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 
 from .attention import block_attention
@@ -109,7 +109,11 @@ def _map_from_checkpoint(ctx: RunContext, targets: dict, record: ArtifactRecord)
     pruned weights, group after group. CPU weights on the process that writes the run folder only."""
     if not ctx.store.is_main or any(m.weight.device.type != "cpu" for m in targets.values()):
         return
-    mapped = ctx.store.load_tensors(record, verify=False)  # just written and hashed from the file
+    try:
+        mapped = ctx.store.load_tensors(record, verify=False)  # just written and hashed from the file
+    except CheckpointError as e:  # e.g. a file system that cannot map files: the weights stay in memory
+        ctx.log.warning("weights_not_mapped", artifact=record.path, reason=str(e))
+        return
     for name, module in targets.items():
         tensor = mapped[name]
         w = module.weight

@@ -394,3 +394,20 @@ def test_sparsegpt_weights_are_mapped_from_their_checkpoint(tiny_config, tmp_pat
     with torch.no_grad():
         ctx.state.targets[name].weight.add_(1.0)  # copy-on-write: the run folder's checkpoint stays as it was
     assert sha256_file(path) == digest == records[0].sha256
+
+
+def test_sparsegpt_keeps_its_weights_in_memory_when_the_checkpoint_cannot_be_mapped(tiny_config, tmp_path,
+                                                                                       monkeypatch):
+    from structlog.testing import capture_logs
+
+    from podar.schemas.errors import CheckpointError
+
+    def refuse(self, record, *, verify=True):
+        raise CheckpointError(f"artifact '{record.path}' cannot be read as safetensors: no mmap here")
+
+    monkeypatch.setattr(RunStore, "load_tensors", refuse)
+    with capture_logs() as logs:
+        result = run(tiny_config.with_method("sparsegpt"), tmp_path)
+    assert result.ok, result.failure
+    warned = [e for e in logs if e["event"] == "weights_not_mapped"]
+    assert warned and "no mmap here" in warned[0]["reason"]
