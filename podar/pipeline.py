@@ -403,11 +403,13 @@ def restore_state(ctx: RunContext, manifest: RunManifest) -> tuple[PruningStage 
                 st.masks[name] = mask
                 if not weights:
                     apply_mask(modules[name], mask)
-        for record in weights:
-            with torch.no_grad():
-                for name, tensor in store.load_tensors(record).items():
-                    target = modules[name].weight if name in modules else params[name]
-                    target.copy_(tensor.to(target.device, target.dtype))
+        for record in weights:  # mapped from the checkpoint (copy-on-write) when device and dtype agree
+            for name, tensor in store.load_tensors(record).items():
+                target = modules[name].weight if name in modules else params[name]
+                if tensor.shape != target.shape:
+                    raise CheckpointError(f"artifact '{record.path}' holds '{name}' as {tuple(tensor.shape)}, the "
+                                          f"model's is {tuple(target.shape)}: not this run's model")
+                target.data = tensor.to(target.device, target.dtype)
     needs_cal = cfg.method.requires_calibration()
     restart = PruningStage.CALIBRATING if needs_cal else PruningStage.COMPUTING_IMPORTANCE
     if not manifest.results:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
 from podar import CheckpointError, Pipeline, PruningStage, TinyModelConfig, tiny_llama, verify_audit
@@ -285,3 +286,30 @@ def test_status_shows_the_stage_at_work_from_the_audit_log(resume_config, tmp_pa
     out = capsys.readouterr().out
     assert f"state {moves[-1]['dest']}" in out and f"last checkpoint at {written}" in out
     assert f"🟢 {PruningStage(moves[-1]['dest']).display}" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
+def test_sparsegpt_resumes_to_identical_export_with_its_weights_mapped(tiny_config, tmp_path):
+    """SparseGPT changes the kept weights too: a run killed inside its site walk restores them from the weights
+    checkpoints (mapped from the files, not copied) and ends with the same export as a run never interrupted."""
+    from podar.engine.memory import file_backed_ranges
+
+    cfg = tiny_config.with_method("sparsegpt")
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#3")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    pipe = Pipeline.resume(tmp_path / "run", progress=False)
+    pipe.step()  # Idle → the stage to redo: the checkpointed groups' weights are restored by now
+    restored = [r for r in RunStore(tmp_path / "run").read_manifest().artifacts.values()
+                if r.kind == "weights" and r.stage == "pruning"]
+    assert len(restored) == 3
+    ranges = file_backed_ranges()
+    modules = dict(pipe._runner.ctx.model.named_modules())  # noqa: SLF001
+    names = set().union(*(load_file(tmp_path / "run" / r.path).keys() for r in restored))
+    for name in names:
+        ptr = modules[name].weight.data_ptr()
+        assert any(a <= ptr < b for a, b in ranges), f"{name} was copied, not mapped"
+    assert pipe.run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
