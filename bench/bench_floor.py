@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -23,21 +23,14 @@ import torch.nn.functional as F
 
 from podar.stages.attention import causal_attention_chunked
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of  # noqa: E402
+
 # SmolLM2-135M: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64, 30 blocks
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, BLOCKS = 576, 1536, 9, 3, 64, 30
 LINEARS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
            "v_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "o_proj": (HIDDEN, HIDDEN), "gate_proj": (MLP, HIDDEN),
            "up_proj": (MLP, HIDDEN), "down_proj": (HIDDEN, MLP)}  # (out, in)
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

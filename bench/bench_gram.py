@@ -7,11 +7,15 @@ row bands of 256 it replaced and the full product. Prints one table (best of REP
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from podar.stages import sequential
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of  # noqa: E402
 
 REPEATS = 7
 WIDTHS = [576, 1536]  # q/k/v, o and gate/up inputs; down_proj's input
@@ -24,25 +28,19 @@ def _bands(h: torch.Tensor, x: torch.Tensor, rows: int = 256) -> None:
         h[r0:r1, r0:].addmm_(x[:, r0:r1].t(), x[:, r0:])
 
 
-def _best(fn) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+def _best_ms(fn) -> float:
+    return best_of(fn, REPEATS) * 1e3
 
 
 def _row(width: int) -> list[float]:
     x = torch.randn(4 * 512, width)  # (tokens, in)
     h = torch.zeros(width, width)
-    times = [_best(lambda: h.addmm_(x.t(), x)), _best(lambda: _bands(h, x))]
+    times = [_best_ms(lambda: h.addmm_(x.t(), x)), _best_ms(lambda: _bands(h, x))]
     saved = sequential._GRAM_LEAF
     try:
         for leaf in LEAVES:
             sequential._GRAM_LEAF = leaf
-            times.append(_best(lambda: sequential._add_upper_gram(h, x, 0, width)))
+            times.append(_best_ms(lambda: sequential._add_upper_gram(h, x, 0, width)))
     finally:
         sequential._GRAM_LEAF = saved
     return times

@@ -8,11 +8,16 @@ four sites: q/k/v stacked, o, gate/up stacked, down), averaged over the two patt
 
 from __future__ import annotations
 
-import time
+import sys
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from podar.stages.sparsegpt import hessian_from_sum, inverse_hessian_factor, sparsegpt_prune
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of  # noqa: E402
 
 REPEATS = 5
 SITES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # (stacked rows, inputs) of one SmolLM2 block
@@ -27,12 +32,7 @@ def main() -> None:
         upper, dead, _frac, _retries = inverse_hessian_factor(hessian_from_sum(x.t() @ x, 8), 0.01)
         w = torch.randn(rows, cols)
         for n, m in [(None, None), (2, 4)]:
-            sparsegpt_prune(w, upper, 0.5, dead=dead, n=n, m=m)  # warm-up
-            dt = float("inf")
-            for _ in range(REPEATS):  # the best of a few: this machine's timings are noisy
-                t0 = time.perf_counter()
-                sparsegpt_prune(w, upper, 0.5, dead=dead, n=n, m=m)
-                dt = min(dt, time.perf_counter() - t0)
+            dt = best_of(partial(sparsegpt_prune, w, upper, 0.5, dead=dead, n=n, m=m), REPEATS)
             total += dt
             print(f"| {rows} | {cols} | {'2:4' if n else 'unstructured'} | {dt:.3f} |")
     print(f"\nper block (mean of the two patterns): {total / 2:.3f} s")

@@ -4,6 +4,8 @@ podar and llm-compressor. Runs in podar's environment."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,3 +105,14 @@ def calibration_ids(seed: int = SEED) -> torch.Tensor:
 
 def eval_ids() -> torch.Tensor:
     return load_file(str(EVAL))["input_ids"]
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (this machine is noisy)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
