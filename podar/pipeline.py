@@ -35,7 +35,7 @@ from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageR
 from podar.stages import HANDLERS
 from podar.stages.bitpack import unpack_bits
 from podar.stages.calibrate import calibration_samples, plan_sequential
-from podar.stages.common import PackedMasks, apply_mask
+from podar.stages.common import PackedMasks, adopt_weights, apply_mask
 from podar.stages.targets import resolve_targets, snapshot_weights
 
 __all__ = ["Pipeline", "PipelineResult", "library_versions", "run_masks"]
@@ -404,12 +404,9 @@ def restore_state(ctx: RunContext, manifest: RunManifest) -> tuple[PruningStage 
                 if not weights:
                     apply_mask(modules[name], mask)
         for record in weights:  # mapped from the checkpoint (copy-on-write) when device and dtype agree
-            for name, tensor in store.load_tensors(record).items():
-                target = modules[name].weight if name in modules else params[name]
-                if tensor.shape != target.shape:
-                    raise CheckpointError(f"artifact '{record.path}' holds '{name}' as {tuple(tensor.shape)}, the "
-                                          f"model's is {tuple(target.shape)}: not this run's model")
-                target.data = tensor.to(target.device, target.dtype)
+            tensors = store.load_tensors(record)
+            adopt_weights(record.path, tensors,
+                          {n: modules[n].weight if n in modules else params[n] for n in tensors})
     needs_cal = cfg.method.requires_calibration()
     restart = PruningStage.CALIBRATING if needs_cal else PruningStage.COMPUTING_IMPORTANCE
     if not manifest.results:

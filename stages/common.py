@@ -13,11 +13,12 @@ from torch import nn
 
 from podar.engine.context import DenseSnapshot, RunContext
 from podar.schemas.config import SparsityPatternConfig
+from podar.schemas.errors import CheckpointError
 
 from .bitpack import pack_bits, unpack_bits
 from .masks import n_pruned
 
-__all__ = ["active_targets", "swapped_weights", "expected_pruned", "apply_mask", "PackedMasks"]
+__all__ = ["active_targets", "adopt_weights", "swapped_weights", "expected_pruned", "apply_mask", "PackedMasks"]
 
 
 def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
@@ -27,6 +28,19 @@ def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
         names = st.layer_groups[st.group_index]
         return {n: st.targets[n] for n in names}
     return dict(st.targets)
+
+
+def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
+    """Make each tensor of a weights checkpoint (``artifact``: its path, for errors) the data of the parameter of
+    the same name. A tensor loaded from safetensors is mapped from the file (copy-on-write): with the parameter's
+    device and dtype it becomes the parameter without a copy. Raises CheckpointError naming the artifact and the
+    parameter when a shape differs."""
+    for name, tensor in tensors.items():
+        target = params[name]
+        if tensor.shape != target.shape:
+            raise CheckpointError(f"artifact '{artifact}' holds '{name}' as {tuple(tensor.shape)}, the model's is "
+                                  f"{tuple(target.shape)}: not this run's model")
+        target.data = tensor.to(target.device, target.dtype)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from podar.schemas.records import ArtifactRecord, StageResult
 
 from .attention import block_attention
 from .bitpack import pack_bits
-from .common import active_targets, apply_mask, expected_pruned
+from .common import active_targets, adopt_weights, apply_mask, expected_pruned
 from .masks import global_unstructured_masks, pattern_mask
 from .scores import magnitude_score
 from .sequential import BlockInputs, decoder_layers, reconstruction_hooks, run_block
@@ -114,13 +114,11 @@ def _map_from_checkpoint(ctx: RunContext, targets: dict, record: ArtifactRecord)
     except CheckpointError as e:  # e.g. a file system that cannot map files: the weights stay in memory
         ctx.log.warning("weights_not_mapped", artifact=record.path, reason=str(e))
         return
-    for name, module in targets.items():
-        tensor = mapped[name]
-        w = module.weight
-        if tensor.shape != w.shape or tensor.dtype != w.dtype:
-            raise StageError(f"layer '{name}': the weights checkpoint '{record.path}' holds {tuple(tensor.shape)} "
-                             f"{tensor.dtype}, the layer {tuple(w.shape)} {w.dtype}", stage="Pruning", layer=name)
-        w.data = tensor
+    for name, module in targets.items():  # written from these very weights: the same dtype, so no copy is made
+        if mapped[name].dtype != module.weight.dtype:
+            raise StageError(f"layer '{name}': the weights checkpoint '{record.path}' holds {mapped[name].dtype}, "
+                             f"the layer {module.weight.dtype}", stage="Pruning", layer=name)
+    adopt_weights(record.path, mapped, {n: m.weight for n, m in targets.items()})
 
 
 def _expected(ctx: RunContext, shape: tuple[int, int], sparsity: float) -> int:
