@@ -3,9 +3,11 @@
 This machine's speed drifts by 10–20% over minutes, so one run of each tool can put a ratio on either side of a
 target. Here each pair runs podar, then llm-compressor, on the same case (the bench's model and calibration
 windows, no evaluation), ``--pairs`` times; the table gives every pair's time ratio and their median, and
-each tool's median time and largest peak resident memory. Writes bench/timing.json and bench/timing.md.
+each tool's median time and largest peak resident memory. Writes bench/timing.json and bench/timing.md
+(``--out NAME``: bench/NAME.json and bench/NAME.md).
 
     python bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
+    python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --pairs 3 --out timing-wanda
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=CASES)
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/")
     args = ap.parse_args()
+    if not args.out or Path(args.out).name != args.out or args.out.startswith("."):
+        ap.error(f"--out must be a plain file name without a folder, got {args.out!r}")
     if args.pairs < 1:
         ap.error(f"--pairs must be at least 1, got {args.pairs}")
     bad = [c for c in args.cases if c not in CASES]
@@ -56,8 +61,8 @@ def main() -> None:
                      "podar_mb": [p["peak_rss_mb"] for p, _ in runs], "llmc_mb": [c["peak_rss_mb"] for _, c in runs]})
     table = render(rows)
     print(table)
-    (common.ROOT / "timing.json").write_text(json.dumps(rows, indent=2))
-    (common.ROOT / "timing.md").write_text(table + "\n")
+    (common.ROOT / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
+    (common.ROOT / f"{args.out}.md").write_text(table + "\n")
 
 
 def render(rows: list[dict]) -> str:
