@@ -5,16 +5,22 @@ against llm-compressor's measured time (bench/results.json) and the "half of it"
 Per block and calibration batch (B windows of T tokens), a pass is the seven Linear products plus one causal
 attention. The reference statistics (Wanda/SparseGPT block by block) need a dense pass without the last
 Linear (down_proj feeds no other target) and a pruned pass: 1.75 passes' products. The site-by-site walk
-needs one pass. Nothing else (norms, rotary, statistics, masks, solves, checkpoints) is counted, so the real
-times lie above these floors.
+needs one pass. llm-compressor's sequential pipeline runs every block twice whole (a calibration pass with its
+hooks, then a propagation pass), with PyTorch's SDPA: two full passes. Nothing else (norms, rotary,
+statistics, masks, solves, checkpoints) is counted, so the real times lie above these floors.
+
+The floors are set against llm-compressor's Wanda times: from bench/results.json, or with ``--against`` from an
+interleaved timing (``bench/bench_time.py --out NAME``: the median of its pairs).
 
     python bench/bench_floor.py            # B = 4, T = 512, 64 windows, 30 blocks
+    python bench/bench_floor.py --against bench/timing-wanda.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,7 +45,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--against", type=Path, default=Path(__file__).resolve().parent / "results.json",
+                    help="llm-compressor's Wanda times: bench/results.json (default) or a bench_time.py JSON")
     args = ap.parse_args()
+    if not args.against.is_file():
+        ap.error(f"--against: no file '{args.against}'")
     torch.manual_seed(0)
     rows = args.batch_size * args.seq_len
     gemm = {}
@@ -64,21 +74,33 @@ def main() -> None:
     full = sum(gemm.values())
     stats = full - gemm["down_proj"]
     attn = min(attn_sdpa, attn_chunked)
-    floors = {"block (reference statistics)": (stats + full) * calls, "sublayer (site walk)": full * calls}
+    floors = {"block (reference statistics)": (stats + full) * calls, "sublayer (site walk)": full * calls,
+              "llm-compressor (two full passes)": 2 * full * calls}
     floors_attn = {"block (reference statistics)": (stats + full + 2 * attn) * calls,
-                   "sublayer (site walk)": (full + attn) * calls}
-    llmc = {}
-    results = Path(__file__).resolve().parent / "results.json"
-    if results.is_file():
-        for r in json.loads(results.read_text()):
-            if r["tool"] == "llm-compressor" and r["method"] == "wanda":
-                llmc[r["pattern"]] = r["prune_s"]
+                   "sublayer (site walk)": (full + attn) * calls,
+                   "llm-compressor (two full passes)": 2 * (full + attn_sdpa) * calls}
+    llmc = llmc_wanda_times(args.against)
+    print(f"\nllm-compressor's Wanda times from {args.against.name}: "
+          + ", ".join(f"{p} {t:.1f} s" for p, t in llmc.items()))
     print("\n| mode | products only | products + attention |"
           + "".join(f" half of llm-c Wanda {p} |" for p in llmc))
     print("| --- | --- | --- |" + " --- |" * len(llmc))
     for mode in floors:
         print(f"| {mode} | {floors[mode]:.1f} s | {floors_attn[mode]:.1f} s |"
               + "".join(f" {0.5 * t:.1f} s |" for t in llmc.values()))
+
+
+def llmc_wanda_times(path: Path) -> dict[str, float]:
+    """{pattern: llm-compressor's Wanda time (s)} from bench/results.json rows or bench_time.py rows (median)."""
+    out = {}
+    for r in json.loads(path.read_text()):
+        if r.get("method") != "wanda":
+            continue
+        if "llmc_s" in r:  # bench_time.py: one row per case, every pair's time
+            out[r["pattern"]] = statistics.median(r["llmc_s"])
+        elif r.get("tool") == "llm-compressor":
+            out[r["pattern"]] = r["prune_s"]
+    return out
 
 
 if __name__ == "__main__":
