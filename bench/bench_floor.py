@@ -6,7 +6,8 @@ Per block and calibration batch (B windows of T tokens), a pass is the seven Lin
 attention. The reference statistics (Wanda/SparseGPT block by block) need a dense pass without the last
 Linear (down_proj feeds no other target) and a pruned pass: 1.75 passes' products. The site-by-site walk
 needs one pass. llm-compressor's sequential pipeline runs every block twice whole (a calibration pass with its
-hooks, then a propagation pass), with PyTorch's SDPA: two full passes. Nothing else (norms, rotary,
+hooks, then a propagation pass), with PyTorch's SDPA: two full passes (it runs at batch size 1; ``--batch-size 1``
+times the products at its shapes). Nothing else (norms, rotary,
 statistics, masks, solves, checkpoints) is counted, so the real times lie above these floors.
 
 The floors are set against llm-compressor's Wanda times: from bench/results.json, or with ``--against`` from an
@@ -80,6 +81,8 @@ def main() -> None:
                    "sublayer (site walk)": (full + attn) * calls,
                    "llm-compressor (two full passes)": 2 * (full + attn_sdpa) * calls}
     llmc = llmc_wanda_times(args.against)
+    if not llmc:
+        ap.error(f"--against: '{args.against}' holds no llm-compressor Wanda time")
     print(f"\nllm-compressor's Wanda times from {args.against.name}: "
           + ", ".join(f"{p} {t:.1f} s" for p, t in llmc.items()))
     print("\n| mode | products only | products + attention |"
