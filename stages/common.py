@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from podar.engine.context import DenseSnapshot, RunContext
+from podar.engine.memory import page_out_file_backed
 from podar.schemas.config import SparsityPatternConfig
 from podar.schemas.errors import CheckpointError
 
@@ -114,6 +115,15 @@ def expected_pruned(shape: tuple[int, int], pattern: SparsityPatternConfig, scop
 
 
 @torch.no_grad()
-def apply_mask(module: nn.Linear, mask: torch.Tensor) -> None:
-    """Zero the pruned weights (+0.0 exactly) in place; mask: (out, in) bool, True = kept."""
-    module.weight.masked_fill_(~mask.to(module.weight.device), 0.0)
+def apply_mask(module: nn.Linear, mask: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> int:
+    """Zero the pruned weights (+0.0 exactly); mask: (out, in) bool, True = kept.
+
+    The masked weight is a new tensor, not written into the old storage: a weight mapped from the model's file
+    would have each of its pages faulted in and copied, and those private copies stay resident for as long as the
+    file's mapping lives, even after the layer's weight is replaced by a checkpoint. The old storage's file pages
+    are advised out instead (``ranges``: ``file_backed_ranges()``, read once by a caller that masks many layers).
+    Returns the bytes advised out (0 for a weight in anonymous or device memory, or where unsupported).
+    """
+    old = module.weight.data
+    module.weight.data = old.masked_fill(~mask.to(old.device), 0.0)
+    return page_out_file_backed([old], ranges)

@@ -201,8 +201,9 @@ def run(ctx: RunContext) -> StageResult:
         masks = _sparsegpt(ctx, sparsity, layer_metrics)
     else:
         masks = _masks_from_scores(ctx, sparsity)
+        ranges = file_backed_ranges()
         for name, mask in masks.items():
-            apply_mask(targets[name], mask)
+            apply_mask(targets[name], mask, ranges)
 
     # verify: exact pruned count per layer (global: in total), pruned weights exactly zero
     total_pruned = total_expected = total = 0
@@ -239,7 +240,10 @@ def run(ctx: RunContext) -> StageResult:
     )
     ctx.add_artifact(record)
     weights_record = None
-    if cfg.method is PruneMethod.SPARSEGPT:  # the OBS update changed the kept weights too: record them
+    if cfg.method.requires_calibration():
+        # SparseGPT's OBS update changed the kept weights too: they must be recorded. Wanda's are the dense ones
+        # masked, but written all the same: once propagated past, the group's weights are mapped from this file
+        # (below) instead of staying in memory, group after group, until evaluation reads them.
         wrel = f"artifacts/weights/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
         weights_record = ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
                                                 kind="weights")

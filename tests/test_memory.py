@@ -102,3 +102,28 @@ def test_page_out_finds_the_tensors_ranges_among_many(tmp_path):
     for ranges in ([*far_below, (start, end)], [*far_below, (start, mid), (mid, end)]):
         assert page_out_file_backed([mapped], ranges) == whole
     assert float(mapped.sum()) == values.size
+
+
+@linux
+def test_apply_mask_leaves_a_file_mapped_weight_unwritten_and_pages_it_out(tmp_path):
+    """Masking a weight mapped from a file makes a new tensor: writing into the mapping would copy each page into
+    private memory that stays resident as long as the mapping lives (even once the layer's weight is replaced)."""
+    from podar.stages.common import apply_mask
+
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((1024, 2048)).astype(np.float32)  # 8 MiB
+    path = tmp_path / "weight.bin"
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c", shape=values.shape))
+    layer = torch.nn.Linear(2048, 1024, bias=False)
+    layer.weight.data = mapped
+    assert float(mapped.sum()) == pytest.approx(float(values.sum()), rel=1e-4)  # every page resident
+    resident = _rss_file_kib()
+    mask = torch.from_numpy(rng.random(values.shape) < 0.5)
+    advised = apply_mask(layer, mask)
+    if advised:  # (MADV_PAGEOUT: Linux ≥ 5.4) measured before anything reads the mapping again
+        assert _rss_file_kib() < resident - 4 * 1024  # the old weight's file pages were advised out
+    expected = torch.from_numpy(values).masked_fill(~mask, 0.0)
+    assert torch.equal(layer.weight.detach(), expected)
+    assert layer.weight.data_ptr() != mapped.data_ptr()
+    assert torch.equal(mapped, torch.from_numpy(values))  # the mapping was not written

@@ -363,16 +363,18 @@ def test_named_dataset_without_data_folder_names_the_field_and_the_fix(tmp_path,
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
-def test_sparsegpt_weights_are_mapped_from_their_checkpoint(tiny_config, tmp_path):
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_pruned_weights_are_mapped_from_their_checkpoint(tiny_config, tmp_path, method):
     """After a group is pruned and propagated, its weights are the checkpoint just written, mapped from the file
-    (so they need not stay resident), equal to what the solver made; writing to them never changes the file."""
+    (so they need not stay resident), equal to what the solver (or the mask) made; writing to them never changes
+    the file."""
     from safetensors.torch import load_file
 
     from podar.engine.memory import file_backed_ranges
     from podar.engine.store import sha256_file
 
     run_dir = tmp_path / "run"
-    pipe = Pipeline(tiny_config.with_method("sparsegpt"), run_dir=run_dir, progress=False)
+    pipe = Pipeline(tiny_config.with_method(method), run_dir=run_dir, progress=False)
     while pipe.stage is not PruningStage.FINE_TUNING:
         pipe.step()
     ctx = pipe._runner.ctx  # noqa: SLF001

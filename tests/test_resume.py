@@ -289,12 +289,15 @@ def test_status_shows_the_stage_at_work_from_the_audit_log(resume_config, tmp_pa
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
-def test_sparsegpt_resumes_to_identical_export_with_its_weights_mapped(tiny_config, tmp_path):
-    """SparseGPT changes the kept weights too: a run killed inside its site walk restores them from the weights
-    checkpoints (mapped from the files, not copied) and ends with the same export as a run never interrupted."""
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_resume_maps_the_pruned_weights_and_exports_the_same(tiny_config, tmp_path, method):
+    """A run killed inside its walk restores the pruned groups' weights from the weights checkpoints (SparseGPT's
+    OBS-updated, Wanda's masked), mapped from the files, not copied, and ends with the same export as a run
+    never interrupted."""
     from podar.engine.memory import file_backed_ranges
 
-    cfg = tiny_config.with_method("sparsegpt")
+    cfg = tiny_config.with_method(method).with_calibration(  # site by site: 8 groups on the tiny model
+        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
     assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
     config_path = tmp_path / "c.yaml"
     config_path.write_text(cfg.to_yaml())
