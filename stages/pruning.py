@@ -240,10 +240,11 @@ def run(ctx: RunContext) -> StageResult:
     )
     ctx.add_artifact(record)
     weights_record = None
-    if cfg.method.requires_calibration():
+    on_cpu = all(m.weight.device.type == "cpu" for m in targets.values())
+    if cfg.method is PruneMethod.SPARSEGPT or (cfg.method.requires_calibration() and on_cpu):
         # SparseGPT's OBS update changed the kept weights too: they must be recorded. Wanda's are the dense ones
-        # masked, but written all the same: once propagated past, the group's weights are mapped from this file
-        # (below) instead of staying in memory, group after group, until evaluation reads them.
+        # masked (the masks alone restore them), written only where the run can then map them from this file
+        # (below) instead of keeping them in memory, group after group, until evaluation reads them: CPU weights.
         wrel = f"artifacts/weights/round{st.round_index:03d}_group{st.group_index:03d}.safetensors"
         weights_record = ctx.store.save_tensors(wrel, {n: m.weight for n, m in targets.items()}, stage=STAGE,
                                                 kind="weights")

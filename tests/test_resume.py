@@ -316,3 +316,19 @@ def test_resume_maps_the_pruned_weights_and_exports_the_same(tiny_config, tmp_pa
         assert any(a <= ptr < b for a, b in ranges), f"{name} was copied, not mapped"
     assert pipe.run().ok
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+
+
+def test_masks_only_checkpoints_resume_to_identical_export(tiny_config, tmp_path):
+    """Magnitude records its masks only (no weights): a resumed run applies them to the freshly loaded model and
+    ends with the same export (fine-tuning included) as a run never interrupted."""
+    cfg = tiny_config.with_method("magnitude").with_finetune(
+        tiny_config.finetune.model_copy(update={"enabled": True, "steps": 2}))
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kinds = {r.kind for r in RunStore(tmp_path / "run").read_manifest().artifacts.values() if r.stage == "pruning"}
+    assert kinds == {"masks"}
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
