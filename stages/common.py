@@ -19,7 +19,8 @@ from podar.schemas.errors import CheckpointError
 from .bitpack import pack_bits, unpack_bits
 from .masks import n_pruned
 
-__all__ = ["active_targets", "adopt_weights", "swapped_weights", "expected_pruned", "apply_mask", "PackedMasks"]
+__all__ = ["active_targets", "adopt_weights", "swapped_weights", "expected_pruned", "apply_mask", "replace_data",
+           "PackedMasks"]
 
 
 def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
@@ -125,5 +126,12 @@ def apply_mask(module: nn.Linear, mask: torch.Tensor, ranges: list[tuple[int, in
     Returns the bytes advised out (0 for a weight in anonymous or device memory, or where unsupported).
     """
     old = module.weight.data
-    module.weight.data = old.masked_fill(~mask.to(old.device), 0.0)
+    return replace_data(module.weight, old.masked_fill(~mask.to(old.device), 0.0), ranges)
+
+
+def replace_data(param: nn.Parameter, new: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> int:
+    """Make ``new`` the parameter's data (no copy into the old storage, whose pages, when mapped from a file,
+    would each be faulted in and copied) and advise the old storage's file pages out; returns the bytes advised."""
+    old = param.data
+    param.data = new
     return page_out_file_backed([old], ranges)

@@ -15,14 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from podar.engine.context import RunContext
-from podar.engine.memory import file_backed_ranges, page_out_file_backed, release_free_memory
+from podar.engine.memory import file_backed_ranges, release_free_memory
 from podar.schemas.config import PruneMethod
 from podar.schemas.errors import CheckpointError, StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 
 from .attention import block_attention
 from .bitpack import pack_bits
-from .common import active_targets, adopt_weights, apply_mask, expected_pruned
+from .common import active_targets, adopt_weights, apply_mask, expected_pruned, replace_data
 from .masks import global_unstructured_masks, pattern_mask
 from .scores import magnitude_score
 from .sequential import BlockInputs, decoder_layers, reconstruction_hooks, run_block
@@ -88,12 +88,8 @@ def _sparsegpt(ctx: RunContext, sparsity: float, layer_metrics: dict) -> dict[st
         err, ref = gram_errors(before, new_w, stats["hessian_sum"])
         ranges = file_backed_ranges()
         for name, w, r0, r1 in zip(names, weights, bounds[:-1], bounds[1:], strict=True):
-            # the solver's rows become the weight (a view of new_w when the dtypes agree): no copy into the old
-            # storage, whose pages, when mapped from the model's file, would each be faulted in and copied
-            old = w.data
-            w.data = new_w[r0:r1].to(old.dtype)
-            page_out_file_backed([old], ranges)  # the old weight's file pages are not needed any more
-            del old
+            # the solver's rows become the weight (a view of new_w when the dtypes agree)
+            replace_data(w, new_w[r0:r1].to(w.dtype), ranges)
             masks[name] = keep[r0:r1]
             ref_sum = float(ref[r0:r1].sum())
             layer_metrics.setdefault(name, {}).update(
