@@ -42,6 +42,7 @@ def main() -> None:
 
     from podar import ExportConfig, Pipeline, PruningStage
 
+    common.prepare(args.seed)  # the dense model folder and token windows, on a fresh checkout
     torch.set_num_threads(torch.get_num_threads())
     model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
