@@ -8,6 +8,9 @@ each tool's median time and largest peak resident memory. Writes bench/timing.js
 
     python bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
     python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --pairs 3 --out timing-wanda
+    python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --dtype bfloat16 --out timing-wanda-bf16
+
+``--dtype bfloat16`` loads the same dense model in bfloat16 for both tools (their forwards run in it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="*", default=CASES)
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype both tools load the dense model in")
     ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/")
     args = ap.parse_args()
     if not args.out or Path(args.out).name != args.out or args.out.startswith("."):
@@ -47,16 +52,16 @@ def main() -> None:
         for i in range(args.pairs):
             p = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern",
                           pattern, "--run-dir", str(common.CACHE / f"time-{method}-{pattern.replace(':', '')}"),
-                          "--time-only"])
+                          "--time-only", "--dtype", args.dtype])
             out = common.CACHE / f"time-llmc-{method}-{pattern.replace(':', '')}.safetensors"
             c = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
                           "--model", str(common.MODEL_DIR), "--calibration", str(common.calib_path()),
-                          "--out", str(out), "--batch-size", "1"])
+                          "--out", str(out), "--batch-size", "1", "--dtype", args.dtype])
             out.unlink(missing_ok=True)
             runs.append((p, c))
             print(json.dumps({"case": case, "pair": i, "podar_s": p["prune_s"], "llmc_s": c["prune_s"],
                               "podar_mb": p["peak_rss_mb"], "llmc_mb": c["peak_rss_mb"]}), flush=True)
-        rows.append({"method": method, "pattern": pattern,
+        rows.append({"method": method, "pattern": pattern, "dtype": args.dtype,
                      "podar_s": [p["prune_s"] for p, _ in runs], "llmc_s": [c["prune_s"] for _, c in runs],
                      "podar_mb": [p["peak_rss_mb"] for p, _ in runs], "llmc_mb": [c["peak_rss_mb"] for _, c in runs]})
     table = render(rows)
@@ -66,13 +71,15 @@ def main() -> None:
 
 
 def render(rows: list[dict]) -> str:
-    out = ["| method | pattern | podar time, each pair (s) | llm-c time, each pair (s) | time ratio, each pair | "
-           "median ratio | podar median / llm-c median (s) | largest peak RSS podar / llm-c (MB) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| method | pattern | dtype | podar time, each pair (s) | llm-c time, each pair (s) | "
+           "time ratio, each pair | median ratio | podar median / llm-c median (s) | "
+           "largest peak RSS podar / llm-c (MB) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratios = [p / c for p, c in zip(r["podar_s"], r["llmc_s"], strict=True)]
         out.append(
-            f"| {r['method']} | {r['pattern']} | {', '.join(f'{t:.1f}' for t in r['podar_s'])} | "
+            f"| {r['method']} | {r['pattern']} | {r.get('dtype', 'float32')} | "
+            f"{', '.join(f'{t:.1f}' for t in r['podar_s'])} | "
             f"{', '.join(f'{t:.1f}' for t in r['llmc_s'])} | {', '.join(f'{x:.2f}×' for x in ratios)} | "
             f"**{statistics.median(ratios):.2f}×** | {statistics.median(r['podar_s']):.1f} / "
             f"{statistics.median(r['llmc_s']):.1f} | {max(r['podar_mb']):.0f} / {max(r['llmc_mb']):.0f} |")

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype the dense model is loaded in (its forwards run in it)")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -38,7 +40,7 @@ def main() -> None:
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = load_file(args.calibration)["input_ids"]  # (N, T)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})

@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"])
     ap.add_argument("--chunked-attention", default="on", choices=["on", "off"],
                     help="calibration.chunked_attention")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the dtype the dense model is loaded in (its forwards run in it; statistics stay fp32)")
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--time-only", action="store_true",
@@ -44,7 +46,7 @@ def main() -> None:
 
     common.prepare(args.seed)  # the dense model folder and token windows, on a fresh checkout
     torch.set_num_threads(torch.get_num_threads())
-    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
     cfg = common.podar_config(
         args.method, args.pattern, seed=args.seed, batch_size=args.batch_size, granularity=args.granularity,
