@@ -414,3 +414,30 @@ def test_sparsegpt_keeps_its_weights_in_memory_when_the_checkpoint_cannot_be_map
     assert result.ok, result.failure
     warned = [e for e in logs if e["event"] == "weights_not_mapped"]
     assert warned and "no mmap here" in warned[0]["reason"]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_half_precision_model_calibrates_with_float32_statistics(tiny_config, tmp_path, method):
+    """A bfloat16 model runs its calibration forwards in bfloat16, while the statistics are fp32 sums; the pruned
+    weights stay bfloat16 and every 2:4 group is exact."""
+    cfg = tiny_config.with_method(method).with_pattern(SparsityPatternConfig.nm_2_4())
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    seen = []
+    while pipe.stage is not PruningStage.FINE_TUNING:
+        pipe.step()
+        if pipe.stage is PruningStage.COMPUTING_IMPORTANCE:  # right after Calibrating
+            seen.append(pipe._runner.ctx.state.stats)  # noqa: SLF001
+    assert seen
+    key = "sq_norm_sum" if method == "wanda" else "hessian_sum"
+    for stats in seen:
+        for name, entry in stats.items():
+            assert entry[key].dtype == torch.float32, name
+            assert bool(torch.isfinite(entry[key]).all()) and float(entry[key].abs().sum()) > 0, name
+    ctx = pipe._runner.ctx  # noqa: SLF001
+    for name, module in ctx.state.targets.items():
+        w = module.weight.detach()
+        assert w.dtype == torch.bfloat16, name
+        kept = (w.reshape(w.shape[0], -1, 4) != 0).sum(dim=-1)
+        assert bool((kept <= 2).all()) and int((w == 0).sum()) * 2 >= w.numel(), name
+    assert pipe.run().ok
