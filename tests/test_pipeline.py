@@ -416,12 +416,13 @@ def test_sparsegpt_keeps_its_weights_in_memory_when_the_checkpoint_cannot_be_map
     assert warned and "no mmap here" in warned[0]["reason"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_half_precision_model_calibrates_with_float32_statistics(tiny_config, tmp_path, method):
-    """A bfloat16 model runs its calibration forwards in bfloat16, while the statistics are fp32 sums; the pruned
-    weights stay bfloat16 and every 2:4 group is exact."""
+def test_half_precision_model_calibrates_with_float32_statistics(tiny_config, tmp_path, method, dtype):
+    """A half-precision model runs its calibration forwards in its dtype, while the statistics are fp32 sums; the
+    pruned weights keep the model's dtype, every 2:4 group is exact, and the export verifies."""
     cfg = tiny_config.with_method(method).with_pattern(SparsityPatternConfig.nm_2_4())
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
     pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
     seen = []
     while pipe.stage is not PruningStage.FINE_TUNING:
@@ -437,7 +438,7 @@ def test_half_precision_model_calibrates_with_float32_statistics(tiny_config, tm
     ctx = pipe._runner.ctx  # noqa: SLF001
     for name, module in ctx.state.targets.items():
         w = module.weight.detach()
-        assert w.dtype == torch.bfloat16, name
+        assert w.dtype == getattr(torch, dtype), name
         kept = (w.reshape(w.shape[0], -1, 4) != 0).sum(dim=-1)
         assert bool((kept <= 2).all()) and int((w == 0).sum()) * 2 >= w.numel(), name
     assert pipe.run().ok
