@@ -33,7 +33,6 @@ def verify_export(ctx: RunContext, folder, dtype: torch.dtype, quantize: bool) -
 
     The logits' tolerance is that of the coarser of the export's dtype (its rounding of the weights) and the
     in-memory model's (a bfloat16 model's own logits carry bfloat16 rounding of every operation)."""
-    compute = ctx.model.dtype
     try:
         reloaded = load_pretrained(folder, dtype=torch.float32)
     except Exception as e:
@@ -65,9 +64,9 @@ def verify_export(ctx: RunContext, folder, dtype: torch.dtype, quantize: bool) -
         scale = max(float(ref.abs().max()), 1.0)
         if quantize:
             rtol = _LOGIT_RTOL["int8"]
-        else:  # a float32 export, or one in the model's own dtype, adds no rounding to the weights
-            rounding = [compute] + ([dtype] if dtype != compute else [])
-            rtol = max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in rounding)
+        else:  # float32 (model or export) adds no rounding; an export in the model's dtype none beyond the model's
+            rtol = max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1)
+                       for d in {ctx.model.dtype, dtype})
         if not diff <= rtol * scale:
             raise StageError(f"logits of the reloaded export differ by {diff:.3g} (> {rtol * scale:.3g}) on {n} "
                              "window(s)", stage="Exporting")
