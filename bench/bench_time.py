@@ -9,8 +9,13 @@ each tool's median time and largest peak resident memory. Writes bench/timing.js
     python bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
     python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --pairs 3 --out timing-wanda
     python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --dtype bfloat16 --out timing-wanda-bf16
+    python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --podar-compute-dtype bfloat16 \
+        --out timing-wanda-compute-bf16
 
 ``--dtype bfloat16`` loads the same dense model in bfloat16 for both tools (their forwards run in it).
+``--podar-compute-dtype bfloat16`` keeps both tools' model in ``--dtype`` and sets podar's
+``calibration.compute_dtype`` (its calibration forwards in bf16, its weights in the model's dtype); llm-compressor
+has no such setting and computes in the model's dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype both tools load the dense model in")
+    ap.add_argument("--podar-compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
+                    help="podar's calibration.compute_dtype (llm-compressor computes in --dtype)")
     ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/")
     args = ap.parse_args()
     if not args.out or Path(args.out).name != args.out or args.out.startswith("."):
@@ -52,7 +59,7 @@ def main() -> None:
         for i in range(args.pairs):
             p = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern",
                           pattern, "--run-dir", str(common.CACHE / f"time-{method}-{pattern.replace(':', '')}"),
-                          "--time-only", "--dtype", args.dtype])
+                          "--time-only", "--dtype", args.dtype, "--compute-dtype", args.podar_compute_dtype])
             out = common.CACHE / f"time-llmc-{method}-{pattern.replace(':', '')}.safetensors"
             c = run_json([str(py), str(common.ROOT / "llmc_one.py"), "--method", method, "--pattern", pattern,
                           "--model", str(common.MODEL_DIR), "--calibration", str(common.calib_path()),
@@ -62,6 +69,7 @@ def main() -> None:
             print(json.dumps({"case": case, "pair": i, "podar_s": p["prune_s"], "llmc_s": c["prune_s"],
                               "podar_mb": p["peak_rss_mb"], "llmc_mb": c["peak_rss_mb"]}), flush=True)
         rows.append({"method": method, "pattern": pattern, "dtype": args.dtype,
+                     "podar_compute_dtype": args.podar_compute_dtype,
                      "podar_s": [p["prune_s"] for p, _ in runs], "llmc_s": [c["prune_s"] for _, c in runs],
                      "podar_mb": [p["peak_rss_mb"] for p, _ in runs], "llmc_mb": [c["peak_rss_mb"] for _, c in runs]})
     table = render(rows)
@@ -71,14 +79,15 @@ def main() -> None:
 
 
 def render(rows: list[dict]) -> str:
-    out = ["| method | pattern | dtype | podar time, each pair (s) | llm-c time, each pair (s) | "
+    out = ["| method | pattern | dtype | podar compute dtype | podar time, each pair (s) | llm-c time, each pair (s) | "
            "time ratio, each pair | median ratio | podar median / llm-c median (s) | "
            "largest peak RSS podar / llm-c (MB) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratios = [p / c for p, c in zip(r["podar_s"], r["llmc_s"], strict=True)]
         out.append(
             f"| {r['method']} | {r['pattern']} | {r.get('dtype', 'float32')} | "
+            f"{r.get('podar_compute_dtype', 'model')} | "
             f"{', '.join(f'{t:.1f}' for t in r['podar_s'])} | "
             f"{', '.join(f'{t:.1f}' for t in r['llmc_s'])} | {', '.join(f'{x:.2f}×' for x in ratios)} | "
             f"**{statistics.median(ratios):.2f}×** | {statistics.median(r['podar_s']):.1f} / "

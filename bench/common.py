@@ -72,10 +72,10 @@ def prepare(seed: int = SEED) -> None:
 
 
 def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int = 4, granularity: str = "auto",
-                 chunked_attention: bool = True, export=None):
+                 chunked_attention: bool = True, compute_dtype: str = "model", export=None):
     """The PruningConfig of a bench run: 50% ``pattern`` ('unstructured' or '2:4') with ``method``, the bench's
     model folder, calibration windows (``seed``) and evaluation windows, no perplexity gate; ``export`` an
-    ExportConfig or None for the default."""
+    ExportConfig or None for the default; ``compute_dtype``: ``calibration.compute_dtype``."""
     from podar import (
         CalibrationConfig,
         EvaluationConfig,
@@ -92,7 +92,7 @@ def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int
         model=ModelSourceConfig(kind="hf", name=str(MODEL_DIR)),
         calibration=CalibrationConfig(num_samples=NUM_SAMPLES, sequence_length=SEQ_LEN, dataset="wikitext2-valid",
                                       seed=seed, batch_size=batch_size, granularity=granularity,
-                                      chunked_attention=chunked_attention),
+                                      chunked_attention=chunked_attention, compute_dtype=compute_dtype),
         evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=SEQ_LEN, max_windows=EVAL_WINDOWS,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
         export=export if export is not None else ExportConfig(),

@@ -29,6 +29,9 @@ def main() -> None:
                     help="calibration.chunked_attention")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype the dense model is loaded in (its forwards run in it; statistics stay fp32)")
+    ap.add_argument("--compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
+                    help="calibration.compute_dtype: the dtype of the calibration forwards (the weights keep the "
+                         "model's)")
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--time-only", action="store_true",
@@ -50,7 +53,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
     cfg = common.podar_config(
         args.method, args.pattern, seed=args.seed, batch_size=args.batch_size, granularity=args.granularity,
-        chunked_attention=args.chunked_attention == "on",
+        chunked_attention=args.chunked_attention == "on", compute_dtype=args.compute_dtype,
         export=ExportConfig(format=args.export_format, quantization=args.quantization, dtype="float16",
                             verify_windows=2))
     run_dir = Path(args.run_dir)
@@ -77,7 +80,8 @@ def main() -> None:
         stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
     if args.time_only:
         print(json.dumps({"tool": "podar", "method": args.method, "pattern": args.pattern, "seed": args.seed,
-                          "batch_size": args.batch_size, "granularity": args.granularity, "prune_s": prune_s,
+                          "batch_size": args.batch_size, "granularity": args.granularity, "dtype": args.dtype,
+                          "compute_dtype": args.compute_dtype, "prune_s": prune_s,
                           "stage_s": stage_s, "peak_rss_mb": peak_after_prune}))
         shutil.rmtree(run_dir, ignore_errors=True)
         return
@@ -87,7 +91,8 @@ def main() -> None:
     ex = result.metrics.get("exporting", {})
     print(json.dumps({
         "tool": "podar", "method": args.method, "pattern": args.pattern, "batch_size": args.batch_size,
-        "granularity": args.granularity, "seed": args.seed, "prune_s": prune_s,
+        "granularity": args.granularity, "seed": args.seed, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
+        "prune_s": prune_s,
         "stage_s": stage_s, "peak_rss_mb": peak_after_prune,
         "ppl": ev["pruned_ppl"], "dense_ppl": ev["dense_ppl"], "sparsity": ev["pruned_layers_sparsity"],
         "ok": result.ok, "kl": ev.get("kl_mean"), "top1": ev.get("top1_agreement"),

@@ -23,6 +23,7 @@ from podar.schemas.records import StageResult
 
 from .attention import block_attention
 from .common import active_targets
+from .compute import cast_module, compute_blocks, resolve_compute_dtype
 from .sequential import (
     add_stats,
     capture_first_block_inputs,
@@ -60,6 +61,10 @@ def plan_sequential(ctx: RunContext) -> None:
     Llama-style or walking it site by site does not reproduce its forward."""
     cfg, st = ctx.config, ctx.state
     layers = decoder_layers(ctx.model)
+    dtype = resolve_compute_dtype(cfg.calibration.compute_dtype, ctx.model)
+    if dtype is not None:
+        ctx.log.info("calibration_compute_dtype", dtype=str(dtype).removeprefix("torch."),
+                     model_dtype=str(next(ctx.model.parameters()).dtype).removeprefix("torch."))
     if not cfg.calibration.sequential or layers is None:
         return
     # by block first: it rejects targets outside the decoder blocks, and it is the fallback of the site walk
@@ -71,10 +76,11 @@ def plan_sequential(ctx: RunContext) -> None:
             reason = ("a decoder block is not Llama-style (input_layernorm, self_attn with o_proj, "
                       "post_attention_layernorm, mlp with down_proj)")
         else:
-            probe = capture_first_block_inputs(ctx.model, calibration_samples(ctx)[:1], 1, ctx.device)
-            with torch.no_grad():
+            # in the dtype the walk will compute in
+            probe = capture_first_block_inputs(ctx.model, calibration_samples(ctx)[:1], 1, ctx.device, dtype)
+            with torch.no_grad(), compute_blocks(layers, dtype) as view:
                 scale = float(probe.hidden[0].abs().max()) + 1.0
-            diff = check_block(layers[0], probe.hidden[0], probe.kwargs[0])
+                diff = check_block(view[0], probe.hidden[0], probe.kwargs[0])
             if not diff <= 1e-5 * scale:
                 reason = f"walking block 0 site by site differs from its forward by {diff:.3g}"
         if reason is None:
@@ -96,20 +102,21 @@ def _site_stats(ctx: RunContext, kind: str, samples: torch.Tensor) -> tuple[dict
     layers = decoder_layers(ctx.model)
     assert layers is not None
     block, site = st.extras["site_groups"][st.group_index]
+    dtype = resolve_compute_dtype(cfg.calibration.compute_dtype, ctx.model)
     cursor = st.extras.get("cursor")
     if st.group_index == 0 or cursor is None:
         cursor = SublayerCursor.start(capture_first_block_inputs(ctx.model, samples, cfg.calibration.batch_size,
-                                                                 ctx.device))
+                                                                 ctx.device, dtype))
         st.extras["cursor"] = cursor
     before = cursor.site_passes
-    with block_attention(ctx.model, cfg.calibration.chunked_attention):
-        cursor.advance_to(layers, block, site, before_step=ctx.check_cancelled)
     entry = None
-    for x in cursor.site_inputs(layers):
-        ctx.check_cancelled()
-        if entry is None:
-            entry = new_stat_entry(kind, x.shape[-1], x.device)
-        add_stats(entry, x, kind)
+    with block_attention(ctx.model, cfg.calibration.chunked_attention), compute_blocks(layers, dtype) as view:
+        cursor.advance_to(view, block, site, before_step=ctx.check_cancelled)
+        for x in cursor.site_inputs(view):
+            ctx.check_cancelled()
+            if entry is None:
+                entry = new_stat_entry(kind, x.shape[-1], x.device)
+            add_stats(entry, x, kind)
     assert entry is not None
     names = st.layer_groups[st.group_index]
     metrics = {"block": block, "site": SITE_NAMES[site], "replayed_site_passes": cursor.site_passes - before}
@@ -123,6 +130,7 @@ def run(ctx: RunContext) -> StageResult:
     model = ctx.model
     targets = active_targets(ctx)
     block_groups = st.extras.get("block_groups")
+    dtype = resolve_compute_dtype(cfg.calibration.compute_dtype, model)
     forwards = 0
     extra: dict = {}
     with torch.no_grad():
@@ -133,34 +141,36 @@ def run(ctx: RunContext) -> StageResult:
             assert layers is not None
             if st.group_index == 0 or "block_inputs" not in st.extras:
                 # first group of a round, or a resumed run: embeddings once, then the (pruned) blocks before
-                inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device)
-                with block_attention(model, cfg.calibration.chunked_attention):
+                inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device, dtype)
+                with block_attention(model, cfg.calibration.chunked_attention), compute_blocks(layers, dtype) as view:
                     for earlier in block_groups[: st.group_index]:
                         for b in earlier:
-                            inputs = run_block(layers[b], inputs, in_place=True)
+                            inputs = run_block(view[b], inputs, in_place=True)
                             forwards += len(inputs.hidden)
                 st.extras["block_inputs"] = inputs
             inputs = st.extras["block_inputs"]
             group_blocks = block_groups[st.group_index]
             last_block = layers[group_blocks[-1]]
             in_last = {n: m for n, m in targets.items() if any(m is x for x in last_block.modules())}
-            order = execution_order(last_block, in_last, inputs.hidden[0], inputs.kwargs[0]) if in_last else []
-            # the last Linear of the last block feeds no other target: its product is skipped in this pass
-            skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
             attention = block_attention(model, cfg.calibration.chunked_attention)
-            with collect_stats(targets, kind) as stats, skip, attention:
-                chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
-                for b in group_blocks:
-                    ctx.check_cancelled()
-                    for i, kw in enumerate(inputs.kwargs):
-                        out = layers[b](chain[i], **kw)
-                        forwards += 1
-                        if b != group_blocks[-1]:
-                            chain[i] = out[0] if isinstance(out, tuple) else out
+            with compute_blocks(layers, dtype) as view:
+                order = (execution_order(view[group_blocks[-1]], in_last, inputs.hidden[0], inputs.kwargs[0])
+                         if in_last else [])
+                # the last Linear of the last block feeds no other target: its product is skipped in this pass
+                skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
+                with collect_stats(targets, kind) as stats, skip, attention:
+                    chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
+                    for b in group_blocks:
+                        ctx.check_cancelled()
+                        for i, kw in enumerate(inputs.kwargs):
+                            out = view[b](chain[i], **kw)
+                            forwards += 1
+                            if b != group_blocks[-1]:
+                                chain[i] = out[0] if isinstance(out, tuple) else out
         else:
             ctx.log.info("calibration_one_pass", reason="no Llama-style decoder stack or sequential disabled",
                          layers=len(targets))
-            with collect_stats(targets, kind) as stats:
+            with collect_stats(targets, kind) as stats, cast_module(model, dtype):
                 for start in tqdm(range(0, samples.shape[0], cfg.calibration.batch_size), desc="calibrating",
                                   disable=not ctx.progress, leave=False):
                     ctx.check_cancelled()

@@ -23,6 +23,7 @@ from podar.schemas.records import ArtifactRecord, StageResult
 from .attention import block_attention
 from .bitpack import pack_bits
 from .common import active_targets, adopt_weights, apply_mask, expected_pruned, replace_data
+from .compute import compute_blocks, resolve_compute_dtype
 from .masks import global_unstructured_masks, pattern_mask
 from .scores import magnitude_score
 from .sequential import BlockInputs, decoder_layers, reconstruction_hooks, run_block
@@ -150,21 +151,22 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
     dense = {n: st.dense_weights[n] for n in targets} if measure else {}  # this group's dense weights only
     hooks = reconstruction_hooks(targets, dense, n_measured) if measure else nullcontext({})
     attention = block_attention(ctx.model, cfg.calibration.chunked_attention)
-    with hooks as acc, attention:
+    view = compute_blocks(layers, resolve_compute_dtype(cfg.calibration.compute_dtype, ctx.model))
+    with hooks as acc, attention, view as blocks:
         if site_groups:
             if cursor.position != tuple(site_groups[st.group_index]):
                 raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
                                  f"{tuple(site_groups[st.group_index])}", stage="Pruning")
             n_batches = _batches_covering([b - a for a, b in cursor.batches], n_measured) if last else None
             if n_batches != 0:
-                cursor.step(layers, max_batches=n_batches)
+                cursor.step(blocks, max_batches=n_batches)
                 forwards += 1
         else:
             if last:
                 k = _batches_covering([h.shape[0] for h in inputs.hidden], n_measured)
                 inputs = BlockInputs(kwargs=inputs.kwargs[:k], hidden=inputs.hidden[:k])
             for b in tqdm(block_groups[st.group_index], desc="propagate", disable=not ctx.progress, leave=False):
-                inputs = run_block(layers[b], inputs, in_place=True)
+                inputs = run_block(blocks[b], inputs, in_place=True)
                 forwards += len(inputs.hidden)
             st.extras["block_inputs"] = inputs
     if site_groups and cursor.site in (1, 3):  # the pass just made freed its per-batch temporaries

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compute import cast_floating
+
 __all__ = [
     "BlockInputs",
     "decoder_layers",
@@ -56,17 +58,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 class _Recorder(nn.Module):
     """Stands in for the decoder stack during one embedding pass: records the first block's inputs."""
 
-    def __init__(self, template: nn.Module, sink: BlockInputs) -> None:
+    def __init__(self, template: nn.Module, sink: BlockInputs, dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.sink = sink
+        self.sink, self.dtype = sink, dtype
         if hasattr(template, "attention_type"):
             self.attention_type = template.attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise TypeError("decoder block called with positional arguments beyond hidden_states; unsupported model")
-        self.sink.hidden.append(hidden_states.detach())
-        self.sink.kwargs.append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
+        self.sink.hidden.append(cast_floating(hidden_states.detach(), self.dtype))
+        self.sink.kwargs.append(
+            {k: cast_floating(v, self.dtype) for k, v in kwargs.items() if k not in ("cache", "past_key_values")})
         return hidden_states
 
 
@@ -83,12 +86,13 @@ def _swapped_layers(model: nn.Module, replacement: nn.ModuleList) -> Iterator[No
 
 @torch.no_grad()
 def capture_first_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int,
-                               device: torch.device) -> BlockInputs:
-    """Inputs of block 0 for samples (N, T) int64, in batches of ``batch_size`` (embeddings run once)."""
+                               device: torch.device, dtype: torch.dtype | None = None) -> BlockInputs:
+    """Inputs of block 0 for samples (N, T) int64, in batches of ``batch_size`` (embeddings run once); with
+    ``dtype``, the hidden states and floating keyword arguments (rotary cos/sin) are kept cast to it."""
     layers = decoder_layers(model)
     assert layers is not None
     sink = BlockInputs()
-    recorder = nn.ModuleList([_Recorder(layers[0], sink)])
+    recorder = nn.ModuleList([_Recorder(layers[0], sink, dtype)])
     with _swapped_layers(model, recorder):
         for start in range(0, samples.shape[0], batch_size):
             batch = samples[start:start + batch_size].to(device)  # (B, T)
@@ -295,10 +299,14 @@ def reconstruction_hooks(modules: dict[str, nn.Linear], dense: dict[str, torch.T
             n_seq = x.shape[0] if x.dim() == 3 else 1
             x = x.reshape(-1, x.shape[-1])  # (tokens, in)
             out = output.detach().reshape(-1, output.shape[-1])  # XŴᵀ (+ bias)
-            delta = dense[name].to(x.device, torch.float32) - module.weight.detach().float()  # (out, in)
+            # W − Ŵ in the dtype the forward computes in (the model's, or calibration.compute_dtype): a mask's
+            # difference is exact there (the removed weights, zeros elsewhere), so the product runs at that
+            # dtype's speed and the error is not polluted by rounding the kept weights
+            w = module.weight.detach()
+            delta = dense[name].to(w.device, w.dtype) - w  # (out, in)
             bias = module.bias.detach().float() if module.bias is not None else None
             for t0 in range(0, x.shape[0], _RECON_CHUNK):  # in token chunks: small temporaries
-                err = x[t0:t0 + _RECON_CHUNK].float() @ delta.t()  # (chunk, out) = XWᵀ − XŴᵀ
+                err = (x[t0:t0 + _RECON_CHUNK].to(w.dtype) @ delta.t()).float()  # (chunk, out) = XWᵀ − XŴᵀ
                 pruned_out = out[t0:t0 + _RECON_CHUNK].float()
                 if bias is not None:
                     pruned_out = pruned_out - bias
