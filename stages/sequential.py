@@ -3,7 +3,9 @@ code does it, without exceptions for control flow: the decoder stack is swapped 
 embeddings, so the first block's inputs (and the keyword arguments every block gets) are captured; then each
 block runs on its cached inputs.
 
-Statistics are sums with a sample count, in fp32 whatever the model's dtype:
+The forwards compute in the model's dtype, or in ``calibration.compute_dtype`` (``compute.py``: the cached inputs
+cast, each block's weights cast while it runs). Statistics are sums with a sample count, in fp32 whatever the
+dtype of the forwards:
 - Wanda: ``sq_norm_sum`` (in,) = Σ over tokens of x_j²
 - SparseGPT: ``hessian_sum`` (in, in) = Σ over tokens of x xᵀ
 """
