@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PODAR_DATA_DIR ?= $(abspath ../shared/data)
 export PODAR_DATA_DIR
 
-.PHONY: install model demo test test-slow lint bench bench-time bench-seeds clean
+.PHONY: install model demo test test-slow lint bench bench-time bench-time-wanda bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,11 @@ bench: model
 # pruning time in interleaved podar / llm-compressor pairs (the machine's speed drifts between runs)
 bench-time: model
 	$(PY) bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
+
+# Wanda with podar's calibration forwards in bfloat16 (calibration.compute_dtype) against llm-compressor in float32
+bench-time-wanda: model
+	$(PY) bench/bench_time.py --cases wanda:unstructured wanda:2:4 --pairs 2 --podar-compute-dtype bfloat16 \
+		--out timing-wanda-compute-bf16
 
 # the calibration-based cases on two more calibration draws (seeds 1, 2), SparseGPT 2:4 (the closest call) on
 # two more (3, 4), then perplexity ratios over all draws

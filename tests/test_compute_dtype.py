@@ -62,10 +62,12 @@ def test_compute_dtype_equal_to_the_model_dtype_casts_nothing():
 
 
 def _run_with_compute_dtype(cfg, run_dir, compute_dtype):
-    """Run up to Fine-tuning; returns (pipeline, dtypes of every Linear's inputs in calibration and propagation)."""
+    """Run up to Fine-tuning; returns (pipeline, dtypes of every Linear's inputs in calibration and propagation).
+    Checks on the way that every calibration statistic is a float32 sum."""
     cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"compute_dtype": compute_dtype}))
     pipe = Pipeline(cfg, run_dir=run_dir, progress=False)
     seen: set[torch.dtype] = set()
+    checked = 0
 
     def record(module: nn.Module, args: tuple) -> None:
         if isinstance(module, nn.Linear):
@@ -75,21 +77,29 @@ def _run_with_compute_dtype(cfg, run_dir, compute_dtype):
     try:
         while pipe.stage is not PruningStage.FINE_TUNING:
             pipe.step()
+            if pipe.stage is PruningStage.COMPUTING_IMPORTANCE:  # right after Calibrating
+                for name, entry in pipe._runner.ctx.state.stats.items():  # noqa: SLF001
+                    stat = entry.get("sq_norm_sum", entry.get("hessian_sum"))
+                    assert stat.dtype == torch.float32 and bool(torch.isfinite(stat).all()), name
+                    checked += 1
     finally:
         handle.remove()
+    assert checked > 0
     return pipe, seen
 
 
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_bfloat16_forwards_keep_the_float32_weights(tiny_config, tmp_path, method, granularity):
-    """Every calibration forward reads bf16 inputs; the pruned weights stay float32: Wanda's kept weights equal the
-    dense float32 ones bit for bit, SparseGPT's are solved in float32 (not bf16 values); 2:4 is exact in every
-    group, statistics are float32 sums, and the run completes with its export verified."""
+def test_half_precision_forwards_keep_the_float32_weights(tiny_config, tmp_path, method, granularity,
+                                                          compute_dtype):
+    """Every calibration forward reads inputs in the compute dtype; the pruned weights stay float32: Wanda's kept
+    weights equal the dense float32 ones bit for bit, SparseGPT's are solved in float32 (not bf16 values); 2:4 is
+    exact in every group, statistics are float32 sums, and the run completes with its export verified."""
     cfg = tiny_config.with_method(method).with_pattern(SparsityPatternConfig.nm_2_4()).with_calibration(
         tiny_config.calibration.model_copy(update={"granularity": granularity}))
-    pipe, seen = _run_with_compute_dtype(cfg, tmp_path / "run", "bfloat16")
-    assert seen == {torch.bfloat16}
+    pipe, seen = _run_with_compute_dtype(cfg, tmp_path / "run", compute_dtype)
+    assert seen == {getattr(torch, compute_dtype)}
     ctx = pipe._runner.ctx  # noqa: SLF001
     for name, module in ctx.state.targets.items():
         w = module.weight.detach()
