@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 from torch import nn
 
 from podar import Pipeline, PruningStage, SparsityPatternConfig
@@ -134,3 +135,13 @@ def test_one_pass_calibration_in_bfloat16(tiny_config, tmp_path):
     assert seen == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in pipe._runner.ctx.model.parameters())  # noqa: SLF001
     assert pipe.run().ok
+
+
+@pytest.mark.parametrize(("method", "level"), [("wanda", "info"), ("sparsegpt", "warning")])
+def test_compute_dtype_is_logged_and_sparsegpt_warned(tiny_config, tmp_path, method, level):
+    cfg = tiny_config.with_method(method)
+    with capture_logs() as logs:
+        _run_with_compute_dtype(cfg, tmp_path / "run", "bfloat16")
+    entries = [e for e in logs if e["event"] == "calibration_compute_dtype"]
+    assert len(entries) == 1 and entries[0]["log_level"] == level
+    assert entries[0]["dtype"] == "bfloat16" and entries[0]["model_dtype"] == "float32"
