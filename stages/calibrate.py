@@ -22,9 +22,8 @@ from podar.schemas.config import PruneMethod
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 
-from .attention import block_attention
 from .common import active_targets
-from .compute import cast_module, compute_blocks, resolve_compute_dtype
+from .compute import block_forwards, cast_module, compute_blocks, model_dtype, resolve_compute_dtype
 from .sequential import (
     add_stats,
     capture_first_block_inputs,
@@ -65,7 +64,7 @@ def plan_sequential(ctx: RunContext) -> None:
     dtype = resolve_compute_dtype(cfg.calibration.compute_dtype, ctx.model)
     if dtype is not None:
         fields = {"dtype": str(dtype).removeprefix("torch."),
-                  "model_dtype": str(next(ctx.model.parameters()).dtype).removeprefix("torch.")}
+                  "model_dtype": str(model_dtype(ctx.model)).removeprefix("torch.")}
         if cfg.method is PruneMethod.SPARSEGPT:  # its update solves on these activations' Σ x xᵀ
             ctx.log.warning("calibration_compute_dtype", **fields,
                             note="SparseGPT with half-precision forwards measured worse perplexity at 2:4 than "
@@ -117,7 +116,7 @@ def _site_stats(ctx: RunContext, kind: str, samples: torch.Tensor) -> tuple[dict
         st.extras["cursor"] = cursor
     before = cursor.site_passes
     entry = None
-    with block_attention(ctx.model, cfg.calibration.chunked_attention), compute_blocks(layers, dtype) as view:
+    with block_forwards(ctx.model, layers, cfg.calibration) as view:
         cursor.advance_to(view, block, site, before_step=ctx.check_cancelled)
         for x in cursor.site_inputs(view):
             ctx.check_cancelled()
@@ -149,7 +148,7 @@ def run(ctx: RunContext) -> StageResult:
             if st.group_index == 0 or "block_inputs" not in st.extras:
                 # first group of a round, or a resumed run: embeddings once, then the (pruned) blocks before
                 inputs = capture_first_block_inputs(model, samples, cfg.calibration.batch_size, ctx.device, dtype)
-                with block_attention(model, cfg.calibration.chunked_attention), compute_blocks(layers, dtype) as view:
+                with block_forwards(model, layers, cfg.calibration) as view:
                     for earlier in block_groups[: st.group_index]:
                         for b in earlier:
                             inputs = run_block(view[b], inputs, in_place=True)
@@ -159,13 +158,12 @@ def run(ctx: RunContext) -> StageResult:
             group_blocks = block_groups[st.group_index]
             last_block = layers[group_blocks[-1]]
             in_last = {n: m for n, m in targets.items() if any(m is x for x in last_block.modules())}
-            attention = block_attention(model, cfg.calibration.chunked_attention)
-            with compute_blocks(layers, dtype) as view:
+            with block_forwards(model, layers, cfg.calibration) as view:
                 order = (execution_order(view[group_blocks[-1]], in_last, inputs.hidden[0], inputs.kwargs[0])
                          if in_last else [])
                 # the last Linear of the last block feeds no other target: its product is skipped in this pass
                 skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
-                with collect_stats(targets, kind) as stats, skip, attention:
+                with collect_stats(targets, kind) as stats, skip:
                     chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
                     for b in group_blocks:
                         ctx.check_cancelled()

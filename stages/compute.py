@@ -15,25 +15,35 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["DTYPE_NAMES", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks"]
+from podar.engine.models import DTYPES
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .attention import block_attention
+
+if TYPE_CHECKING:
+    from podar.schemas.config import CalibrationConfig
+
+__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks",
+           "block_forwards"]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (None when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     """The dtype calibration forwards must be cast to, or None when they run in the model's own dtype.
 
-    ``name``: 'model' or a key of ``DTYPE_NAMES``. The model's dtype is that of its first floating parameter."""
+    ``name``: 'model' or a key of ``engine.models.DTYPES`` (``calibration.compute_dtype``)."""
     if name == "model":
         return None
-    dtype = DTYPE_NAMES[name]
-    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), dtype)
-    return None if own == dtype else dtype
+    dtype = DTYPES[name]
+    return None if model_dtype(model) in (dtype, None) else dtype
 
 
 def cast_floating(value: Any, dtype: torch.dtype | None) -> Any:
@@ -104,3 +114,13 @@ def compute_blocks(layers: nn.ModuleList, dtype: torch.dtype | None) -> Iterator
         yield view
     finally:
         view.close()
+
+
+@contextmanager
+def block_forwards(model: nn.Module, layers: nn.ModuleList, calibration: CalibrationConfig
+                   ) -> Iterator[BlockView]:
+    """The context of the calibration forwards of single decoder blocks: attention chunked as
+    ``calibration.chunked_attention`` says, and a ``BlockView`` of ``layers`` in ``calibration.compute_dtype``."""
+    with block_attention(model, calibration.chunked_attention), compute_blocks(
+            layers, resolve_compute_dtype(calibration.compute_dtype, model)) as view:
+        yield view

@@ -20,10 +20,9 @@ from podar.schemas.config import PruneMethod
 from podar.schemas.errors import CheckpointError, StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 
-from .attention import block_attention
 from .bitpack import pack_bits
 from .common import active_targets, adopt_weights, apply_mask, expected_pruned, replace_data
-from .compute import compute_blocks, resolve_compute_dtype
+from .compute import block_forwards
 from .masks import global_unstructured_masks, pattern_mask
 from .scores import magnitude_score
 from .sequential import BlockInputs, decoder_layers, reconstruction_hooks, run_block
@@ -150,9 +149,7 @@ def _propagate(ctx: RunContext, targets: dict, layer_metrics: dict) -> int:
         release_free_memory()  # what scoring and mask selection freed, before the activations grow
     dense = {n: st.dense_weights[n] for n in targets} if measure else {}  # this group's dense weights only
     hooks = reconstruction_hooks(targets, dense, n_measured) if measure else nullcontext({})
-    attention = block_attention(ctx.model, cfg.calibration.chunked_attention)
-    view = compute_blocks(layers, resolve_compute_dtype(cfg.calibration.compute_dtype, ctx.model))
-    with hooks as acc, attention, view as blocks:
+    with hooks as acc, block_forwards(ctx.model, layers, cfg.calibration) as blocks:
         if site_groups:
             if cursor.position != tuple(site_groups[st.group_index]):
                 raise StageError(f"the site walk stands at {cursor.position}, not at the pruned group's "
