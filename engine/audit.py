@@ -18,11 +18,11 @@ from typing import Any
 import structlog
 
 from podar.schemas.errors import AuditError
-from podar.schemas.records import AuditEvent, HistoryEntry
+from podar.schemas.records import AuditEvent, ExpectedMove, HistoryEntry, RunManifest
 
 from .machine import PruningStage, is_legal
 
-__all__ = ["AuditLog", "AuditSummary", "chain_seed", "verify_audit", "read_audit"]
+__all__ = ["AuditLog", "AuditSummary", "chain_seed", "verify_audit", "read_audit", "records_after", "tail_problem"]
 
 
 def chain_seed(run_id: str) -> str:
@@ -182,3 +182,43 @@ def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] 
                 )
     outcome = "complete" if state == PruningStage.COMPLETE.value else state
     return AuditSummary(run_id=run_id, records=len(lines), final_state=state, stages=stages, outcome=outcome)
+
+
+def records_after(path: str | Path, run_id: str, head_sha256: str | None) -> list[dict[str, Any]]:
+    """The records after the line whose sha256 is ``head_sha256`` (the manifest's head): what the audit log holds
+    that no manifest write confirmed yet. All records when the head is the chain seed. AuditError when no line has
+    that sha256 (the log was cut or rewritten before the head)."""
+    lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln]
+    if head_sha256 in (None, chain_seed(run_id)):
+        return [json.loads(ln) for ln in lines]
+    for i, line in enumerate(lines):
+        if _line_sha(line) == head_sha256:
+            return [json.loads(ln) for ln in lines[i + 1:]]
+    raise AuditError(f"no line of the audit log has the manifest's head sha256 {head_sha256[:16]}…: lines the "
+                     "manifest confirmed were changed or removed")
+
+
+def tail_problem(manifest: RunManifest, tail: list[dict[str, Any]]) -> str | None:
+    """Why the records beyond the manifest's head are not what an interrupted run leaves, or None when they are:
+    the run's expected next move (its stage was at work when the process died), a ``fail`` move, a ``resumed``
+    record from the state reached and its ``resume_<stage>`` move."""
+    state, expected = manifest.state, manifest.expected_move
+    for record in tail:
+        kind, source = record.get("event"), record.get("source")
+        where = f"seq {record.get('seq')}"
+        if source != state:
+            return f"{where}: {kind} from '{source}' while the run was in '{state}'"
+        if kind == "resumed":
+            point = manifest.resume_point
+            expected = None if point is None else ExpectedMove(trigger=f"resume_{point.dest}", source="idle",
+                                                               dest=point.dest)
+            state = PruningStage.IDLE.value
+            continue
+        if kind != "transition":
+            return f"{where}: a '{kind}' record no run writes after its last checkpoint"
+        move = (record.get("trigger"), source, record.get("dest"))
+        if move[0] != "fail" and (expected is None or move != (expected.trigger, expected.source, expected.dest)):
+            want = "no move" if expected is None else f"{expected.trigger} {expected.source}→{expected.dest}"
+            return f"{where}: move {move[0]} {move[1]}→{move[2]} is not the run's next move ({want})"
+        state, expected = str(move[2]), None
+    return None

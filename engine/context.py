@@ -9,18 +9,21 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import PodarError
-from podar.schemas.records import ArtifactRecord, StageResult
+from podar.schemas.records import ArtifactRecord, Counters, StageResult
+from podar.schemas.stage import PruningStage
 
-from .store import RunStore
+from .runtime import Runtime
+from .store import ArtifactKey, RunStore
 
 __all__ = ["RunContext", "RunState", "Handler", "Cancelled", "DenseSnapshot"]
 
 
 class Cancelled(PodarError):
-    """Raised inside a handler when the run was cancelled (``Pipeline.cancel()``) or interrupted."""
+    """Raised inside a handler when the run was cancelled (``Pipeline.cancel()``) or terminated."""
 
     def __init__(self, reason: str = "cancelled") -> None:
         super().__init__(f"run {reason}")
@@ -31,22 +34,42 @@ class Cancelled(PodarError):
 class RunState:
     """Values the stages hand each other during one run (in memory; what a resume needs is checkpointed).
 
-    Tensors are keyed by module name (e.g. ``model.layers.0.mlp.up_proj``).
+    Tensors and records are keyed by module name (e.g. ``model.layers.0.mlp.up_proj``).
     """
 
     targets: dict[str, torch.nn.Module] = field(default_factory=dict)  # pruned Linear modules
     # (out, in) weights before pruning, by module name: a mapping read from disk on demand (DenseSnapshot)
     dense_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance
     # (out, in) bool, True = kept; the pipeline hands in a bit-packed store (stages.common.PackedMasks)
     masks: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)  # calibration statistics of the current group
-    layer_groups: list[list[str]] = field(default_factory=list)  # sequential mode: names per group
-    group_index: int = 0  # sequential mode: the group being calibrated/pruned
-    more_layer_groups: bool = False
-    round_index: int = 0  # schedule: pruning round (0-based)
-    step: int = 0  # fine-tuning optimizer steps done
-    extras: dict[str, Any] = field(default_factory=dict)  # stage-private caches (e.g. sequential inputs)
+    counters: Counters = field(default_factory=Counters)
+    layer_groups: list[list[str]] = field(default_factory=list)  # target names per layer group, in order
+    walk: Any = None  # the calibration walk (stages.walks.CalibrationWalk); None without calibration
+    stats: dict[str, Any] = field(default_factory=dict)  # the current group's statistics (methods' LayerStats)
+    prepared: dict[str, Any] = field(default_factory=dict)  # the current group's shared per-input work
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance, when kept
+    calibration_samples: torch.Tensor | None = None  # (N, T) int64
+    eval_windows: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # text → (windows, sha256)
+    model_fingerprint: str = ""
+    data_sha256: dict[str, str] = field(default_factory=dict)  # role → sha256 of the text
+
+    @property
+    def group_index(self) -> int:
+        return self.counters.group_index
+
+    @property
+    def round_index(self) -> int:
+        return self.counters.round_index
+
+    @property
+    def more_layer_groups(self) -> bool:
+        return self.counters.group_index + 1 < len(self.layer_groups)
+
+    def group_targets(self) -> dict[str, torch.nn.Module]:
+        """The targets of the current layer group (all of them when there is one group)."""
+        if not self.layer_groups:
+            return dict(self.targets)
+        return {n: self.targets[n] for n in self.layer_groups[self.counters.group_index]}
 
 
 class DenseSnapshot(Mapping[str, torch.Tensor]):
@@ -71,6 +94,11 @@ class DenseSnapshot(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
+    @property
+    def paths(self) -> list[Any]:
+        """The part files, in the order given."""
+        return list(dict.fromkeys(self._where.values()))
+
     def __len__(self) -> int:
         return len(self._where)
 
@@ -80,8 +108,8 @@ Handler = Callable[["RunContext"], StageResult]
 
 @dataclass
 class RunContext:
-    """What a handler may touch. Handlers read and write ``state``, write artifacts through ``store`` and
-    ``add_artifact``, log through ``log``, and never fire transitions."""
+    """What a handler may touch. Handlers read and write ``state``, write artifacts through ``save_tensors``
+    (the store decides where), log through ``log``, and never fire transitions."""
 
     config: PruningConfig
     model: torch.nn.Module
@@ -90,21 +118,42 @@ class RunContext:
     store: RunStore
     log: Any  # a structlog BoundLogger (configured by the caller, never by podar)
     run_id: str
+    method: Any = None  # the config's method (stages.methods.PruningMethod)
+    runtime: Runtime = field(default_factory=Runtime)
     state: RunState = field(default_factory=RunState)
     progress: bool = True
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+    stage: PruningStage = PruningStage.IDLE  # the stage whose handler runs (set by the runner)
     current_layer: str | None = None  # set by handlers while they work on a layer (named on failure)
     new_artifacts: dict[str, ArtifactRecord] = field(default_factory=dict)
-    on_artifact: Callable[[ArtifactRecord], None] | None = None
+    recorded: Mapping[str, ArtifactRecord] = field(default_factory=dict)  # the manifest's artifacts (read only)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def check_cancelled(self) -> None:
-        """Call in long loops: raises Cancelled once ``Pipeline.cancel()`` was called."""
-        if self.cancel_event.is_set():
-            raise Cancelled("cancelled")
+    def bar(self, iterable: Any, desc: str) -> Any:
+        """``iterable`` with a progress bar on stderr, when progress is on and stderr is a terminal."""
+        return tqdm(iterable, desc=desc[:40], leave=False, disable=None if self.progress else True)
 
-    def add_artifact(self, record: ArtifactRecord) -> None:
+    def check_cancelled(self) -> None:
+        """Call in long loops: raises Cancelled once the run was cancelled (``Pipeline.cancel()``, SIGTERM)."""
+        if self.cancel_event.is_set():
+            raise Cancelled(self.cancel_reason)
+
+    def artifact_key(self, kind: str, name: str | None = None, *, group: bool = True) -> ArtifactKey:
+        c = self.state.counters
+        return ArtifactKey(stage=self.stage.value, kind=kind, round=c.round_index,
+                           group=c.group_index if group else None, name=name)
+
+    def save_tensors(self, kind: str, tensors: Mapping[str, torch.Tensor], *, name: str | None = None,
+                     group: bool = True, metadata: Mapping[str, str] | None = None) -> ArtifactRecord:
+        """Checkpoint ``tensors`` as this stage's artifact of ``kind`` (for this round and layer group)."""
+        record = self.store.save_tensors(self.artifact_key(kind, name, group=group), tensors, metadata=metadata)
+        self.new_artifacts[record.path] = record
+        return record
+
+    def adopt_artifact(self, record: ArtifactRecord) -> None:
+        """Count an artifact already on disk (e.g. a reused cache) as this stage's."""
         self.new_artifacts[record.path] = record

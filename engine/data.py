@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from podar.schemas.datasets import NAMED_DATASETS
 from podar.schemas.errors import DataError
 
 __all__ = [
@@ -35,10 +36,6 @@ __all__ = [
     "check_tokenizer_fits",
 ]
 
-NAMED_DATASETS: dict[str, dict[str, str]] = {
-    "wikitext2": {"file": "wikitext-2-raw/wiki.test.raw", "hub": "wikitext|wikitext-2-raw-v1|test"},
-    "wikitext2-valid": {"file": "wikitext-2/valid.txt", "hub": "wikitext|wikitext-2-v1|validation"},
-}
 
 
 def resolve_data_dir(config_value: str | None) -> Path | None:
@@ -51,23 +48,30 @@ def load_text(name: str, data_dir: Path | None, *, field: str = "dataset") -> st
     """The whole text of dataset ``name`` (named or a file path). ``field`` names the config field in errors."""
     if name in NAMED_DATASETS:
         spec = NAMED_DATASETS[name]
-        if data_dir is not None and (data_dir / spec["file"]).is_file():
-            return (data_dir / spec["file"]).read_text(encoding="utf-8")
-        hub = _from_hub(spec["hub"])
+        if data_dir is not None and (data_dir / spec.file).is_file():
+            return _read(data_dir / spec.file, field)
+        hub = _from_hub(spec.hub)
         if hub is not None:
             return hub
-        where = (f"'{data_dir / spec['file']}' does not exist" if data_dir
+        where = (f"'{data_dir / spec.file}' does not exist" if data_dir
                  else "no data folder is set (data_dir, PODAR_DATA_DIR)")
         raise DataError(
             f"{field} '{name}': {where}, and the hub fallback needs the 'datasets' package and a connection; set "
-            f"PODAR_DATA_DIR (or data_dir) to the folder that holds {spec['file']}"
+            f"PODAR_DATA_DIR (or data_dir) to the folder that holds {spec.file}"
         )
     path = Path(name).expanduser()
     if not path.is_file():
         raise DataError(
             f"{field} '{name}' is neither a named dataset ({', '.join(NAMED_DATASETS)}) nor an existing file"
         )
-    return path.read_text(encoding="utf-8")
+    return _read(path, field)
+
+
+def _read(path: Path, field: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{field}: '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from e
 
 
 def _from_hub(spec: str) -> str | None:
@@ -87,10 +91,11 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """ids: (n_tokens,) int64 — the whole text tokenized once, no special tokens added."""
+def tokenize_text(tokenizer: Any, text: str, *, field: str = "dataset") -> torch.Tensor:
+    """ids: (n_tokens,) int64 — the whole text tokenized once, no special tokens added. ``field`` names the
+    config field the text comes from, in errors."""
     if not text.strip():
-        raise DataError("the text is empty")
+        raise DataError(f"{field}: the text is empty (only whitespace); give a text with content")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

@@ -1,100 +1,81 @@
-"""The state machine: the legal moves of a run, and nothing else.
+"""The state machine: the legal moves of a run, what each does to the loop counters, and nothing else.
 
-Declarative: states, ordered transitions with named conditions. It can be drawn (mermaid) and it is the single
-source of truth that the audit replays a log against. The runner (``engine.runner``) binds stage handlers to the
-states' on-enter hooks and fires the triggers; this module knows no handler.
+Declarative: states, ordered moves with named conditions and named effects. It is drawn by ``mermaid()``, it is
+what the audit replays a log against, and the runner takes its next move from it (``next_move``: the first
+forward move out of the state whose conditions hold). The runner binds stage handlers to the states' on-enter
+hooks; this module knows no handler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from transitions import Machine, MachineError
 
 from podar.schemas.errors import TransitionError
+from podar.schemas.records import Counters
+from podar.schemas.stage import PruningStage
 
 __all__ = [
     "PruningStage",
     "Move",
     "MOVES",
     "RESUMABLE",
+    "VOLATILE",
     "CONDITIONS",
+    "EFFECTS",
     "build_machine",
+    "next_move",
+    "apply_effects",
     "legal_moves",
     "is_legal",
+    "move_for",
+    "fire",
     "mermaid",
 ]
-
-
-class PruningStage(str, Enum):
-    """The stages of a run. The value is the machine's state name; ``display`` the name people read."""
-
-    IDLE = "idle"
-    CALIBRATING = "calibrating"
-    COMPUTING_IMPORTANCE = "computing_importance"
-    PRUNING = "pruning"
-    FINE_TUNING = "fine_tuning"
-    EVALUATING = "evaluating"
-    EXPORTING = "exporting"
-    COMPLETE = "complete"
-    FAILED = "failed"
-
-    @property
-    def display(self) -> str:
-        return _DISPLAY[self]
-
-    def is_active(self) -> bool:
-        """True for the working stages, Calibrating through Exporting."""
-        return self not in (PruningStage.IDLE, PruningStage.COMPLETE, PruningStage.FAILED)
-
-    def is_terminal(self) -> bool:
-        """True for Complete and Failed: no move leaves them."""
-        return self in (PruningStage.COMPLETE, PruningStage.FAILED)
-
-    @classmethod
-    def from_display(cls, display: str) -> PruningStage:
-        for stage, name in _DISPLAY.items():
-            if name == display:
-                return stage
-        raise ValueError(f"no stage is displayed as {display!r}")
-
-
-_DISPLAY = {
-    PruningStage.IDLE: "Idle",
-    PruningStage.CALIBRATING: "Calibrating",
-    PruningStage.COMPUTING_IMPORTANCE: "Computing Importance",
-    PruningStage.PRUNING: "Pruning",
-    PruningStage.FINE_TUNING: "Fine-tuning",
-    PruningStage.EVALUATING: "Evaluating",
-    PruningStage.EXPORTING: "Exporting",
-    PruningStage.COMPLETE: "Complete",
-    PruningStage.FAILED: "Failed",
-}
 
 S = PruningStage
 
 
 @dataclass(frozen=True)
 class Move:
-    """One legal transition. ``conditions`` / ``unless`` name predicates of the run (see CONDITIONS)."""
+    """One legal transition. ``conditions`` / ``unless`` name predicates of the run (CONDITIONS); ``effects`` name
+    changes of the loop counters made as the move happens (EFFECTS). ``kind``: a forward move of the flow, the
+    move into Failed, or a resumed run's move out of Idle."""
 
     trigger: str
     source: PruningStage
     dest: PruningStage
     conditions: tuple[str, ...] = ()
     unless: tuple[str, ...] = ()
+    effects: tuple[str, ...] = ()
+    kind: Literal["forward", "fail", "resume"] = "forward"
 
 
-# The predicates a transition may be guarded by. The runner supplies a value for each (a bool per name);
-# the machine only knows the names.
+# The predicates a move may be guarded by. The runner answers each (a bool per name); the machine knows names.
 CONDITIONS: dict[str, str] = {
     "needs_calibration": "the method needs activation statistics (not magnitude)",
-    "more_layer_groups": "sequential calibration has decoder-block groups left to prune",
+    "more_layer_groups": "sequential calibration has layer groups left to prune in this round",
     "more_pruning_rounds": "the schedule has pruning rounds left (gradual / cubic)",
     "gate_passed": "every quality gate passed, or failures are set to warn",
+}
+
+
+def _next_layer_group(c: Counters) -> None:
+    c.group_index += 1
+
+
+def _next_pruning_round(c: Counters) -> None:
+    c.round_index += 1
+    c.group_index = 0
+
+
+# What a move does to the loop counters, by name.
+EFFECTS: dict[str, Callable[[Counters], None]] = {
+    "next_layer_group": _next_layer_group,
+    "next_pruning_round": _next_pruning_round,
 }
 
 _ACTIVE = [s for s in PruningStage if s.is_active()]
@@ -105,23 +86,55 @@ MOVES: tuple[Move, ...] = (
     Move("calibrated", S.CALIBRATING, S.COMPUTING_IMPORTANCE),
     Move("scored", S.COMPUTING_IMPORTANCE, S.PRUNING),
     # sequential mode: the next layer group is calibrated on the already-pruned blocks
-    Move("next_group", S.PRUNING, S.CALIBRATING, conditions=("more_layer_groups",)),
+    Move("next_group", S.PRUNING, S.CALIBRATING, conditions=("more_layer_groups",), effects=("next_layer_group",)),
     Move("pruned", S.PRUNING, S.FINE_TUNING, unless=("more_layer_groups",)),
     # gradual schedules: after fine-tuning, another pruning round
-    Move("next_round", S.FINE_TUNING, S.CALIBRATING, conditions=("more_pruning_rounds", "needs_calibration")),
+    Move("next_round", S.FINE_TUNING, S.CALIBRATING, conditions=("more_pruning_rounds", "needs_calibration"),
+         effects=("next_pruning_round",)),
     Move("next_round", S.FINE_TUNING, S.COMPUTING_IMPORTANCE, conditions=("more_pruning_rounds",),
-         unless=("needs_calibration",)),
+         unless=("needs_calibration",), effects=("next_pruning_round",)),
     Move("finetuned", S.FINE_TUNING, S.EVALUATING, unless=("more_pruning_rounds",)),
     Move("evaluated", S.EVALUATING, S.EXPORTING, conditions=("gate_passed",)),
     Move("evaluated", S.EVALUATING, S.FAILED, unless=("gate_passed",)),
     Move("exported", S.EXPORTING, S.COMPLETE),
-    *(Move("fail", s, S.FAILED) for s in [S.IDLE, *_ACTIVE]),
+    *(Move("fail", s, S.FAILED, kind="fail") for s in [S.IDLE, *_ACTIVE]),
     # resume after a failure or a crash: a resumed run starts at Idle and moves to the stage to redo
-    *(Move(f"resume_{s.value}", S.IDLE, s) for s in (S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING,
-                                                     S.EVALUATING, S.EXPORTING)),
+    *(Move(f"resume_{s.value}", S.IDLE, s, kind="resume")
+      for s in (S.CALIBRATING, S.COMPUTING_IMPORTANCE, S.FINE_TUNING, S.EVALUATING, S.EXPORTING)),
 )
 
-RESUMABLE: tuple[PruningStage, ...] = tuple(m.dest for m in MOVES if m.trigger.startswith("resume_"))
+RESUMABLE: tuple[PruningStage, ...] = tuple(m.dest for m in MOVES if m.kind == "resume")
+
+# Stages whose results live in memory only (statistics, scores): a checkpoint after them is no place to resume
+# from; a resumed run redoes the layer group from its start.
+VOLATILE: frozenset[PruningStage] = frozenset({S.CALIBRATING, S.COMPUTING_IMPORTANCE})
+
+
+def _holds(move: Move, condition: Callable[[str], bool]) -> bool:
+    return all(condition(c) for c in move.conditions) and not any(condition(u) for u in move.unless)
+
+
+def next_move(state: PruningStage, condition: Callable[[str], bool]) -> Move:
+    """The move the flow takes out of ``state``: the first forward move from it whose conditions hold."""
+    for move in MOVES:
+        if move.kind == "forward" and move.source is state and _holds(move, condition):
+            return move
+    raise TransitionError(f"no move out of '{state.display_name()}' has its conditions met")
+
+
+def apply_effects(move: Move, counters: Counters) -> Counters:
+    """``counters`` changed as ``move`` changes them (in place; returned for chaining)."""
+    for name in move.effects:
+        EFFECTS[name](counters)
+    return counters
+
+
+def move_for(trigger: str, source: str, dest: str) -> Move | None:
+    """The move (trigger, source, dest) names, or None when it is not legal."""
+    for move in MOVES:
+        if (move.trigger, move.source.value, move.dest.value) == (trigger, source, dest):
+            return move
+    return None
 
 
 def legal_moves() -> set[tuple[str, str, str]]:
@@ -130,7 +143,7 @@ def legal_moves() -> set[tuple[str, str, str]]:
 
 
 def is_legal(trigger: str, source: str, dest: str) -> bool:
-    return (trigger, source, dest) in legal_moves()
+    return move_for(trigger, source, dest) is not None
 
 
 def build_machine(
@@ -140,12 +153,13 @@ def build_machine(
     initial: PruningStage = PruningStage.IDLE,
     on_enter: Callable[[Any], None] | None = None,
     before: Callable[[Any], None] | None = None,
+    counters: Callable[[], Counters] | None = None,
 ) -> Machine:
     """A transitions Machine over ``model`` holding exactly MOVES.
 
-    ``condition(name)`` answers a named predicate. ``on_enter(event)`` is attached to every state but Idle (the
-    stage hook); ``before(event)`` runs before every state change (the audit record). ``auto_transitions`` is off,
-    and callbacks are callables, not strings.
+    ``condition(name)`` answers a named predicate. Each move's callbacks, in order: its effects on
+    ``counters()``, then ``before(event)`` (the audit record); then the destination's ``on_enter(event)`` (the
+    stage hook, every state but Idle). ``auto_transitions`` is off, and callbacks are callables, not strings.
     """
     states = []
     for stage in PruningStage:
@@ -161,19 +175,22 @@ def build_machine(
         check.__name__ = f"{'' if expected else 'not_'}{name}"
         return check
 
-    machine = Machine(
-        model=model,
-        states=states,
-        initial=initial.value,
-        auto_transitions=False,
-        send_event=True,
-        ignore_invalid_triggers=False,
-        before_state_change=[before] if before is not None else None,
-        model_attribute="state",
-    )
+    def _effects(move: Move) -> Callable[[Any], None]:
+        def apply(event: Any = None) -> None:
+            if counters is not None:
+                apply_effects(move, counters())
+
+        return apply
+
+    machine = Machine(model=model, states=states, initial=initial.value, auto_transitions=False, send_event=True,
+                      ignore_invalid_triggers=False, model_attribute="state")
     for move in MOVES:
         conds = [_guard(c, True) for c in move.conditions] + [_guard(c, False) for c in move.unless]
-        machine.add_transition(move.trigger, move.source.value, move.dest.value, conditions=conds or None)
+        callbacks = [_effects(move)] if move.effects else []
+        if before is not None:
+            callbacks.append(before)
+        machine.add_transition(move.trigger, move.source.value, move.dest.value, conditions=conds or None,
+                               before=callbacks or None)
     return machine
 
 
@@ -194,7 +211,7 @@ def mermaid() -> str:
     """The machine as a mermaid state diagram (the same text ``podar graph`` prints)."""
     lines = ["stateDiagram-v2"]
     for stage in PruningStage:
-        lines.append(f'    state "{stage.display}" as {stage.value}')
+        lines.append(f'    state "{stage.display_name()}" as {stage.value}')
     lines.append(f"    [*] --> {PruningStage.IDLE.value}")
     for move in MOVES:
         guard = [*move.conditions, *(f"not {u}" for u in move.unless)]

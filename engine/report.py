@@ -3,11 +3,12 @@ alone (manifest and artifacts), so ``podar report RUN_DIR`` can rebuild it at an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from podar.schemas.config import OneShot, PruningConfig
-from podar.schemas.report import LayerReport, RunReport, TextReport
+from podar.schemas.config import PruningConfig
+from podar.schemas.records import RunManifest
+from podar.schemas.report import LayerReport, RunReport
+from podar.schemas.schedule import OneShot
 
 from .machine import PruningStage
 from .store import RunStore, atomic_write_bytes
@@ -17,51 +18,57 @@ __all__ = ["build_report", "write_report", "compare_runs"]
 PRUNING_STAGES = (PruningStage.CALIBRATING.value, PruningStage.COMPUTING_IMPORTANCE.value, PruningStage.PRUNING.value)
 
 
+def _layers(m: RunManifest) -> list[LayerReport]:
+    """The last pruning result of every layer (a gradual schedule prunes a layer once per round)."""
+    layers: dict[str, LayerReport] = {}
+    for r in m.results:
+        if r.stage == PruningStage.PRUNING.value:
+            for name, lm in r.layer_metrics.items():
+                layers[name] = LayerReport(name=name, sparsity=float(lm.get("sparsity") or 0.0),
+                                           reconstruction_error=lm.get("reconstruction_error"),
+                                           round=r.progress.round_index, group=r.progress.group_index)
+    return list(layers.values())
+
+
 def build_report(run_dir: str | Path) -> RunReport:
+    """The report of a run, from its manifest's records alone (stage results and artifacts)."""
     store = RunStore(run_dir)
     m = store.read_manifest()
     cfg = PruningConfig.from_dict(m.config, source=str(store.manifest_path))
     durations: dict[str, float] = {}
-    layers: dict[str, LayerReport] = {}
-    losses: list[float] = []
-    export_bytes = None
     for r in m.results:
         durations[r.stage] = durations.get(r.stage, 0.0) + r.duration_s
-        if r.stage == PruningStage.PRUNING.value:
-            for name, lm in r.layer_metrics.items():
-                layers[name] = LayerReport(
-                    name=name, sparsity=float(lm.get("sparsity") or 0.0),
-                    reconstruction_error=lm.get("reconstruction_error"),
-                    round=int(r.metrics.get("round") or 0), group=int(r.metrics.get("group") or 0))
-        if r.stage == PruningStage.EXPORTING.value:
-            export_bytes = int(r.metrics.get("bytes") or 0)
-    for rel in sorted(m.artifacts):
-        if rel.startswith("artifacts/finetune/") and rel.endswith("_losses.json"):
-            losses.extend(json.loads(store.artifact_path(rel).read_text())["losses"])
-    texts = []
-    eval_path = store.artifact_path("artifacts/evaluation.json")
-    if "artifacts/evaluation.json" in m.artifacts and eval_path.is_file():
-        for dataset, t in json.loads(eval_path.read_text())["texts"].items():
-            texts.append(TextReport(dataset=dataset, windows=t["windows"], seq_len=t["seq_len"],
-                                    dense_ppl=t["dense_ppl"], pruned_ppl=t["pruned_ppl"],
-                                    ppl_increase_pct=t["ppl_increase_pct"], kl_mean=t["kl_mean"],
-                                    top1_agreement=t["top1_agreement"],
-                                    dense_baseline_reused=t["dense_baseline_reused"],
-                                    gate_failures=t["failures"], on_fail=t["on_fail"]))
-    ordered = list(layers.values())
-    total = sum(lay.sparsity for lay in ordered)
+    by_stage = {r.stage: r for r in m.results}  # the last result of each stage
+    exported = by_stage.get(PruningStage.EXPORTING.value)
+    export_bytes = None if exported is None else sum(m.artifacts[a].bytes for a in exported.artifacts
+                                                     if a in m.artifacts)
+    evaluated = by_stage.get(PruningStage.EVALUATING.value)
+    losses = [x for r in m.results if r.stage == PruningStage.FINE_TUNING.value for x in r.series.get("loss", [])]
+    layers = _layers(m)
     points: list[tuple[int, float]] = []
     if not isinstance(cfg.schedule, OneShot):
         points = [(s, cfg.schedule.sparsity_at_step(s)) for s in cfg.schedule.pruning_steps()]
     return RunReport(
-        run_id=m.run_id, state=m.state, created_at=m.created_at, updated_at=m.updated_at, method=cfg.method.value,
+        run_id=m.run_id, state=m.state, created_at=m.created_at, updated_at=m.updated_at, method=cfg.method.name,
         pattern=cfg.pattern.label(), target_sparsity=cfg.target_sparsity, scope=cfg.resolved_scope(),
         schedule=cfg.schedule.kind, model=f"{cfg.model.kind}:{cfg.model.name}", failure=m.failure,
-        achieved_sparsity=None if not ordered else total / len(ordered), layers=ordered, texts=texts,
+        achieved_sparsity=_achieved(m), layers=layers, texts=[] if evaluated is None else list(evaluated.texts),
         stage_durations_s=durations, pruning_time_s=sum(durations.get(s, 0.0) for s in PRUNING_STAGES),
         total_time_s=sum(durations.values()), schedule_points=points, finetune_losses=losses,
         export_format=cfg.export.format if export_bytes is not None else None, export_bytes=export_bytes,
     )
+
+
+def _achieved(m: RunManifest) -> float | None:
+    """Zeros / weights over every pruned layer, from each layer's last pruning result."""
+    last: dict[str, dict] = {}
+    for r in m.results:
+        if r.stage == PruningStage.PRUNING.value:
+            last.update(r.layer_metrics)
+    numel = sum(int(lm.get("numel") or 0) for lm in last.values())
+    if not numel:
+        return None
+    return sum(float(lm.get("sparsity") or 0.0) * int(lm.get("numel") or 0) for lm in last.values()) / numel
 
 
 def _plots(report: RunReport, folder: Path) -> list[str]:

@@ -1,13 +1,12 @@
 """The runner: binds stage handlers to the machine's on-enter hooks, checkpoints each result, writes the audit
-record of every move, and fires the next trigger after the hook returns (so nothing nests).
+record of every move, and fires the next move after the hook returns (so nothing nests).
 
-Order of one step: choose the trigger → the machine checks conditions → ``_before`` appends the audit line (the
-move is durable from here) → the destination's on-enter hook runs its handler → the result is checkpointed
-(artifacts recorded, manifest written last, with the move's history entry). A move into a terminal state
-(Complete, Failed) has no handler: ``_before`` writes the manifest itself. A handler that raises is recorded
-once and the next step fires ``fail``. So the manifest is written once per move; while a handler runs it still
-shows the previous state, and the audit log holds the move in progress (resume and ``podar status`` adopt it:
-``reconcile_history``).
+Order of one step: the machine's next move (``machine.next_move``: the first forward move whose conditions
+hold; ``fail`` after a handler raised; ``resume_<stage>`` once after a resume) → its effects on the counters →
+the audit line (the move is durable from here) → the destination's handler → the result is checkpointed
+(artifacts recorded, the resume point, the manifest written last). A move into Complete or Failed has no
+handler: its audit callback writes the manifest itself. While a handler runs, the manifest still shows the
+previous state and the audit log holds the move in progress.
 """
 
 from __future__ import annotations
@@ -18,26 +17,35 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from podar.schemas.errors import StageError
-from podar.schemas.records import AuditEvent, FailureInfo, HistoryEntry, RunManifest, StageResult
+from podar.schemas.records import (
+    AuditEvent,
+    ExpectedMove,
+    FailureInfo,
+    HistoryEntry,
+    ResumePoint,
+    RunManifest,
+    StageResult,
+)
 
 from . import faults
 from .audit import AuditLog
 from .context import Cancelled, Handler, RunContext
-from .machine import PruningStage, build_machine, fire
+from .machine import VOLATILE, Move, PruningStage, apply_effects, build_machine, fire, next_move
 from .store import utc_now
 
-__all__ = ["Runner", "TransitionListener"]
+__all__ = ["Runner", "TransitionListener", "first_resume_point", "expected"]
 
 TransitionListener = Callable[[AuditEvent], None]
 
-# Triggers that leave a state when nothing failed; the runner picks among them by the run's counters.
-_FORWARD: dict[PruningStage, str] = {
-    PruningStage.IDLE: "start",
-    PruningStage.CALIBRATING: "calibrated",
-    PruningStage.COMPUTING_IMPORTANCE: "scored",
-    PruningStage.EVALUATING: "evaluated",
-    PruningStage.EXPORTING: "exported",
-}
+
+def first_resume_point(condition: Callable[[str], bool]) -> ResumePoint:
+    """Where a run that finished no stage starts: the first move out of Idle, counters at zero."""
+    move = next_move(PruningStage.IDLE, condition)
+    return ResumePoint(dest=move.dest.value, note="nothing finished: starting from the beginning")
+
+
+def expected(move: Move) -> ExpectedMove:
+    return ExpectedMove(trigger=move.trigger, source=move.source.value, dest=move.dest.value)
 
 
 class Runner:
@@ -45,16 +53,9 @@ class Runner:
 
     state: str
 
-    def __init__(
-        self,
-        ctx: RunContext,
-        handlers: Mapping[PruningStage, Handler],
-        manifest: RunManifest,
-        audit: AuditLog,
-        *,
-        initial: PruningStage = PruningStage.IDLE,
-    ) -> None:
-        missing = [s.display for s in PruningStage if s.is_active() and s not in handlers]
+    def __init__(self, ctx: RunContext, handlers: Mapping[PruningStage, Handler], manifest: RunManifest,
+                 audit: AuditLog, *, initial: PruningStage = PruningStage.IDLE) -> None:
+        missing = [s.display_name() for s in PruningStage if s.is_active() and s not in handlers]
         if missing:
             raise ValueError(f"no handler for stage(s): {', '.join(missing)}")
         self.ctx = ctx
@@ -67,9 +68,8 @@ class Runner:
         self._pending_failure: FailureInfo | None = None
         self._last_event: AuditEvent | None = None
         self.resume_target: PruningStage | None = None  # set by Pipeline.resume: the stage to redo
-        self.machine = build_machine(
-            self, condition=self.condition, initial=initial, on_enter=self._on_enter, before=self._before
-        )
+        self.machine = build_machine(self, condition=self.condition, initial=initial, on_enter=self._on_enter,
+                                     before=self._before, counters=lambda: self.ctx.state.counters)
 
     # ------------------------------------------------------------ what the machine asks
     @property
@@ -79,7 +79,7 @@ class Runner:
     def condition(self, name: str) -> bool:
         cfg, st = self.ctx.config, self.ctx.state
         if name == "needs_calibration":
-            return cfg.method.requires_calibration()
+            return cfg.needs_calibration
         if name == "more_layer_groups":
             return st.more_layer_groups
         if name == "more_pruning_rounds":
@@ -95,19 +95,16 @@ class Runner:
         stage = self.stage
         if stage is PruningStage.IDLE and self.resume_target is not None:
             return f"resume_{self.resume_target.value}"
-        if stage is PruningStage.PRUNING:
-            return "next_group" if self.condition("more_layer_groups") else "pruned"
-        if stage is PruningStage.FINE_TUNING:
-            return "next_round" if self.condition("more_pruning_rounds") else "finetuned"
         if stage.is_terminal():
-            raise StageError(f"the run is already {stage.display}; nothing to do", stage=stage.display)
-        return _FORWARD[stage]
+            raise StageError(f"the run is already {stage.display_name()}; nothing to do", stage=stage.display_name())
+        return next_move(stage, self.condition).trigger
 
     # ------------------------------------------------------------ driving
     def step(self) -> PruningStage:
         """Advance exactly one transition (running the new state's handler). Returns the new stage."""
-        if self.ctx.cancel_event.is_set() and self._pending_failure is None and not self.stage.is_terminal():
-            self._pending_failure = self._failure_from(Cancelled("cancelled"), self.stage)
+        ctx = self.ctx
+        if ctx.cancel_event.is_set() and self._pending_failure is None and not self.stage.is_terminal():
+            self._pending_failure = self._failure_from(Cancelled(ctx.cancel_reason), self.stage)
         try:
             fire(self, self.next_trigger())
         except KeyboardInterrupt as e:  # Ctrl-C outside a handler (e.g. during a checkpoint write)
@@ -128,28 +125,25 @@ class Runner:
         return self.stage
 
     # ------------------------------------------------------------ callbacks
+    def _failure_of(self, trigger: str, source: str, dest: str, finished: StageResult | None) -> FailureInfo | None:
+        if not (trigger == "fail" or dest == PruningStage.FAILED.value):
+            return None
+        error = self._pending_failure
+        if error is None and finished is not None and finished.outcome == "gate_failed":
+            error = FailureInfo(type="QualityGateError", message="; ".join(finished.notes) or "a quality gate failed",
+                                stage=PruningStage(source).display_name(), reason="quality_gate")
+        return error
+
     def _before(self, event: Any) -> None:
         """Audit line for the move about to happen (durable before the next stage starts); the manifest too when
         the destination is terminal (otherwise the checkpoint after the handler writes it)."""
         trigger = event.event.name
         source, dest = event.transition.source, event.transition.dest
-        st = self.ctx.state
         if trigger.startswith("resume_"):
             self.resume_target = None
-        if trigger == "next_group":
-            st.group_index += 1
-        elif trigger == "next_round":
-            st.round_index += 1
-            st.group_index = 0
         finished = self.last_result if self.last_result and self.last_result.stage == source else None
-        error = None
-        if trigger == "fail" or (trigger == "evaluated" and dest == PruningStage.FAILED.value):
-            error = self._pending_failure
-            if error is None and finished is not None and finished.outcome == "gate_failed":
-                error = FailureInfo(
-                    type="QualityGateError", message="; ".join(finished.notes) or "a quality gate failed",
-                    stage=PruningStage(source).display, reason="quality_gate",
-                )
+        error = self._failure_of(trigger, source, dest, finished)
+        if error is not None:
             self.failure = error
         record = self.audit.write(
             trigger=trigger, source=source, dest=dest, at=utc_now(),
@@ -161,71 +155,92 @@ class Runner:
         m.history.append(HistoryEntry(seq=record.seq, trigger=trigger, source=source, dest=dest, at=record.at))
         m.state = dest
         m.audit_head_sha256 = self.audit.head_sha256
-        m.progress = self._progress()
+        m.progress = self.ctx.state.counters.model_copy()
         if error is not None:
             m.failure = error
         if PruningStage(dest).is_terminal():  # no handler and no checkpoint follow: this is the move's record
+            m.expected_move = None
+            if dest == PruningStage.COMPLETE.value:
+                m.resume_point = None  # nothing left to resume; a Failed run keeps its point
             self._write_manifest()
-        self.ctx.log.info(
-            "transition", trigger=trigger, source=PruningStage(source).display, dest=PruningStage(dest).display,
-            duration_s=record.duration_s, **({"error": error.message} if error else {}),
-        )
+        self.ctx.log.info("transition", trigger=trigger, source=PruningStage(source).display_name(),
+                          dest=PruningStage(dest).display_name(), duration_s=record.duration_s,
+                          **({"error": error.message} if error else {}))
 
     def _on_enter(self, event: Any) -> None:
         stage = PruningStage(event.state.name)
         if stage.is_terminal():
             self._pending_failure = None
             return
-        handler = self.handlers[stage]
         ctx = self.ctx
         ctx.new_artifacts.clear()
         ctx.current_layer = None
+        ctx.stage = stage
         written_s, written_b = ctx.store.write_seconds, ctx.store.write_bytes
         started = time.perf_counter()
         try:
-            result = handler(ctx)
+            result = self.handlers[stage](ctx)
         except (Exception, KeyboardInterrupt) as e:  # routed to `fail` exactly once, by the next step
             self._pending_failure = self._failure_from(e, stage)
-            ctx.log.error("stage_failed", stage=stage.display, error=self._pending_failure.message,
+            ctx.log.error("stage_failed", stage=stage.display_name(), error=self._pending_failure.message,
                           layer=self._pending_failure.layer, error_type=self._pending_failure.type)
             return
         result.duration_s = time.perf_counter() - started
-        if result.stage != stage.value:
-            result.stage = stage.value
+        result.stage = stage.value
         self.last_result = result
         self._checkpoint(result, written_s, written_b)
-        ctx.log.info("stage_done", stage=stage.display, duration_s=round(result.duration_s, 3), **result.summary())
+        ctx.log.info("stage_done", stage=stage.display_name(), duration_s=round(result.duration_s, 3),
+                     **result.summary())
 
-    def record_resume(self, from_state: str, note: str) -> None:
-        """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest."""
+    def record_resume(self, from_state: str, target: PruningStage, note: str) -> None:
+        """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest; the next
+        move is ``resume_<target>``."""
         record = self.audit.write(event="resumed", trigger="resume", source=from_state,
                                   dest=PruningStage.IDLE.value, at=utc_now(), metrics={"note": note})
-        self.manifest.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, "note": note})
-        self.manifest.state = PruningStage.IDLE.value
-        self.manifest.failure = None
-        self.manifest.audit_head_sha256 = self.audit.head_sha256
+        m = self.manifest
+        m.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, "note": note})
+        m.state = PruningStage.IDLE.value
+        m.failure = None
+        m.audit_head_sha256 = self.audit.head_sha256
+        m.expected_move = ExpectedMove(trigger=f"resume_{target.value}", source=PruningStage.IDLE.value,
+                                       dest=target.value)
+        self.resume_target = target
         self._write_manifest()
 
     # ------------------------------------------------------------ helpers
+    def _resume_point_after(self, stage: PruningStage) -> ResumePoint:
+        """Where a resume continues once ``stage``'s result is checkpointed: the move the flow takes next, with its
+        effects on the counters; the same stage again when that move ends the run (redo, the same bytes); the
+        point before when the stage's result lives in memory only."""
+        counters = self.ctx.state.counters
+        if stage in VOLATILE and self.manifest.resume_point is not None:
+            return self.manifest.resume_point
+        move: Move = next_move(stage, self.condition)
+        if move.dest.is_terminal():
+            return ResumePoint(dest=stage.value, counters=counters.model_copy(),
+                               note=f"{stage.display_name()} done but not confirmed: {stage.display_name()} again")
+        after = apply_effects(move, counters.model_copy())
+        return ResumePoint(dest=move.dest.value, counters=after,
+                           note=f"after {stage.display_name()}: {move.dest.display_name()}, round {after.round_index}"
+                                f", group {after.group_index}")
+
     def _checkpoint(self, result: StageResult, written_s: float, written_b: int) -> None:
         m = self.manifest
         store = self.ctx.store
         for rel, record in self.ctx.new_artifacts.items():
             m.artifacts[rel] = record
         result.artifacts = sorted(set(result.artifacts) | set(self.ctx.new_artifacts))
-        result.progress = self._progress()
+        result.progress = self.ctx.state.counters.model_copy()
         # the cost of this checkpoint's artifacts (the manifest write that follows is not included)
         result.checkpoint_s = store.write_seconds - written_s
         result.checkpoint_bytes = store.write_bytes - written_b
         m.results.append(result)
-        m.progress = self._progress()
+        m.progress = result.progress
+        stage = PruningStage(result.stage)
+        m.resume_point = self._resume_point_after(stage)
+        m.expected_move = expected(next_move(stage, self.condition))
         self._write_manifest()
         faults.hit(f"after:{result.stage}")
-
-    def _progress(self) -> dict[str, Any]:
-        st = self.ctx.state
-        return {"round_index": st.round_index, "group_index": st.group_index, "step": st.step,
-                "more_layer_groups": st.more_layer_groups}
 
     def _write_manifest(self) -> None:
         self.manifest.updated_at = utc_now()
@@ -244,5 +259,5 @@ class Runner:
             if tb and not isinstance(error, StageError):
                 last = tb[-1]
                 message += f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})"
-        return FailureInfo(type=type(error).__name__, message=message, stage=stage.display, layer=layer,
+        return FailureInfo(type=type(error).__name__, message=message, stage=stage.display_name(), layer=layer,
                            reason=reason)

@@ -12,8 +12,10 @@ import os
 import socket
 import tempfile
 import time
+import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from podar.schemas.records import ArtifactRecord, RunManifest
 
 from . import faults
 
-__all__ = ["RunStore", "RunLock", "atomic_write_bytes", "sha256_file", "utc_now"]
+__all__ = ["ArtifactKey", "RunStore", "RunLock", "atomic_write_bytes", "sha256_file", "utc_now"]
 
 MANIFEST = "manifest.json"
 AUDIT = "audit.jsonl"
 LOCK = "run.lock"
 ARTIFACTS = "artifacts"
 EXPORT = "export"
+DENSE_REFERENCE = "artifacts/dense_reference"  # the pruned layers' weights before pruning, in parts
 
 _CHUNK_BYTES = 1 << 20  # hashing reads 1 MiB at a time
 _FILE_MODE = 0o644  # mkstemp creates 0600; run folders are meant to be read by auditors
@@ -97,6 +100,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if tmp_path.exists():
             tmp_path.unlink()
         raise
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """What an artifact is, from which the store alone decides its path: the stage that wrote it, what it holds
+    (``kind``: masks, weights, baseline, ...), the pruning round and layer group, and a name within those."""
+
+    stage: str
+    kind: str
+    round: int | None = None
+    group: int | None = None
+    name: str | None = None
+
+    def relpath(self) -> str:
+        """``artifacts/<kind>/[<stage>_][round000_][group000_][<name>].safetensors`` (Pruning's own: no stage)."""
+        parts = [] if self.stage == "pruning" else [self.stage]
+        if self.round is not None:
+            parts.append(f"round{self.round:03d}")
+        if self.group is not None:
+            parts.append(f"group{self.group:03d}")
+        if self.name:
+            parts.append(self.name)
+        return f"{ARTIFACTS}/{self.kind}/{'_'.join(parts)}.safetensors"
 
 
 class RunLock:
@@ -183,7 +209,20 @@ class RunStore:
         return self.run_dir / EXPORT
 
     def artifact_path(self, rel: str) -> Path:
+        """The file of a path relative to the run folder; CheckpointError for a path that leaves the folder."""
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            raise CheckpointError(f"artifact path '{rel}' is not a plain path inside the run folder '{self.run_dir}'")
         return self.run_dir / rel
+
+    @property
+    def dense_reference_dir(self) -> Path:
+        return self.run_dir / DENSE_REFERENCE
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where unrecorded scratch files live while they are written (each is unlinked once mapped)."""
+        return self.run_dir
 
     def prepare(self) -> None:
         (self.run_dir / ARTIFACTS).mkdir(parents=True, exist_ok=True)
@@ -210,11 +249,10 @@ class RunStore:
         self.write_bytes += len(data)
 
     # ------------------------------------------------------------ artifacts
-    def save_tensors(
-        self, rel: str, tensors: Mapping[str, torch.Tensor], *, stage: str, kind: str,
-        metadata: Mapping[str, str] | None = None,
-    ) -> ArtifactRecord:
-        """Write a safetensors artifact atomically; returns its record (sha256, size)."""
+    def save_tensors(self, key: ArtifactKey, tensors: Mapping[str, torch.Tensor], *,
+                     metadata: Mapping[str, str] | None = None) -> ArtifactRecord:
+        """Write a safetensors artifact atomically where ``key`` says; returns its record (sha256, size)."""
+        rel = key.relpath()
         path = self.artifact_path(rel)
         if self.is_main:
             started = time.perf_counter()
@@ -223,23 +261,48 @@ class RunStore:
                 save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
             self.write_seconds += time.perf_counter() - started
             self.write_bytes += path.stat().st_size
-        return self.record(rel, stage=stage, kind=kind)
+        return self.record(rel, stage=key.stage, kind=key.kind, round=key.round, group=key.group)
 
-    def save_json(self, rel: str, payload: Any, *, stage: str, kind: str) -> ArtifactRecord:
+    def record(self, rel: str, *, stage: str, kind: str, round: int | None = None, group: int | None = None
+               ) -> ArtifactRecord:
         path = self.artifact_path(rel)
-        if self.is_main:
-            data = json.dumps(payload, indent=2, sort_keys=True).encode()
-            started = time.perf_counter()
-            atomic_write_bytes(path, data)
-            self.write_seconds += time.perf_counter() - started
-            self.write_bytes += len(data)
-        return self.record(rel, stage=stage, kind=kind)
+        if path.is_symlink() or not path.is_file():
+            raise CheckpointError(f"artifact '{rel}' was not written to '{path}' as a regular file")
+        return ArtifactRecord(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, stage=stage, kind=kind,
+                              round=round, group=group)
 
-    def record(self, rel: str, *, stage: str, kind: str) -> ArtifactRecord:
-        path = self.artifact_path(rel)
-        if not path.is_file():
-            raise CheckpointError(f"artifact '{rel}' was not written to '{path}'")
-        return ArtifactRecord(path=rel, sha256=sha256_file(path), bytes=path.stat().st_size, stage=stage, kind=kind)
+    def load_recorded(self, key: ArtifactKey, recorded: Mapping[str, ArtifactRecord]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], ArtifactRecord] | None:
+        """(tensors, metadata, record) of the artifact ``key`` names when ``recorded`` (a manifest's artifacts)
+        holds it and its file still has the recorded sha256; None otherwise (never an unrecorded file)."""
+        record = recorded.get(key.relpath())
+        if record is None:
+            return None
+        path = self.artifact_path(record.path)
+        if path.is_symlink() or not path.is_file() or sha256_file(path) != record.sha256:
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}), record
+
+    # ------------------------------------------------------------ export
+    def begin_export(self) -> Path:
+        """An empty staging folder beside ``export/``; ``finish_export`` moves it into place."""
+        tmp = self.run_dir / ".export.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def finish_export(self, staging: Path, *, stage: str) -> list[ArtifactRecord]:
+        """Replace ``export/`` by ``staging`` and return a record (sha256, size) of every file in it."""
+        final = self.export_dir
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        return [self.record(str(p.relative_to(self.run_dir)), stage=stage, kind="export")
+                for p in sorted(final.rglob("*")) if p.is_file()]
 
     def load_tensors(self, record: ArtifactRecord, *, verify: bool = True) -> dict[str, torch.Tensor]:
         """Read a safetensors artifact, refusing it when missing or when its sha256 differs."""

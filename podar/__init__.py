@@ -2,12 +2,12 @@
 
 The public API, in one place::
 
-    from podar import Pipeline, PruningConfig, PruneMethod, SparsityPatternConfig
-    result = Pipeline(PruningConfig().with_method(PruneMethod.WANDA), run_dir="runs/x").run()
+    from podar import Pipeline, PruningConfig, SparsityPatternConfig
+    result = Pipeline(PruningConfig().with_method("wanda"), run_dir="runs/x").run()
 """
 
 from podar.engine.audit import AuditSummary, verify_audit
-from podar.engine.machine import PruningStage, mermaid
+from podar.engine.machine import mermaid
 from podar.engine.models import load_model, tiny_llama
 from podar.engine.runner import Runner
 from podar.engine.store import RunStore
@@ -24,35 +24,45 @@ from podar.schemas import (
     FailureInfo,
     FineTuneConfig,
     Gradual,
+    MagnitudeParams,
+    MethodParams,
     ModelLoadError,
     ModelSourceConfig,
     OneShot,
     PodarError,
     PruneMethod,
     PruningConfig,
+    PruningStage,
     QualityGateError,
     QualityGates,
     RunManifest,
+    RuntimeConfig,
+    SparseGPTParams,
     SparsityPatternConfig,
     StageError,
     StageResult,
     TinyModelConfig,
     TransitionError,
+    WandaParams,
 )
 from podar.stages.export_io import load_pretrained
+from podar.stages.methods import LayerStats, PruneSpec, Pruned, PruningMethod, register_method
 from podar.stages.perplexity import PerplexityResult, perplexity
 from podar.stages.quality import TextMetrics, evaluate
 
-from .pipeline import Pipeline, PipelineResult, run_masks
+from ._resume import run_masks
+from .pipeline import Pipeline, PipelineResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Pipeline", "PipelineResult", "run_masks", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit",
     "AuditSummary",
     "load_model", "load_pretrained", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
-    "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig", "TinyModelConfig",
+    "RuntimeConfig", "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig",
+    "TinyModelConfig", "MethodParams", "MagnitudeParams", "WandaParams", "SparseGPTParams",
+    "PruningMethod", "LayerStats", "PruneSpec", "Pruned", "register_method",
     "StageResult", "AuditEvent", "RunManifest", "FailureInfo",
     "PodarError", "ConfigError", "DataError", "ModelLoadError", "StageError", "QualityGateError",
     "CheckpointError", "TransitionError", "AuditError",

@@ -113,17 +113,27 @@ def stage_rows(manifest) -> list[tuple[str, str, str]]:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from podar.engine.audit import records_after, tail_problem
     from podar.engine.store import RunStore
-    from podar.pipeline import reconcile_history
-    from podar.schemas.errors import CheckpointError
+    from podar.schemas.errors import AuditError
+    from podar.schemas.records import HistoryEntry
 
     store = RunStore(args.run_dir)
     manifest = store.read_manifest()
     written_state = manifest.state
     try:  # a stage at work is in the audit log only until its checkpoint: show it as current
-        reconcile_history(manifest, store.audit_path)
-    except CheckpointError as e:
-        print(f"warning: {e}")
+        tail = records_after(store.audit_path, manifest.run_id, manifest.audit_head_sha256)
+        problem = tail_problem(manifest, tail)
+    except (AuditError, OSError, ValueError) as e:
+        tail, problem = [], str(e)
+    if problem is not None:
+        print(f"warning: the audit log does not match the manifest ({problem}); run `podar audit`", file=sys.stderr)
+    else:
+        for r in tail:
+            if r.get("event") == "transition":
+                manifest.history.append(HistoryEntry(seq=r["seq"], trigger=r["trigger"], source=r["source"],
+                                                     dest=r["dest"], at=r["at"], interrupted=True))
+            manifest.state = r["dest"]
     print(f"run {manifest.run_id} — state {manifest.state} — updated {manifest.updated_at}"
           + (f" (audit log; last checkpoint at {written_state})" if manifest.state != written_state else ""))
     for ind, name, note in stage_rows(manifest):

@@ -1,21 +1,19 @@
-"""podar.schemas: pydantic models for configs and run records. Imports nothing else of podar."""
+"""podar.schemas: pydantic models for configs and run records, and the stages' names. Imports nothing else of
+podar."""
 
 from .config import (
     CalibrationConfig,
-    Cubic,
     EvaluationConfig,
     ExportConfig,
     FineTuneConfig,
-    Gradual,
     ModelSourceConfig,
-    OneShot,
-    PruneMethod,
     PruningConfig,
-    PruningSchedule,
     QualityGates,
-    SparsityPatternConfig,
+    RuntimeConfig,
     TinyModelConfig,
+    parse_size,
 )
+from .datasets import NAMED_DATASETS, NamedDataset
 from .errors import (
     AuditError,
     CheckpointError,
@@ -27,45 +25,45 @@ from .errors import (
     StageError,
     TransitionError,
 )
+from .methods import (
+    MagnitudeParams,
+    MethodParams,
+    PruneMethod,
+    SparseGPTParams,
+    WandaParams,
+    known_methods,
+    method_params_type,
+    parse_method,
+    register_method_params,
+)
+from .pattern import SparsityPatternConfig
 from .records import (
     MANIFEST_SCHEMA_VERSION,
     ArtifactRecord,
     AuditEvent,
+    Counters,
+    ExpectedMove,
     FailureInfo,
     HistoryEntry,
+    ResumePoint,
     RunManifest,
     StageResult,
+    TextEvaluation,
 )
+from .schedule import Cubic, Gradual, OneShot, PruningSchedule
+from .stage import PruningStage
 
 __all__ = [
-    "CalibrationConfig",
-    "Cubic",
-    "EvaluationConfig",
-    "ExportConfig",
-    "FineTuneConfig",
-    "Gradual",
-    "ModelSourceConfig",
-    "OneShot",
-    "PruneMethod",
-    "PruningConfig",
-    "PruningSchedule",
-    "QualityGates",
+    "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
+    "QualityGates", "RuntimeConfig", "TinyModelConfig", "parse_size",
+    "NAMED_DATASETS", "NamedDataset",
+    "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",
+    "StageError", "TransitionError",
+    "MagnitudeParams", "MethodParams", "PruneMethod", "SparseGPTParams", "WandaParams", "known_methods",
+    "method_params_type", "parse_method", "register_method_params",
     "SparsityPatternConfig",
-    "TinyModelConfig",
-    "AuditError",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "ModelLoadError",
-    "PodarError",
-    "QualityGateError",
-    "StageError",
-    "TransitionError",
-    "MANIFEST_SCHEMA_VERSION",
-    "ArtifactRecord",
-    "AuditEvent",
-    "FailureInfo",
-    "HistoryEntry",
-    "RunManifest",
-    "StageResult",
+    "MANIFEST_SCHEMA_VERSION", "ArtifactRecord", "AuditEvent", "Counters", "ExpectedMove", "FailureInfo", "HistoryEntry",
+    "ResumePoint", "RunManifest", "StageResult", "TextEvaluation",
+    "Cubic", "Gradual", "OneShot", "PruningSchedule",
+    "PruningStage",
 ]

@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
+    "Counters",
+    "ResumePoint",
+    "ExpectedMove",
+    "TextEvaluation",
     "ArtifactRecord",
     "FailureInfo",
     "StageResult",
@@ -16,7 +20,7 @@ __all__ = [
     "RunManifest",
 ]
 
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
 
 Scalar = float | int | str | bool | None
 
@@ -25,14 +29,53 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Counters(_Record):
+    """The loop counters of a run: where it stands in the schedule, the layer groups and fine-tuning."""
+
+    round_index: int = Field(default=0, ge=0, description="pruning round of the schedule, 0-based")
+    group_index: int = Field(default=0, ge=0, description="sequential layer group of the round, 0-based")
+    step: int = Field(default=0, ge=0, description="fine-tuning optimizer steps done")
+
+
+class ResumePoint(_Record):
+    """Where a resumed run goes from the last checkpoint: the stage to enter and the counters it starts with."""
+
+    dest: str = Field(description="the stage a resume moves to from Idle")
+    counters: Counters = Field(default_factory=Counters)
+    note: str = ""
+
+
+class TextEvaluation(_Record):
+    """One evaluation text: every metric dense and pruned, and its gate outcome."""
+
+    dataset: str
+    windows: int = Field(ge=0)
+    seq_len: int = Field(ge=0)
+    dense_ppl: float
+    pruned_ppl: float
+    ppl_increase_pct: float
+    kl_mean: float | None = Field(default=None, description="mean KL(dense ‖ pruned) per token, nats")
+    top1_agreement: float | None = None
+    dense_baseline_reused: bool = False
+    gate_failures: list[str] = Field(default_factory=list)
+    on_fail: str = "fail"
+
+    @property
+    def gates_passed(self) -> bool:
+        return not self.gate_failures
+
+
 class ArtifactRecord(_Record):
-    """One file in the run folder: path relative to the run folder, sha256 of its bytes, size in bytes."""
+    """One file in the run folder: path relative to the run folder, sha256 of its bytes, size in bytes, and the
+    stage, round and layer group that wrote it."""
 
     path: str
     sha256: str
     bytes: int = Field(ge=0)
     stage: str
-    kind: str = Field(description="what it holds: masks, statistics, weights, export, report")
+    kind: str = Field(description="what it holds: masks, weights, baseline, export")
+    round: int | None = None
+    group: int | None = None
 
 
 class FailureInfo(_Record):
@@ -58,8 +101,9 @@ class StageResult(_Record):
     artifacts: list[str] = Field(default_factory=list, description="artifact paths (relative to the run folder)")
     outcome: str | None = None
     duration_s: float = 0.0
-    progress: dict[str, Scalar] = Field(
-        default_factory=dict, description="loop counters when the stage finished (round, group, step)")
+    progress: Counters = Field(default_factory=Counters, description="loop counters when the stage finished")
+    series: dict[str, list[float]] = Field(default_factory=dict, description="per-step values (fine-tuning)")
+    texts: list[TextEvaluation] = Field(default_factory=list, description="per evaluation text (Evaluating)")
     checkpoint_s: float = Field(default=0.0, description="seconds spent writing this stage's artifacts")
     checkpoint_bytes: int = Field(default=0, description="bytes of this stage's artifacts")
     notes: list[str] = Field(default_factory=list)
@@ -77,6 +121,16 @@ class HistoryEntry(_Record):
     source: str
     dest: str
     at: str = Field(description="UTC ISO-8601 timestamp")
+    interrupted: bool = Field(default=False, description="the process died in the stage it entered (no checkpoint)")
+
+
+class ExpectedMove(_Record):
+    """The move the run makes next from its last checkpoint (what an interrupted run's audit log may hold
+    beyond the manifest)."""
+
+    trigger: str
+    source: str
+    dest: str
 
 
 class AuditEvent(_Record):
@@ -108,9 +162,9 @@ class RunManifest(_Record):
     history: list[HistoryEntry] = Field(default_factory=list)
     artifacts: dict[str, ArtifactRecord] = Field(default_factory=dict)
     results: list[StageResult] = Field(default_factory=list)
-    progress: dict[str, Scalar] = Field(
-        default_factory=dict, description="loop counters: pruning round, layer group, fine-tuning step"
-    )
+    progress: Counters = Field(default_factory=Counters, description="loop counters at the last checkpoint")
+    resume_point: ResumePoint | None = Field(default=None, description="where a resume continues")
+    expected_move: ExpectedMove | None = Field(default=None, description="the next move from this checkpoint")
     versions: dict[str, str] = Field(default_factory=dict)
     world_size: int = Field(default=1, ge=1)
     model_fingerprint: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .records import FailureInfo
+from .records import FailureInfo, TextEvaluation
 
 __all__ = ["REPORT_SCHEMA_VERSION", "LayerReport", "TextReport", "RunReport"]
 
@@ -26,24 +26,7 @@ class LayerReport(_Report):
     group: int = 0
 
 
-class TextReport(_Report):
-    """One evaluation text: every metric dense and pruned, and its gate outcome."""
-
-    dataset: str
-    windows: int
-    seq_len: int
-    dense_ppl: float
-    pruned_ppl: float
-    ppl_increase_pct: float
-    kl_mean: float | None = Field(default=None, description="mean KL(dense ‖ pruned) per token, nats")
-    top1_agreement: float | None = None
-    dense_baseline_reused: bool = False
-    gate_failures: list[str] = Field(default_factory=list)
-    on_fail: str = "fail"
-
-    @property
-    def gates_passed(self) -> bool:
-        return not self.gate_failures
+TextReport = TextEvaluation  # one evaluation text, as the Evaluating stage recorded it
 
 
 class RunReport(_Report):

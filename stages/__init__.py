@@ -1,15 +1,16 @@
-"""podar.stages: one handler per stage, and the pure tensor math they call.
+"""podar.stages: one handler per stage, the pruning methods, the calibration walks, and the pure tensor math.
 
 ``HANDLERS`` is the one table keyed by stage that the pipeline hands to the engine's runner.
 """
 
-from podar.engine.machine import PruningStage
+from podar.schemas.stage import PruningStage
 
 from . import calibrate, evaluate, export, finetune, importance, pruning
 from .bitpack import pack_bits, unpack_bits
 from .masks import (
     block_mask,
     column_mask,
+    expected_pruned,
     global_unstructured_masks,
     n_pruned,
     nm_mask,
@@ -17,9 +18,8 @@ from .masks import (
     row_mask,
     unstructured_mask,
 )
+from .methods import LayerStats, PruneSpec, Pruned, PruningMethod, get_method, register_method, registered_methods
 from .perplexity import PerplexityResult, perplexity, window_nll
-from .scores import magnitude_score, score_stats, wanda_score
-from .sparsegpt import hessian_from_sum, inverse_hessian_factor, sparsegpt_prune, sparsegpt_saliency
 from .targets import resolve_targets, snapshot_weights
 
 HANDLERS = {
@@ -34,10 +34,9 @@ HANDLERS = {
 __all__ = [
     "HANDLERS",
     "pack_bits", "unpack_bits",
-    "block_mask", "column_mask", "global_unstructured_masks", "n_pruned", "nm_mask", "pattern_mask", "row_mask",
-    "unstructured_mask",
+    "block_mask", "column_mask", "expected_pruned", "global_unstructured_masks", "n_pruned", "nm_mask",
+    "pattern_mask", "row_mask", "unstructured_mask",
+    "LayerStats", "PruneSpec", "Pruned", "PruningMethod", "get_method", "register_method", "registered_methods",
     "PerplexityResult", "perplexity", "window_nll",
-    "magnitude_score", "score_stats", "wanda_score",
-    "hessian_from_sum", "inverse_hessian_factor", "sparsegpt_prune", "sparsegpt_saliency",
     "resolve_targets", "snapshot_weights",
 ]

@@ -1,4 +1,4 @@
-"""Helpers the stage handlers share: the active targets, weight swaps, expected pruned counts."""
+"""Helpers the stage handlers share: weight swaps, adopting checkpointed weights, bit-packed masks."""
 
 from __future__ import annotations
 
@@ -11,25 +11,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from podar.engine.context import DenseSnapshot, RunContext
-from podar.engine.memory import page_out_file_backed
-from podar.schemas.config import SparsityPatternConfig
+from podar.engine.context import DenseSnapshot
 from podar.schemas.errors import CheckpointError
 
 from .bitpack import pack_bits, unpack_bits
-from .masks import n_pruned
 
-__all__ = ["active_targets", "adopt_weights", "swapped_weights", "expected_pruned", "apply_mask", "replace_data",
-           "PackedMasks"]
-
-
-def active_targets(ctx: RunContext) -> dict[str, nn.Linear]:
-    """The targets this pass works on: the current layer group in sequential mode, else all of them."""
-    st = ctx.state
-    if st.layer_groups:
-        names = st.layer_groups[st.group_index]
-        return {n: st.targets[n] for n in names}
-    return dict(st.targets)
+__all__ = ["adopt_weights", "swapped_weights", "PackedMasks"]
 
 
 def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
@@ -94,44 +81,3 @@ class PackedMasks(MutableMapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._packed)
-
-
-def expected_pruned(shape: tuple[int, int], pattern: SparsityPatternConfig, scope: str, sparsity: float) -> int:
-    """How many weights of an (out, in) layer the pattern prunes at ``sparsity`` (exact, per comparison group)."""
-    out_f, in_f = shape
-    if pattern.kind == "nm":
-        assert pattern.n is not None and pattern.m is not None
-        return out_f * (in_f // pattern.m) * (pattern.m - pattern.n)
-    if pattern.kind == "block":
-        assert pattern.block_height is not None and pattern.block_width is not None
-        n_blocks = (out_f // pattern.block_height) * (in_f // pattern.block_width)
-        return n_pruned(n_blocks, sparsity) * pattern.block_height * pattern.block_width
-    if pattern.kind == "row":
-        return n_pruned(out_f, sparsity) * in_f
-    if pattern.kind == "column":
-        return n_pruned(in_f, sparsity) * out_f
-    if scope == "per_row":
-        return out_f * n_pruned(in_f, sparsity)
-    return n_pruned(out_f * in_f, sparsity)
-
-
-@torch.no_grad()
-def apply_mask(module: nn.Linear, mask: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> int:
-    """Zero the pruned weights (+0.0 exactly); mask: (out, in) bool, True = kept.
-
-    The masked weight is a new tensor, not written into the old storage: a weight mapped from the model's file
-    would have each of its pages faulted in and copied, and those private copies stay resident for as long as the
-    file's mapping lives, even after the layer's weight is replaced by a checkpoint. The old storage's file pages
-    are advised out instead (``ranges``: ``file_backed_ranges()``, read once by a caller that masks many layers).
-    Returns the bytes advised out (0 for a weight in anonymous or device memory, or where unsupported).
-    """
-    old = module.weight.data
-    return replace_data(module.weight, old.masked_fill(~mask.to(old.device), 0.0), ranges)
-
-
-def replace_data(param: nn.Parameter, new: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> int:
-    """Make ``new`` the parameter's data (no copy into the old storage, whose pages, when mapped from a file,
-    would each be faulted in and copied) and advise the old storage's file pages out; returns the bytes advised."""
-    old = param.data
-    param.data = new
-    return page_out_file_backed([old], ranges)

@@ -2,9 +2,8 @@
 
 Per text: perplexity (dense and pruned), mean KL(dense ‖ pruned) per token and top-1 agreement, on the same
 windows (``stages.quality``). The dense reference runs with the dense weights swapped back in (restored on any
-exit) and is cached in the run folder (``artifacts/baseline/<text>.safetensors``) under a key made of the model
-fingerprint, the text's sha256 and the protocol, so a resumed or repeated run does not pay for it again; a
-changed input changes the key and the reference is recomputed.
+exit) and is checkpointed under a key made of the model fingerprint, the text's sha256 and the protocol, so a
+run that evaluates again (a resume after a failed gate) reuses it while its inputs are the same.
 """
 
 from __future__ import annotations
@@ -13,17 +12,17 @@ import hashlib
 import re
 
 import torch
-from safetensors import safe_open
 
 from podar.engine.context import RunContext
 from podar.engine.data import eval_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
 from podar.schemas.config import QualityGates
-from podar.schemas.records import StageResult
+from podar.schemas.records import StageResult, TextEvaluation
+from podar.schemas.stage import PruningStage
 
 from .common import swapped_weights
 from .quality import TextMetrics, compare_to_reference, dense_reference, reference_metrics
 
-STAGE = "evaluating"
+STAGE = PruningStage.EVALUATING
 PROTOCOL = "ppl+kl-v2"
 
 
@@ -31,13 +30,11 @@ def evaluation_windows(ctx: RunContext, dataset: str | None = None) -> tuple[tor
     """(windows (n, T) int64, text sha256) of an evaluation text (default: the primary), cached in the run state."""
     ev = ctx.config.evaluation
     dataset = dataset or ev.dataset
-    cache = ctx.state.extras.setdefault("eval_windows_by_dataset", {})
+    cache = ctx.state.eval_windows
     if dataset not in cache:
         text = load_text(dataset, resolve_data_dir(ctx.config.data_dir), field="evaluation.dataset")
         windows = eval_windows(tokenize_text(ctx.tokenizer, text), ev.sequence_length, ev.max_windows, name=dataset)
         cache[dataset] = (windows, text_sha256(text))
-    if dataset == ev.dataset:
-        ctx.state.extras["eval_windows"] = cache[dataset]
     return cache[dataset]
 
 
@@ -47,36 +44,29 @@ def _slug(name: str) -> str:
 
 def _baseline_key(ctx: RunContext, text_sha: str, windows: torch.Tensor) -> str:
     ev = ctx.config.evaluation
-    parts = [ctx.state.extras.get("model_fingerprint", ""), text_sha, str(ev.sequence_length),
-             str(windows.shape[0]), str(ev.kl_top_k), PROTOCOL]
+    parts = [ctx.state.model_fingerprint, text_sha, str(ev.sequence_length), str(windows.shape[0]),
+             str(ev.kl_top_k), PROTOCOL]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str
                    ) -> tuple[dict[str, torch.Tensor], bool]:
-    """(the dense reference of ``dataset``, reused from the run folder's cache)."""
+    """(the dense reference of ``dataset``, whether it was reused from a checkpoint of this run)."""
     ev = ctx.config.evaluation
     key = _baseline_key(ctx, text_sha, windows)
-    rel = f"artifacts/baseline/{_slug(dataset)}.safetensors"
-    path = ctx.store.artifact_path(rel)
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    ref = {k: f.get_tensor(k) for k in f.keys()}
-                    ref["topk_ids"] = ref["topk_ids"].long()
-                    ctx.add_artifact(ctx.store.record(rel, stage=STAGE, kind="statistics"))
-                    return ref, True
-        except Exception as e:  # an unreadable cache is recomputed, never trusted
-            ctx.log.warning("baseline_cache_unreadable", path=rel, error=str(e))
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.run_dir / "artifacts"):
+    artifact = ctx.artifact_key("baseline", _slug(dataset), group=False)
+    found = ctx.store.load_recorded(artifact, ctx.recorded)
+    if found is not None and found[1].get("key") == key:
+        ref, _meta, record = found
+        ref["topk_ids"] = ref["topk_ids"].long()
+        ctx.adopt_artifact(record)
+        return ref, True
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
         ref = dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size, device=ctx.device,
                               progress=ctx.progress, text=dataset)
     stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}
-    record = ctx.store.save_tensors(rel, stored, stage=STAGE, kind="statistics",
-                                    metadata={"key": key, "dataset": dataset, "text_sha256": text_sha,
-                                              "protocol": PROTOCOL})
-    ctx.add_artifact(record)
+    ctx.save_tensors("baseline", stored, name=_slug(dataset), group=False,
+                     metadata={"key": key, "dataset": dataset, "text_sha256": text_sha, "protocol": PROTOCOL})
     return ref, False
 
 
@@ -98,42 +88,41 @@ def check_gates(dataset: str, gates: QualityGates, dense: TextMetrics, pruned: T
     return failures
 
 
+def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
+    """Dense and pruned metrics of one text, and its failed gates."""
+    ev = ctx.config.evaluation
+    windows, text_sha = evaluation_windows(ctx, dataset)
+    ref, reused = dense_baseline(ctx, dataset, windows, text_sha)
+    dense = reference_metrics(ref, windows.shape[1])
+    pruned = compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size, device=ctx.device,
+                                  progress=ctx.progress, text=dataset, check=ctx.check_cancelled)
+    gates = ev.gates_for(dataset)
+    return TextEvaluation(dataset=dataset, windows=pruned.n_windows, seq_len=pruned.seq_len, dense_ppl=dense.ppl,
+                          pruned_ppl=pruned.ppl, ppl_increase_pct=(pruned.ppl / dense.ppl - 1.0) * 100.0,
+                          kl_mean=pruned.kl_mean, top1_agreement=pruned.top1_agreement,
+                          dense_baseline_reused=reused, gate_failures=check_gates(dataset, gates, dense, pruned),
+                          on_fail=gates.on_fail)
+
+
 def run(ctx: RunContext) -> StageResult:
     ev = ctx.config.evaluation
     if not ev.enabled:
-        return StageResult(stage=STAGE, metrics={"skipped": True}, outcome="gate_passed",
+        return StageResult(stage=STAGE.value, metrics={"skipped": True}, outcome="gate_passed",
                            notes=["evaluation disabled: no quality gate was applied"])
-    metrics: dict = {}
-    per_text: dict[str, dict] = {}
-    failures: list[str] = []
-    fail_hard = False
-    for i, dataset in enumerate(ev.datasets()):
-        windows, text_sha = evaluation_windows(ctx, dataset)
-        ref, reused = dense_baseline(ctx, dataset, windows, text_sha)
-        dense = reference_metrics(ref, windows.shape[1])
-        pruned = compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size, device=ctx.device,
-                                      progress=ctx.progress, text=dataset, check=ctx.check_cancelled)
-        gates = ev.gates_for(dataset)
-        failed = check_gates(dataset, gates, dense, pruned)
-        failures.extend(failed)
-        fail_hard = fail_hard or (bool(failed) and gates.on_fail == "fail")
-        values = {"dense_ppl": dense.ppl, "pruned_ppl": pruned.ppl,
-                  "ppl_increase_pct": (pruned.ppl / dense.ppl - 1.0) * 100.0, "kl_mean": pruned.kl_mean,
-                  "top1_agreement": pruned.top1_agreement, "windows": pruned.n_windows, "seq_len": pruned.seq_len,
-                  "dense_baseline_reused": reused, "gates_failed": len(failed)}
-        per_text[dataset] = {**values, "failures": failed, "on_fail": gates.on_fail}
-        prefix = "" if i == 0 else f"{dataset}."
+    texts = [evaluate_text(ctx, dataset) for dataset in ev.datasets()]
+    metrics: dict = {"dataset": texts[0].dataset}
+    for i, t in enumerate(texts):
+        prefix = "" if i == 0 else f"{t.dataset}."
+        values = t.model_dump(exclude={"dataset", "gate_failures", "on_fail"})
         metrics.update({f"{prefix}{k}": v for k, v in values.items()})
-        if i == 0:
-            metrics["dataset"] = dataset
+        metrics[f"{prefix}gates_failed"] = len(t.gate_failures)
     n_zero = sum(int((m.weight == 0).sum()) for m in ctx.state.targets.values())
     n_total = sum(m.weight.numel() for m in ctx.state.targets.values())
+    failures = [f for t in texts for f in t.gate_failures]
+    fail_hard = any(t.gate_failures and t.on_fail == "fail" for t in texts)
     metrics.update({"pruned_layers_sparsity": n_zero / n_total, "pruned_layers": len(ctx.state.targets),
-                    "texts": len(per_text), "gates_failed_total": len(failures)})
-    ctx.add_artifact(ctx.store.save_json("artifacts/evaluation.json", {"texts": per_text, "protocol": PROTOCOL,
-                                                                       "kl_top_k": ev.kl_top_k},
-                                         stage=STAGE, kind="report"))
+                    "texts": len(texts), "gates_failed_total": len(failures)})
     if failures:
         ctx.log.warning("quality_gate_failed", failures=failures, outcome="fail" if fail_hard else "warn")
-    return StageResult(stage=STAGE, metrics=metrics, outcome="gate_failed" if fail_hard else "gate_passed",
-                       notes=failures)
+    return StageResult(stage=STAGE.value, metrics=metrics, texts=texts, notes=failures,
+                       outcome="gate_failed" if fail_hard else "gate_passed")

@@ -1,48 +1,42 @@
 """Exporting: the pruned model written in the configured format, reloaded and checked before it counts.
 
-Written into a temporary folder beside ``RUN_DIR/export`` and moved into place only after the check passes:
-reloaded with podar's own loader (``load_pretrained``), every tensor equal to the in-memory one (bit-exact, or
-exactly the quantize-dequantize result for int8), and the logits of a few evaluation windows close. Every
-file's sha256 and size go into the manifest; the pruned layers' bytes are compared with dense float16.
+Written into the store's staging folder and moved into place only after the check passes: reloaded with
+podar's own loader (``load_pretrained``), every tensor equal to the in-memory one (bit-exact, or exactly the
+quantize-dequantize result for int8), and the logits of a few evaluation windows close. Every file's sha256
+and size go into the manifest; the pruned layers' bytes are compared with dense float16.
 """
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import torch
 
 from podar.engine.context import RunContext
 from podar.engine.models import DTYPES, strip_quantizer
+from podar.schemas.config import parse_size
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
+from podar.schemas.stage import PruningStage
 
 from .evaluate import evaluation_windows
-from .export_io import load_pretrained, parse_size, roundtrip_weight, write_compressed
+from .export_io import load_pretrained, roundtrip_weight, write_compressed
 
-STAGE = "exporting"
+STAGE = PruningStage.EXPORTING
 # Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
 # exact same-dtype weights leave only float noise; float16 / bfloat16 / int8 rounding of weights moves logits.
 _LOGIT_RTOL = {"exact": 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1, "int8": 2.5e-1}
 
 
-@torch.no_grad()
-def verify_export(ctx: RunContext, folder, dtype: torch.dtype, quantize: bool) -> dict[str, float]:
-    """Reload ``folder`` (computing in float32) and compare every tensor bit for bit, then the logits. Raises
-    StageError naming the tensor.
-
-    The logits' tolerance is that of the coarser of the export's dtype (its rounding of the weights) and the
-    in-memory model's (a bfloat16 model's own logits carry bfloat16 rounding of every operation)."""
-    try:
-        reloaded = load_pretrained(folder, dtype=torch.float32)
-    except Exception as e:
-        raise StageError(f"the export in '{folder}' does not reload: {e}", stage="Exporting") from e
+def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, dtype: torch.dtype, quantize: bool) -> int:
+    """Every tensor of the model against the reloaded one, bit for bit; StageError naming the first that differs."""
     targets = {f"{name}.weight" for name in ctx.state.targets}
     got = reloaded.state_dict()
     checked = 0
     for name, tensor in ctx.model.state_dict().items():
         if name not in got:
-            raise StageError(f"tensor '{name}' is missing from the reloaded export", stage="Exporting", layer=name)
+            raise StageError(f"tensor '{name}' is missing from the reloaded export", stage=STAGE.display_name(),
+                             layer=name)
         if name in targets:
             expected = roundtrip_weight(tensor, quantize, dtype)
         else:
@@ -51,66 +45,67 @@ def verify_export(ctx: RunContext, folder, dtype: torch.dtype, quantize: bool) -
         other = got[name]
         if other.shape != expected.shape or not torch.equal(other.to(expected.dtype).cpu(), expected.cpu()):
             raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
-                             f"{tuple(expected.shape)})", stage="Exporting", layer=name)
+                             f"{tuple(expected.shape)})", stage=STAGE.display_name(), layer=name)
         checked += 1
-    metrics: dict[str, float] = {"tensors_checked": float(checked)}
+    return checked
+
+
+def _logit_tolerance(model_dtype: torch.dtype, dtype: torch.dtype, quantize: bool) -> float:
+    """The coarser of the export's dtype (its rounding of the weights) and the in-memory model's (a bfloat16
+    model's own logits carry bfloat16 rounding of every operation); float32 adds no rounding."""
+    if quantize:
+        return _LOGIT_RTOL["int8"]
+    return max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in {model_dtype, dtype})
+
+
+@torch.no_grad()
+def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, quantize: bool) -> dict[str, float]:
+    """Reload ``folder`` (computing in float32) and compare every tensor bit for bit, then the logits of
+    ``export.verify_windows`` evaluation windows. Raises StageError naming the tensor."""
+    try:
+        reloaded = load_pretrained(folder, dtype=torch.float32)
+    except Exception as e:
+        raise StageError(f"the export in '{folder}' does not reload: {e}", stage=STAGE.display_name()) from e
+    metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, dtype, quantize))}
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
-        windows, _ = evaluation_windows(ctx)
-        batch = windows[:n]
+        batch = evaluation_windows(ctx)[0][:n]
         ref = ctx.model(input_ids=batch.to(ctx.device), use_cache=False).logits.float().cpu()
         new = reloaded(input_ids=batch, use_cache=False).logits.float()
         diff = float((ref - new).abs().max())
         scale = max(float(ref.abs().max()), 1.0)
-        if quantize:
-            rtol = _LOGIT_RTOL["int8"]
-        else:  # float32 (model or export) adds no rounding; an export in the model's dtype none beyond the model's
-            rtol = max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1)
-                       for d in {ctx.model.dtype, dtype})
+        rtol = _logit_tolerance(ctx.model.dtype, dtype, quantize)
         if not diff <= rtol * scale:
             raise StageError(f"logits of the reloaded export differ by {diff:.3g} (> {rtol * scale:.3g}) on {n} "
-                             "window(s)", stage="Exporting")
+                             "window(s)", stage=STAGE.display_name())
         metrics["logits_max_abs_diff"] = diff
     del reloaded
     return metrics
 
 
 def run(ctx: RunContext) -> StageResult:
-    cfg = ctx.config.export
-    store = ctx.store
-    final = store.export_dir
-    tmp = final.with_name(".export.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    cfg, store = ctx.config.export, ctx.store
+    staging = store.begin_export()
     model = ctx.model
     strip_quantizer(model)
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     quantize = cfg.quantization == "int8"
     metrics: dict = {}
     if store.is_main:
-        summary = write_compressed(
-            model, tmp, fmt=cfg.format, quantize=quantize, targets=set(ctx.state.targets), dtype=dtype,
-            max_shard_bytes=parse_size(cfg.max_shard_size), tokenizer=ctx.tokenizer,
-            sparsity=ctx.config.target_sparsity, structure=ctx.config.pattern.label(),
-        )
+        summary = write_compressed(model, staging, fmt=cfg.format, quantize=quantize, targets=set(ctx.state.targets),
+                                   dtype=dtype, max_shard_bytes=parse_size(cfg.max_shard_size),
+                                   tokenizer=ctx.tokenizer, sparsity=ctx.config.target_sparsity,
+                                   structure=ctx.config.pattern.label())
         metrics.update({"pruned_layers_bytes": summary.target_bytes,
                         "pruned_layers_dense_fp16_bytes": summary.target_dense_fp16_bytes,
                         "pruned_layers_ratio_vs_fp16": summary.target_ratio,
                         "shards": sum(1 for f in summary.files if f.endswith(".safetensors"))})
-    metrics.update(verify_export(ctx, tmp, dtype, quantize))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    total = weight_bytes = 0
-    for path in sorted(final.rglob("*")):
-        if path.is_file():
-            record = store.record(str(path.relative_to(store.run_dir)), stage=STAGE, kind="export")
-            ctx.add_artifact(record)
-            total += record.bytes
-            if path.suffix == ".safetensors":
-                weight_bytes += record.bytes
-    return StageResult(
-        stage=STAGE,
-        metrics={"format": cfg.format, "quantization": cfg.quantization, "dtype": str(dtype).replace("torch.", ""),
-                 "bytes": total, "weight_bytes": weight_bytes, **metrics, "path": str(final)},
-    )
+    metrics.update(verify_export(ctx, staging, dtype, quantize))
+    records = store.finish_export(staging, stage=STAGE.value)
+    for record in records:
+        ctx.adopt_artifact(record)
+    return StageResult(stage=STAGE.value, metrics={
+        "format": cfg.format, "quantization": cfg.quantization, "dtype": str(dtype).replace("torch.", ""),
+        "bytes": sum(r.bytes for r in records),
+        "weight_bytes": sum(r.bytes for r in records if r.path.endswith(".safetensors")),
+        **metrics, "path": str(store.export_dir)})

@@ -34,22 +34,10 @@ from .sparse_formats import (
     sparse24_decompress,
 )
 
-__all__ = ["ExportSummary", "write_compressed", "load_pretrained", "roundtrip_weight", "parse_size", "PODAR_META"]
+__all__ = ["ExportSummary", "write_compressed", "load_pretrained", "roundtrip_weight", "PODAR_META"]
 
 PODAR_META = "podar_export.json"
 FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
-_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-
-
-def parse_size(text: str) -> int:
-    """'2GB' → 2_000_000_000 bytes; '500MiB' → 524_288_000."""
-    t = text.strip().upper()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * _UNITS[unit])
-    return int(t)
-
-
 @dataclass
 class ExportSummary:
     """What was written: files (name → bytes), and the pruned layers' bytes against dense float16."""

@@ -18,6 +18,7 @@ __all__ = [
     "column_mask",
     "global_unstructured_masks",
     "pattern_mask",
+    "expected_pruned",
 ]
 
 
@@ -125,3 +126,24 @@ def pattern_mask(score: torch.Tensor, *, kind: str, sparsity_frac: float, scope:
     if kind == "column":
         return column_mask(score, sparsity_frac)
     raise ValueError(f"unknown pattern kind {kind!r}")
+
+
+def expected_pruned(shape: tuple[int, int], kind: str, n: int | None, m: int | None, block_height: int | None,
+                    block_width: int | None, scope: str, sparsity_frac: float) -> int:
+    """How many weights of an (out, in) layer ``pattern_mask`` prunes at ``sparsity_frac`` (exact, per comparison
+    group; 'global' counts as one layer)."""
+    out_f, in_f = shape
+    if kind == "nm":
+        assert n is not None and m is not None
+        return out_f * (in_f // m) * (m - n)
+    if kind == "block":
+        assert block_height is not None and block_width is not None
+        n_blocks = (out_f // block_height) * (in_f // block_width)
+        return n_pruned(n_blocks, sparsity_frac) * block_height * block_width
+    if kind == "row":
+        return n_pruned(out_f, sparsity_frac) * in_f
+    if kind == "column":
+        return n_pruned(in_f, sparsity_frac) * out_f
+    if scope == "per_row":
+        return out_f * n_pruned(in_f, sparsity_frac)
+    return n_pruned(out_f * in_f, sparsity_frac)

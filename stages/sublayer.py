@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .sequential import BlockInputs, replaced_forward
+from .blocks import BlockInputs, replaced_forward
 
 __all__ = ["N_SITES", "SITE_NAMES", "block_sites", "check_block", "group_targets_by_site", "SublayerCursor"]
 
@@ -84,12 +84,15 @@ class SublayerCursor:
 
     @classmethod
     def start(cls, inputs: BlockInputs) -> SublayerCursor:
+        if any(call.args for call in inputs.calls):
+            raise ValueError("the site walk calls attention and MLP by keyword: blocks that take positional "
+                             "arguments besides the hidden states need the block walk")
         bounds, n = [], 0
         for h in inputs.hidden:
             bounds.append((n, n + h.shape[0]))
             n += h.shape[0]
         hidden = torch.cat(inputs.hidden) if len(inputs.hidden) > 1 else inputs.hidden[0].clone()
-        return cls(block=0, site=0, hidden=hidden, batches=bounds, kwargs=list(inputs.kwargs))
+        return cls(block=0, site=0, hidden=hidden, batches=bounds, kwargs=[c.kwargs for c in inputs.calls])
 
     @property
     def position(self) -> tuple[int, int]:

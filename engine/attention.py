@@ -81,6 +81,6 @@ def chunked_causal_attention(model: nn.Module) -> Iterator[bool]:
 
 
 def block_attention(model: nn.Module, enabled: bool) -> AbstractContextManager:
-    """The context for forwards of single decoder blocks (``calibration.chunked_attention``): chunked when
+    """The context for forwards of single decoder blocks (``runtime.chunked_attention``): chunked when
     ``enabled``. Never wrap a forward of the whole model in it: its mask building looks the attention name up."""
     return chunked_causal_attention(model) if enabled else nullcontext()

@@ -1,13 +1,13 @@
-"""Calibration forwards in another floating dtype than the model's weights (``calibration.compute_dtype``).
+"""Calibration forwards in another floating dtype than the model's weights (``runtime.compute_dtype``).
 
 The weights that are scored, pruned, checkpointed and exported stay in the model's dtype. Only the forwards that
 produce calibration inputs and statistics see a cast copy: the cached block inputs are held in the compute dtype,
 and each decoder block, while it runs, has its floating parameters swapped for copies in that dtype (one block at
 a time, so the copies cost one block's weights); the originals come back untouched when the block is left.
-Statistics are still summed in float32 (``sequential.add_stats``).
+Statistics are still summed in float32 (by each method's ``accumulate``).
 
 On CPUs with native bfloat16 dot products (AVX-512 BF16, AMX) bf16 products run about twice as fast as float32;
-the price is bf16 rounding of every activation the statistics are taken from (README, "Calibration in bfloat16").
+the price is bf16 rounding of every activation the statistics are taken from (docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -15,20 +15,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from podar.engine.models import DTYPES
+from .models import DTYPES
 
-from .attention import block_attention
-
-if TYPE_CHECKING:
-    from podar.schemas.config import CalibrationConfig
-
-__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks",
-           "block_forwards"]
+__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks"]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -39,7 +33,7 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
 def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     """The dtype calibration forwards must be cast to, or None when they run in the model's own dtype.
 
-    ``name``: 'model' or a key of ``engine.models.DTYPES`` (``calibration.compute_dtype``)."""
+    ``name``: 'model' or a key of ``engine.models.DTYPES`` (``runtime.compute_dtype``)."""
     if name == "model":
         return None
     dtype = DTYPES[name]
@@ -114,13 +108,3 @@ def compute_blocks(layers: nn.ModuleList, dtype: torch.dtype | None) -> Iterator
         yield view
     finally:
         view.close()
-
-
-@contextmanager
-def block_forwards(model: nn.Module, layers: nn.ModuleList, calibration: CalibrationConfig
-                   ) -> Iterator[BlockView]:
-    """The context of the calibration forwards of single decoder blocks: attention chunked as
-    ``calibration.chunked_attention`` says, and a ``BlockView`` of ``layers`` in ``calibration.compute_dtype``."""
-    with block_attention(model, calibration.chunked_attention), compute_blocks(
-            layers, resolve_compute_dtype(calibration.compute_dtype, model)) as view:
-        yield view

@@ -1,0 +1,113 @@
+"""The runtime tricks, behind one switchboard: each is one field of the config's ``runtime:`` section, and with
+every switch off the stages run the plain reference path.
+
+- ``chunked_attention``: the calibration forwards of single blocks compute causal attention in query chunks
+  (``engine.attention``), skipping most of the masked half of the T × T products.
+- ``compute_dtype``: calibration forwards in bf16/fp16 on a float32 model; each block's weights are cast while
+  it runs, the weights that are pruned stay in the model's dtype (``engine.compute``).
+- ``page_out_weights``: after a weight mapped from the model's safetensors file is read whole (hashing, the dense
+  reference) or replaced (a mask, a solve), its file pages are advised out (``engine.memory``), so the run's
+  resident memory holds what it works on, not the whole model.
+- ``map_pruned_weights``: a pruned group's CPU weights become a file mapping — of the weights checkpoint when the
+  method wrote one, else of a scratch file beside the run folder that is unlinked at once — so they stay on
+  disk until evaluation or export reads them again.
+- ``trim_memory``: freed heap pages go back to the OS between calibration passes (glibc ``malloc_trim``).
+
+None of them changes which files a run folder holds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from podar.schemas.config import RuntimeConfig
+
+from .attention import chunked_causal_attention
+from .compute import BlockView, cast_floating, cast_module, compute_blocks, model_dtype, resolve_compute_dtype
+from .memory import file_backed_ranges, page_out_file_backed, release_free_memory
+
+__all__ = ["Runtime", "BlockView", "cast_floating", "model_dtype"]
+
+
+class Runtime:
+    """The switches of one run (``config.runtime``) and the calls the stages make through them."""
+
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
+
+    # ------------------------------------------------------------ forwards
+    def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
+        """The dtype calibration forwards are cast to, or None when they run in the model's own."""
+        return resolve_compute_dtype(self.config.compute_dtype, model)
+
+    @contextmanager
+    def block_forwards(self, model: nn.Module, layers: nn.ModuleList) -> Iterator[BlockView]:
+        """The context of calibration forwards of single blocks: ``view[b]`` is block b, in the compute dtype
+        while in use, with chunked causal attention. Never wrap a whole-model forward in it."""
+        with ExitStack() as stack:
+            if self.config.chunked_attention:
+                stack.enter_context(chunked_causal_attention(model))
+            yield stack.enter_context(compute_blocks(layers, self.compute_dtype(model)))
+
+    @contextmanager
+    def model_forwards(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The context of a whole-model calibration pass: the model's weights cast to the compute dtype."""
+        with cast_module(model, self.compute_dtype(model)) as cast:
+            yield cast
+
+    # ------------------------------------------------------------ memory
+    def file_ranges(self) -> list[tuple[int, int]]:
+        """The file-backed mappings of this process (read once by callers that advise tensor by tensor)."""
+        return file_backed_ranges() if self.config.page_out_weights else []
+
+    def page_out(self, tensors: list[torch.Tensor], ranges: list[tuple[int, int]] | None = None) -> int:
+        """Advise the file pages of ``tensors`` out; the bytes advised (0 when switched off)."""
+        if not self.config.page_out_weights:
+            return 0
+        return page_out_file_backed(tensors, ranges)
+
+    def replace(self, param: nn.Parameter, new: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> int:
+        """Make ``new`` the parameter's data (no copy into the old storage, whose pages, when mapped from a file,
+        would each be faulted in and copied) and advise the old storage's file pages out; the bytes advised."""
+        old = param.data
+        param.data = new
+        return self.page_out([old], ranges)
+
+    def trim(self) -> bool:
+        """Return the allocator's free pages to the OS; True when something was released."""
+        return release_free_memory() if self.config.trim_memory else False
+
+    def map_weights(self, params: Mapping[str, nn.Parameter], source: Path | None, scratch_dir: Path) -> bool:
+        """Make the CPU ``params`` file mappings: of ``source`` (a safetensors file holding exactly these tensors,
+        e.g. the checkpoint just written) or, without one, of a scratch file in ``scratch_dir`` that is unlinked
+        once mapped. True when mapped; False when switched off or a tensor is not on the CPU."""
+        if not self.config.map_pruned_weights or any(p.device.type != "cpu" for p in params.values()):
+            return False
+        scratch = None
+        if source is None:
+            scratch = scratch_dir / f".podar-scratch-{os.getpid()}.safetensors"
+            save_file({n: p.detach().contiguous() for n, p in params.items()}, str(scratch))
+            source = scratch
+        try:
+            mapped = load_file(str(source))
+        finally:
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)  # the mapping keeps the data until the tensors go
+        for name, param in params.items():
+            tensor = mapped[name]
+            if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                raise ValueError(f"'{source.name}' holds '{name}' as {tensor.dtype} {tuple(tensor.shape)}, the layer "
+                                 f"is {param.dtype} {tuple(param.shape)}")
+            param.data = tensor
+        return True
+
+    def cast_inputs(self, value: object, model: nn.Module) -> object:
+        """``value`` with its floating tensors in the compute dtype (the cached block inputs)."""
+        return cast_floating(value, self.compute_dtype(model))

@@ -1,0 +1,157 @@
+"""Resuming a run from its folder: what is checked before any work, and how the checkpoints become the model's
+state again. The move to make comes from the manifest's resume point, never from the audit log; the audit
+log's records beyond the manifest are accepted only when they are what an interrupted run leaves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from podar.engine.audit import AuditLog, records_after, tail_problem, verify_audit
+from podar.engine.context import RunContext
+from podar.engine.store import RunStore, sha256_file
+from podar.schemas.config import PruningConfig
+from podar.schemas.errors import AuditError, CheckpointError
+from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, HistoryEntry, RunManifest
+from podar.schemas.stage import PruningStage
+from podar.stages.bitpack import unpack_bits
+from podar.stages.common import adopt_weights
+
+__all__ = ["ResumeRequest", "saved_config", "check_inputs", "check_artifacts", "adopt_audit_tail",
+           "restore_checkpoints", "mask_artifact", "run_masks"]
+
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What ``Pipeline.resume`` was asked to accept."""
+
+    allow_model_change: bool = False
+    allow_data_change: bool = False
+
+
+def saved_config(store: RunStore, manifest: RunManifest) -> PruningConfig:
+    """The run's own config, refused when the manifest's copy no longer has its recorded sha256."""
+    if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
+        raise CheckpointError(f"'{store.manifest_path}' has manifest schema {manifest.schema_version}; this podar "
+                              f"reads schema {MANIFEST_SCHEMA_VERSION}: resume it with the podar that wrote it")
+    raw = json.dumps(manifest.config, sort_keys=True, separators=(",", ":"))
+    import hashlib
+
+    if hashlib.sha256(raw.encode()).hexdigest() != manifest.config_sha256:
+        raise CheckpointError(f"the config in '{store.manifest_path}' does not match its recorded sha256: the "
+                              "manifest was edited")
+    return PruningConfig.from_dict(manifest.config, source=str(store.manifest_path))
+
+
+def changed_fields(old: PruningConfig, new: PruningConfig) -> list[str]:
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_inputs(ctx: RunContext, manifest: RunManifest, request: ResumeRequest) -> None:
+    """The model's weights and every text hash as the run recorded them, unless the request allows a change."""
+    fp = ctx.state.model_fingerprint
+    if fp != manifest.model_fingerprint and not request.allow_model_change:
+        raise CheckpointError(
+            f"the model's weights hash {fp[:16]}… differs from the run's {str(manifest.model_fingerprint)[:16]}…; "
+            "load the same model, or pass allow_model_change=True (--allow-model-change)")
+    for role, sha in ctx.state.data_sha256.items():
+        old = manifest.data_sha256.get(role)
+        if old is not None and old != sha and not request.allow_data_change:
+            raise CheckpointError(
+                f"the {role} text's sha256 {sha[:16]}… differs from the run's {old[:16]}…; use the same data, or "
+                "pass allow_data_change=True (--allow-data-change)")
+
+
+def check_artifacts(store: RunStore, manifest: RunManifest) -> None:
+    """Every recorded artifact present, a regular file inside the run folder, and with its recorded sha256."""
+    for record in manifest.artifacts.values():
+        path = store.artifact_path(record.path)
+        if path.is_symlink():
+            raise CheckpointError(f"artifact '{record.path}' is a symbolic link; a run folder holds plain files only")
+        if not path.is_file():
+            raise CheckpointError(f"artifact '{record.path}' recorded in the manifest is missing; the run cannot "
+                                  "continue from this folder (start a new run)")
+        actual = sha256_file(path)
+        if actual != record.sha256:
+            raise CheckpointError(f"artifact '{record.path}' has sha256 {actual[:16]}…, the manifest records "
+                                  f"{record.sha256[:16]}…: it was changed or corrupted (start a new run)")
+
+
+def adopt_audit_tail(store: RunStore, manifest: RunManifest, audit: AuditLog) -> str:
+    """The state the run was in when it stopped: the manifest's, or past the moves the audit log holds beyond it
+    when they are what an interrupted run leaves (added to the history, marked interrupted). CheckpointError for a
+    log that does not verify or holds anything else."""
+    try:
+        verify_audit(store.audit_path, manifest.run_id)
+        tail = records_after(store.audit_path, manifest.run_id, manifest.audit_head_sha256)
+    except AuditError as e:
+        raise CheckpointError(f"the audit log does not verify, so the run cannot be resumed: {e}") from e
+    problem = tail_problem(manifest, tail)
+    if problem is not None:
+        raise CheckpointError(f"the audit log does not verify, so the run cannot be resumed: beyond the manifest's "
+                              f"last checkpoint it holds {problem}")
+    state = manifest.state
+    for record in tail:
+        if record.get("event") == "transition":
+            manifest.history.append(HistoryEntry(seq=record["seq"], trigger=record["trigger"], source=record["source"],
+                                                 dest=record["dest"], at=record["at"], interrupted=True))
+        state = record["dest"]
+    manifest.audit_head_sha256 = audit.head_sha256
+    return state
+
+
+def mask_artifact(store: RunStore, record: ArtifactRecord) -> dict[str, torch.Tensor]:
+    """The masks (out, in) bool, True = kept, of one mask artifact (its sha256 checked on load)."""
+    with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
+        shapes = json.loads((f.metadata() or {})["shapes"])
+    return {name: unpack_bits(packed, shapes[name][1]) for name, packed in store.load_tensors(record).items()}
+
+
+@torch.no_grad()
+def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
+    """Replay the checkpointed results onto the freshly loaded model, in order: masks applied, or the weights
+    checkpointed beside them (SparseGPT's updated weights, fine-tuning's) adopted — mapped from their files."""
+    st, store = ctx.state, ctx.store
+    modules = dict(ctx.model.named_modules())
+    params = dict(ctx.model.named_parameters())
+    ranges = ctx.runtime.file_ranges()
+    for result in manifest.results:
+        records = [manifest.artifacts[a] for a in result.artifacts if a in manifest.artifacts]
+        weights = [r for r in records if r.kind == "weights"]
+        for record in (r for r in records if r.kind == "masks"):
+            for name, mask in mask_artifact(store, record).items():
+                st.masks[name] = mask
+                if not weights:
+                    w = modules[name].weight
+                    ctx.runtime.replace(w, w.data.masked_fill(~mask.to(w.device), 0.0), ranges)
+        for record in weights:
+            tensors = store.load_tensors(record)
+            adopt_weights(record.path, tensors, {n: modules[n].weight if n in modules else params[n] for n in tensors})
+
+
+def run_masks(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every layer's mask (out, in) bool, True = kept, as a run folder recorded it (the latest per layer, in the
+    order the masks were written). Reads only; each artifact's sha256 is checked against the manifest."""
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    out: dict[str, torch.Tensor] = {}
+    for result in manifest.results:
+        for rel in result.artifacts:
+            record = manifest.artifacts.get(rel)
+            if record is not None and record.kind == "masks":
+                out.update(mask_artifact(store, record))
+    return out
+
+
+def resume_stage(manifest: RunManifest) -> tuple[PruningStage, str, Any]:
+    """(the stage to redo, its note, its counters) from the manifest's resume point."""
+    point = manifest.resume_point
+    if point is None:
+        raise CheckpointError(f"run '{manifest.run_id}' records no resume point; it cannot be resumed")
+    return PruningStage(point.dest), point.note, point.counters

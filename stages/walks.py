@@ -1,0 +1,421 @@
+"""Calibration walks: how the calibration samples reach each layer group, and how their inputs move on.
+
+One interface, ``CalibrationWalk``: ``statistics(i, method)`` collects the statistics of layer group ``i``'s
+targets on the inputs they see; ``advance(i, ...)`` carries the inputs past group ``i`` once it is pruned (and
+measures each layer's reconstruction error on the way). The walk owns the cached inputs. Implementations:
+
+- ``BlockWalk`` (the Wanda/SparseGPT reference loop): a group is one or more blocks; its statistics come from a
+  pass of its blocks with the weights as they are (dense), then, pruned, the blocks run again to make the next
+  group's inputs. Every layer's statistics come from inputs that went through the pruned blocks before it.
+- ``SiteWalk`` (GPTQ's "true sequential"): a group is one site of a block (``stages.sublayer``): q/k/v, o,
+  gate/up, down; a site's statistics come from inputs that already went through the pruned sites before it, and
+  each product is computed once.
+- ``OnePassWalk``: one group of every target, its statistics from one dense pass of the whole model.
+
+``plan_walk`` chooses one, in one place. After a resume, ``statistics(i)`` rebuilds its inputs from the
+embeddings through the pruned groups before ``i``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from podar.engine.runtime import Runtime
+from podar.schemas.errors import ConfigError
+
+from .blocks import (
+    BlockInputs,
+    BlockStack,
+    block_output,
+    capture_first_block_inputs,
+    execution_order,
+    find_blocks,
+    run_block,
+    skipped_module,
+    supported_kwargs,
+)
+from .methods import LayerStats, PruningMethod
+from .sublayer import SITE_NAMES, SublayerCursor, check_block, group_targets_by_site
+
+__all__ = ["LayerGroup", "Advanced", "CalibrationWalk", "BlockWalk", "SiteWalk", "OnePassWalk", "plan_walk",
+           "collect_stats", "reconstruction_hooks"]
+
+Scalar = float | int | str | bool | None
+Check = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """One sequential layer group: its target names, its blocks, and its site (site walk only)."""
+
+    names: list[str]
+    blocks: list[int] = field(default_factory=list)
+    site: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.site is not None:
+            return f"block {self.blocks[0]} {SITE_NAMES[self.site]}"
+        return f"blocks {self.blocks[0]}–{self.blocks[-1]}" if len(self.blocks) > 1 else (
+            f"block {self.blocks[0]}" if self.blocks else "all layers")
+
+
+@dataclass
+class Advanced:
+    """What moving past a pruned group did: block forwards made, and (err, ref) sums per measured layer."""
+
+    forwards: int = 0
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def relative_errors(self) -> dict[str, float]:
+        """‖X(W − Ŵ)ᵀ‖² / ‖XWᵀ‖² per measured layer."""
+        return {n: (e / r if r > 0 else 0.0) for n, (e, r) in self.errors.items()}
+
+
+class CalibrationWalk(ABC):
+    """See the module docstring. ``groups`` is the walk's plan; ``kind`` its name in logs and metrics."""
+
+    kind: str
+
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], groups: list[LayerGroup],
+                 samples: torch.Tensor, batch_size: int, device: torch.device, runtime: Runtime,
+                 stack: BlockStack | None = None, progress: bool = True) -> None:
+        self.model, self.targets, self.groups, self.stack = model, targets, groups, stack
+        self.samples, self.batch_size, self.device, self.runtime = samples, batch_size, device, runtime
+        self.progress = progress
+
+    @abstractmethod
+    def statistics(self, index: int, method: PruningMethod, check: Check
+                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+        """(statistics by target name, metrics) of group ``index``; layers reading one input share one record."""
+
+    def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
+        """Carry the inputs past group ``index``, pruned now; measure ``dense``'s layers on ``n_measured`` windows."""
+        return Advanced()
+
+    def close(self) -> None:
+        """Let the cached inputs go."""
+
+    def is_last(self, index: int) -> bool:
+        return index + 1 >= len(self.groups)
+
+    def _capture(self) -> BlockInputs:
+        assert self.stack is not None
+        return capture_first_block_inputs(self.model, self.stack, self.samples, self.batch_size, self.device,
+                                          lambda v: self.runtime.cast_inputs(v, self.model))
+
+
+class OnePassWalk(CalibrationWalk):
+    kind = "one_pass"
+
+    def statistics(self, index: int, method: PruningMethod, check: Check
+                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+        forwards = 0
+        with collect_stats(self.targets, method) as stats, self.runtime.model_forwards(self.model):
+            for start in tqdm(range(0, self.samples.shape[0], self.batch_size), desc="calibrating", leave=False,
+                              disable=None if self.progress else True):
+                check()
+                batch = self.samples[start:start + self.batch_size].to(self.device)  # (B, T)
+                self.model(input_ids=batch, **supported_kwargs(self.model, use_cache=False))
+                forwards += 1
+        return stats, {"block_forwards": forwards}
+
+
+class BlockWalk(CalibrationWalk):
+    kind = "block"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inputs: BlockInputs | None = None  # the inputs of the next group's first block
+
+    def _inputs_at(self, index: int) -> tuple[BlockInputs, int]:
+        """The inputs of group ``index``: cached, or rebuilt (embeddings, then the pruned groups before it)."""
+        if index > 0 and self.inputs is not None:
+            return self.inputs, 0
+        assert self.stack is not None
+        inputs, forwards = self._capture(), 0
+        with self.runtime.block_forwards(self.model, self.stack.layers) as view:
+            for earlier in self.groups[:index]:
+                for b in earlier.blocks:
+                    inputs = run_block(view[b], inputs, in_place=True)
+                    forwards += len(inputs.hidden)
+        self.inputs = inputs
+        return inputs, forwards
+
+    def statistics(self, index: int, method: PruningMethod, check: Check
+                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+        assert self.stack is not None
+        inputs, forwards = self._inputs_at(index)
+        group = self.groups[index]
+        targets = {n: self.targets[n] for n in group.names}
+        last_block = self.stack.layers[group.blocks[-1]]
+        in_last = {n: m for n, m in targets.items() if any(m is x for x in last_block.modules())}
+        with self.runtime.block_forwards(self.model, self.stack.layers) as view:
+            order = (execution_order(view[group.blocks[-1]], in_last, inputs.hidden[0], inputs.calls[0])
+                     if in_last else [])
+            # the last Linear of the last block feeds no other target: its product is skipped in this pass
+            skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
+            with collect_stats(targets, method) as stats, skip:
+                chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
+                for b in group.blocks:
+                    check()
+                    for i, call in enumerate(inputs.calls):
+                        out = view[b](chain[i], *call.args, **call.kwargs)
+                        forwards += 1
+                        if b != group.blocks[-1]:
+                            chain[i] = block_output(out)
+        return stats, {"block_forwards": forwards}
+
+    def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
+        assert self.stack is not None and self.inputs is not None
+        self.runtime.trim()  # what scoring and mask selection freed, before the activations grow
+        inputs = self.inputs
+        last = self.is_last(index)
+        if last:  # nothing downstream needs the outputs: only the windows the measurement reads are run
+            inputs = inputs.head(_batches_covering([h.shape[0] for h in inputs.hidden], n_measured))
+        done = Advanced()
+        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_measured) if dense else \
+            nullcontext({})
+        with hooks as acc, self.runtime.block_forwards(self.model, self.stack.layers) as view:
+            for b in self.groups[index].blocks:
+                check()
+                inputs = run_block(view[b], inputs, in_place=True)
+                done.forwards += len(inputs.hidden)
+        self.inputs = None if last else inputs
+        done.errors = {n: (e, r) for n, (e, r, seen) in acc.items() if seen}
+        return done
+
+    def close(self) -> None:
+        self.inputs = None
+
+
+class SiteWalk(CalibrationWalk):
+    kind = "site"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cursor: SublayerCursor | None = None
+
+    def statistics(self, index: int, method: PruningMethod, check: Check
+                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+        assert self.stack is not None
+        group = self.groups[index]
+        block, site = group.blocks[0], group.site
+        assert site is not None
+        if index == 0 or self.cursor is None:  # the walk is rebuilt: embeddings, then the pruned sites before
+            self.cursor = SublayerCursor.start(self._capture())
+        cursor = self.cursor
+        before = cursor.site_passes
+        entry: LayerStats | None = None
+        with self.runtime.block_forwards(self.model, self.stack.layers) as view:
+            cursor.advance_to(view, block, site, before_step=check)
+            for x in cursor.site_inputs(view):
+                check()
+                if entry is None:
+                    entry = method.new_stats(x.shape[-1], x.device)
+                method.accumulate(entry, x)
+        assert entry is not None
+        method.finish(entry)
+        metrics: dict[str, Scalar] = {"block": block, "site": SITE_NAMES[site],
+                                      "replayed_site_passes": cursor.site_passes - before, "block_forwards": 0}
+        return {n: entry for n in group.names}, metrics
+
+    def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
+        assert self.stack is not None and self.cursor is not None
+        cursor, group = self.cursor, self.groups[index]
+        if cursor.position != (group.blocks[0], group.site):
+            raise RuntimeError(f"the site walk stands at {cursor.position}, not at the pruned group's "
+                               f"{(group.blocks[0], group.site)}")
+        if cursor.site in (0, 2):  # passes that allocate activations
+            self.runtime.trim()
+        last = self.is_last(index)
+        n_batches = _batches_covering([b - a for a, b in cursor.batches], n_measured) if last else None
+        done = Advanced()
+        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_measured) if dense else \
+            nullcontext({})
+        with hooks as acc, self.runtime.block_forwards(self.model, self.stack.layers) as view:
+            if n_batches != 0:
+                cursor.step(view, max_batches=n_batches)
+                done.forwards += 1
+        if cursor.site in (1, 3):  # the pass just made freed its per-batch temporaries
+            self.runtime.trim()
+        if last:
+            self.cursor = None
+        done.errors = {n: (e, r) for n, (e, r, seen) in acc.items() if seen}
+        return done
+
+    def close(self) -> None:
+        self.cursor = None
+
+
+def _batches_covering(sizes: list[int], n_samples: int) -> int:
+    """How many of the leading batches (``sizes``: samples per batch, in order) hold the first ``n_samples``."""
+    if n_samples <= 0:
+        return 0
+    for i, end in enumerate(itertools.accumulate(sizes)):
+        if end >= n_samples:
+            return i + 1
+    return len(sizes)
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class WalkPlan:
+    """The chosen walk and why (logged as ``calibration_plan`` / ``sublayer_fallback``)."""
+
+    walk: CalibrationWalk
+    reason: str | None = None  # why the asked-for walk could not be used
+    blocks_path: str | None = None
+
+
+def _block_groups(stack: BlockStack, targets: dict[str, nn.Module], blocks_per_group: int) -> list[LayerGroup]:
+    owner, outside = stack.owner_of(targets)
+    if outside:
+        raise ConfigError(f"sequential calibration covers the blocks of '{stack.path}' only, but targets include "
+                          f"{outside[:4]}; add them to 'ignore' or set calibration.walk: one_pass")
+    groups = []
+    for start in range(0, len(stack.layers), blocks_per_group):
+        blocks = list(range(start, min(start + blocks_per_group, len(stack.layers))))
+        names = [n for n in targets if owner[n] in blocks]
+        if names:
+            groups.append(LayerGroup(names=names, blocks=blocks))
+    return groups
+
+
+def _site_plan(model: nn.Module, stack: BlockStack, targets: dict[str, nn.Module], samples: torch.Tensor,
+               device: torch.device, runtime: Runtime) -> list[LayerGroup] | str:
+    """The site walk's groups, or why the blocks cannot be walked site by site."""
+    plan = group_targets_by_site(stack.layers, targets)
+    if plan is None:
+        return ("a block is not Llama-style (input_layernorm, self_attn with o_proj, post_attention_layernorm, "
+                "mlp with down_proj)")
+    probe = capture_first_block_inputs(model, stack, samples[:1], 1, device, lambda v: runtime.cast_inputs(v, model))
+    if probe.calls[0].args:
+        return "the blocks take positional arguments besides the hidden states"
+    with torch.no_grad(), runtime.block_forwards(model, stack.layers) as view:  # in the dtype the walk computes in
+        scale = float(probe.hidden[0].abs().max()) + 1.0
+        diff = check_block(view[0], probe.hidden[0], probe.calls[0].kwargs)
+    if not diff <= 1e-5 * scale:
+        return f"walking block 0 site by site differs from its forward by {diff:.3g}"
+    return [LayerGroup(names=names, blocks=[b], site=s) for (b, s), names in zip(*plan, strict=True)]
+
+
+def plan_walk(model: nn.Module, targets: dict[str, nn.Module], walk: str, *, blocks_path: str | None,
+              blocks_per_group: int, samples: torch.Tensor, batch_size: int, device: torch.device,
+              runtime: Runtime, progress: bool = True) -> WalkPlan:
+    """The calibration walk for ``walk`` ('block', 'site' or 'one_pass'): the site walk falls back to blocks when a
+    block is not Llama-style, and both to one pass when the model has no block stack."""
+    args = (model, targets)
+    rest = dict(samples=samples, batch_size=batch_size, device=device, runtime=runtime, progress=progress)
+    stack = None if walk == "one_pass" else find_blocks(model, blocks_path)
+    if stack is None:
+        reason = None if walk == "one_pass" else f"{type(model).__name__} has no stack of repeated blocks"
+        return WalkPlan(OnePassWalk(*args, [LayerGroup(names=list(targets))], **rest), reason)
+    block_groups = _block_groups(stack, targets, blocks_per_group)  # rejects targets outside the blocks
+    reason = None
+    if walk == "site":
+        sites = _site_plan(model, stack, targets, samples, device, runtime)
+        if not isinstance(sites, str):
+            return WalkPlan(SiteWalk(*args, sites, stack=stack, **rest), None, stack.path)
+        reason = sites
+    return WalkPlan(BlockWalk(*args, block_groups, stack=stack, **rest), reason, stack.path)
+
+
+# ---------------------------------------------------------------- hooks
+
+
+@contextmanager
+def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Iterator[dict[str, LayerStats]]:
+    """Forward hooks that add each module's inputs to its statistics (``method.accumulate``) while the context is
+    open; ``method.finish`` makes them whole on exit. Modules that receive the very same input tensor one after
+    the other (q/k/v after one norm, gate/up after another) share one record, so each statistic is computed once
+    per input."""
+    stats: dict[str, LayerStats] = {}
+    handles = []
+    last: dict[str, Any] = {"x": None, "name": None}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, _output: Any) -> None:
+            x = args[0]
+            if x is last["x"] and last["name"] in stats:
+                leader = stats[last["name"]]
+                if stats.get(name) is not leader:  # first time: alias the leader's record
+                    stats[name] = leader
+                return
+            last["x"], last["name"] = x, name
+            entry = stats.get(name)
+            if entry is None:
+                entry = stats[name] = method.new_stats(x.shape[-1], module.weight.device)
+            method.accumulate(entry, x)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+        last.clear()
+    for entry in {id(e): e for e in stats.values()}.values():
+        method.finish(entry)
+
+
+_RECON_CHUNK = 512  # tokens per product in reconstruction_hooks
+
+
+@contextmanager
+def reconstruction_hooks(modules: dict[str, nn.Module], dense: Mapping[str, torch.Tensor], max_samples: int
+                         ) -> Iterator[dict[str, list[float]]]:
+    """While open, accumulate per module ‖X·(W − Ŵ)ᵀ‖² and ‖X·Wᵀ‖² on the first ``max_samples`` sequences.
+
+    Yields {name: [err_sq_sum, ref_sq_sum, n_samples]}; the relative error is err/ref. ``dense``: (out, in).
+    """
+    acc: dict[str, list[float]] = {n: [0.0, 0.0, 0] for n in modules}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            entry = acc[name]
+            if entry[2] >= max_samples:
+                return
+            x = args[0].detach()
+            n_seq = x.shape[0] if x.dim() == 3 else 1
+            x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            out = output.detach().reshape(-1, output.shape[-1])  # XŴᵀ (+ bias)
+            # W − Ŵ in the dtype the forward computes in (the model's, or runtime.compute_dtype): a mask's
+            # difference is exact there (the removed weights, zeros elsewhere), so the product runs at that
+            # dtype's speed and the error is not polluted by rounding the kept weights
+            w = module.weight.detach()
+            delta = dense[name].to(w.device, w.dtype) - w  # (out, in)
+            bias = module.bias.detach().float() if getattr(module, "bias", None) is not None else None
+            for t0 in range(0, x.shape[0], _RECON_CHUNK):  # in token chunks: small temporaries
+                err = (x[t0:t0 + _RECON_CHUNK].to(w.dtype) @ delta.t()).float()  # (chunk, out) = XWᵀ − XŴᵀ
+                pruned_out = out[t0:t0 + _RECON_CHUNK].float()
+                if bias is not None:
+                    pruned_out = pruned_out - bias
+                entry[0] += float(err.pow(2).sum())
+                entry[1] += float((pruned_out + err).pow(2).sum())  # ‖XWᵀ‖² without a second product
+            entry[2] += n_seq
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
