@@ -2,7 +2,7 @@
 64), interleaved, best of 5:
 
 1. PyTorch's SDPA with and without ``is_causal``: it does not skip the masked half;
-2. SDPA causal against podar's query-chunked causal attention (``stages/attention.py``);
+2. SDPA causal against podar's query-chunked causal attention (``engine/attention.py``);
 3. one decoder block (SmolLM2's configuration, random weights) run on the model's ``sdpa`` attention and
    inside ``chunked_causal_attention``, as the calibration forwards run it.
 
@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from podar.stages.attention import causal_attention_chunked, chunked_causal_attention
+from podar.engine.attention import causal_attention_chunked, chunked_causal_attention
 
 
 def interleaved(fns: dict, rounds: int = 5, inner: int = 3) -> dict[str, float]:

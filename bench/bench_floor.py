@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from podar.stages.attention import causal_attention_chunked
+from podar.engine.attention import causal_attention_chunked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of  # noqa: E402

@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["podar", "llm-compressor"], default=None)
     ap.add_argument("--cases", nargs="*", default=CASES)
     ap.add_argument("--batch-size", type=int, default=4, help="podar's calibration windows per forward pass")
-    ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"],
-                    help="podar's sequential calibration unit (calibration.granularity)")
+    ap.add_argument("--walk", default="auto", choices=["auto", "block", "site"],
+                    help="podar's calibration walk (calibration.walk)")
     ap.add_argument("--llmc-batch-size", type=int, default=1,
                     help="llm-compressor's calibration batch size (its default, 1, is its fastest and best here)")
     ap.add_argument("--seed", type=int, default=common.SEED,
@@ -95,7 +95,7 @@ def main() -> None:
             r = run_json([sys.executable, str(common.ROOT / "podar_one.py"), "--method", method, "--pattern", pattern,
                           "--run-dir", str(common.CACHE / f"run-{method}-{pattern.replace(':', '')}"),
                           "--export-format", fmt, "--quantization", quant, "--batch-size", str(args.batch_size),
-                          "--granularity", args.granularity, "--seed", str(args.seed)])
+                          "--walk", args.walk, "--seed", str(args.seed)])
             rows.append(r)
             print(json.dumps(r), flush=True)
         if args.only in (None, "llm-compressor") and method != "magnitude":

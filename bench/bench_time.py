@@ -14,7 +14,7 @@ each tool's median time and largest peak resident memory. Writes bench/timing.js
 
 ``--dtype bfloat16`` loads the same dense model in bfloat16 for both tools (their forwards run in it).
 ``--podar-compute-dtype bfloat16`` keeps both tools' model in ``--dtype`` and sets podar's
-``calibration.compute_dtype`` (its calibration forwards in bf16, its weights in the model's dtype); llm-compressor
+``runtime.compute_dtype`` (its calibration forwards in bf16, its weights in the model's dtype); llm-compressor
 has no such setting and computes in the model's dtype.
 """
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype both tools load the dense model in")
     ap.add_argument("--podar-compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
-                    help="podar's calibration.compute_dtype (llm-compressor computes in --dtype)")
+                    help="podar's runtime.compute_dtype (llm-compressor computes in --dtype)")
     ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/")
     args = ap.parse_args()
     if not args.out or Path(args.out).name != args.out or args.out.startswith("."):

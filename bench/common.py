@@ -71,11 +71,11 @@ def prepare(seed: int = SEED) -> None:
         save_file({"input_ids": eval_windows(ev, SEQ_LEN, EVAL_WINDOWS).contiguous()}, str(EVAL))
 
 
-def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int = 4, granularity: str = "auto",
+def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int = 4, walk: str = "auto",
                  chunked_attention: bool = True, compute_dtype: str = "model", export=None):
     """The PruningConfig of a bench run: 50% ``pattern`` ('unstructured' or '2:4') with ``method``, the bench's
     model folder, calibration windows (``seed``) and evaluation windows, no perplexity gate; ``export`` an
-    ExportConfig or None for the default; ``compute_dtype``: ``calibration.compute_dtype``."""
+    ExportConfig or None for the default; ``compute_dtype``: ``runtime.compute_dtype``."""
     from podar import (
         CalibrationConfig,
         EvaluationConfig,
@@ -83,6 +83,7 @@ def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int
         ModelSourceConfig,
         PruningConfig,
         QualityGates,
+        RuntimeConfig,
         SparsityPatternConfig,
     )
 
@@ -91,8 +92,8 @@ def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int
         pattern=SparsityPatternConfig.nm_2_4() if pattern == "2:4" else SparsityPatternConfig.unstructured(),
         model=ModelSourceConfig(kind="hf", name=str(MODEL_DIR)),
         calibration=CalibrationConfig(num_samples=NUM_SAMPLES, sequence_length=SEQ_LEN, dataset="wikitext2-valid",
-                                      seed=seed, batch_size=batch_size, granularity=granularity,
-                                      chunked_attention=chunked_attention, compute_dtype=compute_dtype),
+                                      seed=seed, batch_size=batch_size, walk=walk),
+        runtime=RuntimeConfig(chunked_attention=chunked_attention, compute_dtype=compute_dtype),
         evaluation=EvaluationConfig(dataset="wikitext2", sequence_length=SEQ_LEN, max_windows=EVAL_WINDOWS,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
         export=export if export is not None else ExportConfig(),

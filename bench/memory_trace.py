@@ -54,7 +54,7 @@ def main() -> None:
             step += 1
             peak = status_mb("VmHWM")
             if peak > last + 5:
-                group = pipe._runner.ctx.state.group_index  # noqa: SLF001
+                group = pipe.context.state.group_index
                 print(f"step {step} ({pipe.stage.value}, group {group}): peak {peak} MiB, "
                       f"resident {status_mb('VmRSS')} MiB (anonymous {status_mb('RssAnon')}, "
                       f"file {status_mb('RssFile')})")

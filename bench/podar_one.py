@@ -24,13 +24,13 @@ def main() -> None:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass")
     ap.add_argument("--seed", type=int, default=common.SEED, help="calibration windows' seed")
-    ap.add_argument("--granularity", default="auto", choices=["auto", "block", "sublayer"])
+    ap.add_argument("--walk", default="auto", choices=["auto", "block", "site"], help="calibration.walk")
     ap.add_argument("--chunked-attention", default="on", choices=["on", "off"],
-                    help="calibration.chunked_attention")
+                    help="runtime.chunked_attention")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype the dense model is loaded in (its forwards run in it; statistics stay fp32)")
     ap.add_argument("--compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
-                    help="calibration.compute_dtype: the dtype of the calibration forwards (the weights keep the "
+                    help="runtime.compute_dtype: the dtype of the calibration forwards (the weights keep the "
                          "model's)")
     ap.add_argument("--export-format", default="dense")
     ap.add_argument("--quantization", default="none")
@@ -52,7 +52,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(str(common.MODEL_DIR))
     cfg = common.podar_config(
-        args.method, args.pattern, seed=args.seed, batch_size=args.batch_size, granularity=args.granularity,
+        args.method, args.pattern, seed=args.seed, batch_size=args.batch_size, walk=args.walk,
         chunked_attention=args.chunked_attention == "on", compute_dtype=args.compute_dtype,
         export=ExportConfig(format=args.export_format, quantization=args.quantization, dtype="float16",
                             verify_windows=2))
@@ -72,26 +72,26 @@ def main() -> None:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     peak_after_prune = common.peak_rss_mb()
     # the same samples and windows as llm-compressor gets
-    ctx = pipe._runner.ctx  # noqa: SLF001 (benchmark introspection)
+    ctx = pipe.context
     if args.method != "magnitude":
-        assert torch.equal(ctx.state.extras["calibration_samples"], common.calibration_ids(args.seed))
+        assert torch.equal(ctx.state.calibration_samples, common.calibration_ids(args.seed))
     stage_s = {}
     for r in pipe.results:
         stage_s[r.stage] = stage_s.get(r.stage, 0.0) + r.duration_s
     if args.time_only:
         print(json.dumps({"tool": "podar", "method": args.method, "pattern": args.pattern, "seed": args.seed,
-                          "batch_size": args.batch_size, "granularity": args.granularity, "dtype": args.dtype,
+                          "batch_size": args.batch_size, "walk": args.walk, "dtype": args.dtype,
                           "compute_dtype": args.compute_dtype, "prune_s": prune_s,
                           "stage_s": stage_s, "peak_rss_mb": peak_after_prune}))
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     result = pipe.run()
-    assert torch.equal(ctx.state.extras["eval_windows"][0], common.eval_ids())
+    assert torch.equal(ctx.state.eval_windows["wikitext2"][0], common.eval_ids())
     ev = result.metrics["evaluating"]
     ex = result.metrics.get("exporting", {})
     print(json.dumps({
         "tool": "podar", "method": args.method, "pattern": args.pattern, "batch_size": args.batch_size,
-        "granularity": args.granularity, "seed": args.seed, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
+        "walk": args.walk, "seed": args.seed, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
         "prune_s": prune_s,
         "stage_s": stage_s, "peak_rss_mb": peak_after_prune,
         "ppl": ev["pruned_ppl"], "dense_ppl": ev["dense_ppl"], "sparsity": ev["pruned_layers_sparsity"],

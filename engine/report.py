@@ -71,6 +71,42 @@ def _achieved(m: RunManifest) -> float | None:
     return sum(float(lm.get("sparsity") or 0.0) * int(lm.get("numel") or 0) for lm in last.values()) / numel
 
 
+def _layer_bars(report: RunReport, save) -> None:
+    """Per-layer sparsity and reconstruction error, colored by the kind of layer (q_proj, up_proj, ...)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    names = [lay.name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
+             for lay in report.layers]
+    kinds = [lay.name.rsplit(".", 1)[-1] for lay in report.layers]
+    palette = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
+    kind_color = {k: palette[i % len(palette)] for i, k in enumerate(dict.fromkeys(kinds))}
+    colors = [kind_color[k] for k in kinds]
+
+    def bars(values: list[float], title: str, ylabel: str, xlabel: str):
+        fig = Figure(figsize=(max(6, len(names) * 0.08), 3.4))
+        ax = fig.add_subplot()
+        ax.bar(range(len(names)), values, color=colors)
+        ax.legend(handles=[Patch(color=c, label=k) for k, c in kind_color.items()], fontsize=7,
+                  ncol=min(len(kind_color), 7), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel(xlabel)
+        return fig, ax
+
+    fig, ax = bars([lay.sparsity for lay in report.layers], "Per-layer sparsity", "sparsity",
+                   f"pruned layer (model order, {len(names)} layers)")
+    ax.axhline(report.target_sparsity, color="#cc3311", lw=1, ls="--", label="target")
+    ax.set_ylim(0, 1)
+    save(fig, "layer_sparsity.png")
+    errs = [lay.reconstruction_error for lay in report.layers]
+    if any(e is not None for e in errs):
+        fig, ax = bars([e or 0.0 for e in errs], "Per-layer reconstruction error on calibration inputs",
+                       "‖WX − ŴX‖² / ‖WX‖²", "pruned layer (model order)")
+        ax.set_yscale("log")
+        save(fig, "layer_reconstruction_error.png")
+
+
 def _plots(report: RunReport, folder: Path) -> list[str]:
     """Write the PNG plots (matplotlib's object API: no global pyplot state). Returns names relative to the run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,40 +122,7 @@ def _plots(report: RunReport, folder: Path) -> list[str]:
         written.append(f"plots/{name}")
 
     if report.layers:
-        names = [lay.name.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
-                 for lay in report.layers]
-        kinds = [lay.name.rsplit(".", 1)[-1] for lay in report.layers]  # q_proj, up_proj, ...
-        palette = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377", "#bbbbbb"]
-        kind_color = {k: palette[i % len(palette)] for i, k in enumerate(dict.fromkeys(kinds))}
-        colors = [kind_color[k] for k in kinds]
-
-        def legend(ax) -> None:
-            from matplotlib.patches import Patch
-
-            ax.legend(handles=[Patch(color=c, label=k) for k, c in kind_color.items()], fontsize=7,
-                      ncol=min(len(kind_color), 7), loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
-
-        fig = Figure(figsize=(max(6, len(names) * 0.08), 3.4))
-        ax = fig.add_subplot()
-        ax.bar(range(len(names)), [lay.sparsity for lay in report.layers], color=colors)
-        legend(ax)
-        ax.axhline(report.target_sparsity, color="#cc3311", lw=1, ls="--", label="target")
-        ax.set_ylabel("sparsity")
-        ax.set_title("Per-layer sparsity")
-        ax.set_ylim(0, 1)
-        ax.set_xlabel(f"pruned layer (model order, {len(names)} layers)")
-        save(fig, "layer_sparsity.png")
-        errs = [lay.reconstruction_error for lay in report.layers]
-        if any(e is not None for e in errs):
-            fig = Figure(figsize=(max(6, len(names) * 0.08), 3.4))
-            ax = fig.add_subplot()
-            ax.bar(range(len(names)), [e or 0.0 for e in errs], color=colors)
-            legend(ax)
-            ax.set_yscale("log")
-            ax.set_ylabel("‖WX − ŴX‖² / ‖WX‖²")
-            ax.set_xlabel("pruned layer (model order)")
-            ax.set_title("Per-layer reconstruction error on calibration inputs")
-            save(fig, "layer_reconstruction_error.png")
+        _layer_bars(report, save)
     if report.schedule_points:
         fig = Figure(figsize=(5, 3))
         ax = fig.add_subplot()

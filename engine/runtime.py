@@ -43,6 +43,11 @@ class Runtime:
         self.config = config or RuntimeConfig()
 
     # ------------------------------------------------------------ forwards
+    @staticmethod
+    def model_dtype(model: nn.Module) -> torch.dtype | None:
+        """The dtype of the model's first floating parameter."""
+        return model_dtype(model)
+
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The dtype calibration forwards are cast to, or None when they run in the model's own."""
         return resolve_compute_dtype(self.config.compute_dtype, model)

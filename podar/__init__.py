@@ -46,7 +46,7 @@ from podar.schemas import (
     WandaParams,
 )
 from podar.stages.export_io import load_pretrained
-from podar.stages.methods import LayerStats, PruneSpec, Pruned, PruningMethod, register_method
+from podar.stages.methods import LayerStats, Pruned, PruneSpec, PruningMethod, register_method
 from podar.stages.perplexity import PerplexityResult, perplexity
 from podar.stages.quality import TextMetrics, evaluate
 

@@ -20,7 +20,7 @@ from podar.schemas.errors import AuditError, CheckpointError
 from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, HistoryEntry, RunManifest
 from podar.schemas.stage import PruningStage
 from podar.stages.bitpack import unpack_bits
-from podar.stages.common import adopt_weights
+from podar.stages.common import adopt_weights, apply_mask
 
 __all__ = ["ResumeRequest", "saved_config", "check_inputs", "check_artifacts", "adopt_audit_tail",
            "restore_checkpoints", "mask_artifact", "run_masks"]
@@ -128,8 +128,7 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
             for name, mask in mask_artifact(store, record).items():
                 st.masks[name] = mask
                 if not weights:
-                    w = modules[name].weight
-                    ctx.runtime.replace(w, w.data.masked_fill(~mask.to(w.device), 0.0), ranges)
+                    apply_mask(modules[name], mask, ctx.runtime, ranges)
         for record in weights:
             tensors = store.load_tensors(record)
             adopt_weights(record.path, tensors, {n: modules[n].weight if n in modules else params[n] for n in tensors})

@@ -84,7 +84,8 @@ def _plan(ctx: RunContext) -> None:
         return
     dtype = ctx.runtime.compute_dtype(ctx.model)
     if dtype is not None:
-        fields = {"dtype": str(dtype).removeprefix("torch.")}
+        fields = {"dtype": str(dtype).removeprefix("torch."),
+                  "model_dtype": str(ctx.runtime.model_dtype(ctx.model)).removeprefix("torch.")}
         note = ctx.method.half_precision_note
         (log.warning if note else log.info)("calibration_compute_dtype", **fields, **({"note": note} if note else {}))
     walk = cfg.resolved_walk()

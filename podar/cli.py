@@ -87,7 +87,9 @@ def stage_rows(manifest) -> list[tuple[str, str, str]]:
 
     left = {h.source for h in manifest.history}
     current = manifest.state
-    method = manifest.config.get("method")
+    from podar.schemas.methods import parse_method
+
+    needs_calibration = parse_method(manifest.config.get("method", "magnitude")).needs_calibration
     rows = []
     for stage in PruningStage:
         if stage in (PruningStage.FAILED,) and current != stage.value:
@@ -106,8 +108,8 @@ def stage_rows(manifest) -> list[tuple[str, str, str]]:
             ind = INDICATOR["done"]
         else:
             ind = INDICATOR["not_reached"]
-            if stage is PruningStage.CALIBRATING and method == "magnitude":
-                note = "skipped (magnitude needs no calibration)"
+            if stage is PruningStage.CALIBRATING and not needs_calibration:
+                note = "skipped (the method needs no calibration)"
         rows.append((ind, stage.display, note))
     return rows
 

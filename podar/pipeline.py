@@ -19,10 +19,10 @@ import structlog
 from podar.engine.audit import AuditLog
 from podar.engine.context import RunContext
 from podar.engine.distributed import world_size
+from podar.engine.machine import next_move
 from podar.engine.report import write_report
 from podar.engine.runner import Runner, TransitionListener, expected, first_resume_point
 from podar.engine.store import RunStore, atomic_write_bytes, utc_now
-from podar.engine.machine import next_move
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import CheckpointError
 from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageResult

@@ -62,8 +62,8 @@ __all__ = [
     "MagnitudeParams", "MethodParams", "PruneMethod", "SparseGPTParams", "WandaParams", "known_methods",
     "method_params_type", "parse_method", "register_method_params",
     "SparsityPatternConfig",
-    "MANIFEST_SCHEMA_VERSION", "ArtifactRecord", "AuditEvent", "Counters", "ExpectedMove", "FailureInfo", "HistoryEntry",
-    "ResumePoint", "RunManifest", "StageResult", "TextEvaluation",
+    "MANIFEST_SCHEMA_VERSION", "ArtifactRecord", "AuditEvent", "Counters", "ExpectedMove", "FailureInfo",
+    "HistoryEntry", "ResumePoint", "RunManifest", "StageResult", "TextEvaluation",
     "Cubic", "Gradual", "OneShot", "PruningSchedule",
     "PruningStage",
 ]

@@ -16,13 +16,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, SerializeAsAny, ValidationError, WithJsonSchema, field_validator, \
-    model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from .base import Frozen
 from .datasets import NAMED_DATASETS
 from .errors import ConfigError
-from .legacy import migrate_legacy
+from .legacy import REPLACED_IN_SECTION, migrate_legacy
 from .methods import MethodParams, PruneMethod, known_methods, parse_method
 from .pattern import SparsityPatternConfig
 from .schedule import Cubic, Gradual, OneShot, PruningSchedule, Sparsity
@@ -438,7 +446,10 @@ def _fields_of(value: Any) -> Any:
     """A config section as the plain mapping of its fields, so the whole config is validated again — also what a
     ``model_copy(update=...)`` set without validation (an old field name is migrated, a wrong one refused)."""
     if isinstance(value, BaseModel) and not isinstance(value, MethodParams):
-        return {k: _fields_of(v) for k, v in value.__dict__.items()}
+        data = {k: _fields_of(v) for k, v in value.__dict__.items()}
+        for old in set(data) - set(type(value).model_fields):  # set after validation: the newer intent wins
+            data.pop(REPLACED_IN_SECTION.get(old, ""), None)
+        return data
     return value
 
 

@@ -16,12 +16,19 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__all__ = ["migrate_legacy"]
+__all__ = ["migrate_legacy", "REPLACED_IN_SECTION"]
+
+# old names whose new field lives in the same section (old name → new field)
+REPLACED_IN_SECTION = {"granularity": "walk", "sequential": "walk"}
 
 _GRANULARITY = {"auto": "auto", "block": "block", "sublayer": "site"}
 _TO_RUNTIME = ("chunked_attention", "compute_dtype")
 _TO_SPARSEGPT = {"dampening_frac": "dampening_frac", "sparsegpt_block_size": "block_size"}
 _OLD_DEFAULTS = {"dampening_frac": 0.01, "sparsegpt_block_size": 128}
+# the new fields' defaults: a new field that holds its default gives way to the old name (a copy of a new-style
+# section made with model_copy(update={old name: ...}) carries the new field at its default)
+_NEW_DEFAULTS = {"walk": "auto", "chunked_attention": True, "compute_dtype": "model", "dampening_frac": 0.01,
+                 "block_size": 128}
 
 
 def _moved(old: str, new: str) -> None:
@@ -29,7 +36,7 @@ def _moved(old: str, new: str) -> None:
 
 
 def _set_once(section: dict[str, Any], key: str, value: Any, old: str, new: str) -> None:
-    if key in section and section[key] != value:
+    if key in section and section[key] != value and section[key] != _NEW_DEFAULTS.get(key, object()):
         raise ValueError(f"config sets both '{old}' ({value!r}) and its new name '{new}' ({section[key]!r}); keep "
                          f"only '{new}'")
     section[key] = value

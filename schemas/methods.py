@@ -135,5 +135,6 @@ def parse_method(value: Any) -> MethodParams:
     if isinstance(value, str):
         value = {"name": value}
     if not isinstance(value, dict) or "name" not in value:
-        raise ValueError(f"method must be a name ({', '.join(known_methods())}) or a mapping with 'name'; got {value!r}")
+        known = ", ".join(known_methods())
+        raise ValueError(f"method must be a name ({known}) or a mapping with 'name'; got {value!r}")
     return method_params_type(str(value["name"])).model_validate(value)

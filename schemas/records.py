@@ -56,7 +56,6 @@ class TextEvaluation(_Record):
     ppl_increase_pct: float
     kl_mean: float | None = Field(default=None, description="mean KL(dense ‖ pruned) per token, nats")
     top1_agreement: float | None = None
-    dense_baseline_reused: bool = False
     gate_failures: list[str] = Field(default_factory=list)
     on_fail: str = "fail"
 

@@ -18,7 +18,7 @@ from .masks import (
     row_mask,
     unstructured_mask,
 )
-from .methods import LayerStats, PruneSpec, Pruned, PruningMethod, get_method, register_method, registered_methods
+from .methods import LayerStats, Pruned, PruneSpec, PruningMethod, get_method, register_method, registered_methods
 from .perplexity import PerplexityResult, perplexity, window_nll
 from .targets import resolve_targets, snapshot_weights
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from podar.engine.runtime import Runtime
 from podar.schemas.errors import ConfigError
 
 __all__ = ["BlockStack", "BlockCall", "BlockInputs", "find_blocks", "capture_first_block_inputs", "run_block",
@@ -109,10 +110,11 @@ def _is_cache(value: Any) -> bool:
 class _Recorder(nn.Module):
     """Stands in for the block list during the embedding passes (see the module docstring)."""
 
-    def __init__(self, block0: nn.Module, sink: BlockInputs, cast: Callable[[Any], Any]) -> None:
+    def __init__(self, block0: nn.Module, sink: BlockInputs, runtime: Runtime, model: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "_block0", block0)  # not a submodule: its parameters stay where they are
-        self.sink, self.cast = sink, cast
+        object.__setattr__(self, "_model", model)
+        self.sink, self.runtime = sink, runtime
         self.template: Any = None
 
     def __getattr__(self, name: str) -> Any:  # attributes the model's loop reads of a block (attention_type, ...)
@@ -126,12 +128,17 @@ class _Recorder(nn.Module):
             hidden, rest = args[0], args[1:]
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
-        rest = tuple(None if _is_cache(a) else a for a in rest)
-        kept = {k: (None if _is_cache(v) else v) for k, v in kwargs.items() if k not in ("past_key_values",)}
-        self.sink.hidden.append(self.cast(hidden.detach()))
-        self.sink.calls.append(BlockCall(args=self.cast(rest), kwargs=self.cast(kept)))
-        if self.template is None:  # block 0 once: the shape of a block's output
-            self.template = self.__dict__["_block0"](hidden, *rest, **kept)
+        model = self.__dict__["_model"]
+        hidden = self.runtime.cast_inputs(hidden.detach(), model)
+        call = BlockCall(args=self.runtime.cast_inputs(tuple(None if _is_cache(a) else a for a in rest), model),
+                         kwargs=self.runtime.cast_inputs({k: (None if _is_cache(v) else v) for k, v in kwargs.items()
+                                                          if k != "past_key_values"}, model))
+        self.sink.hidden.append(hidden)
+        self.sink.calls.append(call)
+        if self.template is None:  # block 0 once, as the walk runs it: the shape of a block's output
+            block0 = self.__dict__["_block0"]
+            with self.runtime.model_forwards(block0):
+                self.template = block0(hidden, *call.args, **call.kwargs)
         if isinstance(self.template, tuple):
             return (hidden, *self.template[1:])
         return hidden
@@ -165,11 +172,11 @@ def _trunk(model: nn.Module, stack: BlockStack) -> nn.Module:
 
 @torch.no_grad()
 def capture_first_block_inputs(model: nn.Module, stack: BlockStack, samples: torch.Tensor, batch_size: int,
-                               device: torch.device, cast: Callable[[Any], Any] | None = None) -> BlockInputs:
-    """Inputs of block 0 for samples (N, T) int64, in batches of ``batch_size`` (embeddings run once); ``cast``
-    is applied to the hidden states and the other arguments as they are kept (e.g. to a compute dtype)."""
+                               device: torch.device, runtime: Runtime | None = None) -> BlockInputs:
+    """Inputs of block 0 for samples (N, T) int64, in batches of ``batch_size`` (embeddings run once), kept in
+    ``runtime``'s compute dtype (the hidden states and every floating argument)."""
     sink = BlockInputs()
-    recorder = _Recorder(stack.layers[0], sink, cast or (lambda v: v))
+    recorder = _Recorder(stack.layers[0], sink, runtime or Runtime(), model)
     trunk = _trunk(model, stack)
     with _swapped(model, stack.path, nn.ModuleList([recorder])):
         for start in range(0, samples.shape[0], batch_size):

@@ -12,11 +12,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from podar.engine.context import DenseSnapshot
+from podar.engine.runtime import Runtime
 from podar.schemas.errors import CheckpointError
 
 from .bitpack import pack_bits, unpack_bits
 
-__all__ = ["adopt_weights", "swapped_weights", "PackedMasks"]
+__all__ = ["adopt_weights", "apply_mask", "swapped_weights", "PackedMasks"]
 
 
 def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
@@ -81,3 +82,17 @@ class PackedMasks(MutableMapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._packed)
+
+
+@torch.no_grad()
+def apply_mask(module: nn.Module, mask: torch.Tensor, runtime: Runtime, ranges: list[tuple[int, int]] | None = None
+               ) -> int:
+    """Zero the pruned weights (+0.0 exactly); mask: (out, in) bool, True = kept.
+
+    The masked weight is a new tensor, not written into the old storage: a weight mapped from the model's file
+    would have each of its pages faulted in and copied, and those private copies stay resident for as long as
+    the file's mapping lives. The old storage's file pages are advised out instead (``runtime.replace``).
+    Returns the bytes advised out (0 for a weight in anonymous or device memory, or where switched off).
+    """
+    w = module.weight
+    return runtime.replace(w, w.data.masked_fill(~mask.to(w.device), 0.0), ranges)

@@ -2,13 +2,12 @@
 
 Per text: perplexity (dense and pruned), mean KL(dense ‖ pruned) per token and top-1 agreement, on the same
 windows (``stages.quality``). The dense reference runs with the dense weights swapped back in (restored on any
-exit) and is checkpointed under a key made of the model fingerprint, the text's sha256 and the protocol, so a
-run that evaluates again (a resume after a failed gate) reuses it while its inputs are the same.
+exit) and is checkpointed (``baseline``) with the model fingerprint, the text's sha256 and the protocol, so an
+auditor can check the dense side of every gate.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import torch
@@ -42,32 +41,18 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "text"
 
 
-def _baseline_key(ctx: RunContext, text_sha: str, windows: torch.Tensor) -> str:
+def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str) -> dict[str, torch.Tensor]:
+    """The dense reference of ``dataset`` (``stages.quality.dense_reference``), checkpointed."""
     ev = ctx.config.evaluation
-    parts = [ctx.state.model_fingerprint, text_sha, str(ev.sequence_length), str(windows.shape[0]),
-             str(ev.kl_top_k), PROTOCOL]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str
-                   ) -> tuple[dict[str, torch.Tensor], bool]:
-    """(the dense reference of ``dataset``, whether it was reused from a checkpoint of this run)."""
-    ev = ctx.config.evaluation
-    key = _baseline_key(ctx, text_sha, windows)
-    artifact = ctx.artifact_key("baseline", _slug(dataset), group=False)
-    found = ctx.store.load_recorded(artifact, ctx.recorded)
-    if found is not None and found[1].get("key") == key:
-        ref, _meta, record = found
-        ref["topk_ids"] = ref["topk_ids"].long()
-        ctx.adopt_artifact(record)
-        return ref, True
     with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
         ref = dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size, device=ctx.device,
                               progress=ctx.progress, text=dataset)
     stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}
-    ctx.save_tensors("baseline", stored, name=_slug(dataset), group=False,
-                     metadata={"key": key, "dataset": dataset, "text_sha256": text_sha, "protocol": PROTOCOL})
-    return ref, False
+    ctx.save_tensors("baseline", stored, name=_slug(dataset), group=False, metadata={
+        "dataset": dataset, "text_sha256": text_sha, "model_fingerprint": ctx.state.model_fingerprint,
+        "sequence_length": str(ev.sequence_length), "windows": str(windows.shape[0]), "kl_top_k": str(ev.kl_top_k),
+        "protocol": PROTOCOL})
+    return ref
 
 
 def check_gates(dataset: str, gates: QualityGates, dense: TextMetrics, pruned: TextMetrics) -> list[str]:
@@ -92,7 +77,7 @@ def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     """Dense and pruned metrics of one text, and its failed gates."""
     ev = ctx.config.evaluation
     windows, text_sha = evaluation_windows(ctx, dataset)
-    ref, reused = dense_baseline(ctx, dataset, windows, text_sha)
+    ref = dense_baseline(ctx, dataset, windows, text_sha)
     dense = reference_metrics(ref, windows.shape[1])
     pruned = compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size, device=ctx.device,
                                   progress=ctx.progress, text=dataset, check=ctx.check_cancelled)
@@ -100,7 +85,7 @@ def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     return TextEvaluation(dataset=dataset, windows=pruned.n_windows, seq_len=pruned.seq_len, dense_ppl=dense.ppl,
                           pruned_ppl=pruned.ppl, ppl_increase_pct=(pruned.ppl / dense.ppl - 1.0) * 100.0,
                           kl_mean=pruned.kl_mean, top1_agreement=pruned.top1_agreement,
-                          dense_baseline_reused=reused, gate_failures=check_gates(dataset, gates, dense, pruned),
+                          gate_failures=check_gates(dataset, gates, dense, pruned),
                           on_fail=gates.on_fail)
 
 

@@ -104,6 +104,61 @@ def _quantization_config(fmt: str, quantize: bool, targets: Iterable[str], spars
     return cfg
 
 
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_bytes`` (the pieces of one weight stay together),
+    one shard in memory at a time; ``close`` names them and writes the index."""
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+
+    def add(self, pieces: dict[str, torch.Tensor]) -> None:
+        nbytes = sum(v.numel() * v.element_size() for v in pieces.values())
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        for k, v in pieces.items():
+            self.current[k] = v.contiguous().cpu()
+        self.current_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self.current:
+            return
+        tmp_name = f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.current, str(self.folder / tmp_name), metadata={"format": "pt"})
+        self.shards.append((tmp_name, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """The final shard names (``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index)."""
+        self._flush()
+        n = len(self.shards)
+        weight_map, final_names = {}, []
+        for i, (tmp_name, names) in enumerate(self.shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / final)
+            final_names.append(final)
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            total = sum((self.folder / f).stat().st_size for f in final_names)
+            (self.folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
+        return final_names
+
+
+def _export_config(model: torch.nn.Module, fmt: str, quantize: bool, targets: set[str], dtype: torch.dtype,
+                   sparsity: float, structure: str) -> dict[str, Any]:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(dtype).replace("torch.", "")
+    config["torch_dtype"] = config["dtype"]
+    if fmt != "dense" or quantize:
+        config["quantization_config"] = _quantization_config(fmt, quantize, targets, sparsity, structure)
+    return config
+
+
 @torch.no_grad()
 def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, quantize: bool, targets: set[str],
                      dtype: torch.dtype, max_shard_bytes: int, tokenizer: Any = None, sparsity: float = 0.0,
@@ -112,23 +167,8 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
-    names: list[list[str]] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
+    shards = _ShardWriter(folder, max_shard_bytes)
     seen: set[tuple[int, tuple[int, ...]]] = set()
-    shard_paths: list[str] = []
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if not current:
-            return
-        index = len(shard_paths)
-        tmp_name = f".shard-{index:05d}.safetensors"
-        save_file(current, str(folder / tmp_name), metadata={"format": "pt"})
-        shard_paths.append(tmp_name)
-        names.append(list(current))
-        current, current_bytes = {}, 0
-
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if tensor.numel() and key in seen:  # tied to a tensor already written (lm_head ↔ embeddings)
@@ -141,34 +181,9 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
             summary.target_dense_fp16_bytes += tensor.numel() * 2
         else:
             pieces = {name: tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()}
-        nbytes = sum(v.numel() * v.element_size() for v in pieces.values())
-        if current and current_bytes + nbytes > max_shard_bytes:  # the pieces of one weight stay in one shard
-            flush()
-        for k, v in pieces.items():
-            current[k] = v.contiguous().cpu()
-        current_bytes += nbytes
-    flush()
-    n = len(shard_paths)
-    weight_map = {}
-    final_names = []
-    for i, tmp_name in enumerate(shard_paths):
-        final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        os.replace(folder / tmp_name, folder / final)
-        final_names.append(final)
-        for k in names[i]:
-            weight_map[k] = final
-    if n > 1:
-        total = sum((folder / f).stat().st_size for f in final_names)
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True))
-
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(dtype).replace("torch.", "")
-    config["torch_dtype"] = config["dtype"]
-    if fmt != "dense" or quantize:
-        config["quantization_config"] = _quantization_config(fmt, quantize, targets, sparsity, structure)
+        shards.add(pieces)
+    final_names = shards.close()
+    config = _export_config(model, fmt, quantize, targets, dtype, sparsity, structure)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -19,8 +19,9 @@ from podar.schemas.records import ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
 
 from .bitpack import pack_bits
+from .common import apply_mask
 from .masks import global_unstructured_masks
-from .methods import PruneSpec, Pruned, with_prior
+from .methods import Pruned, PruneSpec, with_prior
 from .walks import Advanced
 
 STAGE = PruningStage.PRUNING
@@ -76,9 +77,10 @@ def _apply(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned]) 
     from the model's file is never written, and its file pages are let go)."""
     ranges = ctx.runtime.file_ranges()
     for name, result in pruned.items():
-        w = targets[name].weight
-        new = result.weight if result.weight is not None else w.data.masked_fill(~result.mask.to(w.device), 0.0)
-        ctx.runtime.replace(w, new, ranges)
+        if result.weight is None:
+            apply_mask(targets[name], result.mask, ctx.runtime, ranges)
+        else:
+            ctx.runtime.replace(targets[name].weight, result.weight, ranges)
 
 
 def _verify(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned], spec: PruneSpec

@@ -103,7 +103,8 @@ class CalibrationWalk(ABC):
         return Advanced()
 
     def close(self) -> None:
-        """Let the cached inputs go."""
+        """Let the cached inputs go (default: none are cached)."""
+        return None
 
     def is_last(self, index: int) -> bool:
         return index + 1 >= len(self.groups)
@@ -111,7 +112,7 @@ class CalibrationWalk(ABC):
     def _capture(self) -> BlockInputs:
         assert self.stack is not None
         return capture_first_block_inputs(self.model, self.stack, self.samples, self.batch_size, self.device,
-                                          lambda v: self.runtime.cast_inputs(v, self.model))
+                                          self.runtime)
 
 
 class OnePassWalk(CalibrationWalk):
@@ -300,7 +301,7 @@ def _site_plan(model: nn.Module, stack: BlockStack, targets: dict[str, nn.Module
     if plan is None:
         return ("a block is not Llama-style (input_layernorm, self_attn with o_proj, post_attention_layernorm, "
                 "mlp with down_proj)")
-    probe = capture_first_block_inputs(model, stack, samples[:1], 1, device, lambda v: runtime.cast_inputs(v, model))
+    probe = capture_first_block_inputs(model, stack, samples[:1], 1, device, runtime)
     if probe.calls[0].args:
         return "the blocks take positional arguments besides the hidden states"
     with torch.no_grad(), runtime.block_forwards(model, stack.layers) as view:  # in the dtype the walk computes in

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from podar import TinyModelConfig, tiny_llama
-from podar.stages.attention import CHUNK, IMPLEMENTATION, causal_attention_chunked, chunked_causal_attention
-from podar.stages.sequential import capture_first_block_inputs, run_block
+from podar.engine.attention import CHUNK, IMPLEMENTATION, causal_attention_chunked, chunked_causal_attention
+from podar.stages.blocks import capture_first_block_inputs, find_blocks, run_block
 
 
 def reference_attention(q, k, v, scale):
@@ -44,7 +44,7 @@ def _tiny(seed=0):
 @pytest.fixture
 def chunked_calls(monkeypatch) -> list[int]:
     """Counts the calls that take the chunked path (one entry per call)."""
-    from podar.stages import attention as attention_mod
+    from podar.engine import attention as attention_mod
 
     calls: list[int] = []
     real = attention_mod.causal_attention_chunked
@@ -56,7 +56,7 @@ def test_context_switches_sdpa_models_and_restores(chunked_calls):
     model = _tiny()
     assert model.config._attn_implementation == "sdpa"
     ids = torch.randint(0, model.config.vocab_size, (3, 2 * CHUNK + 40), generator=torch.Generator().manual_seed(1))
-    inputs = capture_first_block_inputs(model, ids, 2, torch.device("cpu"))
+    inputs = capture_first_block_inputs(model, find_blocks(model), ids, 2, torch.device("cpu"))
     want = run_block(model.model.layers[0], inputs).hidden
     with chunked_causal_attention(model) as switched:
         assert switched and model.config._attn_implementation == IMPLEMENTATION
@@ -73,7 +73,7 @@ def test_context_switches_sdpa_models_and_restores(chunked_calls):
 def test_uncovered_calls_go_to_transformers_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from podar.stages.attention import _attention_forward
+    from podar.engine.attention import _attention_forward
 
     model = _tiny()
     attn = model.model.layers[0].self_attn
@@ -100,25 +100,24 @@ def test_other_attention_implementations_are_left_alone():
     assert model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("granularity", ["block", "sublayer"])
-def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_config, tmp_path, chunked_calls,
-                                                                        granularity):
+@pytest.mark.parametrize("walk", ["block", "site"])
+def test_sequential_wanda_with_chunked_attention_matches_the_models_own(tiny_config, tmp_path, chunked_calls, walk):
     """Calibration forwards of 320-token windows run chunked (counted), give the masks the model's own attention
     gives, and leave the model on its own attention afterwards."""
-    from podar import Pipeline, run_masks
+    from podar import Pipeline, RuntimeConfig, run_masks
 
     calls = chunked_calls
     masks = {}
     for chunked in (True, False):
-        cal = tiny_config.calibration.model_copy(update={"granularity": granularity, "sequence_length": 320,
-                                                         "chunked_attention": chunked})
-        cfg = tiny_config.with_method("wanda").with_calibration(cal)
+        cal = tiny_config.calibration.model_copy(update={"walk": walk, "sequence_length": 320})
+        cfg = tiny_config.with_method("wanda").with_calibration(cal).with_runtime(
+            RuntimeConfig(chunked_attention=chunked))
         n_before = len(calls)
         pipe = Pipeline(cfg, run_dir=tmp_path / f"run-{chunked}", progress=False)
         result = pipe.run()
         assert result.ok, result.failure
         assert (len(calls) > n_before) == chunked
-        assert pipe._runner.ctx.model.config._attn_implementation == "sdpa"  # noqa: SLF001
+        assert pipe.context.model.config._attn_implementation == "sdpa"
         masks[chunked] = run_masks(tmp_path / f"run-{chunked}")
     assert masks[True].keys() == masks[False].keys() and len(masks[True]) == 14
     for name in masks[True]:

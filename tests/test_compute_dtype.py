@@ -1,4 +1,4 @@
-"""``calibration.compute_dtype``: calibration forwards in bfloat16 on a float32 model, whose own weights stay
+"""``runtime.compute_dtype``: calibration forwards in bfloat16 on a float32 model, whose own weights stay
 float32 (scored, pruned, checkpointed and exported as such)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from structlog.testing import capture_logs
 from torch import nn
 
-from podar import Pipeline, PruningStage, SparsityPatternConfig
-from podar.stages.compute import cast_floating, cast_module, compute_blocks, resolve_compute_dtype
+from podar import Pipeline, PruningStage, RuntimeConfig, SparsityPatternConfig
+from podar.engine.compute import cast_floating, cast_module, compute_blocks, resolve_compute_dtype
 
 
 def test_cast_module_gives_back_the_very_same_tensors():
@@ -65,7 +65,7 @@ def test_compute_dtype_equal_to_the_model_dtype_casts_nothing():
 def _run_with_compute_dtype(cfg, run_dir, compute_dtype):
     """Run up to Fine-tuning; returns (pipeline, dtypes of every Linear's inputs in calibration and propagation).
     Checks on the way that every calibration statistic is a float32 sum."""
-    cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"compute_dtype": compute_dtype}))
+    cfg = cfg.with_runtime(RuntimeConfig(compute_dtype=compute_dtype))
     pipe = Pipeline(cfg, run_dir=run_dir, progress=False)
     seen: set[torch.dtype] = set()
     checked = 0
@@ -79,10 +79,10 @@ def _run_with_compute_dtype(cfg, run_dir, compute_dtype):
         while pipe.stage is not PruningStage.FINE_TUNING:
             pipe.step()
             if pipe.stage is PruningStage.COMPUTING_IMPORTANCE:  # right after Calibrating
-                for name, entry in pipe._runner.ctx.state.stats.items():  # noqa: SLF001
-                    stat = entry.get("sq_norm_sum", entry.get("hessian_sum"))
-                    assert stat.dtype == torch.float32 and bool(torch.isfinite(stat).all()), name
-                    checked += 1
+                for name, entry in pipe.context.state.stats.items():
+                    for stat in (v for v in entry.parts().values() if isinstance(v, torch.Tensor)):
+                        assert stat.dtype == torch.float32 and bool(torch.isfinite(stat).all()), name
+                        checked += 1
     finally:
         handle.remove()
     assert checked > 0
@@ -90,18 +90,17 @@ def _run_with_compute_dtype(cfg, run_dir, compute_dtype):
 
 
 @pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+@pytest.mark.parametrize("walk", ["block", "site"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_half_precision_forwards_keep_the_float32_weights(tiny_config, tmp_path, method, granularity,
-                                                          compute_dtype):
+def test_half_precision_forwards_keep_the_float32_weights(tiny_config, tmp_path, method, walk, compute_dtype):
     """Every calibration forward reads inputs in the compute dtype; the pruned weights stay float32: Wanda's kept
     weights equal the dense float32 ones bit for bit, SparseGPT's are solved in float32 (not bf16 values); 2:4 is
     exact in every group, statistics are float32 sums, and the run completes with its export verified."""
     cfg = tiny_config.with_method(method).with_pattern(SparsityPatternConfig.nm_2_4()).with_calibration(
-        tiny_config.calibration.model_copy(update={"granularity": granularity}))
+        tiny_config.calibration.model_copy(update={"walk": walk}))
     pipe, seen = _run_with_compute_dtype(cfg, tmp_path / "run", compute_dtype)
     assert seen == {getattr(torch, compute_dtype)}
-    ctx = pipe._runner.ctx  # noqa: SLF001
+    ctx = pipe.context
     for name, module in ctx.state.targets.items():
         w = module.weight.detach()
         assert w.dtype == torch.float32, name
@@ -121,19 +120,19 @@ def test_bfloat16_statistics_track_float32_ones(tiny_config, tmp_path, method):
     """The bf16 forwards give nearly the float32 masks (same samples): a cast that lost the weights or misaligned
     the inputs would not."""
     cfg = tiny_config.with_method(method)
-    runs = {d: _run_with_compute_dtype(cfg, tmp_path / d, d)[0]._runner.ctx for d in ("model", "bfloat16")}  # noqa: SLF001
+    runs = {d: _run_with_compute_dtype(cfg, tmp_path / d, d)[0].context for d in ("model", "bfloat16")}
     agree = [float((runs["model"].state.masks[n] == runs["bfloat16"].state.masks[n]).float().mean())
              for n in runs["model"].state.masks]
     assert min(agree) > 0.9, agree
 
 
 def test_one_pass_calibration_in_bfloat16(tiny_config, tmp_path):
-    """Without the block walk (``sequential: false``) the whole model is cast for its one pass, then restored."""
+    """The one-pass walk casts the whole model for its pass, then restores it."""
     cfg = tiny_config.with_method("wanda").with_calibration(tiny_config.calibration.model_copy(
-        update={"sequential": False}))
+        update={"walk": "one_pass"}))
     pipe, seen = _run_with_compute_dtype(cfg, tmp_path / "run", "bfloat16")
     assert seen == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in pipe._runner.ctx.model.parameters())  # noqa: SLF001
+    assert all(p.dtype == torch.float32 for p in pipe.context.model.parameters())
     assert pipe.run().ok
 
 

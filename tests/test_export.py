@@ -113,9 +113,9 @@ def test_tiny_model_end_to_end_every_format(tiny_config, tmp_path, fmt, quant, p
     assert result.ok, result.failure
     ex = result.metrics["exporting"]
     assert ex["format"] == fmt and ex["tensors_checked"] > 0
-    model = p._runner.ctx.model  # noqa: SLF001 (the in-memory result the export must equal)
+    model = p.context.model
     reloaded = load_pretrained(tmp_path / "r" / "export", dtype=torch.float32)
-    targets = set(p._runner.ctx.state.targets)  # noqa: SLF001
+    targets = set(p.context.state.targets)
     torch_dtype = getattr(torch, dtype)
     for name, tensor in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
@@ -235,8 +235,8 @@ def test_compressed_tensors_reads_podar_files(compressed_tensors, tiny_config, t
     cls = BitmaskCompressor if fmt == "sparse-bitmask" else Sparse24BitMaskCompressor
     compressor = cls(config=SparsityCompressionConfig.load_from_registry(fmt, sparsity_structure=pattern))
     decompressed = dict(compressor.decompress(str(export)))
-    model = p._runner.ctx.model  # noqa: SLF001
-    targets = p._runner.ctx.state.targets  # noqa: SLF001
+    model = p.context.model
+    targets = p.context.state.targets
     assert targets
     for name, module in targets.items():
         got = decompressed[f"{name}.weight"]

@@ -15,7 +15,8 @@ from podar.stages.masks import (
     row_mask,
     unstructured_mask,
 )
-from podar.stages.scores import magnitude_score, wanda_score
+from podar.stages.methods.magnitude import magnitude_score
+from podar.stages.methods.wanda import wanda_score
 
 
 def rand(out_f, in_f, seed=0):
@@ -150,7 +151,7 @@ def test_lowest_k_ties_by_position_like_a_stable_sort():
 def test_finite_check_names_the_layer_and_passes_an_overflowing_sum():
     """The weight/statistic check: NaN or Inf anywhere fails naming the layer and the count; finite values whose
     sum overflows float32 pass."""
-    from podar.stages.importance import _check_finite
+    from podar.stages.importance import check_finite as _check_finite
 
     big = torch.full((4, 4), 3e38)  # finite, but the sum is inf
     _check_finite(big, "layer.a", "the weight")

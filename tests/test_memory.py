@@ -108,6 +108,7 @@ def test_page_out_finds_the_tensors_ranges_among_many(tmp_path):
 def test_apply_mask_leaves_a_file_mapped_weight_unwritten_and_pages_it_out(tmp_path):
     """Masking a weight mapped from a file makes a new tensor: writing into the mapping would copy each page into
     private memory that stays resident as long as the mapping lives (even once the layer's weight is replaced)."""
+    from podar.engine.runtime import Runtime
     from podar.stages.common import apply_mask
 
     rng = np.random.default_rng(1)
@@ -120,7 +121,7 @@ def test_apply_mask_leaves_a_file_mapped_weight_unwritten_and_pages_it_out(tmp_p
     assert float(mapped.sum()) == pytest.approx(float(values.sum()), rel=1e-4)  # every page resident
     resident = _rss_file_kib()
     mask = torch.from_numpy(rng.random(values.shape) < 0.5)
-    advised = apply_mask(layer, mask)
+    advised = apply_mask(layer, mask, Runtime())
     if advised:  # (MADV_PAGEOUT: Linux ≥ 5.4) measured before anything reads the mapping again
         assert _rss_file_kib() < resident - 4 * 1024  # the old weight's file pages were advised out
     expected = torch.from_numpy(values).masked_fill(~mask, 0.0)

@@ -21,6 +21,7 @@ from podar import (
 )
 from podar.cli import main
 from podar.engine.data import eval_windows, tokenize_text
+from podar.engine.store import RunStore
 from podar.schemas.report import RunReport
 from podar.stages import HANDLERS
 from podar.stages import evaluate as evaluate_stage
@@ -136,31 +137,39 @@ def test_non_finite_evaluation_names_text_and_window(tiny_config, tmp_path):
     assert "window 0" in result.failure.message and tiny_config.evaluation.dataset in result.failure.message
 
 
-def test_dense_baseline_cached_reused_and_recomputed_on_change(tiny_config, tmp_path, monkeypatch, corpus):
-    text = tmp_path / "eval.txt"
-    text.write_text(corpus.read_text())
-    cfg = tiny_config.with_evaluation(tiny_config.evaluation.model_copy(update={"dataset": str(text)}))
+def test_dense_baseline_is_checkpointed_and_an_unrecorded_one_never_reused(tiny_config, tmp_path, monkeypatch,
+                                                                           corpus):
+    """The dense side of the gates is recorded with what it was computed from; a run that crashed after writing
+    it (before its stage's checkpoint) recomputes it on resume instead of trusting the unrecorded file."""
+    from safetensors import safe_open
+
     original = HANDLERS[PruningStage.EVALUATING]
     calls = []
 
     def fail_after_baseline(ctx):
         calls.append(original(ctx))
-        raise RuntimeError("crash after the baseline was cached")
+        raise RuntimeError("crash after the baseline was written")
 
     monkeypatch.setitem(HANDLERS, PruningStage.EVALUATING, fail_after_baseline)
     run_dir = tmp_path / "r"
-    assert Pipeline(cfg, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
-    assert calls[0].metrics["dense_baseline_reused"] is False
-    assert (run_dir / "artifacts" / "baseline").is_dir()
-    # resumed: Evaluating runs again and reuses the cached dense baseline
-    assert Pipeline.resume(run_dir, progress=False).run().stage is PruningStage.FAILED
-    assert calls[1].metrics["dense_baseline_reused"] is True
-    assert calls[1].metrics["dense_ppl"] == calls[0].metrics["dense_ppl"]
-    # the evaluation text changes: the key changes and the baseline is recomputed
-    text.write_text(corpus.read_text() + "\nthe text changed .")
+    assert Pipeline(tiny_config, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
+    [path] = (run_dir / "artifacts" / "baseline").glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:  # a forged dense baseline: the dense perplexity made tiny
+        forged = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    forged["nll"] = forged["nll"] * 0.01
+    from safetensors.torch import save_file
+
+    save_file(forged, str(path), metadata=meta)
     monkeypatch.setitem(HANDLERS, PruningStage.EVALUATING, original)
-    result = Pipeline.resume(run_dir, allow_data_change=True, progress=False).run()
-    assert result.ok and result.metrics["evaluating"]["dense_baseline_reused"] is False
+    result = Pipeline.resume(run_dir, progress=False).run()
+    assert result.ok
+    assert result.metrics["evaluating"]["dense_ppl"] == pytest.approx(calls[0].metrics["dense_ppl"])
+    manifest = RunStore(run_dir).read_manifest()
+    record = next(r for r in manifest.artifacts.values() if r.kind == "baseline")
+    with safe_open(str(run_dir / record.path), framework="pt") as f:
+        assert f.metadata()["model_fingerprint"] == manifest.model_fingerprint
+        assert f.metadata()["text_sha256"] == manifest.data_sha256["evaluation"]
 
 
 def test_report_schema_and_plots(tiny_config, tmp_path, capsys):

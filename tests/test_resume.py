@@ -292,15 +292,13 @@ def test_status_shows_the_stage_at_work_from_the_audit_log(resume_config, tmp_pa
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
-def test_resume_maps_the_pruned_weights_and_exports_the_same(tiny_config, tmp_path, method):
-    """A run killed inside its walk restores the pruned groups' weights from the weights checkpoints (SparseGPT's
-    OBS-updated, Wanda's masked), mapped from the files, not copied, and ends with the same export as a run
-    never interrupted."""
+def test_resume_maps_the_pruned_weights_and_exports_the_same(tiny_config, tmp_path):
+    """A SparseGPT run killed inside its walk restores the pruned groups' OBS-updated weights from the weights
+    checkpoints, mapped from the files, not copied, and ends with the same export as a run never interrupted."""
     from podar.engine.memory import file_backed_ranges
 
-    cfg = tiny_config.with_method(method).with_calibration(  # site by site: 8 groups on the tiny model
-        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+    cfg = tiny_config.with_method("sparsegpt").with_calibration(  # site by site: 8 groups on the tiny model
+        tiny_config.calibration.model_copy(update={"walk": "site"}))
     assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
     config_path = tmp_path / "c.yaml"
     config_path.write_text(cfg.to_yaml())
@@ -312,11 +310,32 @@ def test_resume_maps_the_pruned_weights_and_exports_the_same(tiny_config, tmp_pa
                 if r.kind == "weights" and r.stage == "pruning"]
     assert len(restored) == 3
     ranges = file_backed_ranges()
-    modules = dict(pipe._runner.ctx.model.named_modules())  # noqa: SLF001
+    modules = dict(pipe.context.model.named_modules())
     names = set().union(*(load_file(tmp_path / "run" / r.path).keys() for r in restored))
     for name in names:
         ptr = modules[name].weight.data_ptr()
         assert any(a <= ptr < b for a, b in ranges), f"{name} was copied, not mapped"
+    assert pipe.run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+
+
+def test_wanda_records_masks_only_and_resumes_from_them(tiny_config, tmp_path):
+    """Wanda changes no kept weight: its groups checkpoint their masks only (on every device); a run killed inside
+    its walk applies them to the freshly loaded model and ends with the same export as a run never interrupted."""
+    cfg = tiny_config.with_method("wanda").with_calibration(tiny_config.calibration.model_copy(update={"walk": "site"}))
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#3")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kinds = [r.kind for r in RunStore(tmp_path / "run").read_manifest().artifacts.values() if r.stage == "pruning"]
+    assert kinds == ["masks"] * 3
+    pipe = Pipeline.resume(tmp_path / "run", progress=False)
+    pipe.step()
+    dense = pipe.context.state.dense_weights
+    for name, mask in pipe.context.state.masks.items():
+        w = pipe.context.state.targets[name].weight.detach()
+        assert torch.equal(w, dense[name].masked_fill(~mask, 0.0)), name
     assert pipe.run().ok
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
 

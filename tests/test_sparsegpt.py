@@ -7,14 +7,16 @@ import torch
 from torch import nn
 
 from podar import TinyModelConfig, tiny_llama
-from podar.stages.sequential import (
-    capture_first_block_inputs,
-    collect_stats,
-    execution_order,
-    run_block,
-    skipped_module,
+from podar.stages.blocks import capture_first_block_inputs, execution_order, find_blocks, run_block, skipped_module
+from podar.stages.methods.sparsegpt import (
+    SparseGPT,
+    hessian_from_sum,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+    sparsegpt_saliency,
 )
-from podar.stages.sparsegpt import hessian_from_sum, inverse_hessian_factor, sparsegpt_prune, sparsegpt_saliency
+from podar.stages.methods.wanda import Wanda
+from podar.stages.walks import collect_stats
 
 
 def data(out_f=24, in_f=40, tokens=300, seed=0):
@@ -153,7 +155,7 @@ def test_block_statistics_match_direct_computation():
     model, _tok = tiny_llama(TinyModelConfig())
     block = model.model.layers[0]
     samples = torch.randint(3, 200, (3, 24))
-    inputs = capture_first_block_inputs(model, samples, 2, torch.device("cpu"))
+    inputs = capture_first_block_inputs(model, find_blocks(model), samples, 2, torch.device("cpu"))
     assert inputs.n_samples == 3 and [h.shape[0] for h in inputs.hidden] == [2, 1]
     targets = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
@@ -162,28 +164,28 @@ def test_block_statistics_match_direct_computation():
     run_block(block, inputs)
     for h in hooks:
         h.remove()
-    order = execution_order(block, targets, inputs.hidden[0], inputs.kwargs[0])
+    order = execution_order(block, targets, inputs.hidden[0], inputs.calls[0])
     assert order[-1] == "mlp.down_proj" and order[:3] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    for kind in ("wanda", "sparsegpt"):
-        with collect_stats(targets, kind) as stats, skipped_module(targets[order[-1]]):
+    for method in (Wanda(), SparseGPT()):
+        with collect_stats(targets, method) as stats, skipped_module(targets[order[-1]]):
             run_block(block, inputs)
         assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"] is stats["self_attn.v_proj"]
         assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
         assert stats["self_attn.o_proj"] is not stats["self_attn.q_proj"]
         for name in targets:
             x = torch.cat(captured[name]).double()  # (tokens, in)
-            assert stats[name]["n_samples"] == 3
-            if kind == "wanda":
-                assert torch.allclose(stats[name]["sq_norm_sum"].double(), (x ** 2).sum(0), rtol=1e-5)
+            assert stats[name].n_samples == 3
+            if method.name == "wanda":
+                assert torch.allclose(stats[name].sq_norm_sum.double(), (x ** 2).sum(0), rtol=1e-5)
             else:
-                assert torch.allclose(stats[name]["hessian_sum"].double(), x.t() @ x, rtol=1e-4, atol=1e-4)
+                assert torch.allclose(stats[name].gram_sum.double(), x.t() @ x, rtol=1e-4, atol=1e-4)
     # the skipped module is restored afterwards
     out = targets["mlp.down_proj"](torch.ones(1, 128))
     assert out.abs().sum() > 0
 
 
 def test_reconstruction_error_matches_direct_computation():
-    from podar.stages.sequential import reconstruction_hooks
+    from podar.stages.walks import reconstruction_hooks
 
     g = torch.Generator().manual_seed(3)
     layer = nn.Linear(12, 5, bias=True)
@@ -203,7 +205,7 @@ def test_reconstruction_error_matches_direct_computation():
 
 
 def test_nm_group_choice_breaks_ties_like_a_stable_sort():
-    from podar.stages.sparsegpt import _lowest_in_groups
+    from podar.stages.methods.sparsegpt import _lowest_in_groups
 
     g = torch.Generator().manual_seed(3)
     for m in (2, 4, 8):
@@ -218,7 +220,7 @@ def test_nm_group_choice_breaks_ties_like_a_stable_sort():
 def test_gram_errors_match_the_errors_on_the_inputs():
     """SparseGPT's per-layer error from Σ x xᵀ equals ‖XWᵀ − XŴᵀ‖² and ‖XWᵀ‖² computed on the tokens (float64),
     per row; a dead input (all-zero column of X) contributes nothing whatever its weights."""
-    from podar.stages.sparsegpt import gram_errors
+    from podar.stages.methods.sparsegpt import gram_errors
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(300, 24, generator=g, dtype=torch.float64)

@@ -11,7 +11,8 @@ from torch import nn
 from podar import Pipeline, PruneMethod, PruningStage, SparsityPatternConfig, TinyModelConfig, run_masks, tiny_llama
 from podar.engine.store import RunStore
 from podar.schemas.errors import ConfigError
-from podar.stages.sequential import add_stats, capture_first_block_inputs, finish_stats, new_stat_entry, run_block
+from podar.stages.blocks import capture_first_block_inputs, find_blocks, run_block
+from podar.stages.methods.sparsegpt import SparseGPT
 from podar.stages.sublayer import SITE_NAMES, SublayerCursor, block_sites, check_block, group_targets_by_site
 
 
@@ -24,7 +25,7 @@ def tiny(seed=0, layers=2):
 def block_inputs(model, n=5, t=24, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (n, t), generator=g)
-    return capture_first_block_inputs(model, ids, batch, torch.device("cpu"))
+    return capture_first_block_inputs(model, find_blocks(model), ids, batch, torch.device("cpu"))
 
 
 def test_walk_reproduces_the_blocks_forward_bitwise():
@@ -37,7 +38,7 @@ def test_walk_reproduces_the_blocks_forward_bitwise():
     cursor.advance_to(model.model.layers, 3, 0)
     assert cursor.site_passes == 12 and cursor.carry is None
     assert torch.equal(cursor.hidden, torch.cat(expected.hidden))
-    assert check_block(model.model.layers[0], inputs.hidden[0], inputs.kwargs[0]) == 0.0
+    assert check_block(model.model.layers[0], inputs.hidden[0], inputs.calls[0].kwargs) == 0.0
     with pytest.raises(ValueError, match="cannot move back"):
         cursor.advance_to(model.model.layers, 1, 2)
 
@@ -142,16 +143,18 @@ def test_block_sites_and_grouping():
 
 def test_gram_upper_bands_match_float64_reference():
     g = torch.Generator().manual_seed(0)
-    entry = new_stat_entry("sparsegpt", 600, torch.device("cpu"))  # 600 > 128: three levels of halving
+    method = SparseGPT()
+    entry = method.new_stats(600, torch.device("cpu"))  # 600 > 128: three levels of halving
     xs = [torch.randn(3, 7, 600, generator=g) * torch.linspace(0.1, 2, 600) for _ in range(3)]
     for x in xs:
-        add_stats(entry, x, "sparsegpt")
-    finish_stats({"a": entry, "b": entry})  # one shared accumulator, finished once
+        method.accumulate(entry, x)
+    method.finish(entry)
+    method.finish(entry)  # a shared record finished twice: mirrored once
     flat = torch.cat([x.reshape(-1, 600) for x in xs]).double()
     ref = flat.t() @ flat
-    assert entry["n_samples"] == 9 and "upper_only" not in entry
-    assert torch.allclose(entry["hessian_sum"].double(), ref, rtol=1e-5, atol=1e-3)
-    assert torch.equal(entry["hessian_sum"], entry["hessian_sum"].t())
+    assert entry.n_samples == 9 and not entry.upper_only
+    assert torch.allclose(entry.gram_sum.double(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(entry.gram_sum, entry.gram_sum.t())
 
 
 @pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
@@ -160,14 +163,14 @@ def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path, pat
     which are exactly the inputs that layer sees in the final pruned model. So the masks must equal per-row Wanda
     masks computed in float64 from the dense weights and the activations of the *pruned* model."""
     cfg = tiny_config.with_method("wanda").with_pattern(pattern).with_calibration(
-        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+        tiny_config.calibration.model_copy(update={"walk": "site"}))
     model, tok = tiny_llama(cfg.model.tiny)
     dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
     result = pipe.run()
     assert result.ok, result.failure
     masks = run_masks(tmp_path / "run")
-    samples = pipe._runner.ctx.state.extras["calibration_samples"]  # noqa: SLF001
+    samples = pipe.context.state.calibration_samples
     norms: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(
         lambda mod, a, o, n=n: norms.__setitem__(n, norms.get(n, 0) + a[0].double().pow(2).sum(dim=(0, 1))))
@@ -196,11 +199,11 @@ def test_wanda_sublayer_masks_equal_float64_reference(tiny_config, tmp_path, pat
 @pytest.mark.parametrize("pattern", [SparsityPatternConfig.unstructured(), SparsityPatternConfig.nm_2_4()])
 def test_sublayer_runs_site_by_site(tiny_config, tmp_path, method, pattern):
     cfg = tiny_config.with_method(method).with_pattern(pattern).with_calibration(
-        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+        tiny_config.calibration.model_copy(update={"walk": "site"}))
     with capture_logs() as logs:
         result = Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run()
     assert result.ok, result.failure
-    assert any(e["event"] == "calibration_plan" and e["granularity"] == "sublayer" and e["groups"] == 8
+    assert any(e["event"] == "calibration_plan" and e["walk"] == "site" and e["groups"] == 8
                for e in logs)
     manifest = RunStore(tmp_path / "run").read_manifest()
     calibrations = [r for r in manifest.results if r.stage == "calibrating"]
@@ -223,28 +226,29 @@ def test_sublayer_falls_back_to_blocks_when_the_walk_differs(tiny_config, tmp_pa
     plain = type(block).forward
     block.forward = lambda *a, **k: plain(block, *a, **k) * 1.5  # computes something the walk does not
     cfg = tiny_config.with_method("wanda").with_calibration(
-        tiny_config.calibration.model_copy(update={"granularity": "sublayer"}))
+        tiny_config.calibration.model_copy(update={"walk": "site"}))
     with capture_logs() as logs:
         pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
         while pipe.stage not in (PruningStage.FINE_TUNING, PruningStage.FAILED):  # (no export: not a real model)
             pipe.step()
     assert pipe.stage is PruningStage.FINE_TUNING
     assert [r.metrics.get("block_forwards") for r in pipe.results if r.stage == "pruning"] == [4, 4]
-    fallback = [e for e in logs if e["event"] == "sublayer_fallback"]
-    assert fallback and "differs from its forward" in fallback[0]["reason"]
-    assert any(e["event"] == "calibration_plan" and e["granularity"] == "block" for e in logs)
+    fallback = [e for e in logs if e["event"] == "calibration_walk_fallback"]
+    assert fallback and "differs from its forward" in fallback[0]["reason"] and fallback[0]["asked"] == "site"
+    assert any(e["event"] == "calibration_plan" and e["walk"] == "block" for e in logs)
 
 
 def test_sublayer_needs_one_block_per_group():
     from podar import CalibrationConfig
 
     with pytest.raises((ConfigError, ValueError), match="blocks_per_group"):
-        CalibrationConfig(granularity="sublayer", blocks_per_group=2)
+        CalibrationConfig(walk="site", blocks_per_group=2)
 
 
-def test_auto_granularity_walks_sites_for_sparsegpt_only(tiny_config):
-    assert tiny_config.calibration.granularity == "auto"
-    assert tiny_config.with_method("sparsegpt").resolved_granularity() == "sublayer"
-    assert tiny_config.with_method("wanda").resolved_granularity() == "block"
+def test_auto_walk_goes_site_by_site_for_sparsegpt_only(tiny_config):
+    assert tiny_config.calibration.walk == "auto"
+    assert tiny_config.with_method("sparsegpt").resolved_walk() == "site"
+    assert tiny_config.with_method("wanda").resolved_walk() == "block"
+    assert tiny_config.with_method("magnitude").resolved_walk() == "none"
     two = tiny_config.calibration.model_copy(update={"blocks_per_group": 2})
-    assert tiny_config.with_method("sparsegpt").with_calibration(two).resolved_granularity() == "block"
+    assert tiny_config.with_method("sparsegpt").with_calibration(two).resolved_walk() == "block"

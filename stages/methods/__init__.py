@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from podar.schemas.methods import register_method_params
 
-from .base import LayerStats, PruneSpec, Pruned, PruningMethod, with_prior
+from .base import LayerStats, Pruned, PruneSpec, PruningMethod, with_prior
 from .magnitude import Magnitude
 from .sparsegpt import SparseGPT
 from .wanda import Wanda

@@ -99,6 +99,7 @@ class PruningMethod(ABC):
 
     def finish(self, stats: LayerStats) -> None:
         """Make ``stats`` whole after the last ``accumulate`` (default: nothing to do)."""
+        return None
 
     def prepare(self, stats: LayerStats | None, params: MethodParams, *, layer: str,
                 on_retry: Callable[[float], None] | None = None) -> Any:

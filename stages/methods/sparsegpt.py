@@ -24,11 +24,10 @@ from typing import Any, NamedTuple
 import torch
 
 from podar.schemas.errors import StageError
-
 from podar.schemas.methods import MethodParams, SparseGPTParams
 
 from ..masks import _lowest_k, expected_pruned
-from .base import LayerStats, PruneSpec, Pruned, PruningMethod
+from .base import LayerStats, Pruned, PruneSpec, PruningMethod
 
 __all__ = ["SparseGPT", "SparseGPTStats", "Factor", "add_upper_gram", "gram_errors", "hessian_from_sum",
            "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
