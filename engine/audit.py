@@ -123,6 +123,37 @@ class AuditSummary:
     outcome: str = ""
 
 
+def _parse(number: int, line: str) -> dict[str, Any]:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise AuditError(f"line {number}: not valid JSON ({e})") from e
+
+
+def _replay(record: dict[str, Any], state: str, where: str) -> str:
+    """The state after ``record``, replayed against the machine from ``state``; AuditError when it is not legal."""
+    kind = record.get("event")
+    if kind == "resumed":
+        if record.get("source") != state:
+            raise AuditError(f"{where}: resumed from '{record.get('source')}' but the run was in '{state}'")
+        return PruningStage.IDLE.value
+    trigger, source, dest = record.get("trigger"), record.get("source"), record.get("dest")
+    if source != state:
+        raise AuditError(f"{where}: move starts from '{source}' but the run was in '{state}'")
+    if not is_legal(str(trigger), str(source), str(dest)):
+        raise AuditError(f"{where}: illegal move '{trigger}' from '{source}' to '{dest}'")
+    return str(dest)
+
+
+def _compare_history(history: list[HistoryEntry], transitions: list[dict[str, Any]]) -> None:
+    if len(history) != len(transitions):
+        raise AuditError(f"the manifest's history holds {len(history)} moves, the audit log {len(transitions)}")
+    for entry, record in zip(history, transitions, strict=True):
+        if (entry.trigger, entry.source, entry.dest) != (record["trigger"], record["source"], record["dest"]):
+            raise AuditError(f"seq {record['seq']}: audit says {record['trigger']} {record['source']}→"
+                             f"{record['dest']}, the manifest says {entry.trigger} {entry.source}→{entry.dest}")
+
+
 def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] | None = None) -> AuditSummary:
     """Check the hash chain, replay every move against the machine, and compare with the manifest history.
 
@@ -137,49 +168,24 @@ def verify_audit(path: str | Path, run_id: str, history: Iterable[HistoryEntry] 
     stages: list[tuple[str, float | None]] = []
     transitions: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AuditError(f"line {number}: not valid JSON ({e})") from e
+        record = _parse(number, line)
         where = f"line {number} (seq {record.get('seq')})"
         if record.get("prev_sha256") != expected_prev:
-            raise AuditError(
-                f"{where}: hash chain broken — prev_sha256 does not match line {number - 1}: that line was "
-                "edited, or a line was removed or reordered here"
-            )
+            raise AuditError(f"{where}: hash chain broken — prev_sha256 does not match line {number - 1}: that line "
+                             "was edited, or a line was removed or reordered here")
         expected_prev = _line_sha(line)
         if record.get("run_id") != run_id:
             raise AuditError(f"{where}: run_id {record.get('run_id')!r} is not this run's {run_id!r}")
         if record.get("seq") != number - 1:
             raise AuditError(f"{where}: sequence number {record.get('seq')} out of order, expected {number - 1}")
-        kind = record.get("event")
-        if kind == "resumed":
-            if record.get("source") != state:
-                raise AuditError(f"{where}: resumed from '{record.get('source')}' but the run was in '{state}'")
-            state = PruningStage.IDLE.value
+        if record.get("event") not in ("transition", "resumed"):
             continue
-        if kind != "transition":
-            continue
-        trigger, source, dest = record.get("trigger"), record.get("source"), record.get("dest")
-        if source != state:
-            raise AuditError(f"{where}: move starts from '{source}' but the run was in '{state}'")
-        if not is_legal(str(trigger), str(source), str(dest)):
-            raise AuditError(f"{where}: illegal move '{trigger}' from '{source}' to '{dest}'")
-        stages.append((str(source), record.get("duration_s")))
-        transitions.append(record)
-        state = str(dest)
+        if record.get("event") == "transition":
+            stages.append((str(record.get("source")), record.get("duration_s")))
+            transitions.append(record)
+        state = _replay(record, state, where)
     if history is not None:
-        hist = list(history)
-        if len(hist) != len(transitions):
-            raise AuditError(
-                f"the manifest's history holds {len(hist)} moves, the audit log {len(transitions)}"
-            )
-        for entry, record in zip(hist, transitions, strict=True):
-            if (entry.trigger, entry.source, entry.dest) != (record["trigger"], record["source"], record["dest"]):
-                raise AuditError(
-                    f"seq {record['seq']}: audit says {record['trigger']} {record['source']}→{record['dest']}, "
-                    f"the manifest says {entry.trigger} {entry.source}→{entry.dest}"
-                )
+        _compare_history(list(history), transitions)
     outcome = "complete" if state == PruningStage.COMPLETE.value else state
     return AuditSummary(run_id=run_id, records=len(lines), final_state=state, stages=stages, outcome=outcome)
 
