@@ -19,7 +19,7 @@ from podar.schemas.stage import PruningStage
 from .runtime import Runtime
 from .store import ArtifactKey, RunStore
 
-__all__ = ["RunContext", "RunState", "Handler", "Cancelled", "DenseSnapshot"]
+__all__ = ["RunContext", "RunState", "Handler", "Cancelled", "Terminated", "DenseSnapshot"]
 
 
 class Cancelled(PodarError):
@@ -28,6 +28,13 @@ class Cancelled(PodarError):
     def __init__(self, reason: str = "cancelled") -> None:
         super().__init__(f"run {reason}")
         self.reason = reason
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process stands (the CLI's handler) and handled as Ctrl-C is: the run ends in
+    Failed with reason ``terminated``, its lock released, resumable."""
+
+    reason = "terminated"
 
 
 @dataclass

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from podar.schemas.config import PruningConfig
-from podar.schemas.records import RunManifest
+from podar.schemas.records import RunManifest, StageResult
 from podar.schemas.report import LayerReport, RunReport
 from podar.schemas.schedule import OneShot
 
 from .machine import PruningStage
 from .store import RunStore, atomic_write_bytes
 
-__all__ = ["build_report", "write_report", "compare_runs"]
+__all__ = ["build_report", "write_report", "compare_runs", "pruning_summary"]
 
 PRUNING_STAGES = (PruningStage.CALIBRATING.value, PruningStage.COMPUTING_IMPORTANCE.value, PruningStage.PRUNING.value)
 
@@ -59,16 +59,21 @@ def build_report(run_dir: str | Path) -> RunReport:
     )
 
 
-def _achieved(m: RunManifest) -> float | None:
-    """Zeros / weights over every pruned layer, from each layer's last pruning result."""
+def pruning_summary(results: list[StageResult]) -> tuple[int, float | None]:
+    """(pruned layers, zeros / weights over all of them) from each layer's last pruning result — the whole run's,
+    over every layer group and round."""
     last: dict[str, dict] = {}
-    for r in m.results:
+    for r in results:
         if r.stage == PruningStage.PRUNING.value:
             last.update(r.layer_metrics)
     numel = sum(int(lm.get("numel") or 0) for lm in last.values())
     if not numel:
-        return None
-    return sum(float(lm.get("sparsity") or 0.0) * int(lm.get("numel") or 0) for lm in last.values()) / numel
+        return len(last), None
+    return len(last), sum(float(lm.get("sparsity") or 0.0) * int(lm.get("numel") or 0) for lm in last.values()) / numel
+
+
+def _achieved(m: RunManifest) -> float | None:
+    return pruning_summary(m.results)[1]
 
 
 def _layer_bars(report: RunReport, save) -> None:

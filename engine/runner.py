@@ -28,8 +28,8 @@ from podar.schemas.records import (
 )
 
 from . import faults
-from .audit import AuditLog
-from .context import Cancelled, Handler, RunContext
+from .audit import AuditLog, checkpoint_digest
+from .context import Cancelled, Handler, RunContext, Terminated
 from .machine import VOLATILE, Move, PruningStage, apply_effects, build_machine, fire, next_move
 from .store import utc_now
 
@@ -145,13 +145,19 @@ class Runner:
         error = self._failure_of(trigger, source, dest, finished)
         if error is not None:
             self.failure = error
+        m = self.manifest
+        digest = None
+        if finished is not None:
+            digest = checkpoint_digest(finished, m.artifacts)
+        elif trigger == "start":  # the inputs and the dense reference, as the first manifest recorded them
+            digest = checkpoint_digest(None, m.artifacts, m)
         record = self.audit.write(
             trigger=trigger, source=source, dest=dest, at=utc_now(),
             duration_s=None if finished is None else round(finished.duration_s, 6),
-            metrics={} if finished is None else finished.summary(), error=error,
+            metrics={} if finished is None else finished.summary(), error=error, config_sha256=m.config_sha256,
+            result_sha256=digest,
         )
         self._last_event = record
-        m = self.manifest
         m.history.append(HistoryEntry(seq=record.seq, trigger=trigger, source=source, dest=dest, at=record.at))
         m.state = dest
         m.audit_head_sha256 = self.audit.head_sha256
@@ -192,11 +198,13 @@ class Runner:
         ctx.log.info("stage_done", stage=stage.display_name(), duration_s=round(result.duration_s, 3),
                      **result.summary())
 
-    def record_resume(self, from_state: str, target: PruningStage, note: str) -> None:
+    def record_resume(self, from_state: str, target: PruningStage, note: str, dangling: str | None = None) -> None:
         """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest; the next
-        move is ``resume_<target>``."""
+        move is ``resume_<target>``. ``dangling``: the digest of a last result no record confirmed (the process
+        died between its checkpoint and the next move), confirmed by this record."""
         record = self.audit.write(event="resumed", trigger="resume", source=from_state,
-                                  dest=PruningStage.IDLE.value, at=utc_now(), metrics={"note": note})
+                                  dest=PruningStage.IDLE.value, at=utc_now(), metrics={"note": note},
+                                  config_sha256=self.manifest.config_sha256, result_sha256=dangling)
         m = self.manifest
         m.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, "note": note})
         m.state = PruningStage.IDLE.value
@@ -248,7 +256,9 @@ class Runner:
 
     def _failure_from(self, error: BaseException, stage: PruningStage) -> FailureInfo:
         layer = getattr(error, "layer", None) or self.ctx.current_layer
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, Terminated):
+            reason, message = "terminated", "terminated (SIGTERM)"
+        elif isinstance(error, KeyboardInterrupt):
             reason, message = "interrupted", "interrupted (KeyboardInterrupt)"
         elif isinstance(error, Cancelled):
             reason, message = error.reason, str(error)

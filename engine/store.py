@@ -6,7 +6,9 @@ only), ``RUN_DIR/export/``. No pickle anywhere.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -28,7 +30,7 @@ from podar.schemas.records import ArtifactRecord, RunManifest
 
 from . import faults
 
-__all__ = ["ArtifactKey", "RunStore", "RunLock", "atomic_write_bytes", "sha256_file", "utc_now"]
+__all__ = ["ArtifactKey", "RunStore", "RunLock", "atomic_write_bytes", "manifest_mac", "sha256_file", "utc_now"]
 
 MANIFEST = "manifest.json"
 AUDIT = "audit.jsonl"
@@ -39,6 +41,13 @@ DENSE_REFERENCE = "artifacts/dense_reference"  # the pruned layers' weights befo
 
 _CHUNK_BYTES = 1 << 20  # hashing reads 1 MiB at a time
 _FILE_MODE = 0o644  # mkstemp creates 0600; run folders are meant to be read by auditors
+
+
+def manifest_mac(manifest: RunManifest, key: bytes) -> str:
+    """HMAC-SHA256 under ``key`` of the manifest's canonical JSON without its ``mac``."""
+    body = manifest.model_dump(mode="json", exclude={"mac"})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
 def utc_now() -> str:
@@ -126,48 +135,101 @@ class ArtifactKey:
 
 
 class RunLock:
-    """A lock file that keeps a second process out of a run folder. Names its holder (pid, host)."""
+    """Keeps a second process out of a run folder: an OS lock (``flock``) on ``run.lock``, which the kernel lets go
+    when its holder dies, and in the file the holder's pid, host and start time for messages. A lock file whose
+    OS lock is free is stale (its holder is gone) unless it names a live process on this host (a holder that does
+    not take the OS lock): then the folder counts as locked too."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK
         self.held = False
         self.took_over: dict[str, Any] | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_holder()
-                if holder is not None and self._alive(holder):
-                    raise CheckpointError(
-                        f"run folder '{self.path.parent}' is locked by pid {holder.get('pid')} on host "
-                        f"{holder.get('host')} since {holder.get('since')}; wait for it to end, or remove "
-                        f"'{self.path}' if that process is gone"
-                    ) from None
-                # stale: the holder is dead (same host) or the file is unreadable
-                self.took_over = holder or {"unreadable": True}
-                self.path.unlink(missing_ok=True)
+        for _ in range(3):
+            fd = self._open()
+            if not self._try_lock(fd):
+                holder = self._read_holder(fd)
+                os.close(fd)
+                raise CheckpointError(self._locked_message(holder))
+            if os.fstat(fd).st_ino != _inode(self.path):  # released and removed while we waited: take the new one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
+            previous = self._read_holder(fd)
+            if previous is not None and previous.get("pid") != os.getpid() and self._alive(previous):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise CheckpointError(self._locked_message(previous))
+            # a lock file left by a holder that is gone: named in the log as taken over
+            self.took_over = previous if previous is not None else (
+                {"unreadable": True} if os.fstat(fd).st_size else None)
+            self._write_holder(fd)
+            self._fd, self.held = fd, True
             return
-        raise CheckpointError(f"could not take the lock '{self.path}' (another process races for it)")
+        raise CheckpointError(f"could not take the lock '{self.path}' (other processes race for it)")
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.held and self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before letting go: a waiter then sees a new file (inode check)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd, self.held = None, False
 
-    def _read_holder(self) -> dict[str, Any] | None:
+    def holder_alive(self) -> str | None:
+        """'pid P on host H since T' when a live process holds this run folder's lock (probes, takes nothing)."""
+        if self.held or not self.path.is_file():
+            return None if not self.held else f"pid {os.getpid()} (this process)"
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
             return None
+        try:
+            holder = self._read_holder(fd)
+            if self._try_lock(fd):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                if holder is None or not self._alive(holder):
+                    return None
+            return _describe(holder)
+        finally:
+            os.close(fd)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if self.path.is_symlink():
+                raise CheckpointError(f"lock '{self.path}' is a symbolic link; a run folder holds plain files") from e
+            raise CheckpointError(f"cannot create the lock '{self.path}': {e.strerror} (is the run folder "
+                                  "read-only, or full?); choose a writable --run-dir") from e
+
+    @staticmethod
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict[str, Any] | None:
+        try:
+            data = os.pread(fd, 4096, 0)
+            holder = json.loads(data.decode()) if data else None
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    @staticmethod
+    def _write_holder(fd: int) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+
+    def _locked_message(self, holder: dict[str, Any] | None) -> str:
+        return (f"run folder '{self.path.parent}' is locked by {_describe(holder)}; wait for it to end, or remove "
+                f"'{self.path}' if that process is gone")
 
     @staticmethod
     def _alive(holder: Mapping[str, Any]) -> bool:
@@ -185,12 +247,26 @@ class RunLock:
         return True
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _describe(holder: Mapping[str, Any] | None) -> str:
+    if not holder:
+        return "a live process whose details cannot be read"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+
+
 class RunStore:
     """Reads and writes one run folder. Only the main process writes (``is_main``)."""
 
-    def __init__(self, run_dir: str | Path, *, is_main: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, *, is_main: bool = True, key: bytes | None = None) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.is_main = is_main
+        self.key = key  # PODAR_AUDIT_KEY: the manifest carries an HMAC under it
         self.lock = RunLock(self.run_dir)
         self.write_seconds = 0.0  # time spent writing artifacts and manifests (checkpoint cost)
         self.write_bytes = 0
@@ -225,7 +301,22 @@ class RunStore:
         return self.run_dir
 
     def prepare(self) -> None:
-        (self.run_dir / ARTIFACTS).mkdir(parents=True, exist_ok=True)
+        """Create the folder (and ``artifacts/``); CheckpointError naming the folder when it cannot be."""
+        try:
+            (self.run_dir / ARTIFACTS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the run folder '{self.run_dir}': {e.strerror}; choose a writable "
+                                  "--run-dir") from e
+
+    def unrecorded_files(self, manifest: RunManifest) -> list[str]:
+        """Files in the folder that neither the manifest records nor the run keeps by name (relative paths)."""
+        own = {MANIFEST, AUDIT, LOCK, "config.yaml", "report.json", "report.md"}
+        out = []
+        for path in sorted(self.run_dir.rglob("*")):
+            rel = str(path.relative_to(self.run_dir))
+            if path.is_file() and rel not in manifest.artifacts and rel not in own and not rel.startswith("plots/"):
+                out.append(rel)
+        return out
 
     # ------------------------------------------------------------ manifest
     def has_manifest(self) -> bool:
@@ -242,6 +333,9 @@ class RunStore:
     def write_manifest(self, manifest: RunManifest) -> None:
         if not self.is_main:
             return
+        if self.key is not None:
+            manifest.mac = None
+            manifest.mac = manifest_mac(manifest, self.key)
         data = manifest.model_dump_json(indent=2).encode()
         started = time.perf_counter()
         atomic_write_bytes(self.manifest_path, data, fault_point="write:manifest")

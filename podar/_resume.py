@@ -4,6 +4,7 @@ log's records beyond the manifest are accepted only when they are what an interr
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from podar.engine.audit import AuditLog, records_after, tail_problem, verify_audit
+from podar.engine.audit import AuditLog, checkpoint_digest, read_audit, records_after
 from podar.engine.context import RunContext
 from podar.engine.store import RunStore, sha256_file
+from podar.engine.verify import audit_run, consumed_results
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import AuditError, CheckpointError
 from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, HistoryEntry, RunManifest
@@ -39,9 +41,7 @@ def saved_config(store: RunStore, manifest: RunManifest) -> PruningConfig:
     if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
         raise CheckpointError(f"'{store.manifest_path}' has manifest schema {manifest.schema_version}; this podar "
                               f"reads schema {MANIFEST_SCHEMA_VERSION}: resume it with the podar that wrote it")
-    raw = json.dumps(manifest.config, sort_keys=True, separators=(",", ":"))
-    import hashlib
-
+    raw = json.dumps(manifest.config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     if hashlib.sha256(raw.encode()).hexdigest() != manifest.config_sha256:
         raise CheckpointError(f"the config in '{store.manifest_path}' does not match its recorded sha256: the "
                               "manifest was edited")
@@ -83,19 +83,20 @@ def check_artifacts(store: RunStore, manifest: RunManifest) -> None:
                                   f"{record.sha256[:16]}…: it was changed or corrupted (start a new run)")
 
 
-def adopt_audit_tail(store: RunStore, manifest: RunManifest, audit: AuditLog) -> str:
-    """The state the run was in when it stopped: the manifest's, or past the moves the audit log holds beyond it
-    when they are what an interrupted run leaves (added to the history, marked interrupted). CheckpointError for a
-    log that does not verify or holds anything else."""
+def adopt_audit_tail(store: RunStore, manifest: RunManifest, audit: AuditLog) -> tuple[str, str | None]:
+    """(the state the run was in when it stopped, the digest of a last result no record confirms yet). The state
+    is the manifest's, or past the records the audit log holds beyond it when they are what an interrupted run
+    leaves (they are added to the history, marked interrupted). CheckpointError for a run folder that does not
+    pass the audit (``engine.verify``), which is also what a forged record appended to it fails."""
     try:
-        verify_audit(store.audit_path, manifest.run_id)
+        audit_run(store.run_dir, key=audit.key, check_files=False)
         tail = records_after(store.audit_path, manifest.run_id, manifest.audit_head_sha256)
+        records = read_audit(store.audit_path)
     except AuditError as e:
         raise CheckpointError(f"the audit log does not verify, so the run cannot be resumed: {e}") from e
-    problem = tail_problem(manifest, tail)
-    if problem is not None:
-        raise CheckpointError(f"the audit log does not verify, so the run cannot be resumed: beyond the manifest's "
-                              f"last checkpoint it holds {problem}")
+    dangling = None
+    if consumed_results(records) < len(manifest.results):
+        dangling = checkpoint_digest(manifest.results[-1], manifest.artifacts)
     state = manifest.state
     for record in tail:
         if record.get("event") == "transition":
@@ -103,7 +104,7 @@ def adopt_audit_tail(store: RunStore, manifest: RunManifest, audit: AuditLog) ->
                                                  dest=record["dest"], at=record["at"], interrupted=True))
         state = record["dest"]
     manifest.audit_head_sha256 = audit.head_sha256
-    return state
+    return state, dangling
 
 
 def mask_artifact(store: RunStore, record: ArtifactRecord) -> dict[str, torch.Tensor]:

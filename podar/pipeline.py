@@ -16,11 +16,11 @@ from typing import Any
 
 import structlog
 
-from podar.engine.audit import AuditLog
+from podar.engine.audit import AuditLog, audit_key
 from podar.engine.context import RunContext
 from podar.engine.distributed import world_size
 from podar.engine.machine import next_move
-from podar.engine.report import write_report
+from podar.engine.report import pruning_summary, write_report
 from podar.engine.runner import Runner, TransitionListener, expected, first_resume_point
 from podar.engine.store import RunStore, atomic_write_bytes, utc_now
 from podar.schemas.config import PruningConfig
@@ -65,6 +65,16 @@ class PipelineResult:
     def export_dir(self) -> Path | None:
         path = self.run_dir / "export"
         return path if self.ok and path.is_dir() else None
+
+    @property
+    def pruned_layers(self) -> int:
+        """Layers pruned over the whole run (every layer group and round)."""
+        return pruning_summary(self.results)[0]
+
+    @property
+    def achieved_sparsity(self) -> float | None:
+        """Zeros / weights over every pruned layer, at the end of the run's last pruning."""
+        return pruning_summary(self.results)[1]
 
 
 def _as_config(config: PruningConfig | Mapping[str, Any] | str | Path) -> PruningConfig:
@@ -216,7 +226,7 @@ class Pipeline:
             self._release()
 
     def _prepare(self) -> Runner:
-        store = RunStore(self.run_dir)
+        store = RunStore(self.run_dir, key=audit_key())
         resuming = self._resume is not None
         if store.has_manifest() and not resuming:
             raise CheckpointError(f"run folder '{store.run_dir}' already holds a run ({store.manifest_path.name}); "
@@ -254,7 +264,7 @@ class Pipeline:
         for path in ctx.state.dense_weights.paths:  # type: ignore[attr-defined]
             rel = str(path.relative_to(store.run_dir))
             manifest.artifacts[rel] = store.record(rel, stage="idle", kind="weights")
-        runner = self._runner_for(ctx, manifest, AuditLog(store.audit_path, self.run_id))
+        runner = self._runner_for(ctx, manifest, AuditLog(store.audit_path, self.run_id, key=store.key))
         manifest.resume_point = first_resume_point(runner.condition)
         manifest.expected_move = expected(next_move(PruningStage.IDLE, runner.condition))
         store.write_manifest(manifest)
@@ -270,10 +280,10 @@ class Pipeline:
             raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
                                   "(change the gates in a new run, or set on_fail: warn)")
         check_artifacts(store, manifest)
-        audit = AuditLog(store.audit_path, manifest.run_id)
+        audit = AuditLog(store.audit_path, manifest.run_id, key=store.key)
         if audit.repaired is not None:
             self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])
-        from_state = adopt_audit_tail(store, manifest, audit)
+        from_state, dangling = adopt_audit_tail(store, manifest, audit)
         ctx = self._context(store, manifest.artifacts)
         check_inputs(ctx, manifest, self._resume)
         target, note, counters = resume_stage(manifest)
@@ -284,6 +294,6 @@ class Pipeline:
             manifest.config = self.config.model_dump(mode="json")
             manifest.config_sha256 = self.config.sha256()
         runner = self._runner_for(ctx, manifest, audit)
-        runner.record_resume(from_state, target, note)
+        runner.record_resume(from_state, target, note, dangling)
         self._log.info("resumed", from_state=from_state, target=target.display_name(), note=note)
         return runner

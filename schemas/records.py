@@ -145,7 +145,10 @@ class AuditEvent(_Record):
     duration_s: float | None = Field(default=None, description="wall time of the stage just finished, seconds")
     metrics: dict[str, Scalar] = Field(default_factory=dict)
     error: FailureInfo | None = None
+    config_sha256: str | None = Field(default=None, description="sha256 of the config the run moves with")
+    result_sha256: str | None = Field(default=None, description="digest of the finished stage's checkpoint")
     prev_sha256: str = Field(description="sha256 of the previous line's bytes; the first line chains to the run id")
+    mac: str | None = Field(default=None, description="HMAC-SHA256 under PODAR_AUDIT_KEY, when one was set")
 
 
 class RunManifest(_Record):
@@ -171,3 +174,4 @@ class RunManifest(_Record):
     resumes: list[dict[str, Scalar]] = Field(default_factory=list, description="each resumption: when, from where")
     failure: FailureInfo | None = None
     audit_head_sha256: str | None = Field(default=None, description="sha256 of the last audit line")
+    mac: str | None = Field(default=None, description="HMAC-SHA256 of this manifest under PODAR_AUDIT_KEY, if set")

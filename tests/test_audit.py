@@ -93,10 +93,14 @@ def test_illegal_move_detected_even_with_valid_chain(tmp_path):
 def test_history_mismatch_detected(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_log(path)
-    history = [HistoryEntry(seq=i, trigger=t, source=s, dest=d, at="t") for i, (t, s, d) in enumerate(MOVES)]
+    history = [HistoryEntry(seq=i, trigger=t, source=s, dest=d, at=f"2026-01-01T00:00:0{i}+00:00")
+               for i, (t, s, d) in enumerate(MOVES)]
     verify_audit(path, RUN, history)
     with pytest.raises(AuditError, match="history holds"):
         verify_audit(path, RUN, history[:-1])
+    history[2] = history[2].model_copy(update={"at": "2026-01-01T00:00:09+00:00"})  # an edited timestamp
+    with pytest.raises(AuditError, match="seq 2: .*at 2026-01-01T00:00:02"):
+        verify_audit(path, RUN, history)
 
 
 def test_wrong_run_id_detected(tmp_path):

@@ -40,7 +40,7 @@ def test_run_status_audit(config_file, tmp_path, capsys):
     lines = audit.read_text().splitlines()
     lines[2] = lines[2].replace("pruned", "pruneD")
     audit.write_text("\n".join(lines) + "\n")
-    assert main(["audit", str(run_dir)]) == 2
+    assert main(["audit", str(run_dir)]) == 4  # EXIT["audit_failed"]
     assert "line 3" in capsys.readouterr().err
 
 
@@ -56,15 +56,15 @@ def test_status_shows_current_stage(tiny_config, tmp_path, capsys):
     assert "🟢 Pruning" in out and "✅ Computing Importance" in out and "⚪ Exporting" in out
 
 
-def test_bad_config_exits_2_with_field(tmp_path, capsys):
+def test_bad_config_exits_3_with_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("target_sparsity: 2\n")
-    assert main(["run", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    assert main(["run", str(bad), "--run-dir", str(tmp_path / "r")]) == 3
     assert "target_sparsity" in capsys.readouterr().err
 
 
 def test_status_of_non_run_folder(tmp_path, capsys):
-    assert main(["status", str(tmp_path)]) == 2
+    assert main(["status", str(tmp_path)]) == 3
     assert "not a podar run folder" in capsys.readouterr().err
 
 
