@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PODAR_DATA_DIR ?= $(abspath ../shared/data)
-export PODAR_DATA_DIR
 
 .PHONY: install model demo test test-slow lint bench bench-time bench-time-wanda bench-seeds clean
 

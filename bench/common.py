@@ -3,7 +3,6 @@ podar and llm-compressor. Runs in podar's environment."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,13 +36,6 @@ def peak_rss_mb() -> float:
     return status_mib("VmHWM")
 
 
-def data_dir() -> Path:
-    value = os.environ.get("PODAR_DATA_DIR")
-    if not value:
-        raise SystemExit("set PODAR_DATA_DIR to the folder with wikitext-2/ and wikitext-2-raw/ (make bench does)")
-    return Path(value)
-
-
 def calib_path(seed: int = SEED) -> Path:
     """The calibration windows' file for ``seed`` (seed 0, the bench's default, keeps its historical name)."""
     return CALIB if seed == SEED else CACHE / f"calibration_ids_seed{seed}.safetensors"
@@ -51,7 +43,7 @@ def calib_path(seed: int = SEED) -> Path:
 
 def prepare(seed: int = SEED) -> None:
     """Write the dense model folder (fp32, from the GGUF) and the token windows both tools use."""
-    from podar.engine.data import calibration_windows, eval_windows, load_text, tokenize_text
+    from podar.engine.data import calibration_windows, eval_windows, load_text, resolve_data_dir, tokenize_text
     from podar.engine.models import load_model
     from podar.schemas.config import ModelSourceConfig
 
@@ -64,8 +56,8 @@ def prepare(seed: int = SEED) -> None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
-        cal = tokenize_text(tok, load_text("wikitext2-valid", data_dir()))
-        ev = tokenize_text(tok, load_text("wikitext2", data_dir()))
+        cal = tokenize_text(tok, load_text("wikitext2-valid", resolve_data_dir(None)))  # shipped, or PODAR_DATA_DIR
+        ev = tokenize_text(tok, load_text("wikitext2", resolve_data_dir(None)))
         save_file({"input_ids": calibration_windows(cal, NUM_SAMPLES, SEQ_LEN, seed).contiguous()},
                   str(calib_path(seed)))
         save_file({"input_ids": eval_windows(ev, SEQ_LEN, EVAL_WINDOWS).contiguous()}, str(EVAL))

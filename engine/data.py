@@ -1,21 +1,16 @@
-"""Text data: named datasets under one data folder setting, tokenization, evaluation and calibration windows.
+"""Text data: named datasets, tokenization, evaluation and calibration windows.
 
-Named datasets (relative to the data folder, ``PruningConfig.data_dir`` or ``$PODAR_DATA_DIR``):
-
-=================  ==================================  ======================================
-name               file                                 use
-=================  ==================================  ======================================
-wikitext2          wikitext-2-raw/wiki.test.raw         evaluation (the papers' protocol)
-wikitext2-valid    wikitext-2/valid.txt                 calibration and fine-tuning
-=================  ==================================  ======================================
-
-When the file is missing and the ``datasets`` package is installed, the named dataset is fetched from the
-Hugging Face hub instead (online users). Anything else is read as a path to a UTF-8 text file.
+A named dataset (``schemas.datasets``) is read from the data folder when one is set (``PruningConfig.data_dir``,
+else ``$PODAR_DATA_DIR``), else from the texts shipped with podar (``podar/data``, xz-compressed), else, with the
+optional ``datasets`` package (``pip install 'podar[hub]'``), from the Hugging Face hub. Any other dataset value
+is a path to a UTF-8 text file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+import lzma
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +22,8 @@ from podar.schemas.errors import DataError
 
 __all__ = [
     "NAMED_DATASETS",
+    "shipped_data",
+    "shipped_text",
     "resolve_data_dir",
     "load_text",
     "tokenize_text",
@@ -39,26 +36,46 @@ __all__ = [
 
 
 def resolve_data_dir(config_value: str | None) -> Path | None:
-    """The data folder: the config's ``data_dir``, else ``$PODAR_DATA_DIR``, else None."""
+    """The data folder: the config's ``data_dir``, else ``$PODAR_DATA_DIR``, else None (podar's shipped texts)."""
     value = config_value or os.environ.get("PODAR_DATA_DIR")
     return Path(value).expanduser() if value else None
+
+
+def shipped_data() -> Path:
+    """The folder of the texts that ship with podar (``podar/data`` in the installed package)."""
+    return Path(str(importlib.resources.files("podar").joinpath("data")))
+
+
+def shipped_text(name: str) -> Path | None:
+    """The xz-compressed copy of named dataset ``name`` that ships with podar, or None."""
+    spec = NAMED_DATASETS.get(name)
+    if spec is None:
+        return None
+    path = shipped_data() / f"{spec.file}.xz"
+    return path if path.is_file() else None
+
+
+def _named(name: str, data_dir: Path | None, field: str) -> str:
+    spec = NAMED_DATASETS[name]
+    if data_dir is not None and (data_dir / spec.file).is_file():
+        return _read(data_dir / spec.file, field)
+    shipped = shipped_text(name) if data_dir is None else None
+    if shipped is not None:
+        return lzma.decompress(shipped.read_bytes()).decode("utf-8")
+    hub = _from_hub(spec.hub)
+    if hub is not None:
+        return hub
+    where = (f"'{data_dir / spec.file}' does not exist (the data folder is set by data_dir or PODAR_DATA_DIR; unset "
+             "both to use the texts shipped with podar)" if data_dir is not None
+             else f"podar's shipped copy '{shipped_data() / spec.file}.xz' is missing (a broken install?)")
+    raise DataError(f"{field} '{name}': {where}; the hub fallback needs the optional 'datasets' package: "
+                    "pip install 'podar[hub]'")
 
 
 def load_text(name: str, data_dir: Path | None, *, field: str = "dataset") -> str:
     """The whole text of dataset ``name`` (named or a file path). ``field`` names the config field in errors."""
     if name in NAMED_DATASETS:
-        spec = NAMED_DATASETS[name]
-        if data_dir is not None and (data_dir / spec.file).is_file():
-            return _read(data_dir / spec.file, field)
-        hub = _from_hub(spec.hub)
-        if hub is not None:
-            return hub
-        where = (f"'{data_dir / spec.file}' does not exist" if data_dir
-                 else "no data folder is set (data_dir, PODAR_DATA_DIR)")
-        raise DataError(
-            f"{field} '{name}': {where}, and the hub fallback needs the 'datasets' package and a connection; set "
-            f"PODAR_DATA_DIR (or data_dir) to the folder that holds {spec.file}"
-        )
+        return _named(name, data_dir, field)
     path = Path(name).expanduser()
     if not path.is_file():
         raise DataError(

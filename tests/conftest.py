@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -17,14 +16,6 @@ from podar import (
     QualityGates,
     TinyModelConfig,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def pytest_configure(config):
-    if "PODAR_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
-        os.environ["PODAR_DATA_DIR"] = str(SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

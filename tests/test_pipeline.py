@@ -348,19 +348,29 @@ def test_last_group_runs_only_what_its_error_needs(tiny_config, tmp_path, method
         assert len(errors) == 7 and all(0.0 < e < 1.0 for e in errors), r.metrics["group"]
 
 
-def test_named_dataset_without_data_folder_names_the_field_and_the_fix(tmp_path, monkeypatch):
-    """A named dataset with no data folder (or a folder without its file) and no hub: the error names the config
-    field, the missing path or unset setting, and what to set."""
+def test_named_datasets_ship_with_podar(monkeypatch):
+    """With no data folder set and no hub, the named datasets are podar's shipped copies, byte for byte the
+    WikiText-2 files (their sha256 as podar/data/README.md gives them)."""
+    from podar.engine import data
+
+    monkeypatch.delenv("PODAR_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "_from_hub", lambda spec: None)
+    assert data.text_sha256(data.load_text("wikitext2", None)).startswith("4f3e427e4aff23ac")
+    assert data.text_sha256(data.load_text("wikitext2-valid", None)).startswith("f0737ed31fc13290")
+
+
+def test_a_data_folder_without_the_named_file_names_the_field_and_the_fix(tmp_path, monkeypatch):
+    """A data folder that is set but lacks the file (and no hub): the error names the config field, the missing
+    path, how to use the shipped texts, and the optional extra for the hub."""
     from podar.engine import data
     from podar.schemas.errors import DataError
 
     monkeypatch.setattr(data, "_from_hub", lambda spec: None)
-    with pytest.raises(DataError, match=r"calibration\.dataset 'wikitext2-valid': no data folder is set "
-                                        r"\(data_dir, PODAR_DATA_DIR\).*wikitext-2/valid\.txt"):
-        data.load_text("wikitext2-valid", None, field="calibration.dataset")
     with pytest.raises(DataError, match=r"evaluation\.dataset 'wikitext2': '.*wiki\.test\.raw' does not exist.*"
-                                        r"PODAR_DATA_DIR"):
+                                        r"unset both to use the texts shipped with podar.*pip install 'podar\[hub\]'"):
         data.load_text("wikitext2", tmp_path, field="evaluation.dataset")
+    monkeypatch.setenv("PODAR_DATA_DIR", str(tmp_path))
+    assert data.resolve_data_dir(None) == tmp_path
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file mappings are read from /proc/self/maps")
