@@ -2,7 +2,8 @@
 
 Syntax: comma-separated ``ACTION@POINT[#N]`` — the N-th time (default 1) this process passes POINT, do ACTION:
 ``kill`` (SIGKILL, nothing runs after it), ``enospc`` (raise OSError ENOSPC, a full disk), ``interrupt``
-(raise KeyboardInterrupt, as Ctrl-C does). Points: ``after:<stage>`` (a stage's result is checkpointed),
+(raise KeyboardInterrupt, as Ctrl-C does), ``sleep`` (wait 60 s: a test signals the process meanwhile).
+Points: ``after:<stage>`` (a stage's result is checkpointed),
 ``write:artifact`` and ``write:manifest`` (the temp file is written and fsynced, not yet renamed).
 
 Read at call time, never at import. The per-process counters are the one piece of global state; ``reset()``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 __all__ = ["hit", "reset", "ENV"]
 
@@ -41,5 +43,7 @@ def hit(point: str) -> None:
             raise OSError(errno.ENOSPC, f"No space left on device (simulated at {target})")
         elif action == "interrupt":
             raise KeyboardInterrupt
+        elif action == "sleep":
+            time.sleep(60)
         else:
-            raise ValueError(f"{ENV}: unknown action {action!r} in {item!r} (kill, enospc, interrupt)")
+            raise ValueError(f"{ENV}: unknown action {action!r} in {item!r} (kill, enospc, interrupt, sleep)")

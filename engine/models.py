@@ -1,5 +1,5 @@
 """Loading models and tokenizers: a Hugging Face id or folder, a GGUF file, podar's built-in default, or a tiny
-random Llama for tests. Also the weight fingerprint that resume compares."""
+random model of one of several architectures for tests. Also the weight fingerprint that resume compares."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from podar.schemas.errors import ModelLoadError
 
 from .tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
-__all__ = ["load_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint", "strip_quantizer", "DTYPES"]
+__all__ = ["load_model", "tiny_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint", "strip_quantizer",
+           "model_info", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,58 +83,127 @@ def strip_quantizer(model: Any) -> None:
             pass
 
 
-def tiny_llama(cfg: TinyModelConfig, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """A randomly initialised LlamaForCausalLM (seeded) and podar's byte tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_config(cfg: TinyModelConfig) -> Any:
+    """The transformers config of a tiny random model of ``cfg.arch`` (vocabulary of the byte tokenizer)."""
+    import transformers as tf
 
-    config = LlamaConfig(
-        vocab_size=BYTE_VOCAB_SIZE,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    ids = {"vocab_size": BYTE_VOCAB_SIZE, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+           "tie_word_embeddings": cfg.tie_word_embeddings}
+    decoder = {**ids, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+               "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+               "num_key_value_heads": cfg.num_key_value_heads, "max_position_embeddings": cfg.max_position_embeddings}
+    if cfg.arch in ("llama", "qwen2", "mistral", "phi3"):
+        kind = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "phi3": tf.Phi3Config}
+        return kind[cfg.arch](**decoder)
+    if cfg.arch == "gpt2":
+        return tf.GPT2Config(**ids, n_embd=cfg.hidden_size, n_layer=cfg.num_hidden_layers,
+                             n_head=cfg.num_attention_heads, n_inner=cfg.intermediate_size,
+                             n_positions=cfg.max_position_embeddings)
+    if cfg.arch == "opt":
+        return tf.OPTConfig(**ids, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                            ffn_dim=cfg.intermediate_size, num_attention_heads=cfg.num_attention_heads,
+                            max_position_embeddings=cfg.max_position_embeddings, word_embed_proj_dim=cfg.hidden_size)
+    return tf.BertConfig(**{k: v for k, v in ids.items() if k != "tie_word_embeddings"},
+                         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                         num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+                         max_position_embeddings=cfg.max_position_embeddings)
+
+
+def tiny_model(cfg: TinyModelConfig, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A randomly initialised model of ``cfg.arch`` (seeded; a causal LM, or BertModel for 'bert') and podar's
+    byte tokenizer."""
+    import transformers as tf
+
+    config = _tiny_config(cfg)
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config)
+        model = tf.BertModel(config) if cfg.arch == "bert" else tf.AutoModelForCausalLM.from_config(config)
     finally:
         torch.random.set_rng_state(gen_state)
     return model.to(dtype).eval(), byte_tokenizer()
 
 
-def load_model(source: ModelSourceConfig) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``source``, in eval mode, on the CPU, in ``source.dtype``."""
+tiny_llama = tiny_model  # the default architecture is Llama
+
+
+def _auto_class(config: Any, task: str) -> Any:
+    """The Auto class that loads ``config`` for ``task`` ('auto': from the config's architectures)."""
+    import transformers as tf
+
+    if task == "auto":
+        arch = (getattr(config, "architectures", None) or [""])[0]
+        task = ("causal-lm" if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
+                else "masked-lm" if arch.endswith("ForMaskedLM") else "encoder" if arch else "causal-lm")
+    return {"causal-lm": tf.AutoModelForCausalLM, "masked-lm": tf.AutoModelForMaskedLM, "encoder": tf.AutoModel}[task]
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model name that can only be a local path (a hub id is 'name' or 'org/name')."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or Path(name).suffix in (".safetensors", ".bin", ".gguf"))
+
+
+def _hub_options(source: ModelSourceConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"trust_remote_code": source.trust_remote_code}
+    if source.revision is not None:
+        out["revision"] = source.revision
+    return out
+
+
+def _load_hf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = source.name
+    if not Path(name).expanduser().exists() and _looks_like_path(name):
+        raise ModelLoadError(f"model.name '{name}' (kind hf) is not a folder that exists; give a save_pretrained "
+                             "folder, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'")
+    options = _hub_options(source)
+    config = AutoConfig.from_pretrained(name, **options)
+    extra = {} if source.attn_implementation == "auto" else {"attn_implementation": source.attn_implementation}
+    model = _auto_class(config, source.task).from_pretrained(name, dtype=dtype, **options, **extra)
+    return model, AutoTokenizer.from_pretrained(name, **options)
+
+
+def _load_gguf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source.kind == "builtin":
+        path = builtin_gguf_path(source.name)
+    else:
+        path = Path(source.name) / source.gguf_file if source.gguf_file else Path(source.name)
+    if not path.is_file():
+        raise ModelLoadError(f"model GGUF file '{path}' does not exist (model.name / model.gguf_file)")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    strip_quantizer(model)
+    return model, tokenizer
+
+
+def load_model(source: ModelSourceConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``source``, in eval mode, on the CPU, in ``source.dtype``. Code from a model's
+    repository runs only with ``trust_remote_code: true``."""
     dtype = DTYPES[source.dtype]
     if source.kind == "tiny":
-        return tiny_llama(source.tiny, dtype)
+        return tiny_model(source.tiny, dtype)
     try:
-        if source.kind in ("builtin", "gguf"):
-            if source.kind == "builtin":
-                path = builtin_gguf_path(source.name)
-            else:
-                path = Path(source.name) / source.gguf_file if source.gguf_file else Path(source.name)
-            if not path.is_file():
-                raise ModelLoadError(f"model GGUF file '{path}' does not exist (model.name / model.gguf_file)")
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            strip_quantizer(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source.name, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(source.name)
+        model, tokenizer = _load_gguf(source, dtype) if source.kind in ("builtin", "gguf") else _load_hf(source, dtype)
     except ModelLoadError:
         raise
     except Exception as e:
         raise ModelLoadError(f"could not load model '{source.name}' (kind '{source.kind}'): {e}") from e
     return model.eval(), tokenizer
+
+
+def model_info(model: Any) -> dict[str, str]:
+    """What a run records of the model it pruned: its class, and the hub commit it came from when known."""
+    config = getattr(model, "config", None)
+    info = {"class": type(model).__name__}
+    for key, attr in (("commit", "_commit_hash"), ("name_or_path", "_name_or_path"), ("model_type", "model_type")):
+        value = getattr(config, attr, None)
+        if value:
+            info[key] = str(value)
+    return info
 
 
 def weights_fingerprint(model: torch.nn.Module,

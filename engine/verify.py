@@ -85,6 +85,21 @@ def consumed_results(records: list[dict[str, Any]]) -> int:
     return sum(1 for r in records if r.get("result_sha256") and r.get("trigger") != "start")
 
 
+def _check_summary(record: dict[str, Any], result: Any, where: str, stage: str) -> None:
+    """The record's copy of the result's first metrics and its duration, as the result holds them."""
+    if record.get("event") != "transition":
+        return
+    summary = result.summary()
+    changed = sorted(k for k in set(summary) | set(record.get("metrics") or {})
+                     if summary.get(k) != (record.get("metrics") or {}).get(k))
+    if changed:
+        raise AuditError(f"{where}: the record's metrics of {stage} ({', '.join(changed)}) are not the manifest's: "
+                         "the log was edited")
+    if record.get("duration_s") != round(result.duration_s, 6):
+        raise AuditError(f"{where}: the record's duration of {stage} ({record.get('duration_s')} s) is not the "
+                         f"manifest's ({round(result.duration_s, 6)} s): the log was edited")
+
+
 def _check_results(manifest: RunManifest, records: list[dict[str, Any]], at_rest: bool, notes: list[str]) -> None:
     """Every stage result in the manifest has the digest its record carries, in order."""
     results = manifest.results
@@ -102,12 +117,11 @@ def _check_results(manifest: RunManifest, records: list[dict[str, Any]], at_rest
         if i >= len(results):
             raise AuditError(f"{where}: the log confirms a stage result the manifest does not hold")
         result = results[i]
+        stage = PruningStage(result.stage).display_name()
         if digest != checkpoint_digest(result, manifest.artifacts):
-            changed = [k for k, v in (record.get("metrics") or {}).items() if result.metrics.get(k) != v]
-            detail = f" (metrics {', '.join(changed)} differ)" if changed else ""
-            stage = PruningStage(result.stage).display_name()
-            raise AuditError(f"{where}: the manifest's result of {stage} (#{i + 1}) is not what the log recorded"
-                             f"{detail}: the manifest was edited")
+            raise AuditError(f"{where}: the manifest's result of {stage} (#{i + 1}) is not what the log recorded: "
+                             "the manifest was edited")
+        _check_summary(record, result, where, stage)
         i += 1
     if i == len(results) - 1 and not at_rest:
         notes.append(f"the last result ({PruningStage(results[-1].stage).display_name()}) is checkpointed but no "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from safetensors import SafetensorError
+
 from podar.engine.context import DenseSnapshot, RunContext, RunState
 from podar.engine.data import (
     calibration_windows,
@@ -20,7 +22,7 @@ from podar.engine.models import load_model, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
 from podar.schemas.config import PruningConfig
-from podar.schemas.errors import ConfigError, DataError
+from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
 from podar.stages.common import PackedMasks
 from podar.stages.methods import get_method
@@ -42,9 +44,23 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _check_lengths(cfg: PruningConfig, model: Any) -> None:
+    """Every window fits in the model's positions (a longer one would run, silently wrong, or fail late)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    for name, used, value in (("calibration.sequence_length", cfg.needs_calibration, cfg.calibration.sequence_length),
+                              ("evaluation.sequence_length", cfg.evaluation.enabled, cfg.evaluation.sequence_length),
+                              ("finetune.sequence_length", cfg.finetune.enabled, cfg.finetune.sequence_length)):
+        if used and value > limit:
+            raise ConfigError(f"{name}={value} is longer than the model's {limit} positions "
+                              f"(config.max_position_embeddings); use at most {limit}")
+
+
 def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     if model is None:
         model, tokenizer = load_model(cfg.model)
+    _check_lengths(cfg, model)
     needs_text = cfg.needs_calibration or cfg.evaluation.enabled or cfg.finetune.enabled
     if tokenizer is None and needs_text:
         raise ConfigError("a model was passed without a tokenizer; calibration, evaluation and fine-tuning need one: "
@@ -115,8 +131,12 @@ def _dense_reference(ctx: RunContext, recorded: dict[str, ArtifactRecord] | None
     if recorded is not None:
         paths = [store.artifact_path(r.path) for r in dense_reference_records(recorded)]
     else:
-        paths = snapshot_weights(st.targets, store.dense_reference_dir,
-                                 after_part=lambda ws: runtime.page_out(ws, ranges))
+        try:
+            paths = snapshot_weights(st.targets, store.dense_reference_dir,
+                                     after_part=lambda ws: runtime.page_out(ws, ranges))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"could not write the dense reference to '{store.dense_reference_dir}': {e} "
+                                  "(is the disk full?); free space or choose another --run-dir") from e
     st.dense_weights = DenseSnapshot(paths)
 
 

@@ -20,6 +20,7 @@ from podar.engine.audit import AuditLog, audit_key
 from podar.engine.context import RunContext
 from podar.engine.distributed import world_size
 from podar.engine.machine import next_move
+from podar.engine.models import model_info
 from podar.engine.report import pruning_summary, write_report
 from podar.engine.runner import Runner, TransitionListener, expected, first_resume_point
 from podar.engine.store import RunStore, atomic_write_bytes, utc_now
@@ -260,7 +261,7 @@ class Pipeline:
             run_id=self.run_id, created_at=now, updated_at=now, config=cfg.model_dump(mode="json"),
             config_sha256=cfg.sha256(), state=PruningStage.IDLE.value, versions=library_versions(),
             world_size=world_size(ctx.accelerator), model_fingerprint=ctx.state.model_fingerprint,
-            data_sha256=dict(ctx.state.data_sha256))
+            model_info=model_info(ctx.model), data_sha256=dict(ctx.state.data_sha256))
         for path in ctx.state.dense_weights.paths:  # type: ignore[attr-defined]
             rel = str(path.relative_to(store.run_dir))
             manifest.artifacts[rel] = store.record(rel, stage="idle", kind="weights")
@@ -271,6 +272,17 @@ class Pipeline:
         atomic_write_bytes(store.run_dir / "config.yaml", cfg.to_yaml().encode(), fault_point="write:config")
         return runner
 
+    def _warn_unrecorded(self, store: RunStore, manifest: RunManifest) -> None:
+        """Refuse symbolic links in the run folder; name the files no record holds (a resume never reads them)."""
+        links = sorted(str(p.relative_to(store.run_dir)) for p in store.run_dir.rglob("*") if p.is_symlink())
+        if links:
+            raise CheckpointError(f"the run folder holds symbolic links ({', '.join(links[:5])}); a run folder holds "
+                                  "plain files only, so the run cannot be resumed from it")
+        unrecorded = store.unrecorded_files(manifest)
+        if unrecorded:
+            self._log.warning("unrecorded_files_ignored", files=unrecorded[:20], count=len(unrecorded),
+                              note="no record of the manifest names them: the resumed run does not read them")
+
     def _resumed_runner(self, store: RunStore) -> Runner:
         assert self._resume is not None
         manifest = store.read_manifest()  # re-read under the lock
@@ -280,6 +292,7 @@ class Pipeline:
             raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
                                   "(change the gates in a new run, or set on_fail: warn)")
         check_artifacts(store, manifest)
+        self._warn_unrecorded(store, manifest)
         audit = AuditLog(store.audit_path, manifest.run_id, key=store.key)
         if audit.repaired is not None:
             self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])

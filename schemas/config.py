@@ -179,8 +179,10 @@ class ExportConfig(Frozen):
 
 
 class TinyModelConfig(Frozen):
-    """A small randomly initialised Llama for tests (vocabulary of podar's byte tokenizer)."""
+    """A small randomly initialised model for tests (vocabulary of podar's byte tokenizer), of one architecture."""
 
+    arch: Literal["llama", "qwen2", "mistral", "phi3", "gpt2", "opt", "bert"] = Field(
+        default="llama", description="architecture (bert: an encoder without a language-model head)")
     hidden_size: int = Field(default=64, ge=8, description="hidden width, >= 8")
     intermediate_size: int = Field(default=128, ge=8, description="MLP width, >= 8")
     num_hidden_layers: int = Field(default=2, ge=1, description="decoder blocks, >= 1")
@@ -189,6 +191,19 @@ class TinyModelConfig(Frozen):
     max_position_embeddings: int = Field(default=512, ge=8, description="positions, >= 8")
     tie_word_embeddings: bool = Field(default=True, description="lm_head shares the embedding matrix")
     seed: int = Field(default=0, ge=0, description="initialisation seed, >= 0")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.tiny.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                             f"{self.num_attention_heads}: every head needs the same width")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"model.tiny.num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(f"model.tiny: a head width of {self.hidden_size // self.num_attention_heads} is odd; "
+                             "rotary position embeddings need an even one")
+        return self
 
 
 class ModelSourceConfig(Frozen):
@@ -204,6 +219,13 @@ class ModelSourceConfig(Frozen):
     name: str = Field(default="smollm2-135m", description="built-in name, hub id, folder or file")
     gguf_file: str | None = Field(default=None, description="GGUF file name inside the folder 'name'")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weights' dtype")
+    revision: str | None = Field(default=None, description="hub revision: branch, tag or commit; None: main")
+    trust_remote_code: bool = Field(default=False, description="run code the model's repository ships (off: "
+                                                               "transformers' own classes only)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="attention kernel; auto: transformers' choice")
+    task: Literal["auto", "causal-lm", "masked-lm", "encoder"] = Field(
+        default="auto", description="which Auto class loads it; auto: from the config's architectures")
     tiny: TinyModelConfig = TinyModelConfig()
 
 

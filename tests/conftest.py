@@ -6,16 +6,9 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import make_tiny_config
 
-from podar import (
-    CalibrationConfig,
-    EvaluationConfig,
-    FineTuneConfig,
-    ModelSourceConfig,
-    PruningConfig,
-    QualityGates,
-    TinyModelConfig,
-)
+from podar import PruningConfig
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +26,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(corpus) -> PruningConfig:
     """A config that runs end to end on a 2-block random Llama in a few seconds."""
-    return PruningConfig(
-        model=ModelSourceConfig(kind="tiny", tiny=TinyModelConfig()),
-        calibration=CalibrationConfig(num_samples=4, sequence_length=64, dataset=str(corpus)),
-        finetune=FineTuneConfig(enabled=False, steps=2, sequence_length=32, dataset=str(corpus)),
-        evaluation=EvaluationConfig(dataset=str(corpus), sequence_length=64, max_windows=4,
-                                    gates=QualityGates(max_perplexity_increase_pct=None)),
-    )
+    return make_tiny_config(corpus)
 
 
 @pytest.fixture(autouse=True)
