@@ -1,6 +1,6 @@
 """The least time sequential calibration can take on this machine: the matrix products and the attention it
 cannot avoid, timed one by one on SmolLM2-135M's shapes, summed over the bench's calibration set, and set
-against llm-compressor's measured time (bench/results.json) and the "half of it" target.
+against llm-compressor's measured time (bench/results/results.json) and the "half of it" target.
 
 Per block and calibration batch (B windows of T tokens), a pass is the seven Linear products plus one causal
 attention. The reference statistics (Wanda/SparseGPT block by block) need a dense pass without the last
@@ -10,11 +10,11 @@ hooks, then a propagation pass), with PyTorch's SDPA: two full passes (it runs a
 times the products at its shapes). Nothing else (norms, rotary,
 statistics, masks, solves, checkpoints) is counted, so the real times lie above these floors.
 
-The floors are set against llm-compressor's Wanda times: from bench/results.json, or with ``--against`` from an
+The floors are set against llm-compressor's Wanda times: from bench/results/results.json, or with ``--against`` from an
 interleaved timing (``bench/bench_time.py --out NAME``: the median of its pairs).
 
     python bench/bench_floor.py            # B = 4, T = 512, 64 windows, 30 blocks
-    python bench/bench_floor.py --against bench/timing-wanda.json
+    python bench/bench_floor.py --against bench/results/timing-wanda.json
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--against", type=Path, default=Path(__file__).resolve().parent / "results.json",
-                    help="llm-compressor's Wanda times: bench/results.json (default) or a bench_time.py JSON")
+    ap.add_argument("--against", type=Path, default=Path(__file__).resolve().parent / "results" / "results.json",
+                    help="llm-compressor's Wanda times: bench/results/results.json (default) or a bench_time.py JSON")
     args = ap.parse_args()
     if not args.against.is_file():
         ap.error(f"--against: no file '{args.against}'")

@@ -4,7 +4,7 @@ Same model folder, same 64 calibration windows of 512 tokens (WikiText-2 validat
 of 512 tokens (WikiText-2 raw test), perplexity by podar's evaluator for both. Each run is its own process
 (peak resident memory, VmHWM, is per process, read right after pruning). llm-compressor runs in its own
 virtual environment (.venv-llmc, created here with torch==2.13.0), at its default calibration batch size.
-Prints one table; writes bench/results.json and results.md.
+Prints one table; writes bench/results/results.json and results.md.
 
     make bench                                 # everything
     python bench/bench_methods.py --only podar --cases wanda:unstructured
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=common.SEED,
                     help="calibration windows' seed; other than 0, results go to results-seed<N>.json/.md")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of bench/results.json that this invocation does not re-measure")
+                    help="keep the rows of bench/results/results.json that this invocation does not re-measure")
     args = ap.parse_args()
     common.prepare(args.seed)
     stem = "results" if args.seed == common.SEED else f"results-seed{args.seed}"
@@ -110,16 +110,17 @@ def main() -> None:
             out.unlink()
             rows.append(r)
             print(json.dumps(r), flush=True)
-    if args.merge and (common.ROOT / f"{stem}.json").is_file():
+    if args.merge and (common.RESULTS / f"{stem}.json").is_file():
         fresh = {(r["tool"], r["method"], r["pattern"]) for r in rows}
-        old = json.loads((common.ROOT / f"{stem}.json").read_text())
+        old = json.loads((common.RESULTS / f"{stem}.json").read_text())
         kept = [r for r in old if (r["tool"], r["method"], r["pattern"]) not in fresh]
         order = {c: i for i, c in enumerate(CASES)}
         rows = sorted(kept + rows, key=lambda r: (order.get(f"{r['method']}:{r['pattern']}", 99), r["tool"] != "podar"))
     table = render(rows) + "\n\n" + render_exports(rows)
     print(table)
-    (common.ROOT / f"{stem}.json").write_text(json.dumps(rows, indent=2))
-    (common.ROOT / f"{stem}.md").write_text(table + "\n")
+    common.RESULTS.mkdir(exist_ok=True)
+    (common.RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    (common.RESULTS / f"{stem}.md").write_text(table + "\n")
 
 
 def render_exports(rows: list[dict]) -> str:

@@ -3,8 +3,8 @@
 This machine's speed drifts by 10–20% over minutes, so one run of each tool can put a ratio on either side of a
 target. Here each pair runs podar, then llm-compressor, on the same case (the bench's model and calibration
 windows, no evaluation), ``--pairs`` times; the table gives every pair's time ratio and their median, and
-each tool's median time and largest peak resident memory. Writes bench/timing.json and bench/timing.md
-(``--out NAME``: bench/NAME.json and bench/NAME.md).
+each tool's median time and largest peak resident memory. Writes bench/results/timing.json and .md
+(``--out NAME``: bench/results/NAME.json and .md).
 
     python bench/bench_time.py --cases sparsegpt:unstructured sparsegpt:2:4 --pairs 3
     python bench/bench_time.py --cases wanda:unstructured wanda:2:4 --pairs 3 --out timing-wanda
@@ -41,7 +41,7 @@ def main() -> None:
                     help="the dtype both tools load the dense model in")
     ap.add_argument("--podar-compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
                     help="podar's runtime.compute_dtype (llm-compressor computes in --dtype)")
-    ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/")
+    ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/results/")
     args = ap.parse_args()
     if not args.out or Path(args.out).name != args.out or args.out.startswith("."):
         ap.error(f"--out must be a plain file name without a folder, got {args.out!r}")
@@ -74,8 +74,9 @@ def main() -> None:
                      "podar_mb": [p["peak_rss_mb"] for p, _ in runs], "llmc_mb": [c["peak_rss_mb"] for _, c in runs]})
     table = render(rows)
     print(table)
-    (common.ROOT / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
-    (common.ROOT / f"{args.out}.md").write_text(table + "\n")
+    common.RESULTS.mkdir(exist_ok=True)
+    (common.RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2))
+    (common.RESULTS / f"{args.out}.md").write_text(table + "\n")
 
 
 def render(rows: list[dict]) -> str:

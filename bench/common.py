@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"  # the committed result files
 CACHE = ROOT / ".cache"
 MODEL_DIR = CACHE / "smollm2-135m-dense"
 CALIB = CACHE / "calibration_ids.safetensors"

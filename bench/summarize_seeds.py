@@ -1,5 +1,6 @@
 """Perplexity of podar and llm-compressor over several calibration draws: one row per case and seed, then the
-mean ratio. Reads bench/results.json (seed 0) and bench/results-seed<N>.json (``bench_methods.py --seed N``).
+mean ratio. Reads bench/results/results.json (seed 0) and bench/results/results-seed<N>.json
+(``bench_methods.py --seed N``).
 
 A single draw of 64 windows is a noisy measure at 2:4: float rounding alone (e.g. batching the calibration
 forwards by 4 instead of 1) changes which of two near-equal weights a 2:4 group keeps, the changes compound
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 def load() -> dict[tuple[str, str, int], dict[str, dict]]:
     """{(method, pattern, seed): {tool: row}}"""
     out: dict[tuple[str, str, int], dict[str, dict]] = {}
-    for path in sorted(ROOT.glob("results*.json")):
+    for path in sorted((ROOT / "results").glob("results*.json")):
         m = re.fullmatch(r"results(?:-seed(\d+))?\.json", path.name)
         if not m:
             continue

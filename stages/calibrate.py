@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from podar.engine.context import RunContext
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
@@ -11,6 +13,7 @@ from podar.schemas.stage import PruningStage
 STAGE = PruningStage.CALIBRATING
 
 
+@torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
     index = st.group_index

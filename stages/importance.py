@@ -47,6 +47,7 @@ def _prepared(ctx: RunContext, name: str, stats: Any, done: dict[int, Any]) -> A
     return done[id(stats)]
 
 
+@torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     cfg, st, method = ctx.config, ctx.state, ctx.method
     targets = st.group_targets()

@@ -144,6 +144,7 @@ def _map(ctx: RunContext, targets: dict[str, Any], record: ArtifactRecord | None
         ctx.log.warning("weights_not_mapped", artifact=None if record is None else record.path, reason=str(e))
 
 
+@torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
     spec = prune_spec(ctx)

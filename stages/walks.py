@@ -118,6 +118,7 @@ class CalibrationWalk(ABC):
 class OnePassWalk(CalibrationWalk):
     kind = "one_pass"
 
+    @torch.no_grad()
     def statistics(self, index: int, method: PruningMethod, check: Check
                    ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
         forwards = 0
@@ -152,6 +153,7 @@ class BlockWalk(CalibrationWalk):
         self.inputs = inputs
         return inputs, forwards
 
+    @torch.no_grad()
     def statistics(self, index: int, method: PruningMethod, check: Check
                    ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
         assert self.stack is not None
@@ -176,6 +178,7 @@ class BlockWalk(CalibrationWalk):
                             chain[i] = block_output(out)
         return stats, {"block_forwards": forwards}
 
+    @torch.no_grad()
     def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
         assert self.stack is not None and self.inputs is not None
         self.runtime.trim()  # what scoring and mask selection freed, before the activations grow
@@ -206,6 +209,7 @@ class SiteWalk(CalibrationWalk):
         super().__init__(*args, **kwargs)
         self.cursor: SublayerCursor | None = None
 
+    @torch.no_grad()
     def statistics(self, index: int, method: PruningMethod, check: Check
                    ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
         assert self.stack is not None
@@ -230,6 +234,7 @@ class SiteWalk(CalibrationWalk):
                                       "replayed_site_passes": cursor.site_passes - before, "block_forwards": 0}
         return {n: entry for n in group.names}, metrics
 
+    @torch.no_grad()
     def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
         assert self.stack is not None and self.cursor is not None
         cursor, group = self.cursor, self.groups[index]
