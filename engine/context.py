@@ -59,6 +59,8 @@ class RunState:
     eval_windows: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # text → (windows, sha256)
     model_fingerprint: str = ""
     data_sha256: dict[str, str] = field(default_factory=dict)  # role → sha256 of the text
+    task: str = "causal-lm"  # what the model computes: causal-lm, masked-lm or encoder (engine.models.model_task)
+    converted: list[str] = field(default_factory=list)  # Conv1D layers run as nn.Linear (restored for the export)
 
     @property
     def group_index(self) -> int:

@@ -21,7 +21,7 @@ from podar.schemas.errors import ModelLoadError
 from .tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
 __all__ = ["load_model", "tiny_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint", "strip_quantizer",
-           "model_info", "DTYPES"]
+           "model_info", "model_task", "auto_class_for", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -193,6 +193,19 @@ def load_model(source: ModelSourceConfig) -> tuple[Any, Any]:
     except Exception as e:
         raise ModelLoadError(f"could not load model '{source.name}' (kind '{source.kind}'): {e}") from e
     return model.eval(), tokenizer
+
+
+def model_task(model: Any) -> str:
+    """'causal-lm' (next-token logits: perplexity applies), 'masked-lm', or 'encoder' (hidden states only)."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal-lm"
+    return "masked-lm" if name.endswith("ForMaskedLM") else "encoder"
+
+
+def auto_class_for(config: Any) -> Any:
+    """The Auto class that reloads a model saved with ``config`` (by its ``architectures``)."""
+    return _auto_class(config, "auto")
 
 
 def model_info(model: Any) -> dict[str, str]:

@@ -148,6 +148,30 @@ def _plots(report: RunReport, folder: Path) -> list[str]:
     return written
 
 
+def _num(value: float | None, fmt: str = "{:.4f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _text_table(r: RunReport) -> list[str]:
+    """One row per evaluation text: perplexity, KL and top-1 for a causal LM; hidden-state fidelity otherwise."""
+    if all(t.dense_ppl is None for t in r.texts):
+        rows = ["| text | windows × tokens | hidden cosine | hidden relative MSE | embedding cosine | gates |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for t in r.texts:
+            gate = "passed" if t.gates_passed else f"FAILED ({t.on_fail})"
+            rows.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {_num(t.hidden_cosine)} | "
+                        f"{_num(t.hidden_rel_mse)} | {_num(t.embedding_cosine)} | {gate} |")
+        return rows
+    rows = ["| text | windows × tokens | dense ppl | pruned ppl | Δ ppl | KL (nats/token) | top-1 agreement | gates |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in r.texts:
+        gate = "passed" if t.gates_passed else f"FAILED ({t.on_fail})"
+        rows.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {_num(t.dense_ppl, '{:.2f}')} | "
+                    f"{_num(t.pruned_ppl, '{:.2f}')} | {_num(t.ppl_increase_pct, '{:+.1f}%')} | {_num(t.kl_mean)} | "
+                    f"{_num(t.top1_agreement)} | {gate} |")
+    return rows
+
+
 def _markdown(r: RunReport) -> str:
     lines = [f"# podar run {r.run_id}", "",
              f"**{PruningStage(r.state).display}** — {r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} "
@@ -157,20 +181,11 @@ def _markdown(r: RunReport) -> str:
     if r.achieved_sparsity is not None:
         lines += [f"Achieved sparsity over {len(r.layers)} pruned layers: {r.achieved_sparsity:.4f}.", ""]
     if r.texts:
-        lines += ["| text | windows × tokens | dense ppl | pruned ppl | Δ ppl | KL (nats/token) | top-1 agreement "
-                  "| gates |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for t in r.texts:
-            kl = "—" if t.kl_mean is None else f"{t.kl_mean:.4f}"
-            ag = "—" if t.top1_agreement is None else f"{t.top1_agreement:.4f}"
-            gate = "passed" if t.gates_passed else f"FAILED ({t.on_fail})"
-            lines.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {t.dense_ppl:.2f} | {t.pruned_ppl:.2f} | "
-                         f"{t.ppl_increase_pct:+.1f}% | {kl} | {ag} | {gate} |")
-        lines.append("")
+        lines += _text_table(r) + [""]
         for t in r.texts:
             lines += [f"- gate: {f}" for f in t.gate_failures]
     lines += ["| stage | time (s) |", "| --- | --- |"]
-    lines += [f"| {PruningStage(s).display} | {d:.2f} |" for s, d in r.stage_durations_s.items()]
+    lines += [f"| {PruningStage(s).display_name()} | {d:.2f} |" for s, d in r.stage_durations_s.items()]
     lines += [f"| pruning (calibrating + importance + pruning) | {r.pruning_time_s:.2f} |", ""]
     if r.export_bytes is not None:
         lines += [f"Export: format `{r.export_format}`, {r.export_bytes / 1e6:.1f} MB.", ""]

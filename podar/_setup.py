@@ -18,7 +18,7 @@ from podar.engine.data import (
     tokenize_text,
 )
 from podar.engine.distributed import make_accelerator
-from podar.engine.models import load_model, weights_fingerprint
+from podar.engine.models import load_model, model_task, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
 from podar.schemas.config import PruningConfig
@@ -26,7 +26,7 @@ from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
 from podar.stages.common import PackedMasks
 from podar.stages.methods import get_method
-from podar.stages.targets import resolve_targets, snapshot_weights
+from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.walks import plan_walk
 
 __all__ = ["build_context", "library_versions", "dense_reference_records"]
@@ -61,6 +61,10 @@ def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     if model is None:
         model, tokenizer = load_model(cfg.model)
     _check_lengths(cfg, model)
+    task = model_task(model)
+    if cfg.finetune.enabled and task != "causal-lm":
+        raise ConfigError(f"finetune.enabled: masked fine-tuning trains on next-token loss, which a {task} model "
+                          f"({type(model).__name__}) does not have; set finetune.enabled: false")
     needs_text = cfg.needs_calibration or cfg.evaluation.enabled or cfg.finetune.enabled
     if tokenizer is None and needs_text:
         raise ConfigError("a model was passed without a tokenizer; calibration, evaluation and fine-tuning need one: "
@@ -146,12 +150,16 @@ def build_context(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: An
     accelerator = make_accelerator(cfg.device)
     store.is_main = accelerator.is_main_process
     model, tokenizer = _load(cfg, model, tokenizer)
+    converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
     model.to(accelerator.device)
     model.eval()
     ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store, log=log,
                      run_id=run_id, method=get_method(cfg.method.name), runtime=Runtime(cfg.runtime),
-                     state=RunState(targets=targets, masks=PackedMasks()), progress=progress)
+                     state=RunState(targets=targets, masks=PackedMasks(), task=model_task(model),
+                                    converted=converted), progress=progress)
+    if converted:
+        log.info("conv1d_as_linear", layers=len(converted), note="restored to Conv1D for the export")
     _texts(ctx)
     _plan(ctx)
     _dense_reference(ctx, recorded)

@@ -138,6 +138,10 @@ def _summary(result: Any, elapsed: float) -> list[str]:
         lines.append(f"perplexity ({ev['dataset']}, {ev['windows']} windows × {ev['seq_len']} tokens): dense "
                      f"{ev['dense_ppl']:.2f} → pruned {ev['pruned_ppl']:.2f} ({ev['ppl_increase_pct']:+.1f}%); KL "
                      f"{ev['kl_mean']:.4f} nats/token, top-1 agreement {ev['top1_agreement']:.4f}")
+    if "hidden_cosine" in ev:
+        lines.append(f"fidelity ({ev['dataset']}, {ev['windows']} windows × {ev['seq_len']} tokens): hidden-state "
+                     f"cosine {ev['hidden_cosine']:.4f}, relative MSE {ev['hidden_rel_mse']:.4f}, embedding cosine "
+                     f"{ev['embedding_cosine']:.4f}")
     pr = result.metrics.get("pruning", {})
     if pr and result.achieved_sparsity is not None:
         lines.append(f"sparsity: target {pr['target_sparsity']:.3f}, achieved {result.achieved_sparsity:.4f} over "

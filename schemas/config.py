@@ -118,7 +118,8 @@ class FineTuneConfig(Frozen):
 
 
 class QualityGates(Frozen):
-    """Limits the pruned model must meet on an evaluation text for Exporting to run. None switches a gate off."""
+    """Limits the pruned model must meet on an evaluation text for Exporting to run. None switches a gate off.
+    Perplexity, KL and top-1 gates apply to causal LMs; the hidden-state gates to models without one (encoders)."""
 
     max_perplexity_increase_pct: float | None = Field(
         default=100.0, gt=0.0, description="largest (ppl_pruned / ppl_dense − 1) × 100, percent, > 0")
@@ -126,6 +127,12 @@ class QualityGates(Frozen):
     max_kl: float | None = Field(default=None, gt=0.0, description="largest mean KL(dense ‖ pruned), nats/token")
     min_top1_agreement: float | None = Field(
         default=None, gt=0.0, le=1.0, description="smallest share of positions whose argmax agrees, (0, 1]")
+    min_hidden_cosine: float | None = Field(
+        default=None, gt=-1.0, le=1.0, description="encoders: smallest mean per-token cosine of last hidden states")
+    max_hidden_rel_mse: float | None = Field(
+        default=None, gt=0.0, description="encoders: largest ‖H_pruned − H_dense‖² / ‖H_dense‖², > 0")
+    min_embedding_cosine: float | None = Field(
+        default=0.5, gt=-1.0, le=1.0, description="encoders: smallest mean cosine of mean-pooled embeddings")
     on_fail: Literal["fail", "warn"] = Field(default="fail", description="fail: end in Failed; warn: record, export")
 
 

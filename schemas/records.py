@@ -51,11 +51,16 @@ class TextEvaluation(_Record):
     dataset: str
     windows: int = Field(ge=0)
     seq_len: int = Field(ge=0)
-    dense_ppl: float
-    pruned_ppl: float
-    ppl_increase_pct: float
+    dense_ppl: float | None = Field(default=None, description="causal LMs: perplexity of the dense model")
+    pruned_ppl: float | None = None
+    ppl_increase_pct: float | None = None
     kl_mean: float | None = Field(default=None, description="mean KL(dense ‖ pruned) per token, nats")
     top1_agreement: float | None = None
+    hidden_cosine: float | None = Field(default=None, description="encoders: mean per-token cosine of the last "
+                                                                  "hidden states, pruned against dense")
+    hidden_rel_mse: float | None = Field(default=None, description="encoders: ‖H_pruned − H_dense‖² / ‖H_dense‖²")
+    embedding_cosine: float | None = Field(default=None, description="encoders: mean cosine of mean-pooled "
+                                                                     "embeddings")
     gate_failures: list[str] = Field(default_factory=list)
     on_fail: str = "fail"
 

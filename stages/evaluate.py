@@ -1,9 +1,11 @@
 """Evaluating: the pruned model against the dense one on every evaluation text; the quality gates decide.
 
-Per text: perplexity (dense and pruned), mean KL(dense ‖ pruned) per token and top-1 agreement, on the same
-windows (``stages.quality``). The dense reference runs with the dense weights swapped back in (restored on any
-exit) and is checkpointed (``baseline``) with the model fingerprint, the text's sha256 and the protocol, so an
-auditor can check the dense side of every gate.
+Per text, for a causal LM: perplexity (dense and pruned), mean KL(dense ‖ pruned) per token and top-1 agreement,
+on the same windows (``stages.quality``). For a model without a language-model head (an encoder), where perplexity
+does not apply: the fidelity of its last hidden states to the dense model's on the same windows (per-token
+cosine, relative MSE, cosine of the mean-pooled embeddings). The dense reference runs with the dense weights
+swapped back in (restored on any exit) and is checkpointed (``baseline``) with the model fingerprint, the text's
+sha256 and the protocol, so an auditor can check the dense side of every gate.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from podar.schemas.records import StageResult, TextEvaluation
 from podar.schemas.stage import PruningStage
 
 from .common import swapped_weights
-from .quality import TextMetrics, compare_to_reference, dense_reference, reference_metrics
+from .quality import (
+    Fidelity,
+    TextMetrics,
+    compare_to_reference,
+    dense_reference,
+    fidelity,
+    hidden_states,
+    reference_metrics,
+)
 
 STAGE = PruningStage.EVALUATING
 PROTOCOL = "ppl+kl-v2"
@@ -73,6 +83,39 @@ def check_gates(dataset: str, gates: QualityGates, dense: TextMetrics, pruned: T
     return failures
 
 
+def check_fidelity_gates(dataset: str, gates: QualityGates, f: Fidelity) -> list[str]:
+    """The failed hidden-state gates of one text (models without a language-model head)."""
+    failures = []
+    if gates.min_hidden_cosine is not None and f.hidden_cosine < gates.min_hidden_cosine:
+        failures.append(f"'{dataset}': hidden-state cosine {f.hidden_cosine:.4f} is below min_hidden_cosine="
+                        f"{gates.min_hidden_cosine:g}")
+    if gates.max_hidden_rel_mse is not None and f.hidden_rel_mse > gates.max_hidden_rel_mse:
+        failures.append(f"'{dataset}': hidden-state relative MSE {f.hidden_rel_mse:.4f} is above max_hidden_rel_mse="
+                        f"{gates.max_hidden_rel_mse:g}")
+    if gates.min_embedding_cosine is not None and f.embedding_cosine < gates.min_embedding_cosine:
+        failures.append(f"'{dataset}': embedding cosine {f.embedding_cosine:.4f} is below min_embedding_cosine="
+                        f"{gates.min_embedding_cosine:g}")
+    return failures
+
+
+def evaluate_fidelity(ctx: RunContext, dataset: str) -> TextEvaluation:
+    """A model without a language-model head: its last hidden states against the dense model's."""
+    ev = ctx.config.evaluation
+    windows, text_sha = evaluation_windows(ctx, dataset)
+    kwargs = dict(batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress, text=dataset,
+                  check=ctx.check_cancelled)
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
+        dense = hidden_states(ctx.model, windows, **kwargs)
+    ctx.save_tensors("baseline", {"embedding": dense.mean(dim=1)}, name=_slug(dataset), group=False, metadata={
+        "dataset": dataset, "text_sha256": text_sha, "model_fingerprint": ctx.state.model_fingerprint,
+        "sequence_length": str(ev.sequence_length), "windows": str(windows.shape[0]), "protocol": "hidden-v1"})
+    f = fidelity(dense, hidden_states(ctx.model, windows, **kwargs))
+    gates = ev.gates_for(dataset)
+    return TextEvaluation(dataset=dataset, windows=f.n_windows, seq_len=f.seq_len, hidden_cosine=f.hidden_cosine,
+                          hidden_rel_mse=f.hidden_rel_mse, embedding_cosine=f.embedding_cosine,
+                          gate_failures=check_fidelity_gates(dataset, gates, f), on_fail=gates.on_fail)
+
+
 def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     """Dense and pruned metrics of one text, and its failed gates."""
     ev = ctx.config.evaluation
@@ -94,11 +137,12 @@ def run(ctx: RunContext) -> StageResult:
     if not ev.enabled:
         return StageResult(stage=STAGE.value, metrics={"skipped": True}, outcome="gate_passed",
                            notes=["evaluation disabled: no quality gate was applied"])
-    texts = [evaluate_text(ctx, dataset) for dataset in ev.datasets()]
+    one = evaluate_text if ctx.state.task == "causal-lm" else evaluate_fidelity
+    texts = [one(ctx, dataset) for dataset in ev.datasets()]
     metrics: dict = {"dataset": texts[0].dataset}
     for i, t in enumerate(texts):
         prefix = "" if i == 0 else f"{t.dataset}."
-        values = t.model_dump(exclude={"dataset", "gate_failures", "on_fail"})
+        values = t.model_dump(exclude={"dataset", "gate_failures", "on_fail"}, exclude_none=True)
         metrics.update({f"{prefix}{k}": v for k, v in values.items()})
         metrics[f"{prefix}gates_failed"] = len(t.gate_failures)
     n_zero = sum(int((m.weight == 0).sum()) for m in ctx.state.targets.values())

@@ -21,6 +21,8 @@ from podar.schemas.stage import PruningStage
 
 from .evaluate import evaluation_windows
 from .export_io import load_pretrained, roundtrip_weight, write_compressed
+from .quality import final_hidden
+from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
 # Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
@@ -58,6 +60,13 @@ def _logit_tolerance(model_dtype: torch.dtype, dtype: torch.dtype, quantize: boo
     return max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in {model_dtype, dtype})
 
 
+def _outputs(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """What the model computes for ``batch``, in float32: logits, or the last hidden states without an LM head."""
+    if ctx.state.task == "causal-lm":
+        return model(input_ids=batch, use_cache=False).logits.float()
+    return final_hidden(model, batch).float()
+
+
 @torch.no_grad()
 def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, quantize: bool) -> dict[str, float]:
     """Reload ``folder`` (computing in float32) and compare every tensor bit for bit, then the logits of
@@ -70,8 +79,7 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, quantize: b
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
         batch = evaluation_windows(ctx)[0][:n]
-        ref = ctx.model(input_ids=batch.to(ctx.device), use_cache=False).logits.float().cpu()
-        new = reloaded(input_ids=batch, use_cache=False).logits.float()
+        ref, new = _outputs(ctx, ctx.model, batch.to(ctx.device)).cpu(), _outputs(ctx, reloaded, batch)
         diff = float((ref - new).abs().max())
         scale = max(float(ref.abs().max()), 1.0)
         rtol = _logit_tolerance(ctx.model.dtype, dtype, quantize)
@@ -88,6 +96,8 @@ def run(ctx: RunContext) -> StageResult:
     staging = store.begin_export()
     model = ctx.model
     strip_quantizer(model)
+    restore_conv1d(model, ctx.state.converted)  # the layout the model's own class loads (GPT-2's Conv1D)
+    ctx.state.converted = []
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     quantize = cfg.quantization == "int8"
     metrics: dict = {}

@@ -238,12 +238,15 @@ def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, dtype: torch.dty
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verify: bool = True) -> Any:
-    """A transformers causal LM from a folder podar exported (any format), decompressed and dequantized.
+    """A transformers model of the exported class (a causal LM, an encoder, ...) from a folder podar exported (any
+    format), decompressed and dequantized.
 
     Verifies every weight file against the sha256 in ``podar_export.json`` (refusing a changed, corrupted or
     truncated file by name). A plain ``save_pretrained`` folder loads through transformers as usual.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from podar.engine.models import auto_class_for
 
     folder = Path(path)
     config_path = folder / "config.json"
@@ -261,18 +264,19 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verif
                                       "changed, corrupted or truncated")
     raw = json.loads(config_path.read_text())
     qc = raw.get("quantization_config") or {}
+    config = AutoConfig.from_pretrained(str(folder))
+    auto = auto_class_for(config)
     if qc.get("quant_method") != "compressed-tensors":
         try:
-            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+            return auto.from_pretrained(str(folder), dtype=dtype).eval()
         except Exception as e:
             raise CheckpointError(f"'{folder}' does not load with transformers: {e}") from e
     sparsity = qc.get("sparsity_config") or {}
     fmt = sparsity.get("format", "dense")
     dtype = dtype or getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
-    config = AutoConfig.from_pretrained(str(folder))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = auto.from_config(config, dtype=dtype)
     files = sorted(meta["files"]) if meta else sorted(p.name for p in folder.glob("*.safetensors"))
     expected = set(model.state_dict())
     loaded: set[str] = set()

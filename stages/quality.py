@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from podar.schemas.errors import StageError
 
-__all__ = ["TextMetrics", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate"]
+__all__ = ["TextMetrics", "Fidelity", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate",
+           "final_hidden", "hidden_states", "fidelity"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,49 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, texts: dict[str, str], *, r
                                               progress=progress, text=name)
         out[name] = entry
     return out
+
+
+def final_hidden(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The last hidden states (B, T, C) of a model without a language-model head (or of a masked LM)."""
+    out = model(input_ids=batch)
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = model(input_ids=batch, output_hidden_states=True).hidden_states[-1]
+    return hidden
+
+
+@torch.no_grad()
+def hidden_states(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 1,
+                  device: torch.device | str = "cpu", progress: bool = False, text: str = "text",
+                  check: Callable[[], None] | None = None) -> torch.Tensor:
+    """hidden: (n, T, C) fp32 on the CPU — the last hidden states of ``windows`` (n, T)."""
+    out = []
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=f"hidden {text}"[:40], leave=False,
+                      disable=None if progress else True):
+        if check is not None:
+            check()
+        h = final_hidden(model, windows[start:start + batch_size].to(device)).float().cpu()
+        _check_finite(h.flatten(1).sum(dim=1), start, text, "hidden state")
+        out.append(h)
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """The pruned model's last hidden states against the dense model's, on the same windows."""
+
+    hidden_cosine: float  # mean over tokens of cos(h_pruned, h_dense)
+    hidden_rel_mse: float  # Σ ‖h_pruned − h_dense‖² / Σ ‖h_dense‖²
+    embedding_cosine: float  # mean over windows of cos(mean_t h_pruned, mean_t h_dense)
+    n_windows: int
+    seq_len: int
+
+
+def fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> Fidelity:
+    """Fidelity of pruned (n, T, C) against dense (n, T, C) hidden states; fp64 accumulation."""
+    d, p = dense.double(), pruned.double()
+    token_cos = F.cosine_similarity(p, d, dim=-1)  # (n, T)
+    rel = float((p - d).pow(2).sum() / d.pow(2).sum().clamp_min(1e-300))
+    emb_cos = F.cosine_similarity(p.mean(dim=1), d.mean(dim=1), dim=-1)  # (n,)
+    return Fidelity(hidden_cosine=float(token_cos.mean()), hidden_rel_mse=rel, embedding_cosine=float(emb_cos.mean()),
+                    n_windows=dense.shape[0], seq_len=dense.shape[1])

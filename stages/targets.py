@@ -14,7 +14,7 @@ from torch import nn
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import ConfigError
 
-__all__ = ["resolve_targets", "matches"]
+__all__ = ["resolve_targets", "matches", "linearize_conv1d", "restore_conv1d"]
 
 
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
@@ -22,6 +22,46 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return pattern == name or pattern == type(module).__name__
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+@torch.no_grad()
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` (GPT-2's attention and MLP: y = x·W + b, W (in, out)) by an
+    ``nn.Linear`` computing the same with W transposed, so every prunable layer has an (out, in) weight. Returns
+    the names replaced (``restore_conv1d`` puts them back, e.g. before an export that must keep the layout)."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+            continue
+        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight.detach().t().contiguous(),
+                                     requires_grad=module.weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        _set_module(model, name, linear)
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def restore_conv1d(model: nn.Module, names: list[str]) -> None:
+    """Turn the ``nn.Linear`` layers ``linearize_conv1d`` made back into transformers ``Conv1D`` (W (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name in names:
+        linear = model.get_submodule(name)
+        conv = Conv1D.__new__(Conv1D)
+        nn.Module.__init__(conv)
+        conv.nf, conv.nx = linear.out_features, linear.in_features
+        conv.weight = nn.Parameter(linear.weight.detach().t().contiguous(),
+                                   requires_grad=linear.weight.requires_grad)
+        conv.bias = linear.bias if linear.bias is not None else nn.Parameter(torch.zeros(conv.nf))
+        _set_module(model, name, conv)
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from podar import (
     CalibrationConfig,
     EvaluationConfig,
@@ -24,3 +26,40 @@ def make_tiny_config(corpus: Path, **tiny: object) -> PruningConfig:
         evaluation=EvaluationConfig(dataset=str(corpus), sequence_length=64, max_windows=4,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
     )
+
+
+def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, margins=None):
+    """Frantar & Alistarh (2023), Algorithm 1, in float64 with plain loops. ``margins`` (a list): each unstructured
+    block decision's relative gap between every saliency and the block's threshold is appended, (out, count)."""
+    w = w.clone()
+    h = 2.0 * x.t() @ x / 1  # one "sample": the scale cancels in the solver
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    rows, cols = w.shape
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        if n is None:
+            sal = w[:, i1:i2] ** 2 / torch.diag(hinv)[i1:i2] ** 2
+            k = int(sal.numel() * sparsity)
+            flat = torch.zeros(sal.numel(), dtype=torch.bool)
+            order = torch.argsort(sal.reshape(-1), stable=True)
+            flat[order[:k]] = True
+            prune[:, i1:i2] = flat.view_as(sal)
+            if margins is not None and 0 < k < sal.numel():
+                threshold = (sal.reshape(-1)[order[k - 1]] + sal.reshape(-1)[order[k]]) / 2
+                margins.append(((sal - threshold).abs() / threshold.abs().clamp_min(1e-300), i1, i2))
+        for i in range(i1, i2):
+            if n is not None and (i - i1) % m == 0:
+                sal = w[:, i:i + m] ** 2 / torch.diag(hinv)[i:i + m] ** 2
+                for r in range(rows):
+                    prune[r, i + torch.argsort(sal[r], stable=True)[: m - n]] = True
+            q = torch.where(prune[:, i], torch.zeros_like(w[:, i]), w[:, i])
+            err = (w[:, i] - q) / hinv[i, i]
+            w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
+            w[:, i] = q
+    w[prune] = 0
+    return w, ~prune

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import reference_sparsegpt
 from torch import nn
 
 from podar import TinyModelConfig, tiny_llama
@@ -26,38 +27,6 @@ def data(out_f=24, in_f=40, tokens=300, seed=0):
     mix = torch.randn(in_f, in_f, generator=g, dtype=torch.float64) * 0.3 + torch.eye(in_f, dtype=torch.float64)
     x = (torch.randn(tokens, in_f, generator=g, dtype=torch.float64) @ mix) * torch.linspace(0.2, 3, in_f)
     return w, x
-
-
-def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01):
-    """Frantar & Alistarh (2023), Algorithm 1, in float64 with plain loops."""
-    w = w.clone()
-    h = 2.0 * x.t() @ x / 1  # one "sample": the scale cancels in the solver
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    rows, cols = w.shape
-    prune = torch.zeros_like(w, dtype=torch.bool)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        if n is None:
-            sal = w[:, i1:i2] ** 2 / torch.diag(hinv)[i1:i2] ** 2
-            k = int(sal.numel() * sparsity)
-            flat = torch.zeros(sal.numel(), dtype=torch.bool)
-            flat[torch.argsort(sal.reshape(-1), stable=True)[:k]] = True
-            prune[:, i1:i2] = flat.view_as(sal)
-        for i in range(i1, i2):
-            if n is not None and (i - i1) % m == 0:
-                sal = w[:, i:i + m] ** 2 / torch.diag(hinv)[i:i + m] ** 2
-                for r in range(rows):
-                    prune[r, i + torch.argsort(sal[r], stable=True)[: m - n]] = True
-            q = torch.where(prune[:, i], torch.zeros_like(w[:, i]), w[:, i])
-            err = (w[:, i] - q) / hinv[i, i]
-            w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
-            w[:, i] = q
-    w[prune] = 0
-    return w, ~prune
 
 
 def recon_error(w, w_hat, x):
