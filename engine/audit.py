@@ -76,6 +76,7 @@ def checkpoint_digest(result: StageResult | None, artifacts: Mapping[str, Artifa
     else:
         assert manifest is not None
         body = {"model_fingerprint": manifest.model_fingerprint, "data_sha256": manifest.data_sha256,
+                "dense_reference_files": manifest.dense_reference_files,
                 "artifacts": {p: r.model_dump(mode="json") for p, r in artifacts.items() if r.stage == "idle"}}
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 
@@ -106,15 +107,16 @@ class _DurableFileLogger:
 class AuditLog:
     """Appends records; continues the chain of an existing file. ``key``: records carry an HMAC under it."""
 
-    def __init__(self, path: str | Path, run_id: str, *, key: bytes | None = None) -> None:
+    def __init__(self, path: str | Path, run_id: str, *, key: bytes | None = None, writer: bool = True) -> None:
         self.path = Path(path)
         self.run_id = run_id
         self.key = key
+        self.writer = writer  # False on the processes that do not write the run folder: records are made, not kept
         self._sink = _DurableFileLogger(self.path)
         self.head_sha256 = chain_seed(run_id)
         self.next_seq = 0
         self.repaired: str | None = None
-        if self.path.exists():
+        if self.path.exists() and writer:
             self._continue()
         processors: list[Any] = [self._add_chain]
         if key is not None:
@@ -152,6 +154,9 @@ class AuditLog:
         event = fields.pop("event", "transition")
         record = AuditEvent(event=event, run_id=self.run_id, seq=self.next_seq, prev_sha256=self.head_sha256,
                             **fields)
+        if not self.writer:
+            self.next_seq += 1
+            return record
         payload = record.model_dump(mode="json", exclude={"prev_sha256", "event", "mac"})
         self._logger.info(event, **payload)
         assert self._sink.last_line is not None

@@ -16,10 +16,11 @@ from podar.schemas.errors import PodarError
 from podar.schemas.records import ArtifactRecord, Counters, StageResult
 from podar.schemas.stage import PruningStage
 
+from .distributed import Dist, together
 from .runtime import Runtime
 from .store import ArtifactKey, RunStore
 
-__all__ = ["RunContext", "RunState", "Handler", "Cancelled", "Terminated", "DenseSnapshot"]
+__all__ = ["RunContext", "RunState", "Handler", "Cancelled", "Terminated", "DenseReference"]
 
 
 class Cancelled(PodarError):
@@ -45,7 +46,7 @@ class RunState:
     """
 
     targets: dict[str, torch.nn.Module] = field(default_factory=dict)  # pruned Linear modules
-    # (out, in) weights before pruning, by module name: a mapping read from disk on demand (DenseSnapshot)
+    # (out, in) weights before pruning, by module name: a mapping read from disk on demand (DenseReference)
     dense_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # (out, in) bool, True = kept; the pipeline hands in a bit-packed store (stages.common.PackedMasks)
     masks: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
@@ -54,6 +55,7 @@ class RunState:
     walk: Any = None  # the calibration walk (stages.walks.CalibrationWalk); None without calibration
     stats: dict[str, Any] = field(default_factory=dict)  # the current group's statistics (methods' LayerStats)
     prepared: dict[str, Any] = field(default_factory=dict)  # the current group's shared per-input work
+    owners: dict[str, int] = field(default_factory=dict)  # several processes: input group (first name) → solver
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance, when kept
     calibration_samples: torch.Tensor | None = None  # (N, T) int64
     eval_windows: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # text → (windows, sha256)
@@ -81,35 +83,47 @@ class RunState:
         return {n: self.targets[n] for n in self.layer_groups[self.counters.group_index]}
 
 
-class DenseSnapshot(Mapping[str, torch.Tensor]):
-    """The pruned layers' weights before pruning, kept in safetensors files and read one tensor at a time, so
-    the dense reference costs disk, not memory."""
+class DenseReference(Mapping[str, torch.Tensor]):
+    """The pruned layers' weights before pruning, (out, in), read one tensor at a time from safetensors files, so
+    the dense reference costs disk (or nothing), not memory: the model's own files when it was loaded from them
+    (no copy), else parts the run wrote. ``entries``: name → (file, tensor key, stored transposed)."""
 
-    def __init__(self, paths: list[Any]) -> None:
+    def __init__(self, entries: Mapping[str, tuple[Any, str, bool]]) -> None:
+        self._entries = dict(entries)
+
+    @classmethod
+    def of_parts(cls, paths: list[Any]) -> DenseReference:
+        """The reference in part files whose keys are the layer names."""
         from safetensors import safe_open
 
-        self._where: dict[str, Any] = {}
+        entries = {}
         for path in paths:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    self._where[name] = path
+                entries.update({name: (path, name, False) for name in f.keys()})
+        return cls(entries)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        path, key, transposed = self._entries[name]
+        with safe_open(str(path), framework="pt") as f:
+            tensor = f.get_tensor(key)
+        return tensor.t().contiguous() if transposed else tensor
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     @property
     def paths(self) -> list[Any]:
-        """The part files, in the order given."""
-        return list(dict.fromkeys(self._where.values()))
+        """The files read, in order."""
+        return list(dict.fromkeys(e[0] for e in self._entries.values()))
 
-    def __len__(self) -> int:
-        return len(self._where)
+    def merged(self, other: DenseReference) -> DenseReference:
+        return DenseReference({**self._entries, **other._entries})
+
 
 
 Handler = Callable[["RunContext"], StageResult]
@@ -128,6 +142,7 @@ class RunContext:
     log: Any  # a structlog BoundLogger (configured by the caller, never by podar)
     run_id: str
     method: Any = None  # the config's method (stages.methods.PruningMethod)
+    dist: Dist = field(default_factory=Dist)  # the process group (one process: every call a no-op)
     runtime: Runtime = field(default_factory=Runtime)
     state: RunState = field(default_factory=RunState)
     progress: bool = True
@@ -158,8 +173,10 @@ class RunContext:
 
     def save_tensors(self, kind: str, tensors: Mapping[str, torch.Tensor], *, name: str | None = None,
                      group: bool = True, metadata: Mapping[str, str] | None = None) -> ArtifactRecord:
-        """Checkpoint ``tensors`` as this stage's artifact of ``kind`` (for this round and layer group)."""
-        record = self.store.save_tensors(self.artifact_key(kind, name, group=group), tensors, metadata=metadata)
+        """Checkpoint ``tensors`` as this stage's artifact of ``kind`` (for this round and layer group). On several
+        processes only the main one writes, and they all learn whether it could (``together``)."""
+        key = self.artifact_key(kind, name, group=group)
+        record = together(self.dist, lambda: self.store.save_tensors(key, tensors, metadata=metadata))
         self.new_artifacts[record.path] = record
         return record
 

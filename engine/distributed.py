@@ -8,16 +8,18 @@ are added up as sums and counts (never means); the main rank alone takes the loc
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from accelerate import Accelerator
 
-from podar.schemas.errors import ConfigError
+from podar.schemas.errors import ConfigError, PodarError
 
-__all__ = ["make_accelerator", "world_size", "is_main_process", "reduce_sum", "Dist"]
+T = TypeVar("T")
+
+__all__ = ["make_accelerator", "world_size", "is_main_process", "reduce_sum", "Dist", "together"]
 
 
 def make_accelerator(device: Literal["auto", "cpu", "cuda"] = "auto", *, timeout_s: int = 1800) -> Accelerator:
@@ -129,11 +131,41 @@ class Dist:
             return None
         return failed[0], self.broadcast_text(message, src=failed[0])
 
+    def merged(self, local: dict) -> dict:
+        """The union of every process's JSON-able dict (each process's entries, in rank order)."""
+        if self.world == 1:
+            return local
+        import json
+
+        out: dict = {}
+        for r in range(self.world):
+            out.update(json.loads(self.broadcast_text(json.dumps(local) if r == self.rank else None, src=r)))
+        return out
+
     def gather_rows(self, tensor: torch.Tensor, index: Sequence[int], n: int) -> torch.Tensor:
         """The rows of all ranks in their global order: ``tensor`` (len(index), ...) holds rows ``index`` of this
         rank; the result is (n, ...) on every rank (rows summed into zeros: each row comes from one rank)."""
         if self.world == 1:
             return tensor
-        out = torch.zeros((n, *tensor.shape[1:]), dtype=tensor.dtype)
-        out[list(index)] = tensor.cpu()
+        out = torch.zeros((n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        out[list(index)] = tensor
         return self.sum(out)
+
+
+def together(dist: Dist, step: Callable[[], T]) -> T:
+    """Run ``step`` on every process; when it raised on any, raise on all (its own error where it raised, one
+    naming the process elsewhere), so no process waits forever for one that stopped. A no-op wrapper on one."""
+    if dist.world == 1:
+        return step()
+    error: Exception | None = None
+    value: T | None = None
+    try:
+        value = step()
+    except Exception as e:  # noqa: BLE001 (re-raised below, on every process)
+        error = e
+    failure = dist.first_failure(None if error is None else (str(error) or type(error).__name__))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise PodarError(f"process {failure[0]} of {dist.world} stopped: {failure[1]}")
+    return value  # type: ignore[return-value]

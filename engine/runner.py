@@ -30,6 +30,7 @@ from podar.schemas.records import (
 from . import faults
 from .audit import AuditLog, checkpoint_digest
 from .context import Cancelled, Handler, RunContext, Terminated
+from .distributed import together
 from .machine import VOLATILE, Move, PruningStage, apply_effects, build_machine, fire, next_move
 from .store import utc_now
 
@@ -168,7 +169,7 @@ class Runner:
             m.expected_move = None
             if dest == PruningStage.COMPLETE.value:
                 m.resume_point = None  # nothing left to resume; a Failed run keeps its point
-            self._write_manifest()
+            together(self.ctx.dist, self._write_manifest)
         self.ctx.log.info("transition", trigger=trigger, source=PruningStage(source).display_name(),
                           dest=PruningStage(dest).display_name(), duration_s=record.duration_s,
                           **({"error": error.message} if error else {}))
@@ -184,19 +185,38 @@ class Runner:
         ctx.stage = stage
         written_s, written_b = ctx.store.write_seconds, ctx.store.write_bytes
         started = time.perf_counter()
+        result, failure = None, None
         try:
             result = self.handlers[stage](ctx)
         except (Exception, KeyboardInterrupt) as e:  # routed to `fail` exactly once, by the next step
-            self._pending_failure = self._failure_from(e, stage)
-            ctx.log.error("stage_failed", stage=stage.display_name(), error=self._pending_failure.message,
-                          layer=self._pending_failure.layer, error_type=self._pending_failure.type)
+            failure = self._failure_from(e, stage)
+        failure = self._agreed(failure, stage)
+        if failure is not None:
+            self._pending_failure = failure
+            ctx.log.error("stage_failed", stage=stage.display_name(), error=failure.message, layer=failure.layer,
+                          error_type=failure.type)
             return
+        assert result is not None
         result.duration_s = time.perf_counter() - started
         result.stage = stage.value
         self.last_result = result
-        self._checkpoint(result, written_s, written_b)
+        together(ctx.dist, lambda: self._checkpoint(result, written_s, written_b))
         ctx.log.info("stage_done", stage=stage.display_name(), duration_s=round(result.duration_s, 3),
                      **result.summary())
+
+    def _agreed(self, failure: FailureInfo | None, stage: PruningStage) -> FailureInfo | None:
+        """The stage's failure as every process sees it: when one failed, all take the move into Failed, with
+        that process's message (so no process goes on alone). One process: its own."""
+        dist = self.ctx.dist
+        if dist.world == 1:
+            return failure
+        first = dist.first_failure(None if failure is None else failure.message)
+        if first is None:
+            return None
+        if failure is not None and first[0] == dist.rank:
+            return failure
+        return FailureInfo(type="ProcessFailed", message=f"process {first[0]} of {dist.world}: {first[1]}",
+                           stage=stage.display_name(), reason="error")
 
     def record_resume(self, from_state: str, target: PruningStage, note: str, dangling: str | None = None) -> None:
         """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest; the next

@@ -348,13 +348,15 @@ class RunStore:
         """Write a safetensors artifact atomically where ``key`` says; returns its record (sha256, size)."""
         rel = key.relpath()
         path = self.artifact_path(rel)
-        if self.is_main:
-            started = time.perf_counter()
-            contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-            with atomic_path(path) as tmp:
-                save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
-            self.write_seconds += time.perf_counter() - started
-            self.write_bytes += path.stat().st_size
+        if not self.is_main:  # only the main process writes the run folder: the others note what it writes
+            return ArtifactRecord(path=rel, sha256="", bytes=0, stage=key.stage, kind=key.kind, round=key.round,
+                                  group=key.group)
+        started = time.perf_counter()
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        self.write_seconds += time.perf_counter() - started
+        self.write_bytes += path.stat().st_size
         return self.record(rel, stage=key.stage, kind=key.kind, round=key.round, group=key.group)
 
     def record(self, rel: str, *, stage: str, kind: str, round: int | None = None, group: int | None = None

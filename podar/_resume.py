@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from podar.engine.audit import AuditLog, checkpoint_digest, read_audit, records_after
-from podar.engine.context import RunContext
+from podar.engine.context import DenseReference, RunContext
 from podar.engine.store import RunStore, sha256_file
 from podar.engine.verify import audit_run, consumed_results
 from podar.schemas.config import PruningConfig
@@ -105,6 +105,21 @@ def adopt_audit_tail(store: RunStore, manifest: RunManifest, audit: AuditLog) ->
         state = record["dest"]
     manifest.audit_head_sha256 = audit.head_sha256
     return state, dangling
+
+
+def resumed_reference(ctx: RunContext, manifest: RunManifest, files: DenseReference) -> DenseReference:
+    """The dense reference of a resumed run: the parts it recorded, and the model's own files for the rest (the
+    fingerprint check has shown they hold what the run started from). CheckpointError naming a layer in neither."""
+    from podar._setup import dense_reference_records
+
+    parts = DenseReference.of_parts([ctx.store.artifact_path(r.path) for r in dense_reference_records(
+        manifest.artifacts)])
+    reference = files.merged(parts)
+    missing = [n for n in ctx.state.targets if n not in reference]
+    if missing:
+        raise CheckpointError(f"the dense reference of layer '{missing[0]}' is neither in the run folder nor, "
+                              f"unchanged, in the model's files ({len(missing)} layers): the run cannot continue")
+    return reference
 
 
 def mask_artifact(store: RunStore, record: ArtifactRecord) -> dict[str, torch.Tensor]:

@@ -4,11 +4,14 @@ walk, the weights' fingerprint and the dense reference."""
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 
-from podar.engine.context import DenseSnapshot, RunContext, RunState
+from podar.engine.context import DenseReference, RunContext, RunState
 from podar.engine.data import (
     calibration_windows,
     check_tokenizer_fits,
@@ -17,7 +20,7 @@ from podar.engine.data import (
     text_sha256,
     tokenize_text,
 )
-from podar.engine.distributed import make_accelerator
+from podar.engine.distributed import Dist
 from podar.engine.models import load_model, model_task, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
@@ -29,7 +32,8 @@ from podar.stages.methods import get_method
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.walks import plan_walk
 
-__all__ = ["build_context", "library_versions", "dense_reference_records"]
+__all__ = ["load_inputs", "fingerprint", "model_file_reference", "write_dense_parts", "library_versions",
+           "dense_reference_records"]
 
 _VERSIONED = ("podar", "torch", "transformers", "accelerate", "safetensors", "transitions", "pydantic", "structlog")
 
@@ -113,7 +117,7 @@ def _plan(ctx: RunContext) -> None:
     plan = plan_walk(ctx.model, st.targets, walk, blocks_path=cfg.calibration.blocks,
                      blocks_per_group=cfg.calibration.blocks_per_group, samples=st.calibration_samples,
                      batch_size=cfg.calibration.batch_size, device=ctx.device, runtime=ctx.runtime,
-                     progress=ctx.progress)
+                     progress=ctx.progress, dist=ctx.dist)
     if plan.reason is not None:
         log.warning("calibration_walk_fallback", asked=walk, walk=plan.walk.kind, reason=plan.reason)
     st.walk = plan.walk
@@ -121,34 +125,71 @@ def _plan(ctx: RunContext) -> None:
     log.info("calibration_plan", walk=plan.walk.kind, groups=len(plan.walk.groups), blocks=plan.blocks_path)
 
 
-def dense_reference_records(recorded: dict[str, ArtifactRecord]) -> list[ArtifactRecord]:
+def dense_reference_records(recorded: Mapping[str, ArtifactRecord]) -> list[ArtifactRecord]:
     """The dense reference's parts among a manifest's artifacts, in order."""
     return sorted((r for r in recorded.values() if r.stage == "idle" and r.kind == "weights"), key=lambda r: r.path)
 
 
-def _dense_reference(ctx: RunContext, recorded: dict[str, ArtifactRecord] | None) -> None:
-    """The fingerprint of every weight, and the pruned layers' weights before pruning on disk (a resumed run uses
-    the parts its manifest recorded). Pages mapped from the model's file are let go after each is read."""
-    st, store, runtime = ctx.state, ctx.store, ctx.runtime
-    ranges = runtime.file_ranges()
-    st.model_fingerprint = weights_fingerprint(ctx.model, after_each=lambda t: runtime.page_out([t], ranges))
-    if recorded is not None:
-        paths = [store.artifact_path(r.path) for r in dense_reference_records(recorded)]
-    else:
-        try:
-            paths = snapshot_weights(st.targets, store.dense_reference_dir,
-                                     after_part=lambda ws: runtime.page_out(ws, ranges))
-        except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"could not write the dense reference to '{store.dense_reference_dir}': {e} "
-                                  "(is the disk full?); free space or choose another --run-dir") from e
-    st.dense_weights = DenseSnapshot(paths)
+def fingerprint(ctx: RunContext) -> None:
+    """sha256 of every weight (resume compares it); pages mapped from the model's file are let go after each."""
+    ranges = ctx.runtime.file_ranges()
+    ctx.state.model_fingerprint = weights_fingerprint(ctx.model, after_each=lambda t: ctx.runtime.page_out([t],
+                                                                                                          ranges))
 
 
-def build_context(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any, *, log: Any, run_id: str,
-                  progress: bool, recorded: dict[str, ArtifactRecord] | None = None) -> RunContext:
-    """The run context, every input checked; ``recorded``: a resumed run's manifest artifacts."""
-    accelerator = make_accelerator(cfg.device)
-    store.is_main = accelerator.is_main_process
+def _file_index(model: Any) -> dict[str, Path]:
+    """Tensor key → file, of the safetensors files in the folder the model was loaded from ({} for none)."""
+    folder = Path(str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""))
+    index: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        with safe_open(str(path), framework="pt") as f:
+            index.update({k: path for k in f.keys()})
+    return index
+
+
+def model_file_reference(ctx: RunContext) -> DenseReference:
+    """The targets whose weights are, bit for bit, tensors of the model's own safetensors files: the dense
+    reference reads them there (no copy). A target changed since it was loaded, or loaded in another dtype, is not
+    found (and is copied instead)."""
+    index = _file_index(ctx.model)
+    prefix = getattr(ctx.model, "base_model_prefix", "")
+    entries = {}
+    ranges = ctx.runtime.file_ranges()
+    for name, module in ctx.state.targets.items():
+        keys = [f"{name}.weight", f"{name.removeprefix(prefix + '.')}.weight"]
+        key = next((k for k in keys if k in index), None)
+        if key is None:
+            continue
+        transposed = name in ctx.state.converted
+        with safe_open(str(index[key]), framework="pt") as f:
+            stored = f.get_tensor(key)
+        mine = module.weight.detach()
+        theirs = stored.t() if transposed else stored
+        if theirs.dtype == mine.dtype and theirs.shape == mine.shape and torch.equal(theirs, mine):
+            entries[name] = (index[key], key, transposed)
+        ctx.runtime.page_out([stored, mine], ranges)
+    return DenseReference(entries)
+
+
+def write_dense_parts(ctx: RunContext, names: list[str]) -> list[Path]:
+    """The weights of ``names`` before pruning, written into the run folder (parts of at most 16 MiB)."""
+    ranges = ctx.runtime.file_ranges()
+    try:
+        return snapshot_weights({n: ctx.state.targets[n] for n in names}, ctx.store.dense_reference_dir,
+                                after_part=lambda ws: ctx.runtime.page_out(ws, ranges))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"could not write the dense reference to '{ctx.store.dense_reference_dir}': {e} "
+                              "(is the disk full?); free space or choose another --run-dir") from e
+
+
+def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any, *, accelerator: Any, log: Any,
+                run_id: str, progress: bool) -> RunContext:
+    """The run context with every input loaded and checked (model, tokenizer, targets, texts, the calibration
+    walk); the fingerprint and the dense reference come next (``fingerprint``, ``model_file_reference``)."""
+    world = Dist(accelerator).world
+    if cfg.finetune.enabled and cfg.finetune.batch_size % world:
+        raise ConfigError(f"finetune.batch_size={cfg.finetune.batch_size} does not split over {world} processes: "
+                          f"each takes an equal share of every step's windows; use a multiple of {world}")
     model, tokenizer = _load(cfg, model, tokenizer)
     converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
@@ -156,13 +197,13 @@ def build_context(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: An
     model.eval()
     ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store, log=log,
                      run_id=run_id, method=get_method(cfg.method.name), runtime=Runtime(cfg.runtime),
+                     dist=Dist(accelerator),
                      state=RunState(targets=targets, masks=PackedMasks(), task=model_task(model),
                                     converted=converted), progress=progress)
     if converted:
         log.info("conv1d_as_linear", layers=len(converted), note="restored to Conv1D for the export")
     _texts(ctx)
     _plan(ctx)
-    _dense_reference(ctx, recorded)
     log.info("targets_resolved", n_pruned=len(targets), pruned=list(targets), skipped=notes,
              groups=len(ctx.state.layer_groups))
     return ctx

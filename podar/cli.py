@@ -164,13 +164,15 @@ def _drive(pipeline: Any) -> int:
         result = pipeline.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for line in _summary(result, time.perf_counter() - started):
-        print(line)
+    if result.main_process:  # the other processes of a multi-process run print nothing
+        for line in _summary(result, time.perf_counter() - started):
+            print(line)
     if result.failure is None:
         return EXIT["ok"]
     f = result.failure
-    print(f"FAILED in {f.stage}: {f.type}: {f.message}" + (f" [layer {f.layer}]" if f.layer else ""),
-          file=sys.stderr)
+    if result.main_process:
+        print(f"FAILED in {f.stage}: {f.type}: {f.message}" + (f" [layer {f.layer}]" if f.layer else ""),
+              file=sys.stderr)
     return {"interrupted": EXIT["interrupted"], "terminated": EXIT["terminated"]}.get(f.reason, EXIT["failed"])
 
 

@@ -7,6 +7,7 @@ prepares the run folder (lock, manifest, audit log), and hands the stage handler
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from typing import Any
 import structlog
 
 from podar.engine.audit import AuditLog, audit_key
-from podar.engine.context import RunContext
-from podar.engine.distributed import world_size
+from podar.engine.context import DenseReference, RunContext
+from podar.engine.distributed import Dist, make_accelerator, together
 from podar.engine.machine import next_move
 from podar.engine.models import model_info
 from podar.engine.report import pruning_summary, write_report
 from podar.engine.runner import Runner, TransitionListener, expected, first_resume_point
-from podar.engine.store import RunStore, atomic_write_bytes, utc_now
+from podar.engine.store import RunStore, atomic_write_bytes, sha256_file, utc_now
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import CheckpointError
 from podar.schemas.records import FailureInfo, HistoryEntry, RunManifest, StageResult
@@ -38,10 +39,11 @@ from ._resume import (
     check_inputs,
     restore_checkpoints,
     resume_stage,
+    resumed_reference,
     run_masks,
     saved_config,
 )
-from ._setup import build_context, library_versions
+from ._setup import fingerprint, library_versions, load_inputs, model_file_reference, write_dense_parts
 
 __all__ = ["Pipeline", "PipelineResult", "library_versions", "run_masks"]
 
@@ -57,6 +59,7 @@ class PipelineResult:
     failure: FailureInfo | None = None
     results: list[StageResult] = field(default_factory=list)  # every stage result, in order
     audit_head_sha256: str | None = None  # sha256 of the last audit line: keep it to check the log later
+    main_process: bool = True  # False on the other processes of a multi-process run (they write nothing)
 
     @property
     def ok(self) -> bool:
@@ -173,7 +176,7 @@ class Pipeline:
             metrics[r.stage] = dict(r.metrics)
         return PipelineResult(stage=runner.stage, run_id=self.run_id, run_dir=self.run_dir, metrics=metrics,
                               failure=runner.failure, results=list(runner.manifest.results),
-                              audit_head_sha256=runner.audit.head_sha256)
+                              audit_head_sha256=runner.audit.head_sha256, main_process=runner.ctx.dist.is_main)
 
     # ------------------------------------------------------------ resume
     @classmethod
@@ -227,49 +230,82 @@ class Pipeline:
             self._release()
 
     def _prepare(self) -> Runner:
-        store = RunStore(self.run_dir, key=audit_key())
-        resuming = self._resume is not None
-        if store.has_manifest() and not resuming:
-            raise CheckpointError(f"run folder '{store.run_dir}' already holds a run ({store.manifest_path.name}); "
-                                  "choose a new --run-dir, or resume it (podar resume)")
-        store.prepare()
-        store.lock.acquire()
+        accelerator = make_accelerator(self.config.device)
+        dist = Dist(accelerator)
+        if dist.world > 1:  # every rank runs the main rank's run, in its folder
+            self.run_id = dist.broadcast_text(self.run_id)
+            self.run_dir = Path(dist.broadcast_text(str(self.run_dir)))
+            self._log = (self._logger or structlog.get_logger("podar")).bind(run_id=self.run_id, rank=dist.rank)
+        store = RunStore(self.run_dir, key=audit_key(), is_main=dist.is_main)
+        together(dist, lambda: self._claim(store) if dist.is_main else None)
         self._store = store
         try:
-            if store.lock.took_over is not None:
-                self._log.warning("stale_lock_taken_over", previous=store.lock.took_over)
-            return self._resumed_runner(store) if resuming else self._fresh_runner(store)
+            if self._resume is not None:
+                return self._resumed_runner(store, accelerator, dist)
+            return self._fresh_runner(store, accelerator, dist)
         except BaseException:
             store.lock.release()
             raise
 
-    def _context(self, store: RunStore, recorded: dict | None) -> RunContext:
-        return build_context(self.config, store, self._model, self._tokenizer, log=self._log, run_id=self.run_id,
-                             progress=self._progress, recorded=recorded)
+    def _claim(self, store: RunStore) -> None:
+        """The main process's hold on the run folder: a new run in an empty one, or the lock of the run to resume."""
+        if store.has_manifest() and self._resume is None:
+            raise CheckpointError(f"run folder '{store.run_dir}' already holds a run ({store.manifest_path.name}); "
+                                  "choose a new --run-dir, or resume it (podar resume)")
+        store.prepare()
+        store.lock.acquire()
+        if store.lock.took_over is not None:
+            self._log.warning("stale_lock_taken_over", previous=store.lock.took_over)
+
+    def _inputs(self, store: RunStore, accelerator: Any) -> RunContext:
+        ctx = load_inputs(self.config, store, self._model, self._tokenizer, accelerator=accelerator, log=self._log,
+                          run_id=self.run_id, progress=self._progress)
+        fingerprint(ctx)
+        return ctx
+
+    def _dense_parts(self, ctx: RunContext, dist: Dist, files: DenseReference) -> DenseReference:
+        """The dense reference: the model's own files where they hold the targets, parts the main process writes
+        into the run folder for the rest (read by every process)."""
+        store = ctx.store
+        missing = [n for n in ctx.state.targets if n not in files]
+        written = together(dist, lambda: write_dense_parts(ctx, missing) if dist.is_main and missing else [])
+        names = json.loads(dist.broadcast_text(json.dumps([str(p.relative_to(store.run_dir)) for p in written])))
+        return files.merged(DenseReference.of_parts([store.run_dir / n for n in names])) if names else files
 
     def _runner_for(self, ctx: RunContext, manifest: RunManifest, audit: AuditLog) -> Runner:
         ctx.recorded = manifest.artifacts
         runner = Runner(ctx, HANDLERS, manifest, audit)
-        runner.listeners.extend(self._listeners)
+        if ctx.dist.is_main:
+            runner.listeners.extend(self._listeners)
         return runner
 
-    def _fresh_runner(self, store: RunStore) -> Runner:
+    def _fresh_runner(self, store: RunStore, accelerator: Any, dist: Dist) -> Runner:
         cfg = self.config
-        ctx = self._context(store, None)
+        ctx = together(dist, lambda: self._inputs(store, accelerator))
+        files = model_file_reference(ctx)
+        ctx.state.dense_weights = self._dense_parts(ctx, dist, files)
         now = utc_now()
         manifest = RunManifest(
             run_id=self.run_id, created_at=now, updated_at=now, config=cfg.model_dump(mode="json"),
             config_sha256=cfg.sha256(), state=PruningStage.IDLE.value, versions=library_versions(),
-            world_size=world_size(ctx.accelerator), model_fingerprint=ctx.state.model_fingerprint,
-            model_info=model_info(ctx.model), data_sha256=dict(ctx.state.data_sha256))
-        for path in ctx.state.dense_weights.paths:  # type: ignore[attr-defined]
-            rel = str(path.relative_to(store.run_dir))
-            manifest.artifacts[rel] = store.record(rel, stage="idle", kind="weights")
-        runner = self._runner_for(ctx, manifest, AuditLog(store.audit_path, self.run_id, key=store.key))
+            world_size=dist.world, model_fingerprint=ctx.state.model_fingerprint, model_info=model_info(ctx.model),
+            data_sha256=dict(ctx.state.data_sha256))
+        for path in ctx.state.dense_weights.paths:
+            if store.run_dir in path.parents:
+                rel = str(path.relative_to(store.run_dir))
+                manifest.artifacts[rel] = store.record(rel, stage="idle", kind="weights")
+            elif dist.is_main:  # the model's own file: recorded by its sha256, not copied
+                manifest.dense_reference_files[str(path)] = sha256_file(path)
+        runner = self._runner_for(ctx, manifest, AuditLog(store.audit_path, self.run_id, key=store.key,
+                                                          writer=dist.is_main))
         manifest.resume_point = first_resume_point(runner.condition)
         manifest.expected_move = expected(next_move(PruningStage.IDLE, runner.condition))
-        store.write_manifest(manifest)
-        atomic_write_bytes(store.run_dir / "config.yaml", cfg.to_yaml().encode(), fault_point="write:config")
+        def first_checkpoint() -> None:
+            if dist.is_main:
+                store.write_manifest(manifest)
+                atomic_write_bytes(store.run_dir / "config.yaml", cfg.to_yaml().encode(), fault_point="write:config")
+
+        together(dist, first_checkpoint)
         return runner
 
     def _warn_unrecorded(self, store: RunStore, manifest: RunManifest) -> None:
@@ -283,22 +319,10 @@ class Pipeline:
             self._log.warning("unrecorded_files_ignored", files=unrecorded[:20], count=len(unrecorded),
                               note="no record of the manifest names them: the resumed run does not read them")
 
-    def _resumed_runner(self, store: RunStore) -> Runner:
+    def _resumed_runner(self, store: RunStore, accelerator: Any, dist: Dist) -> Runner:
         assert self._resume is not None
-        manifest = store.read_manifest()  # re-read under the lock
-        if manifest.state == PruningStage.COMPLETE.value:
-            raise CheckpointError(f"run '{manifest.run_id}' is Complete; there is nothing to resume")
-        if manifest.failure is not None and manifest.failure.reason == "quality_gate":
-            raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
-                                  "(change the gates in a new run, or set on_fail: warn)")
-        check_artifacts(store, manifest)
-        self._warn_unrecorded(store, manifest)
-        audit = AuditLog(store.audit_path, manifest.run_id, key=store.key)
-        if audit.repaired is not None:
-            self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])
-        from_state, dangling = adopt_audit_tail(store, manifest, audit)
-        ctx = self._context(store, manifest.artifacts)
-        check_inputs(ctx, manifest, self._resume)
+        manifest, audit, from_state, dangling, ctx = together(dist, lambda: self._check_resumable(store, accelerator,
+                                                                                                   dist))
         target, note, counters = resume_stage(manifest)
         restore_checkpoints(ctx, manifest)
         ctx.state.counters = counters.model_copy()
@@ -307,6 +331,28 @@ class Pipeline:
             manifest.config = self.config.model_dump(mode="json")
             manifest.config_sha256 = self.config.sha256()
         runner = self._runner_for(ctx, manifest, audit)
-        runner.record_resume(from_state, target, note, dangling)
+        dist.barrier()  # every process has read the log before the main one appends to it
+        together(dist, lambda: runner.record_resume(from_state, target, note, dangling))
         self._log.info("resumed", from_state=from_state, target=target.display_name(), note=note)
         return runner
+
+    def _check_resumable(self, store: RunStore, accelerator: Any, dist: Dist) -> tuple:
+        """Everything a resume checks before any work; (manifest, audit log, state, dangling digest, context)."""
+        assert self._resume is not None
+        manifest = store.read_manifest()  # re-read under the lock
+        if manifest.state == PruningStage.COMPLETE.value:
+            raise CheckpointError(f"run '{manifest.run_id}' is Complete; there is nothing to resume")
+        if manifest.failure is not None and manifest.failure.reason == "quality_gate":
+            raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
+                                  "(change the gates in a new run, or set on_fail: warn)")
+        check_artifacts(store, manifest)
+        if dist.is_main:
+            self._warn_unrecorded(store, manifest)
+        audit = AuditLog(store.audit_path, manifest.run_id, key=store.key, writer=dist.is_main)
+        if audit.repaired is not None:
+            self._log.warning("audit_partial_line_dropped", line=audit.repaired[:200])
+        from_state, dangling = adopt_audit_tail(store, manifest, audit)
+        ctx = self._inputs(store, accelerator)
+        check_inputs(ctx, manifest, self._resume)
+        ctx.state.dense_weights = resumed_reference(ctx, manifest, model_file_reference(ctx))
+        return manifest, audit, from_state, dangling, ctx

@@ -176,6 +176,8 @@ class RunManifest(_Record):
     world_size: int = Field(default=1, ge=1)
     model_fingerprint: str | None = None
     model_info: dict[str, str] = Field(default_factory=dict, description="the model's class, hub commit, path")
+    dense_reference_files: dict[str, str] = Field(
+        default_factory=dict, description="the model's own files the dense reference reads (not copied): sha256")
     data_sha256: dict[str, str] = Field(default_factory=dict, description="sha256 of each input text, by role")
     resumes: list[dict[str, Scalar]] = Field(default_factory=list, description="each resumption: when, from where")
     failure: FailureInfo | None = None

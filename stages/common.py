@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from podar.engine.context import DenseSnapshot
+from podar.engine.context import DenseReference
 from podar.engine.runtime import Runtime
 from podar.schemas.errors import CheckpointError
 
 from .bitpack import pack_bits, unpack_bits
 
-__all__ = ["adopt_weights", "apply_mask", "swapped_weights", "PackedMasks"]
+__all__ = ["adopt_weights", "apply_mask", "swapped_weights", "PackedMasks", "input_groups", "owners"]
 
 
 def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
@@ -47,7 +47,7 @@ def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.T
         spill_dir.mkdir(parents=True, exist_ok=True)
         spill = spill_dir / f".swap-{os.getpid()}.safetensors"
         save_file({n: m.weight.detach().cpu().contiguous() for n, m in modules.items()}, str(spill))
-        saved = DenseSnapshot([spill])
+        saved = DenseReference.of_parts([spill])
     else:
         saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
     try:
@@ -96,3 +96,25 @@ def apply_mask(module: nn.Module, mask: torch.Tensor, runtime: Runtime, ranges: 
     """
     w = module.weight
     return runtime.replace(w, w.data.masked_fill(~mask.to(w.device), 0.0), ranges)
+
+
+def input_groups(names: list[str], stats: Mapping[str, object]) -> list[list[str]]:
+    """``names`` grouped by the statistics record they share (layers that read one input), in order; a layer
+    without statistics is a group of its own."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(stats.get(name, name)), []).append(name)
+    return list(groups.values())
+
+
+def owners(groups: list[list[str]], targets: Mapping[str, nn.Module], world: int) -> dict[str, int]:
+    """The process that solves each input group (by its first name): the costliest groups first, each to the
+    process with the least cost so far (cost: rows × inputs², a solve's work). The same on every process."""
+    load = [0] * world
+    out: dict[str, int] = {}
+    cost = {g[0]: sum(targets[n].weight.shape[0] for n in g) * targets[g[0]].weight.shape[1] ** 2 for g in groups}
+    for leader in sorted(cost, key=lambda k: (-cost[k], list(cost).index(k))):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        out[leader] = rank
+        load[rank] += cost[leader]
+    return out

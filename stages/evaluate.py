@@ -16,7 +16,9 @@ import torch
 
 from podar.engine.context import RunContext
 from podar.engine.data import eval_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
+from podar.engine.distributed import together
 from podar.schemas.config import QualityGates
+from podar.schemas.errors import DataError
 from podar.schemas.records import StageResult, TextEvaluation
 from podar.schemas.stage import PruningStage
 
@@ -51,13 +53,29 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "text"
 
 
-def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str) -> dict[str, torch.Tensor]:
-    """The dense reference of ``dataset`` (``stages.quality.dense_reference``), checkpointed."""
+def my_windows(ctx: RunContext, windows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The windows (n, T) this process evaluates (every ``world``-th) and their indices."""
+    if windows.shape[0] < ctx.dist.world:
+        raise DataError(f"evaluation: {windows.shape[0]} window(s) for {ctx.dist.world} processes; each needs one "
+                        "(raise evaluation.max_windows, or use a longer text)")
+    index = ctx.dist.shares(windows.shape[0])
+    return (windows, index) if ctx.dist.world == 1 else (windows[index], index)
+
+
+def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sha: str, index: list[int],
+                   n_windows: int) -> dict[str, torch.Tensor]:
+    """The dense reference of this process's ``windows`` (``stages.quality.dense_reference``); all processes'
+    together checkpointed (windows ``index`` of ``n_windows``)."""
     ev = ctx.config.evaluation
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
-        ref = dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size, device=ctx.device,
-                              progress=ctx.progress, text=dataset)
+
+    def reference() -> dict[str, torch.Tensor]:
+        with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
+            return dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
+                                   device=ctx.device, progress=ctx.progress, text=dataset)
+
+    ref = together(ctx.dist, reference)
     stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}
+    stored = {k: ctx.dist.gather_rows(v, index, n_windows) for k, v in stored.items()}
     ctx.save_tensors("baseline", stored, name=_slug(dataset), group=False, metadata={
         "dataset": dataset, "text_sha256": text_sha, "model_fingerprint": ctx.state.model_fingerprint,
         "sequence_length": str(ev.sequence_length), "windows": str(windows.shape[0]), "kl_top_k": str(ev.kl_top_k),
@@ -101,15 +119,17 @@ def check_fidelity_gates(dataset: str, gates: QualityGates, f: Fidelity) -> list
 def evaluate_fidelity(ctx: RunContext, dataset: str) -> TextEvaluation:
     """A model without a language-model head: its last hidden states against the dense model's."""
     ev = ctx.config.evaluation
-    windows, text_sha = evaluation_windows(ctx, dataset)
+    every, text_sha = evaluation_windows(ctx, dataset)
+    windows, index = my_windows(ctx, every)
     kwargs = dict(batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress, text=dataset,
                   check=ctx.check_cancelled)
     with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
         dense = hidden_states(ctx.model, windows, **kwargs)
-    ctx.save_tensors("baseline", {"embedding": dense.mean(dim=1)}, name=_slug(dataset), group=False, metadata={
+    embedding = ctx.dist.gather_rows(dense.mean(dim=1), index, every.shape[0])
+    ctx.save_tensors("baseline", {"embedding": embedding}, name=_slug(dataset), group=False, metadata={
         "dataset": dataset, "text_sha256": text_sha, "model_fingerprint": ctx.state.model_fingerprint,
         "sequence_length": str(ev.sequence_length), "windows": str(windows.shape[0]), "protocol": "hidden-v1"})
-    f = fidelity(dense, hidden_states(ctx.model, windows, **kwargs))
+    f = fidelity(dense, hidden_states(ctx.model, windows, **kwargs), ctx.dist)
     gates = ev.gates_for(dataset)
     return TextEvaluation(dataset=dataset, windows=f.n_windows, seq_len=f.seq_len, hidden_cosine=f.hidden_cosine,
                           hidden_rel_mse=f.hidden_rel_mse, embedding_cosine=f.embedding_cosine,
@@ -119,11 +139,14 @@ def evaluate_fidelity(ctx: RunContext, dataset: str) -> TextEvaluation:
 def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     """Dense and pruned metrics of one text, and its failed gates."""
     ev = ctx.config.evaluation
-    windows, text_sha = evaluation_windows(ctx, dataset)
-    ref = dense_baseline(ctx, dataset, windows, text_sha)
-    dense = reference_metrics(ref, windows.shape[1])
-    pruned = compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size, device=ctx.device,
-                                  progress=ctx.progress, text=dataset, check=ctx.check_cancelled)
+    every, text_sha = evaluation_windows(ctx, dataset)
+    windows, index = my_windows(ctx, every)
+    ref = dense_baseline(ctx, dataset, windows, text_sha, index, every.shape[0])
+    local = together(ctx.dist, lambda: compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size,
+                                                            device=ctx.device, progress=ctx.progress, text=dataset,
+                                                            check=ctx.check_cancelled))
+    dense = reference_metrics(ref, windows.shape[1]).summed(ctx.dist)
+    pruned = local.summed(ctx.dist)
     gates = ev.gates_for(dataset)
     return TextEvaluation(dataset=dataset, windows=pruned.n_windows, seq_len=pruned.seq_len, dense_ppl=dense.ppl,
                           pruned_ppl=pruned.ppl, ppl_increase_pct=(pruned.ppl / dense.ppl - 1.0) * 100.0,

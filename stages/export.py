@@ -93,12 +93,14 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, quantize: b
 
 def run(ctx: RunContext) -> StageResult:
     cfg, store = ctx.config.export, ctx.store
-    staging = store.begin_export()
     model = ctx.model
     strip_quantizer(model)
     restore_conv1d(model, ctx.state.converted)  # the layout the model's own class loads (GPT-2's Conv1D)
     ctx.state.converted = []
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if not store.is_main:  # one process writes and checks the export (the runner's agreement waits for it)
+        return StageResult(stage=STAGE.value, metrics={"format": cfg.format, "written_by_main_process": True})
+    staging = store.begin_export()
     quantize = cfg.quantization == "int8"
     metrics: dict = {}
     if store.is_main:

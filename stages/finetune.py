@@ -66,13 +66,15 @@ def _train(ctx: RunContext, windows: torch.Tensor, params: list[torch.nn.Paramet
     device_masks = {name: m.to(accelerator.device) for name, m in masks.items()}
     losses: list[float] = []
     leaks: list[float] = []
+    dist = ctx.dist
     for step in ctx.bar(range(n_steps), "fine-tuning"):
         ctx.check_cancelled()
-        batch = windows[step * ft.batch_size:(step + 1) * ft.batch_size].to(accelerator.device)  # (B, T)
+        batch = windows[step * ft.batch_size:(step + 1) * ft.batch_size]  # (B, T), the step's global batch
+        batch = batch[dist.rank::dist.world].to(accelerator.device)  # this process's share (all on one process)
         loss = prepared(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise StageError(f"fine-tuning loss is not finite at step {st.counters.step + step} ({loss.item()})",
-                             stage=STAGE.display_name())
+        if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
+            raise StageError(f"fine-tuning loss is not finite at step {st.counters.step + step} ({loss.item()} "
+                             "here)", stage=STAGE.display_name())
         accelerator.backward(loss)
         for name, mask in device_masks.items():
             grad = st.targets[name].weight.grad
@@ -86,7 +88,7 @@ def _train(ctx: RunContext, windows: torch.Tensor, params: list[torch.nn.Paramet
         if leaked != 0.0:
             raise StageError(f"pruned weights are not zero after step {st.counters.step + step} (max |w| {leaked})",
                              stage=STAGE.display_name())
-        losses.append(float(loss.detach()))
+        losses.append(dist.sum_floats([float(loss.detach())])[0] / dist.world)  # the mean over the global batch
         leaks.append(leaked)
     ctx.model = accelerator.unwrap_model(prepared)
     return losses, leaks

@@ -8,9 +8,12 @@ from typing import Any
 import torch
 
 from podar.engine.context import RunContext
+from podar.engine.distributed import together
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
+
+from .common import input_groups, owners
 
 STAGE = PruningStage.COMPUTING_IMPORTANCE
 
@@ -48,6 +51,18 @@ def _prepared(ctx: RunContext, name: str, stats: Any, done: dict[int, Any]) -> A
 
 
 @torch.no_grad()
+def _mine(ctx: RunContext, targets: dict[str, Any]) -> list[str]:
+    """The layers this process scores: all, or on several processes for a method that solves each input group on
+    one of them (``solve_on_owner``), those of the groups it owns (``state.owners``, for Pruning too)."""
+    st, dist = ctx.state, ctx.dist
+    groups = input_groups(list(targets), st.stats)
+    if dist.world == 1 or not ctx.method.solve_on_owner:
+        st.owners = {}
+        return list(targets)
+    st.owners = owners(groups, targets, dist.world)
+    return [n for g in groups if st.owners[g[0]] == dist.rank for n in g]
+
+
 def run(ctx: RunContext) -> StageResult:
     cfg, st, method = ctx.config, ctx.state, ctx.method
     targets = st.group_targets()
@@ -56,21 +71,26 @@ def run(ctx: RunContext) -> StageResult:
     st.scores.clear()
     st.prepared.clear()
     done: dict[int, Any] = {}
-    for name, module in ctx.bar(targets.items(), "importance"):
-        ctx.check_cancelled()
-        ctx.current_layer = name
-        weight = module.weight.detach()
-        check_finite(weight, name, "the weight")
-        stats = st.stats.get(name)
-        if method.needs_calibration and stats is None:
-            raise StageError(f"layer '{name}': no calibration statistics were collected (was it ever run?)",
-                             stage=STAGE.display_name(), layer=name)
-        prepared = st.prepared[name] = _prepared(ctx, name, stats, done)
-        score = method.score(weight, stats, prepared, cfg.method)
-        check_finite(score, name, "the importance score")
-        if keep:  # else recomputed in Pruning, layer by layer, so every layer's score is never alive at once
-            st.scores[name] = score
-        layer_metrics[name] = {**method.describe(prepared), **score_stats(score)}
-    ctx.current_layer = None
-    return StageResult(stage=STAGE.value, layer_metrics=layer_metrics,
+
+    def score_mine() -> None:
+        for name in ctx.bar(_mine(ctx, targets), "importance"):
+            ctx.check_cancelled()
+            ctx.current_layer = name
+            weight = targets[name].weight.detach()
+            check_finite(weight, name, "the weight")
+            stats = st.stats.get(name)
+            if method.needs_calibration and stats is None:
+                raise StageError(f"layer '{name}': no calibration statistics were collected (was it ever run?)",
+                                 stage=STAGE.display_name(), layer=name)
+            prepared = st.prepared[name] = _prepared(ctx, name, stats, done)
+            score = method.score(weight, stats, prepared, cfg.method)
+            check_finite(score, name, "the importance score")
+            if keep:  # else recomputed in Pruning, layer by layer, so every layer's score is never alive at once
+                st.scores[name] = score
+            layer_metrics[name] = {**method.describe(prepared), **score_stats(score)}
+        ctx.current_layer = None
+
+    together(ctx.dist, score_mine)  # a process that fails stops the others too, before they wait for it
+    merged = ctx.dist.merged(layer_metrics)
+    return StageResult(stage=STAGE.value, layer_metrics={n: merged[n] for n in targets if n in merged},
                        metrics={"method": method.name, "layers_scored": len(targets), "group": st.group_index})

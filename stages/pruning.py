@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from podar.engine.context import RunContext
+from podar.engine.distributed import together
 from podar.schemas.errors import StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
 
 from .bitpack import pack_bits
-from .common import apply_mask
+from .common import apply_mask, input_groups
 from .masks import global_unstructured_masks
 from .methods import Pruned, PruneSpec, with_prior
 from .walks import Advanced
@@ -47,12 +48,20 @@ def _score(ctx: RunContext, name: str) -> torch.Tensor:
     return score
 
 
-def _by_input(names: list[str], stats: dict[str, Any]) -> list[list[str]]:
-    """``names`` grouped by the statistics record they share (layers reading one input), in order."""
-    groups: dict[int, list[str]] = {}
-    for name in names:
-        groups.setdefault(id(stats.get(name, name)), []).append(name)
-    return list(groups.values())
+def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, Any],
+            results: list[Pruned] | None) -> list[Pruned]:
+    """The results the ``owner`` process solved, on every process: masks, new weights, metrics broadcast."""
+    dist, out = ctx.dist, []
+    for i, name in enumerate(names):
+        w = targets[name].weight
+        mine = results[i] if results is not None else None
+        mask = dist.broadcast(mine.mask.to(torch.uint8) if mine else torch.zeros(w.shape, dtype=torch.uint8), owner)
+        weight = None
+        if ctx.method.changes_kept_weights:
+            weight = dist.broadcast(mine.weight if mine else torch.empty_like(w.detach()), owner)
+        metrics = json.loads(dist.broadcast_text(json.dumps(mine.metrics) if mine else None, owner))
+        out.append(Pruned(mask=mask.bool(), weight=weight, metrics=metrics))
+    return out
 
 
 def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec) -> dict[str, Pruned]:
@@ -61,12 +70,22 @@ def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec) -> dict[st
         scores = {n: with_prior(_score(ctx, n), st.masks.get(n)) for n in targets}
         return {n: Pruned(mask=m) for n, m in global_unstructured_masks(scores, spec.sparsity_frac).items()}
     out: dict[str, Pruned] = {}
-    for names in _by_input(list(targets), st.stats):
+    for names in input_groups(list(targets), st.stats):
         ctx.check_cancelled()
         ctx.current_layer = names[0]
-        results = ctx.method.prune([targets[n].weight for n in names], [_score(ctx, n) for n in names],
-                                   [st.masks.get(n) for n in names], spec, st.stats.get(names[0]),
-                                   st.prepared.get(names[0]), ctx.config.method)
+        owner = st.owners.get(names[0], ctx.dist.rank)  # several processes: one solves, the others receive
+
+        def solve(names: list[str] = names, owner: int = owner) -> list[Pruned] | None:
+            if owner != ctx.dist.rank:
+                return None
+            return ctx.method.prune([targets[n].weight for n in names], [_score(ctx, n) for n in names],
+                                    [st.masks.get(n) for n in names], spec, st.stats.get(names[0]),
+                                    st.prepared.get(names[0]), ctx.config.method)
+
+        results = together(ctx.dist, solve) if st.owners else solve()
+        if st.owners:
+            results = _shared(ctx, owner, names, targets, results)
+        assert results is not None
         out.update(zip(names, results, strict=True))
     return out
 
@@ -160,6 +179,7 @@ def run(ctx: RunContext) -> StageResult:
     st.scores.clear()
     st.stats = {}
     st.prepared = {}
+    st.owners = {}
     errors = [m["reconstruction_error"] for m in layer_metrics.values() if "reconstruction_error" in m]
     return StageResult(
         stage=STAGE.value, layer_metrics=layer_metrics,

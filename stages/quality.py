@@ -39,6 +39,21 @@ class TextMetrics:
     seq_len: int
     kl_mean: float | None = None
     top1_agreement: float | None = None
+    kl_sum: float | None = None  # Σ KL over every predicted position, nats
+    agree_count: int | None = None  # positions whose argmax agrees
+
+    def summed(self, dist: Any) -> TextMetrics:
+        """These metrics of one process's windows added up with every other process's (``engine.distributed``):
+        sums and counts, then the means and the perplexity. One process: itself."""
+        if dist.world == 1:
+            return self
+        ref = self.kl_sum is not None
+        nll, tokens, windows, kl, agree = dist.sum_floats([self.nll_sum, self.n_tokens, self.n_windows,
+                                                          self.kl_sum or 0.0, self.agree_count or 0])
+        return TextMetrics(ppl=math.exp(nll / tokens), nll_sum=nll, n_tokens=int(tokens), n_windows=int(windows),
+                           seq_len=self.seq_len, kl_mean=kl / tokens if ref else None,
+                           top1_agreement=agree / tokens if ref else None, kl_sum=kl if ref else None,
+                           agree_count=int(agree) if ref else None)
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -131,6 +146,7 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
         ppl=math.exp(nll_sum / n_tokens), nll_sum=nll_sum, n_tokens=n_tokens, n_windows=n, seq_len=t,
         kl_mean=None if reference is None else kl_sum / n_tokens,
         top1_agreement=None if reference is None else agree_sum / n_tokens,
+        kl_sum=None if reference is None else kl_sum, agree_count=None if reference is None else agree_sum,
     )
 
 
@@ -140,7 +156,7 @@ def reference_metrics(reference: dict[str, torch.Tensor], seq_len: int) -> TextM
     n_tokens = n * (seq_len - 1)
     total = float(reference["nll"].sum())
     return TextMetrics(ppl=math.exp(total / n_tokens), nll_sum=total, n_tokens=n_tokens, n_windows=n,
-                       seq_len=seq_len, kl_mean=0.0, top1_agreement=1.0)
+                       seq_len=seq_len, kl_mean=0.0, top1_agreement=1.0, kl_sum=0.0, agree_count=n_tokens)
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, texts: dict[str, str], *, reference: torch.nn.Module | None = None,
@@ -205,11 +221,13 @@ class Fidelity:
     seq_len: int
 
 
-def fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> Fidelity:
-    """Fidelity of pruned (n, T, C) against dense (n, T, C) hidden states; fp64 accumulation."""
+def fidelity(dense: torch.Tensor, pruned: torch.Tensor, dist: Any = None) -> Fidelity:
+    """Fidelity of pruned (n, T, C) against dense (n, T, C) hidden states; fp64 sums, added up over processes
+    (``dist``) before the means are taken."""
     d, p = dense.double(), pruned.double()
-    token_cos = F.cosine_similarity(p, d, dim=-1)  # (n, T)
-    rel = float((p - d).pow(2).sum() / d.pow(2).sum().clamp_min(1e-300))
-    emb_cos = F.cosine_similarity(p.mean(dim=1), d.mean(dim=1), dim=-1)  # (n,)
-    return Fidelity(hidden_cosine=float(token_cos.mean()), hidden_rel_mse=rel, embedding_cosine=float(emb_cos.mean()),
-                    n_windows=dense.shape[0], seq_len=dense.shape[1])
+    sums = [float(F.cosine_similarity(p, d, dim=-1).sum()), d.shape[0] * d.shape[1], float((p - d).pow(2).sum()),
+            float(d.pow(2).sum()), float(F.cosine_similarity(p.mean(dim=1), d.mean(dim=1), dim=-1).sum()),
+            d.shape[0]]
+    cos, tokens, err, ref, emb, windows = sums if dist is None else dist.sum_floats(sums)
+    return Fidelity(hidden_cosine=cos / tokens, hidden_rel_mse=err / max(ref, 1e-300), embedding_cosine=emb / windows,
+                    n_windows=int(windows), seq_len=dense.shape[1])

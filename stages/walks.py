@@ -18,6 +18,7 @@ embeddings through the pruned groups before ``i``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from podar.engine.distributed import Dist, together
 from podar.engine.runtime import Runtime
 from podar.schemas.errors import ConfigError
 
@@ -88,15 +90,39 @@ class CalibrationWalk(ABC):
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Module], groups: list[LayerGroup],
                  samples: torch.Tensor, batch_size: int, device: torch.device, runtime: Runtime,
-                 stack: BlockStack | None = None, progress: bool = True) -> None:
+                 stack: BlockStack | None = None, progress: bool = True, dist: Dist | None = None) -> None:
         self.model, self.targets, self.groups, self.stack = model, targets, groups, stack
-        self.samples, self.batch_size, self.device, self.runtime = samples, batch_size, device, runtime
-        self.progress = progress
+        self.batch_size, self.device, self.runtime, self.progress = batch_size, device, runtime, progress
+        self.dist = dist or Dist()
+        n_batches = -(-samples.shape[0] // batch_size)
+        self.batch_ids = self.dist.shares(n_batches)  # the global batches this process runs, in order
+        if not self.batch_ids:
+            raise ConfigError(f"calibration: {samples.shape[0]} samples in batches of {batch_size} make {n_batches} "
+                              f"batch(es), fewer than the {self.dist.world} processes: each needs one; raise "
+                              "calibration.num_samples or lower calibration.batch_size")
+        self.n_batches = n_batches
+        self.batch_sizes = [min(batch_size, samples.shape[0] - b * batch_size) for b in range(n_batches)]
+        self.samples = samples if self.dist.world == 1 else torch.cat(
+            [samples[b * batch_size:(b + 1) * batch_size] for b in self.batch_ids])
 
-    @abstractmethod
     def statistics(self, index: int, method: PruningMethod, check: Check
                    ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
-        """(statistics by target name, metrics) of group ``index``; layers reading one input share one record."""
+        """(statistics by target name, metrics) of group ``index``; layers reading one input share one record. On
+        several processes, each runs its own batches and the records are added up: for a method whose parts add
+        exactly (``exact_reduction``), batch by batch in the batch order one process would use, so the statistics
+        are bit for bit those of one process; otherwise as sums over processes."""
+        if self.dist.world == 1:
+            return self._statistics(index, method, check, per_batch=False)
+        exact = method.exact_reduction
+        local, metrics = together(self.dist, lambda: self._statistics(index, method, check, per_batch=exact))
+        if exact:
+            return reduce_in_batch_order(local, self.batch_ids, self.n_batches, method, self.dist), metrics
+        return reduce_sums(local, self.dist), metrics
+
+    @abstractmethod
+    def _statistics(self, index: int, method: PruningMethod, check: Check, *, per_batch: bool) -> tuple[Any, dict]:
+        """This process's statistics of group ``index``: one record per layer input, or with ``per_batch`` a list
+        of such dicts, one per batch it runs (in ``batch_ids`` order)."""
 
     def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
         """Carry the inputs past group ``index``, pruned now; measure ``dense``'s layers on ``n_measured`` windows."""
@@ -109,6 +135,21 @@ class CalibrationWalk(ABC):
     def is_last(self, index: int) -> bool:
         return index + 1 >= len(self.groups)
 
+    def _measured(self, n_measured: int) -> tuple[int, int]:
+        """(this process's leading batches among the global batches that hold the first ``n_measured`` samples,
+        the samples in them): what the reconstruction error is measured on, here."""
+        k = _batches_covering(self.batch_sizes, n_measured)
+        mine = [b for b in self.batch_ids if b < k]
+        return len(mine), sum(self.batch_sizes[b] for b in mine)
+
+    def _errors(self, acc: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+        """(err, ref) sums per measured layer, added up over processes."""
+        names = sorted(acc)
+        if self.dist.world > 1:
+            flat = self.dist.sum_floats([v for n in names for v in acc[n]])
+            acc = {n: flat[3 * i:3 * i + 3] for i, n in enumerate(names)}
+        return {n: (acc[n][0], acc[n][1]) for n in names if acc[n][2]}
+
     def _capture(self) -> BlockInputs:
         assert self.stack is not None
         return capture_first_block_inputs(self.model, self.stack, self.samples, self.batch_size, self.device,
@@ -119,17 +160,19 @@ class OnePassWalk(CalibrationWalk):
     kind = "one_pass"
 
     @torch.no_grad()
-    def statistics(self, index: int, method: PruningMethod, check: Check
-                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
-        forwards = 0
-        with collect_stats(self.targets, method) as stats, self.runtime.model_forwards(self.model):
-            for start in tqdm(range(0, self.samples.shape[0], self.batch_size), desc="calibrating", leave=False,
-                              disable=None if self.progress else True):
-                check()
-                batch = self.samples[start:start + self.batch_size].to(self.device)  # (B, T)
-                self.model(input_ids=batch, **supported_kwargs(self.model, use_cache=False))
-                forwards += 1
-        return stats, {"block_forwards": forwards}
+    def _statistics(self, index: int, method: PruningMethod, check: Check, *, per_batch: bool) -> tuple[Any, dict]:
+        starts = list(range(0, self.samples.shape[0], self.batch_size))
+        runs = [[s] for s in starts] if per_batch else [starts]
+        out = []
+        with self.runtime.model_forwards(self.model):
+            for run in runs:
+                with collect_stats(self.targets, method) as stats:
+                    for start in tqdm(run, desc="calibrating", leave=False, disable=None if self.progress else True):
+                        check()
+                        batch = self.samples[start:start + self.batch_size].to(self.device)  # (B, T)
+                        self.model(input_ids=batch, **supported_kwargs(self.model, use_cache=False))
+                out.append(stats)
+        return (out if per_batch else out[0]), {"block_forwards": len(starts)}
 
 
 class BlockWalk(CalibrationWalk):
@@ -154,29 +197,41 @@ class BlockWalk(CalibrationWalk):
         return inputs, forwards
 
     @torch.no_grad()
-    def statistics(self, index: int, method: PruningMethod, check: Check
-                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+    def _statistics(self, index: int, method: PruningMethod, check: Check, *, per_batch: bool) -> tuple[Any, dict]:
         assert self.stack is not None
         inputs, forwards = self._inputs_at(index)
         group = self.groups[index]
         targets = {n: self.targets[n] for n in group.names}
         last_block = self.stack.layers[group.blocks[-1]]
         in_last = {n: m for n, m in targets.items() if any(m is x for x in last_block.modules())}
+        runs = [[i] for i in range(len(inputs.calls))] if per_batch else [list(range(len(inputs.calls)))]
+        out = []
         with self.runtime.block_forwards(self.model, self.stack.layers) as view:
             order = (execution_order(view[group.blocks[-1]], in_last, inputs.hidden[0], inputs.calls[0])
                      if in_last else [])
             # the last Linear of the last block feeds no other target: its product is skipped in this pass
             skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
-            with collect_stats(targets, method) as stats, skip:
-                chain = list(inputs.hidden)  # later blocks of a multi-block group see the unpruned earlier ones
-                for b in group.blocks:
-                    check()
-                    for i, call in enumerate(inputs.calls):
-                        out = view[b](chain[i], *call.args, **call.kwargs)
-                        forwards += 1
-                        if b != group.blocks[-1]:
-                            chain[i] = block_output(out)
-        return stats, {"block_forwards": forwards}
+            with skip:
+                for run in runs:
+                    with collect_stats(targets, method) as stats:
+                        forwards += self._run_group(view, group, inputs, run, check)
+                    out.append(stats)
+        return (out if per_batch else out[0]), {"block_forwards": forwards}
+
+    @staticmethod
+    def _run_group(view: Any, group: LayerGroup, inputs: BlockInputs, batches: list[int], check: Check) -> int:
+        """The group's blocks on ``batches`` with the weights as they are; the forwards made."""
+        chain = {i: inputs.hidden[i] for i in batches}  # later blocks of a group see the unpruned earlier ones
+        forwards = 0
+        for b in group.blocks:
+            check()
+            for i in batches:
+                call = inputs.calls[i]
+                out = view[b](chain[i], *call.args, **call.kwargs)
+                forwards += 1
+                if b != group.blocks[-1]:
+                    chain[i] = block_output(out)
+        return forwards
 
     @torch.no_grad()
     def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
@@ -184,10 +239,11 @@ class BlockWalk(CalibrationWalk):
         self.runtime.trim()  # what scoring and mask selection freed, before the activations grow
         inputs = self.inputs
         last = self.is_last(index)
+        n_local, n_samples = self._measured(n_measured)
         if last:  # nothing downstream needs the outputs: only the windows the measurement reads are run
-            inputs = inputs.head(_batches_covering([h.shape[0] for h in inputs.hidden], n_measured))
+            inputs = inputs.head(n_local)
         done = Advanced()
-        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_measured) if dense else \
+        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_samples) if dense else \
             nullcontext({})
         with hooks as acc, self.runtime.block_forwards(self.model, self.stack.layers) as view:
             for b in self.groups[index].blocks:
@@ -195,7 +251,7 @@ class BlockWalk(CalibrationWalk):
                 inputs = run_block(view[b], inputs, in_place=True)
                 done.forwards += len(inputs.hidden)
         self.inputs = None if last else inputs
-        done.errors = {n: (e, r) for n, (e, r, seen) in acc.items() if seen}
+        done.errors = self._errors(acc)
         return done
 
     def close(self) -> None:
@@ -210,8 +266,7 @@ class SiteWalk(CalibrationWalk):
         self.cursor: SublayerCursor | None = None
 
     @torch.no_grad()
-    def statistics(self, index: int, method: PruningMethod, check: Check
-                   ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
+    def _statistics(self, index: int, method: PruningMethod, check: Check, *, per_batch: bool) -> tuple[Any, dict]:
         assert self.stack is not None
         group = self.groups[index]
         block, site = group.blocks[0], group.site
@@ -220,19 +275,21 @@ class SiteWalk(CalibrationWalk):
             self.cursor = SublayerCursor.start(self._capture())
         cursor = self.cursor
         before = cursor.site_passes
-        entry: LayerStats | None = None
+        entries: list[LayerStats] = []
         with self.runtime.block_forwards(self.model, self.stack.layers) as view:
             cursor.advance_to(view, block, site, before_step=check)
             for x in cursor.site_inputs(view):
                 check()
-                if entry is None:
-                    entry = method.new_stats(x.shape[-1], x.device)
-                method.accumulate(entry, x)
-        assert entry is not None
-        method.finish(entry)
+                if not entries or per_batch:
+                    entries.append(method.new_stats(x.shape[-1], x.device))
+                method.accumulate(entries[-1], x)
+        assert entries
+        for entry in entries:
+            method.finish(entry)
         metrics: dict[str, Scalar] = {"block": block, "site": SITE_NAMES[site],
                                       "replayed_site_passes": cursor.site_passes - before, "block_forwards": 0}
-        return {n: entry for n in group.names}, metrics
+        by_batch = [{n: entry for n in group.names} for entry in entries]
+        return (by_batch if per_batch else by_batch[0]), metrics
 
     @torch.no_grad()
     def advance(self, index: int, dense: Mapping[str, torch.Tensor], n_measured: int, check: Check) -> Advanced:
@@ -244,9 +301,10 @@ class SiteWalk(CalibrationWalk):
         if cursor.site in (0, 2):  # passes that allocate activations
             self.runtime.trim()
         last = self.is_last(index)
-        n_batches = _batches_covering([b - a for a, b in cursor.batches], n_measured) if last else None
+        n_local, n_samples = self._measured(n_measured)
+        n_batches = n_local if last else None
         done = Advanced()
-        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_measured) if dense else \
+        hooks = reconstruction_hooks({n: self.targets[n] for n in dense}, dense, n_samples) if dense else \
             nullcontext({})
         with hooks as acc, self.runtime.block_forwards(self.model, self.stack.layers) as view:
             if n_batches != 0:
@@ -256,11 +314,49 @@ class SiteWalk(CalibrationWalk):
             self.runtime.trim()
         if last:
             self.cursor = None
-        done.errors = {n: (e, r) for n, (e, r, seen) in acc.items() if seen}
+        done.errors = self._errors(acc)
         return done
 
     def close(self) -> None:
         self.cursor = None
+
+
+def reduce_sums(stats: dict[str, LayerStats], dist: Dist) -> dict[str, LayerStats]:
+    """Every record's parts summed over processes (in place; records shared by layers summed once)."""
+    for record in {id(r): r for r in stats.values()}.values():
+        for name, value in record.parts().items():
+            if isinstance(value, torch.Tensor):
+                setattr(record, name, dist.sum(value))
+            else:
+                setattr(record, name, int(dist.sum(torch.tensor([value], dtype=torch.int64)).item()))
+    return stats
+
+
+def reduce_in_batch_order(by_batch: list[dict[str, LayerStats]], batch_ids: list[int], n_batches: int,
+                          method: PruningMethod, dist: Dist) -> dict[str, LayerStats]:
+    """The records of every process's batches added up in global batch order, from zero — the very additions one
+    process makes, batch after batch (so the statistics are bit for bit one process's)."""
+    first = by_batch[0]
+    shared: dict[int, list[str]] = {}
+    for name, record in first.items():
+        shared.setdefault(id(record), []).append(name)
+    out: dict[str, LayerStats] = {}
+    for names in shared.values():
+        parts = [batch[names[0]].parts() for batch in by_batch]
+        record = copy.copy(first[names[0]])
+        for field_name, value in parts[0].items():
+            if isinstance(value, torch.Tensor):
+                rows = dist.gather_rows(torch.stack([p[field_name] for p in parts]), batch_ids, n_batches)
+                total = torch.zeros_like(value)
+                for row in rows:  # (n_batches, ...) in batch order
+                    total += row
+            else:
+                counts = dist.gather_rows(torch.tensor([p[field_name] for p in parts], dtype=torch.int64), batch_ids,
+                                          n_batches)
+                total = int(counts.sum())
+            setattr(record, field_name, total)
+        out.update({n: record for n in names})
+    return out
 
 
 def _batches_covering(sizes: list[int], n_samples: int) -> int:
@@ -319,11 +415,11 @@ def _site_plan(model: nn.Module, stack: BlockStack, targets: dict[str, nn.Module
 
 def plan_walk(model: nn.Module, targets: dict[str, nn.Module], walk: str, *, blocks_path: str | None,
               blocks_per_group: int, samples: torch.Tensor, batch_size: int, device: torch.device,
-              runtime: Runtime, progress: bool = True) -> WalkPlan:
+              runtime: Runtime, progress: bool = True, dist: Dist | None = None) -> WalkPlan:
     """The calibration walk for ``walk`` ('block', 'site' or 'one_pass'): the site walk falls back to blocks when a
     block is not Llama-style, and both to one pass when the model has no block stack."""
     args = (model, targets)
-    rest = dict(samples=samples, batch_size=batch_size, device=device, runtime=runtime, progress=progress)
+    rest = dict(samples=samples, batch_size=batch_size, device=device, runtime=runtime, progress=progress, dist=dist)
     stack = None if walk == "one_pass" else find_blocks(model, blocks_path)
     if stack is None:
         reason = None if walk == "one_pass" else f"{type(model).__name__} has no stack of repeated blocks"

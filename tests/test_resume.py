@@ -354,3 +354,37 @@ def test_masks_only_checkpoints_resume_to_identical_export(tiny_config, tmp_path
     assert kinds == {"masks"}
     assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+
+
+def test_a_model_from_files_is_referenced_not_copied_and_resumes(tiny_config, tmp_path):
+    """A model loaded from a save_pretrained folder: the dense reference reads the model's own safetensors file
+    (recorded by sha256, no copy in the run folder); a run killed mid-walk resumes from it to the same export.
+    A model changed in memory after loading is copied instead."""
+    from podar import ModelSourceConfig
+    from podar.engine.models import tiny_model
+
+    model, tok = tiny_model(tiny_config.model.tiny)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = tiny_config.with_method("wanda").with_model(ModelSourceConfig(kind="hf", name=str(folder)))
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    manifest = RunStore(tmp_path / "ref").read_manifest()
+    assert list(manifest.dense_reference_files) == [str(folder / "model.safetensors")]
+    assert manifest.dense_reference_files[str(folder / "model.safetensors")] == sha256_file(folder /
+                                                                                           "model.safetensors")
+    assert not [a for a in manifest.artifacts.values() if a.stage == "idle"]  # nothing copied
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+    loaded, tok2 = __import__("podar").load_model(cfg.model)
+    with torch.no_grad():
+        loaded.model.layers[0].mlp.up_proj.weight.mul_(0.5)  # changed after loading: not what the file holds
+    pipe = Pipeline(cfg, run_dir=tmp_path / "changed", model=loaded, tokenizer=tok2, progress=False)
+    assert pipe.run().ok
+    copied = [a for a in RunStore(tmp_path / "changed").read_manifest().artifacts.values() if a.stage == "idle"]
+    parts = set().union(*(load_file(tmp_path / "changed" / a.path).keys() for a in copied))
+    assert parts == {"model.layers.0.mlp.up_proj"}

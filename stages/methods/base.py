@@ -84,6 +84,10 @@ class PruningMethod(ABC):
     changes_kept_weights: ClassVar[bool] = False  # True: the new weights are checkpointed, not only the masks
     keeps_scores: ClassVar[bool] = True  # False: ``score`` is cheap, recomputed in Pruning instead of kept
     half_precision_note: ClassVar[str | None] = None  # a warning logged for bf16/fp16 calibration forwards
+    # several processes add each batch's statistics in batch order (bit for bit one process's); False: each
+    # process sums its own batches and the sums are added (equal up to rounding), for large statistics
+    exact_reduction: ClassVar[bool] = True
+    solve_on_owner: ClassVar[bool] = False  # several processes: each input group solved on one, then broadcast
 
     @property
     def needs_calibration(self) -> bool:

@@ -291,6 +291,8 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     params_type = SparseGPTParams
     changes_kept_weights = True
+    exact_reduction = False  # Σ x xᵀ per batch would be (in, in) each: the processes' sums are added instead
+    solve_on_owner = True
     half_precision_note = ("SparseGPT with half-precision forwards measured worse perplexity at 2:4 than with float32 "
                            "ones (docs/calibration.md): its update solves on these activations' Σ x xᵀ")
 

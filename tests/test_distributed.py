@@ -1,0 +1,118 @@
+"""Several processes (issue 22): two CPU processes (torchrun, gloo) give the masks of one process — bit for bit
+for magnitude and Wanda, equal on these models for SparseGPT (whose Σ x xᵀ sums are added over processes) —
+with one writer; a two-process run killed mid-calibration resumes (with two processes) to the same export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import make_tiny_config
+
+from podar import Pipeline, run_masks
+from podar.engine import faults
+from podar.engine.store import RunStore, sha256_file
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
+
+
+def torchrun(args, nproc=2, env=None, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "podar.cli", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def config(corpus, tmp_path, method, walk="auto", **changes):
+    cfg = make_tiny_config(corpus).with_method(method)
+    cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"walk": walk, "num_samples": 6, **changes}))
+    path = tmp_path / f"{method}-{walk}.yaml"
+    path.write_text(cfg.to_yaml())
+    return cfg, path
+
+
+def masks_equal(a, b):
+    ma, mb = run_masks(a), run_masks(b)
+    return sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+@pytest.mark.parametrize(("method", "walk"), [("magnitude", "auto"), ("wanda", "block"), ("wanda", "site"),
+                                              ("wanda", "one_pass"), ("sparsegpt", "site"), ("sparsegpt", "block")])
+def test_two_processes_give_the_masks_of_one(corpus, tmp_path, method, walk):
+    cfg, path = config(corpus, tmp_path, method, walk)
+    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert masks_equal(tmp_path / "one", tmp_path / "two")
+    manifest = RunStore(tmp_path / "two").read_manifest()
+    assert manifest.world_size == 2 and manifest.state == "complete"
+    assert proc.stdout.count("Complete in") == 1  # one process reports; one wrote the folder
+    if method != "sparsegpt":  # the same weights, so the same export bytes
+        assert sha256_file(tmp_path / "one/export/model.safetensors") == sha256_file(
+            tmp_path / "two/export/model.safetensors")
+
+
+def test_fine_tuning_runs_under_ddp_and_keeps_pruned_weights_zero(corpus, tmp_path):
+    cfg, _ = config(corpus, tmp_path, "wanda")
+    cfg = cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": True, "steps": 2, "batch_size": 2}))
+    path = tmp_path / "ft.yaml"
+    path.write_text(cfg.to_yaml())
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = RunStore(tmp_path / "two").read_manifest()
+    [ft] = [r for r in manifest.results if r.stage == "fine_tuning"]
+    assert ft.series["pruned_max_abs_after_step"] == [0.0, 0.0] and len(ft.series["loss"]) == 2
+
+
+def test_a_two_process_run_killed_mid_calibration_resumes_to_the_same_export(corpus, tmp_path):
+    _cfg, path = config(corpus, tmp_path, "wanda", "site")
+    ref = torchrun(["run", str(path), "--run-dir", str(tmp_path / "ref"), "--no-progress"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = torchrun(["run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"],
+                      env={faults.ENV: "kill@after:calibrating#3"})
+    assert killed.returncode != 0
+    resumed = torchrun(["resume", str(tmp_path / "run"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sha256_file(tmp_path / "run/export/model.safetensors") == sha256_file(
+        tmp_path / "ref/export/model.safetensors")
+    from podar.cli import main
+
+    assert main(["audit", str(tmp_path / "run")]) == 0
+
+
+def test_a_launcher_whose_world_size_accelerate_does_not_see_is_refused(tiny_config, tmp_path, monkeypatch):
+    from podar import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --cpu --num_processes 2` leaves one process
+    with pytest.raises(ConfigError, match="Accelerate sees 1 process.*WORLD_SIZE is 2"):
+        Pipeline(tiny_config, run_dir=tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_refusal_before_work_stops_every_process(corpus, tmp_path):
+    """A config two processes cannot run (fine-tuning windows that do not split): every process stops, with the
+    message, and the lock is released."""
+    cfg, path = config(corpus, tmp_path, "wanda")
+    bad = cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": True, "batch_size": 3}))
+    path.write_text(bad.to_yaml())
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    assert proc.returncode != 0 and "does not split over 2 processes" in proc.stderr
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_a_failure_on_the_writing_process_fails_every_process_and_resumes(corpus, tmp_path):
+    """A full disk on the process that writes (only it writes artifacts): the other does not wait for it forever;
+    the run is Failed, its lock released, and two processes resume it to Complete."""
+    _cfg, path = config(corpus, tmp_path, "wanda", "site")
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"],
+                    env={faults.ENV: "enospc@write:artifact#2"}, timeout=240)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    assert manifest.state == "failed" and "No space left" in manifest.failure.message
+    assert not (tmp_path / "run" / "run.lock").exists()
+    resumed = torchrun(["resume", str(tmp_path / "run"), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
