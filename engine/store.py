@@ -394,6 +394,8 @@ class RunStore:
     def finish_export(self, staging: Path, *, stage: str) -> list[ArtifactRecord]:
         """Replace ``export/`` by ``staging`` and return a record (sha256, size) of every file in it."""
         final = self.export_dir
+        for path in staging.rglob("*"):  # readable by others, as every file of the run folder (save_file: 0600)
+            os.chmod(path, 0o755 if path.is_dir() else _FILE_MODE)
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

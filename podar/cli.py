@@ -38,7 +38,8 @@ EPILOG = """exit codes:
   3    podar refused: a bad config, data, model or run folder (the message names it)
   4    podar audit: the run folder does not verify
   5    podar audit: verified up to the last checkpoint; the run is at work or was killed there
-  130  interrupted (Ctrl-C); 143 terminated (SIGTERM): the run is Failed and resumable
+  130  interrupted (Ctrl-C): the run is Failed (reason interrupted) and resumable
+  143  terminated (SIGTERM): the run is Failed (reason terminated) and resumable
 """
 
 
@@ -118,6 +119,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from podar import Pipeline
 
     configure_logging(args.log_json)
+    _quiet_progress(args.no_progress)
     return _drive(Pipeline(_config(args), run_dir=args.run_dir, progress=not args.no_progress))
 
 
@@ -125,6 +127,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from podar import Pipeline
 
     configure_logging(args.log_json)
+    _quiet_progress(args.no_progress)
     pipeline = Pipeline.resume(args.run_dir, config=args.config, allow_config_change=args.allow_config_change,
                                allow_model_change=args.allow_model_change, allow_data_change=args.allow_data_change,
                                progress=not args.no_progress)
@@ -155,6 +158,14 @@ def _summary(result: Any, elapsed: float) -> list[str]:
     lines.append(f"audit head sha256: {result.audit_head_sha256} (check later: podar audit {result.run_dir} "
                  f"--expect-head {result.audit_head_sha256})")
     return lines
+
+
+def _quiet_progress(no_progress: bool) -> None:
+    """transformers' own progress bars (loading weights) follow podar's: off with --no-progress or off a terminal."""
+    if no_progress or not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _drive(pipeline: Any) -> int:

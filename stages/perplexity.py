@@ -35,7 +35,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     """
     n, _t = windows.shape
     out = torch.empty(n, dtype=torch.float64)
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=None if progress else True, leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)

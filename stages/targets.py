@@ -132,6 +132,7 @@ def snapshot_weights(targets: dict[str, nn.Linear], folder: Path,
             path = folder / f"part-{len(parts):05d}.safetensors"
             tmp = path.with_name(f".{path.name}.tmp")
             save_file(current, str(tmp))
+            os.chmod(tmp, 0o644)  # save_file makes 0600; a run folder is meant to be read by auditors
             os.replace(tmp, path)
             parts.append(path)
             if after_part is not None:
