@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install model demo test test-slow lint bench bench-time bench-time-wanda bench-seeds clean
+.PHONY: install model demo test test-slow lint soak bench bench-time bench-time-wanda bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: install
 # real-model tests (minutes); CI runs them on purpose
 test-slow: model
 	$(PY) -m pytest -q -m slow
+
+# random SIGKILL soak: 50 tiny runs killed at random instants, each resumed to the uninterrupted export
+soak: install
+	$(PY) bench/soak.py --runs 50
 
 lint: install
 	$(VENV)/bin/ruff check .
