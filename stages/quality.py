@@ -82,7 +82,8 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
     nll = torch.empty(n, dtype=torch.float64)
     ids_out: list[torch.Tensor] = []
     logp_out: list[torch.Tensor] = []
-    for start in tqdm(range(0, n, batch_size), desc=f"dense {text}"[:40], disable=None if progress else True, leave=False):
+    for start in tqdm(range(0, n, batch_size), desc=f"dense {text}"[:40], disable=None if progress else True,
+                      leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
         nll_b = _nll(logits, batch).cpu()
@@ -126,7 +127,8 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
     nll_sum = 0.0
     kl_sum = 0.0
     agree_sum = 0
-    for start in tqdm(range(0, n, batch_size), desc=f"eval {text}"[:40], disable=None if progress else True, leave=False):
+    for start in tqdm(range(0, n, batch_size), desc=f"eval {text}"[:40], disable=None if progress else True,
+                      leave=False):
         if check is not None:
             check()
         batch = windows[start:start + batch_size].to(device)  # (B, T)
