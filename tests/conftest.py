@@ -29,6 +29,14 @@ def tiny_config(corpus) -> PruningConfig:
     return make_tiny_config(corpus)
 
 
+@pytest.fixture
+def config_file(tiny_config, tmp_path) -> Path:
+    """The tiny config written as YAML, for the command-line tests."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(tiny_config.to_yaml())
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog():
     """The CLI configures structlog process-wide; give every test the library default back."""

@@ -1,15 +1,6 @@
 import json
 
-import pytest
-
 from podar.cli import main
-
-
-@pytest.fixture
-def config_file(tiny_config, tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_config.to_yaml())
-    return path
 
 
 def test_graph_prints_mermaid(capsys):

@@ -22,13 +22,6 @@ def cli(*args, cwd=None, env=None, stdin=None):
                           env=env, timeout=300)
 
 
-@pytest.fixture
-def config_file(tiny_config, tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(tiny_config.to_yaml())
-    return path
-
-
 def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
