@@ -436,6 +436,18 @@ def plan_walk(model: nn.Module, targets: dict[str, nn.Module], walk: str, *, blo
 
 # ---------------------------------------------------------------- hooks
 
+@contextmanager
+def _forward_hooks(modules: dict[str, nn.Module], make_hook: Callable[[str], Callable]) -> Iterator[None]:
+    """While open, ``make_hook(name)`` is a forward hook on each module; all are removed on exit."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
 
 @contextmanager
 def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Iterator[dict[str, LayerStats]]:
@@ -444,7 +456,6 @@ def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Itera
     the other (q/k/v after one norm, gate/up after another) share one record, so each statistic is computed once
     per input."""
     stats: dict[str, LayerStats] = {}
-    handles = []
     last: dict[str, Any] = {"x": None, "name": None}
 
     def make_hook(name: str):
@@ -464,12 +475,9 @@ def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Itera
         return hook
 
     try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        yield stats
+        with _forward_hooks(modules, make_hook):
+            yield stats
     finally:
-        for h in handles:
-            h.remove()
         last.clear()
     for entry in {id(e): e for e in stats.values()}.values():
         method.finish(entry)
@@ -486,7 +494,6 @@ def reconstruction_hooks(modules: dict[str, nn.Module], dense: Mapping[str, torc
     Yields {name: [err_sq_sum, ref_sq_sum, n_samples]}; the relative error is err/ref. ``dense``: (out, in).
     """
     acc: dict[str, list[float]] = {n: [0.0, 0.0, 0] for n in modules}
-    handles = []
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -514,10 +521,5 @@ def reconstruction_hooks(modules: dict[str, nn.Module], dense: Mapping[str, torc
 
         return hook
 
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
+    with _forward_hooks(modules, make_hook):
         yield acc
-    finally:
-        for h in handles:
-            h.remove()
