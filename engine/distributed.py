@@ -19,7 +19,7 @@ from podar.schemas.errors import ConfigError, PodarError
 
 T = TypeVar("T")
 
-__all__ = ["make_accelerator", "world_size", "is_main_process", "reduce_sum", "Dist", "together"]
+__all__ = ["make_accelerator", "world_size", "is_main_process", "reduce_sum", "Dist", "together", "end_processes"]
 
 
 def make_accelerator(device: Literal["auto", "cpu", "cuda"] = "auto", *, timeout_s: int = 1800) -> Accelerator:
@@ -43,6 +43,19 @@ def make_accelerator(device: Literal["auto", "cpu", "cuda"] = "auto", *, timeout
             "launch with torchrun --nproc_per_node N, or accelerate launch --multi_gpu --num_processes N, so every "
             "rank joins the process group")
     return accelerator
+
+
+def end_processes() -> None:
+    """Leave the process group once this process's last collective call is done (``destroy_process_group``).
+
+    Without it gloo's worker threads are torn down during interpreter exit, and a rank can abort ("terminate
+    called without an active exception", SIGABRT) after a run that completed. No barrier: a rank that failed
+    alone must not wait for the others. A no-op on one process.
+    """
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
 
 
 def world_size(accelerator: Accelerator | None) -> int:

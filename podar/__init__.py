@@ -7,6 +7,7 @@ The public API, in one place::
 """
 
 from podar.engine.audit import AuditSummary, verify_audit
+from podar.engine.distributed import end_processes
 from podar.engine.machine import mermaid
 from podar.engine.models import load_model, tiny_llama
 from podar.engine.runner import Runner
@@ -57,7 +58,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Pipeline", "PipelineResult", "run_masks", "PruningStage", "Runner", "RunStore", "mermaid", "verify_audit",
-    "AuditSummary",
+    "AuditSummary", "end_processes",
     "load_model", "load_pretrained", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
     "RuntimeConfig", "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig",

@@ -401,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT["broken_pipe"]
+    finally:
+        if "torch.distributed" in sys.modules:  # a run under torchrun / accelerate launch: leave its group
+            from podar.engine.distributed import end_processes
+
+            end_processes()
 
 
 if __name__ == "__main__":
