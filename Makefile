@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+comma  := ,
 
-.PHONY: install model demo test test-slow lint soak bench bench-time bench-time-wanda bench-seeds clean
+.PHONY: install model demo test test-slow interop lint soak bench bench-time bench-time-wanda bench-seeds clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +26,7 @@ demo: model
 	$(VENV)/bin/podar audit runs/demo
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not interop"
 
 # real-model tests (minutes); CI runs them on purpose
 test-slow: model
@@ -34,6 +35,23 @@ test-slow: model
 # random SIGKILL soak: 50 tiny runs killed at random instants, each resumed to the uninterrupted export
 soak: install
 	$(PY) bench/soak.py --runs 50
+
+# The interop matrix: podar's exports loaded with AutoModelForCausalLM.from_pretrained in pinned environments of
+# their own (kept between runs in $(INTEROP_DIR); torch pinned in each, like everywhere)
+# (each named transformers-X_compressed-tensors-Y: current ones, and the last before transformers 5)
+INTEROP_DIR  ?= $(HOME)/.cache/podar/interop
+INTEROP_ENVS := transformers-5.24.0_compressed-tensors-0.20.1 transformers-4.57.6_compressed-tensors-0.14.0.1
+
+$(INTEROP_DIR)/%/.installed:
+	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
+	$(@D)/bin/python -m pip install --quiet torch==2.13.0
+	$(@D)/bin/python -m pip install --quiet $(subst -,==,$(subst compressed-tensors-,compressed_tensors-,$(subst _, ,$*))) \
+		accelerate safetensors numpy gguf sentencepiece
+	touch $@
+
+interop: install $(foreach e,$(INTEROP_ENVS),$(INTEROP_DIR)/$(e)/.installed)
+	PODAR_INTEROP=1 PODAR_INTEROP_ENVS="$(subst $(eval) ,$(comma),$(foreach e,$(INTEROP_ENVS),$(e)=$(INTEROP_DIR)/$(e)/bin/python))" \
+		$(PY) -m pytest -q -m interop
 
 lint: install
 	$(VENV)/bin/ruff check .

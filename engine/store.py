@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def manifest_mac(manifest: RunManifest, key: bytes) -> str:
 
 def utc_now() -> str:
     """UTC ISO-8601 timestamp with microseconds, e.g. 2026-11-30T06:21:44.123456+00:00."""
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def sha256_file(path: Path) -> str:

@@ -61,6 +61,21 @@ def _check_lengths(cfg: PruningConfig, model: Any) -> None:
                               f"(config.max_position_embeddings); use at most {limit}")
 
 
+def _check_export(cfg: PruningConfig, model: Any, tokenizer: Any, targets: Mapping[str, Any]) -> None:
+    """Every pruned layer can be written as configured (2:4 and W4A16 groups need their widths to divide)."""
+    from podar.stages.export_gguf import check_gguf_export
+    from podar.stages.quantize import WeightQuant
+
+    if cfg.export.format == "gguf":
+        check_gguf_export(model, tokenizer, targets, cfg.export.gguf_type)
+    quant = WeightQuant.named(cfg.export.quantization, cfg.export.group_size)
+    for name in targets:
+        cols = model.get_submodule(name).weight.shape[1]
+        if quant is not None and quant.group_size and cols % quant.group_size:
+            raise ConfigError(f"export.group_size={quant.group_size} does not divide layer '{name}' ({cols} input "
+                              "columns): every W4A16 group needs its own scale; use a divisor of every layer's width")
+
+
 def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     if model is None:
         model, tokenizer = load_model(cfg.model)
@@ -193,6 +208,7 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
     model, tokenizer = _load(cfg, model, tokenizer)
     converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
+    _check_export(cfg, model, tokenizer, targets)
     model.to(accelerator.device)
     model.eval()
     ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store, log=log,

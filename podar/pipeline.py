@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class Pipeline:
     def __init__(self, config: PruningConfig | Mapping[str, Any] | str | Path, run_dir: str | Path | None = None,
                  model: Any = None, tokenizer: Any = None, *, progress: bool = True, logger: Any = None) -> None:
         self.config = _as_config(config)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.run_id = f"{stamp}-{self.config.method.name}-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_id
         self._model = model

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -169,20 +170,43 @@ class EvaluationConfig(Frozen):
 class ExportConfig(Frozen):
     """How the pruned model is written (and reloaded to verify it before the stage counts as done)."""
 
-    format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask"] = Field(
-        default="dense", description="dense (zeros kept), sparse-bitmask (any sparsity), sparse-24-bitmask (2:4)")
-    quantization: Literal["none", "int8"] = Field(
-        default="none", description="int8: symmetric per-output-channel int8 weights of the pruned layers")
+    format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask", "gguf"] = Field(
+        default="dense", description="dense (zeros kept; loads in transformers/vLLM), sparse-bitmask or "
+                                     "sparse-24-bitmask (podar's own), gguf (llama.cpp; Llama models)")
+    quantization: Literal["none", "w8a16", "w4a16"] = Field(
+        default="none", description="pruned layers' weights: w8a16 (int8 per channel) or w4a16 (int4 per group)")
+    group_size: int = Field(default=128, ge=1, description="w4a16: input columns per scale, >= 1 (vLLM: 32-128)")
+    gguf_type: Literal["f16", "q8_0", "q4_0"] = Field(
+        default="f16", description="format gguf: the pruned layers' tensor type (llama.cpp's f16, q8_0, q4_0)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="dtype of the written floating tensors; auto: the model's")
     verify_windows: int = Field(default=2, ge=0, description="evaluation windows compared on reload, >= 0")
     max_shard_size: str = Field(default="2GB", description="largest safetensors shard, e.g. 2GB, 500MiB")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _renamed_int8(cls, value: Any) -> Any:
+        if value == "int8":  # podar 0.2's name for int8 per output channel
+            warnings.warn("export.quantization 'int8' is now 'w8a16'; the old name still loads", FutureWarning,
+                          stacklevel=2)
+            return "w8a16"
+        return value
 
     @field_validator("max_shard_size")
     @classmethod
     def _check_size(cls, value: str) -> str:
         parse_size(value)
         return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> ExportConfig:
+        if self.format == "gguf" and self.quantization != "none":
+            raise ValueError("export.format 'gguf' quantizes with export.gguf_type (q8_0, q4_0); set "
+                             "export.quantization to 'none'")
+        if self.format != "dense" and self.quantization == "w4a16":
+            raise ValueError(f"export.quantization 'w4a16' is written with export.format 'dense' (compressed-tensors "
+                             f"pack-quantized, which transformers and vLLM load); {self.format!r} holds w8a16 only")
+        return self
 
 
 class TinyModelConfig(Frozen):

@@ -1,10 +1,18 @@
-"""Writing and reading compressed model folders (sparse-bitmask, sparse-24-bitmask, optional int8).
+"""Writing and reading exported model folders: dense, dense + W8A16/W4A16 (compressed-tensors pack-quantized),
+and podar's own sparse formats (sparse-bitmask, sparse-24-bitmask, optionally with W8A16 values).
 
-A folder holds ``config.json`` (the model's config plus a compressed-tensors style ``quantization_config`` that
-describes the format), safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
-``model.safetensors.index.json``), the tokenizer files, and ``podar_export.json`` (format, targets, sha256 of
-every weight file). Shards are written one at a time while walking the state dict, so at most one shard of
-compressed tensors exists beside the model (never two full copies).
+A folder holds ``config.json``, safetensors shards (``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
+with ``model.safetensors.index.json``), the tokenizer files, and ``podar_export.json`` (format, quantization,
+targets, sha256 of every weight file). Shards are written one at a time while walking the state dict, so at most
+one shard of compressed tensors exists beside the model (never two full copies).
+
+- dense and dense + W8A16/W4A16 load in transformers (4.57 and 5) and match vLLM's compressed-tensors WNA16
+  scheme: the quantized Linears are written by compressed-tensors' own ``PackedQuantizationCompressor``, with a
+  ``quantization_config`` that names the format per scheme and the compressed-tensors version.
+- The sparse formats are podar's: compressed-tensors removed its sparse compressors (0.15, March 2026) and
+  current transformers loads such a folder with the pruned Linears randomly initialised and no error. So their
+  ``config.json`` names a model type no other tool knows (``podar-sparse-bitmask``, ``podar-sparse-24-bitmask``):
+  transformers and vLLM refuse the folder instead of loading a wrong model, and ``podar.load_pretrained`` reads it.
 
 ``load_pretrained(path)`` returns a ready transformers model with the weights decompressed and dequantized.
 """
@@ -13,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,19 +32,18 @@ from safetensors.torch import save_file
 from podar.engine.store import sha256_file
 from podar.schemas.errors import CheckpointError
 
-from .sparse_formats import (
-    bitmask_compress,
-    bitmask_decompress,
-    dequantize_int8,
-    quantize_int8,
-    sparse24_compress,
-    sparse24_decompress,
-)
+from .quantize import WeightQuant, dequantize, fake_quantize, quantize, weight_scale
+from .sparse_formats import bitmask_compress, bitmask_decompress, sparse24_compress, sparse24_decompress
 
-__all__ = ["ExportSummary", "write_compressed", "load_pretrained", "roundtrip_weight", "PODAR_META"]
+__all__ = ["ExportSummary", "write_compressed", "write_meta", "load_pretrained", "roundtrip_weight", "PODAR_META",
+           "SPARSE_ARCHITECTURE"]
 
 PODAR_META = "podar_export.json"
 FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
+SPARSE_ARCHITECTURE = "PodarSparseExport"  # the architecture name of a sparse export: no tool but podar knows it
+_PACKED = ("weight_packed", "weight_scale", "weight_shape")  # the tensors compressed-tensors writes per Linear
+
+
 @dataclass
 class ExportSummary:
     """What was written: files (name → bytes), and the pruned layers' bytes against dense float16."""
@@ -52,12 +58,38 @@ class ExportSummary:
         return self.target_bytes / self.target_dense_fp16_bytes if self.target_dense_fp16_bytes else 0.0
 
 
-def _compress(prefix: str, weight: torch.Tensor, fmt: str, quantize: bool, dtype: torch.dtype
+def _scheme(quant: WeightQuant, targets: list[str]) -> Any:
+    """The compressed-tensors QuantizationScheme of ``quant`` (symmetric, static, weights only, pack-quantized)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=quant.bits, type="int", symmetric=True, dynamic=False,
+                            strategy="group" if quant.group_size else "channel", group_size=quant.group_size)
+    return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+
+
+def _pack_quantized(prefix: str, weight: torch.Tensor, quant: WeightQuant, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    """{prefix.weight_packed, .weight_scale, .weight_shape} of weight (R, C), packed by compressed-tensors."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    try:
+        scale = weight_scale(weight, quant, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"layer '{prefix}' cannot be written as {quant.label}: {e} (export.group_size)") from e
+    pieces = PackedQuantizationCompressor.compress({"weight": weight.detach().float(), "weight_scale": scale},
+                                                   _scheme(quant, [prefix]))
+    return {f"{prefix}.{k}": v.contiguous() for k, v in pieces.items()}
+
+
+def _compress(prefix: str, weight: torch.Tensor, fmt: str, quant: WeightQuant | None, dtype: torch.dtype
               ) -> dict[str, torch.Tensor]:
     """The tensors that store one pruned Linear weight (R, C) under ``prefix`` (the module name)."""
+    if fmt == "dense" and quant is not None:
+        return _pack_quantized(prefix, weight, quant, dtype)
     scale = None
-    if quantize:
-        values, scale = quantize_int8(weight)
+    if quant is not None:  # a sparse format with W8A16 values (podar's own layout)
+        scale = weight_scale(weight, quant, dtype)
+        values = quantize(weight, scale, quant)
     else:
         values = weight.detach().to(dtype)
     if fmt == "dense":
@@ -72,36 +104,26 @@ def _compress(prefix: str, weight: torch.Tensor, fmt: str, quantize: bool, dtype
     else:
         raise ValueError(f"unknown export format {fmt!r}; one of {FORMATS}")
     if scale is not None:
-        out[f"{prefix}.weight_scale"] = scale.to(dtype if dtype.is_floating_point else torch.float32)
+        out[f"{prefix}.weight_scale"] = scale
     return out
 
 
-def roundtrip_weight(weight: torch.Tensor, quantize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """What a pruned Linear weight reads back as: cast to ``dtype``, or int8 quantize-dequantize into ``dtype``."""
-    if quantize:
-        q, scale = quantize_int8(weight)
-        return dequantize_int8(q, scale.to(dtype).float(), dtype)
-    return weight.detach().to(dtype)
+def roundtrip_weight(weight: torch.Tensor, quant: WeightQuant | None, dtype: torch.dtype) -> torch.Tensor:
+    """What a pruned Linear weight reads back as: cast to ``dtype``, or quantize-dequantize into ``dtype``."""
+    return weight.detach().to(dtype) if quant is None else fake_quantize(weight, quant, dtype)
 
 
-def _quantization_config(fmt: str, quantize: bool, targets: Iterable[str], sparsity: float, structure: str
-                         ) -> dict[str, Any]:
-    targets = sorted(targets)
-    cfg: dict[str, Any] = {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized" if quantize else "dense",
-        "quantization_status": "compressed",
-        "sparsity_config": None,
-        "config_groups": {},
-        "ignore": [],
-    }
-    if fmt != "dense":
-        cfg["sparsity_config"] = {"format": fmt, "global_sparsity": sparsity, "sparsity_structure": structure,
-                                  "targets": targets, "ignore": [], "registry_requires_subclass": False}
-    if quantize:
-        cfg["config_groups"] = {"group_0": {"targets": targets, "weights": {
-            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False}}}
-    return cfg
+def _quantization_config(model: torch.nn.Module, quant: WeightQuant, targets: set[str]) -> dict[str, Any]:
+    """compressed-tensors' ``quantization_config`` for the quantized ``targets``; every other Linear is ignored
+    by name (vLLM refuses a Linear that matches neither a target nor the ignore list)."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config = QuantizationConfig(config_groups={"group_0": _scheme(quant, sorted(targets))}, format="pack-quantized",
+                                quantization_status="compressed", ignore=sorted(linears - set(targets)))
+    return {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
+            **config.model_dump(exclude={"quant_method"}), "sparsity_config": {}, "transform_config": {}}
 
 
 class _ShardWriter:
@@ -147,22 +169,29 @@ class _ShardWriter:
         return final_names
 
 
-def _export_config(model: torch.nn.Module, fmt: str, quantize: bool, targets: set[str], dtype: torch.dtype,
-                   sparsity: float, structure: str) -> dict[str, Any]:
+def _export_config(model: torch.nn.Module, fmt: str, quant: WeightQuant | None, targets: set[str],
+                   dtype: torch.dtype, sparsity: float, structure: str) -> dict[str, Any]:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
     config["dtype"] = str(dtype).replace("torch.", "")
     config["torch_dtype"] = config["dtype"]
-    if fmt != "dense" or quantize:
-        config["quantization_config"] = _quantization_config(fmt, quantize, targets, sparsity, structure)
+    if fmt != "dense":  # a model type and architecture no other tool knows: they refuse it, podar reads it
+        config["podar_original"] = {"model_type": config["model_type"], "architectures": config["architectures"]}
+        config["model_type"] = f"podar-{fmt}"
+        config["architectures"] = [SPARSE_ARCHITECTURE]
+        config["podar_sparsity"] = {"format": fmt, "global_sparsity": sparsity, "sparsity_structure": structure,
+                                    "quantization": quant.label if quant else "none",
+                                    "note": "a podar format: load with podar.load_pretrained"}
+    elif quant is not None:
+        config["quantization_config"] = _quantization_config(model, quant, targets)
     return config
 
 
 @torch.no_grad()
-def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, quantize: bool, targets: set[str],
-                     dtype: torch.dtype, max_shard_bytes: int, tokenizer: Any = None, sparsity: float = 0.0,
-                     structure: str = "unstructured") -> ExportSummary:
+def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, quant: WeightQuant | None,
+                     targets: set[str], dtype: torch.dtype, max_shard_bytes: int, tokenizer: Any = None,
+                     sparsity: float = 0.0, structure: str = "unstructured") -> ExportSummary:
     """Write ``model`` into ``folder`` with the ``targets`` (module names) compressed; returns the summary."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,26 +205,30 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
         seen.add(key)
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module is not None and module in targets:
-            pieces = _compress(module, tensor, fmt, quantize, dtype)
+            pieces = _compress(module, tensor, fmt, quant, dtype)
             summary.target_bytes += sum(v.numel() * v.element_size() for v in pieces.values())
             summary.target_dense_fp16_bytes += tensor.numel() * 2
         else:
             pieces = {name: tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()}
         shards.add(pieces)
     final_names = shards.close()
-    config = _export_config(model, fmt, quantize, targets, dtype, sparsity, structure)
+    config = _export_config(model, fmt, quant, targets, dtype, sparsity, structure)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    files = {f: sha256_file(folder / f) for f in final_names}
-    meta = {"format": fmt, "quantization": "int8" if quantize else "none", "dtype": config["dtype"],
-            "targets": sorted(targets), "files": files, "writer": "podar"}
-    (folder / PODAR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    write_meta(folder, final_names, format=fmt, quantization=quant.label if quant else "none",
+               dtype=config["dtype"], group_size=quant.group_size if quant else None, targets=sorted(targets))
     for path in sorted(folder.iterdir()):
         if path.is_file():
             summary.files[path.name] = path.stat().st_size
     summary.total_bytes = sum(summary.files.values())
     return summary
+
+
+def write_meta(folder: Path, weight_files: list[str], **fields: Any) -> None:
+    """``podar_export.json``: what was written (format, quantization, ...) and the sha256 of every weight file."""
+    meta = {**fields, "files": {f: sha256_file(folder / f) for f in weight_files}, "writer": "podar"}
+    (folder / PODAR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -206,35 +239,68 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"export file '{path}' is corrupt or truncated and cannot be read: {e}") from e
 
 
-def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _sparse_weight(tensors: dict[str, torch.Tensor], prefix: str, fmt: str) -> torch.Tensor:
+    if fmt == "sparse-bitmask":
+        return bitmask_decompress(tensors[f"{prefix}.shape"], tensors[f"{prefix}.compressed"],
+                                  tensors[f"{prefix}.bitmask"], tensors[f"{prefix}.row_offsets"])
+    return sparse24_decompress(tensors[f"{prefix}.shape"], tensors[f"{prefix}.compressed"],
+                               tensors[f"{prefix}.bitmask"])
+
+
+def _weight(tensors: dict[str, torch.Tensor], prefix: str, fmt: str, quant: WeightQuant | None) -> torch.Tensor:
+    """The weight of the Linear at ``prefix`` from its stored pieces: decompressed, then dequantized."""
+    if f"{prefix}.weight_packed" in tensors:
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+
+        if quant is None:
+            raise ValueError("pack-quantized weights in an export without quantization")
+        pieces = {k: tensors[f"{prefix}.{k}"] for k in _PACKED}
+        return PackedQuantizationCompressor.decompress(pieces, _scheme(quant, [prefix]))["weight"]
+    values = tensors[f"{prefix}.weight"] if fmt == "dense" else _sparse_weight(tensors, prefix, fmt)
+    scale = tensors.get(f"{prefix}.weight_scale")
+    if scale is None:
+        return values
+    if quant is None or values.dtype != torch.int8:
+        raise ValueError(f"a weight_scale beside {values.dtype} values in an export quantized {quant}")
+    return dequantize(values, scale, quant)  # in the export's dtype, as written
+
+
+_PIECES = (".shape", ".compressed", ".bitmask", ".row_offsets", ".weight_packed", ".weight_scale", ".weight_shape")
+
+
+def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, quant: WeightQuant | None, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    prefixes = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(_PIECES)}
     out: dict[str, torch.Tensor] = {}
-    pieces = (".shape", ".compressed", ".bitmask", ".row_offsets")
-    prefixes = set() if fmt == "dense" else {k.rsplit(".", 1)[0] for k in tensors if k.endswith(pieces)}
     for prefix in prefixes:
         try:
-            if fmt == "sparse-bitmask":
-                w = bitmask_decompress(tensors[f"{prefix}.shape"], tensors[f"{prefix}.compressed"],
-                                       tensors[f"{prefix}.bitmask"], tensors[f"{prefix}.row_offsets"])
-            else:
-                w = sparse24_decompress(tensors[f"{prefix}.shape"], tensors[f"{prefix}.compressed"],
-                                        tensors[f"{prefix}.bitmask"])
+            out[f"{prefix}.weight"] = _weight(tensors, prefix, fmt, quant)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"tensor '{prefix}' in the export is incomplete or inconsistent: {e}") from e
-        out[f"{prefix}.weight"] = w
-    for k, v in tensors.items():
-        base = k.rsplit(".", 1)[0]
-        if base in prefixes or k.endswith(".weight_scale"):
-            continue
-        out[k] = v
-    for k in [k for k in tensors if k.endswith(".weight_scale")]:
-        prefix = k[: -len(".weight_scale")]
-        weight_key = f"{prefix}.weight"
-        q = out[weight_key]
-        if q.dtype != torch.int8:
-            raise CheckpointError(f"tensor '{weight_key}' has a weight_scale but is {q.dtype}, not int8")
-        scale = tensors[k]
-        out[weight_key] = dequantize_int8(q, scale.float(), scale.dtype)  # in the export's dtype, as written
+    out.update({k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in prefixes})
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def _verify_files(folder: Path, meta: dict[str, Any]) -> None:
+    for name, sha in meta["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"export file '{file}' is missing")
+        if sha256_file(file) != sha:
+            raise CheckpointError(f"export file '{file}' does not match its sha256 in {PODAR_META}: it was "
+                                  "changed, corrupted or truncated")
+
+
+def _model_config(folder: Path, raw: dict[str, Any]) -> Any:
+    """The transformers config of an export; a sparse export's own model type is restored from ``podar_original``."""
+    from transformers import AutoConfig
+
+    original = raw.get("podar_original")
+    if original is None:
+        return AutoConfig.from_pretrained(str(folder))
+    fields = {k: v for k, v in raw.items() if k not in ("podar_original", "podar_sparsity", "model_type")}
+    fields["architectures"] = original["architectures"]
+    return AutoConfig.for_model(original["model_type"], **fields)
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verify: bool = True) -> Any:
@@ -244,44 +310,39 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verif
     Verifies every weight file against the sha256 in ``podar_export.json`` (refusing a changed, corrupted or
     truncated file by name). A plain ``save_pretrained`` folder loads through transformers as usual.
     """
-    from transformers import AutoConfig
-
     from podar.engine.models import auto_class_for
 
     folder = Path(path)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"'{folder}' holds no config.json: not a model folder")
     meta_path = folder / PODAR_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta is not None and verify:
-        for name, sha in meta["files"].items():
-            file = folder / name
-            if not file.is_file():
-                raise CheckpointError(f"export file '{file}' is missing")
-            if sha256_file(file) != sha:
-                raise CheckpointError(f"export file '{file}' does not match its sha256 in {PODAR_META}: it was "
-                                      "changed, corrupted or truncated")
+        _verify_files(folder, meta)
+    if meta is not None and meta["format"] == "gguf":  # through transformers' GGUF loader, as users read it
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=meta["gguf_file"], dtype=dtype).eval()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"'{folder}' holds no config.json: not a model folder")
     raw = json.loads(config_path.read_text())
-    qc = raw.get("quantization_config") or {}
-    config = AutoConfig.from_pretrained(str(folder))
+    config = _model_config(folder, raw)
     auto = auto_class_for(config)
-    if qc.get("quant_method") != "compressed-tensors":
+    if meta is None:
         try:
             return auto.from_pretrained(str(folder), dtype=dtype).eval()
         except Exception as e:
             raise CheckpointError(f"'{folder}' does not load with transformers: {e}") from e
-    sparsity = qc.get("sparsity_config") or {}
-    fmt = sparsity.get("format", "dense")
+    fmt = meta["format"]
+    name = {"int8": "w8a16"}.get(meta.get("quantization", "none"), meta.get("quantization", "none"))  # 0.2's int8
+    quant = WeightQuant.named(name, meta.get("group_size") or 128)
     dtype = dtype or getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = auto.from_config(config, dtype=dtype)
-    files = sorted(meta["files"]) if meta else sorted(p.name for p in folder.glob("*.safetensors"))
     expected = set(model.state_dict())
     loaded: set[str] = set()
-    for name in files:
-        state = _decompress_all(_read_shard(folder / name), fmt, dtype)
+    for name in sorted(meta["files"]):
+        state = _decompress_all(_read_shard(folder / name), fmt, quant, dtype)
         unknown = sorted(set(state) - expected)
         if unknown:
             raise CheckpointError(f"export file '{folder / name}' holds '{unknown[0]}', which the model has not")

@@ -8,8 +8,8 @@ The tensor naming and layout follow compressed-tensors (0.14) so its decompresso
   column j is non-zero, ``prefix.row_offsets`` (R,) int64 — index in ``compressed`` where each row starts.
 - ``sparse-24-bitmask`` (2:4): ``prefix.shape`` (2, 1) int64, ``prefix.compressed`` (R, C/2) the kept half of each
   row (2 of every 4), ``prefix.bitmask`` as above.
-- int8 weights (symmetric, per output channel): the values above are int8, ``prefix.weight_scale`` (R, 1) holds
-  the float scale; w ≈ q · scale, and zeros stay zeros.
+- W8A16 weights (``quantize.py``, per output channel): the values above are int8, ``prefix.weight_scale``
+  (R, 1) holds the scale; w ≈ q · scale, and zeros stay zeros.
 """
 
 from __future__ import annotations
@@ -24,13 +24,7 @@ __all__ = [
     "bitmask_decompress",
     "sparse24_compress",
     "sparse24_decompress",
-    "quantize_int8",
-    "dequantize_int8",
-    "INT8_MAX",
 ]
-
-INT8_MAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation is exact
-
 
 def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """{shape, compressed, bitmask, row_offsets} of weight: (R, C), any dtype; non-zero = ``weight != 0``."""
@@ -76,7 +70,7 @@ def sparse24_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     groups_nnz = (weight != 0).reshape(rows, cols // 4, 4).sum(dim=-1)
     if int(groups_nnz.max()) > 2:
         raise ValueError("weight is not 2:4 sparse: a group of 4 holds more than 2 non-zeros")
-    keep = nm_mask(weight.abs().float(), 2, 4)  # (R, C), exactly 2 per group
+    keep = nm_mask(weight.float().abs(), 2, 4)  # (R, C), exactly 2 per group (int8 -128 has no int8 abs)
     return {
         "shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1),
         "compressed": weight[keep].reshape(rows, cols // 2).contiguous(),
@@ -87,20 +81,3 @@ def sparse24_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 def sparse24_decompress(shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """weight: (R, C) from the kept half (R, C/2) and the bitmask."""
     return bitmask_decompress(shape, compressed.flatten(), bitmask)
-
-
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q (R, C) int8, scale (R, 1) fp32): symmetric per output channel, scale = max|w_row| / 127.
-
-    All-zero rows get scale 1 (q = 0). Zeros stay exactly zero.
-    """
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1, keepdim=True)  # (R, 1)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(w / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w: (R, C) = q · scale, computed in fp32 then cast to ``dtype``."""
-    return (q.float() * scale.float()).to(dtype)

