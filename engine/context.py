@@ -57,6 +57,8 @@ class RunState:
     prepared: dict[str, Any] = field(default_factory=dict)  # the current group's shared per-input work
     owners: dict[str, int] = field(default_factory=dict)  # several processes: input group (first name) → solver
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # (out, in) fp32 importance, when kept
+    # joint quantization: (out, groups) the scales of each pruned layer's grid, which the export writes it on
+    quant_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     calibration_samples: torch.Tensor | None = None  # (N, T) int64
     eval_windows: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict)  # text → (windows, sha256)
     model_fingerprint: str = ""

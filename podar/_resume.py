@@ -145,6 +145,8 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
                 st.masks[name] = mask
                 if not weights:
                     apply_mask(modules[name], mask, ctx.runtime, ranges)
+        for record in (r for r in records if r.kind == "scales"):
+            st.quant_scales.update(store.load_tensors(record))
         for record in weights:
             tensors = store.load_tensors(record)
             adopt_weights(record.path, tensors, {n: modules[n].weight if n in modules else params[n] for n in tensors})

@@ -331,6 +331,13 @@ class PruningConfig(Frozen):
         if self.scope == "global" and self.pattern.kind != "unstructured":
             raise ValueError(f"scope 'global' applies to unstructured masks only, not '{self.pattern.label()}'")
         self.method.check(self.pattern.kind, self.pattern.label(), self.scope)
+        if getattr(self.method, "joint_quantization", False):
+            if self.export.quantization == "none" or self.export.format == "gguf":
+                raise ValueError("method.joint_quantization quantizes to export.quantization's grid; set "
+                                 "export.quantization to w8a16 or w4a16 (export.format not gguf)")
+            if self.finetune.enabled:
+                raise ValueError("method.joint_quantization with finetune.enabled: fine-tuning would move the "
+                                 "weights off the quantization grid; disable one of them")
         if self.export.format == "sparse-24-bitmask" and self.pattern.label() != "2:4":
             raise ValueError(f"export.format 'sparse-24-bitmask' needs pattern 2:4, not '{self.pattern.label()}'")
         if not self.targets:

@@ -73,6 +73,8 @@ class SparseGPTParams(MethodParams):
     name: Literal["sparsegpt"] = "sparsegpt"
     dampening_frac: float = Field(default=0.01, gt=0.0, lt=1.0, description="dampening, fraction of mean diag(H)")
     block_size: int = Field(default=128, ge=1, description="columns per OBS block, >= 1")
+    joint_quantization: bool = Field(
+        default=False, description="quantize kept weights inside the OBS update, to export.quantization's grid")
     default_scope: ClassVar[str] = "per_obs_block"
     default_walk: ClassVar[str] = "site"
     patterns: ClassVar[tuple[str, ...]] = ("unstructured", "nm")

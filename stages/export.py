@@ -39,13 +39,13 @@ _LOGIT_RTOL = {"exact": 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1, "w8a16"
 Expected = Callable[[str, torch.Tensor, bool], torch.Tensor]  # (name, in-memory tensor, pruned?) → as reloaded
 
 
-def _expected(cfg: ExportConfig, dtype: torch.dtype) -> Expected:
-    """What each tensor reads back as from an export of ``cfg``."""
+def _expected(cfg: ExportConfig, dtype: torch.dtype, scales: dict[str, torch.Tensor]) -> Expected:
+    """What each tensor reads back as from an export of ``cfg`` (``scales``: joint quantization's grids)."""
     if cfg.format == "gguf":  # the pruned layers as gguf_type, other matrices F16, vectors F32
         return lambda name, t, pruned: (gguf_roundtrip(t, cfg.gguf_type) if pruned
                                         else t.detach().to(torch.float16 if t.ndim > 1 else torch.float32))
     quant = WeightQuant.named(cfg.quantization, cfg.group_size)
-    return lambda name, t, pruned: (roundtrip_weight(t, quant, dtype) if pruned
+    return lambda name, t, pruned: (roundtrip_weight(t, quant, dtype, scales.get(name[: -len(".weight")])) if pruned
                                     else t.detach().to(dtype) if t.is_floating_point() else t.detach())
 
 
@@ -94,7 +94,8 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
     except Exception as e:
         raise StageError(f"the export in '{folder}' does not reload: {e}", stage=STAGE.display_name()) from e
     cfg = ctx.config.export
-    metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, _expected(cfg, dtype)))}
+    expected = _expected(cfg, dtype, ctx.state.quant_scales)
+    metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, expected))}
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
         batch = evaluation_windows(ctx)[0][:n]
@@ -123,7 +124,7 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
                                                                                         cfg.group_size),
                                targets=targets, dtype=dtype, max_shard_bytes=parse_size(cfg.max_shard_size),
                                tokenizer=ctx.tokenizer, sparsity=ctx.config.target_sparsity,
-                               structure=ctx.config.pattern.label())
+                               structure=ctx.config.pattern.label(), scales=ctx.state.quant_scales)
     return {"pruned_layers_bytes": summary.target_bytes,
             "pruned_layers_dense_fp16_bytes": summary.target_dense_fp16_bytes,
             "pruned_layers_ratio_vs_fp16": summary.target_ratio,

@@ -67,28 +67,37 @@ def _scheme(quant: WeightQuant, targets: list[str]) -> Any:
     return QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
 
 
-def _pack_quantized(prefix: str, weight: torch.Tensor, quant: WeightQuant, dtype: torch.dtype
-                    ) -> dict[str, torch.Tensor]:
+def _scale(prefix: str, weight: torch.Tensor, quant: WeightQuant, dtype: torch.dtype,
+           recorded: torch.Tensor | None) -> torch.Tensor:
+    """The layer's scales (R, G) in ``dtype``: the grid joint quantization put it on, or found from its values."""
+    if recorded is not None:
+        return recorded.to(dtype)
+    try:
+        return weight_scale(weight, quant, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"layer '{prefix}' cannot be written as {quant.label}: {e} (export.group_size)") from e
+
+
+def _pack_quantized(prefix: str, weight: torch.Tensor, quant: WeightQuant, dtype: torch.dtype,
+                    recorded: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """{prefix.weight_packed, .weight_scale, .weight_shape} of weight (R, C), packed by compressed-tensors."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
 
-    try:
-        scale = weight_scale(weight, quant, dtype)
-    except ValueError as e:
-        raise CheckpointError(f"layer '{prefix}' cannot be written as {quant.label}: {e} (export.group_size)") from e
+    scale = _scale(prefix, weight, quant, dtype, recorded)
     pieces = PackedQuantizationCompressor.compress({"weight": weight.detach().float(), "weight_scale": scale},
                                                    _scheme(quant, [prefix]))
     return {f"{prefix}.{k}": v.contiguous() for k, v in pieces.items()}
 
 
-def _compress(prefix: str, weight: torch.Tensor, fmt: str, quant: WeightQuant | None, dtype: torch.dtype
-              ) -> dict[str, torch.Tensor]:
-    """The tensors that store one pruned Linear weight (R, C) under ``prefix`` (the module name)."""
+def _compress(prefix: str, weight: torch.Tensor, fmt: str, quant: WeightQuant | None, dtype: torch.dtype,
+              recorded: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that store one pruned Linear weight (R, C) under ``prefix`` (the module name); ``recorded``:
+    the scales joint quantization chose."""
     if fmt == "dense" and quant is not None:
-        return _pack_quantized(prefix, weight, quant, dtype)
+        return _pack_quantized(prefix, weight, quant, dtype, recorded)
     scale = None
     if quant is not None:  # a sparse format with W8A16 values (podar's own layout)
-        scale = weight_scale(weight, quant, dtype)
+        scale = _scale(prefix, weight, quant, dtype, recorded)
         values = quantize(weight, scale, quant)
     else:
         values = weight.detach().to(dtype)
@@ -108,9 +117,16 @@ def _compress(prefix: str, weight: torch.Tensor, fmt: str, quant: WeightQuant | 
     return out
 
 
-def roundtrip_weight(weight: torch.Tensor, quant: WeightQuant | None, dtype: torch.dtype) -> torch.Tensor:
-    """What a pruned Linear weight reads back as: cast to ``dtype``, or quantize-dequantize into ``dtype``."""
-    return weight.detach().to(dtype) if quant is None else fake_quantize(weight, quant, dtype)
+def roundtrip_weight(weight: torch.Tensor, quant: WeightQuant | None, dtype: torch.dtype,
+                     recorded: torch.Tensor | None = None) -> torch.Tensor:
+    """What a pruned Linear weight reads back as: cast to ``dtype``, or quantize-dequantize into ``dtype`` (on the
+    ``recorded`` scales of joint quantization when given)."""
+    if quant is None:
+        return weight.detach().to(dtype)
+    if recorded is None:
+        return fake_quantize(weight, quant, dtype)
+    scale = recorded.to(dtype)
+    return dequantize(quantize(weight, scale, quant), scale, quant)
 
 
 def _quantization_config(model: torch.nn.Module, quant: WeightQuant, targets: set[str]) -> dict[str, Any]:
@@ -191,8 +207,10 @@ def _export_config(model: torch.nn.Module, fmt: str, quant: WeightQuant | None, 
 @torch.no_grad()
 def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, quant: WeightQuant | None,
                      targets: set[str], dtype: torch.dtype, max_shard_bytes: int, tokenizer: Any = None,
-                     sparsity: float = 0.0, structure: str = "unstructured") -> ExportSummary:
-    """Write ``model`` into ``folder`` with the ``targets`` (module names) compressed; returns the summary."""
+                     sparsity: float = 0.0, structure: str = "unstructured",
+                     scales: dict[str, torch.Tensor] | None = None) -> ExportSummary:
+    """Write ``model`` into ``folder`` with the ``targets`` (module names) compressed; returns the summary.
+    ``scales``: the grids joint quantization put layers on, by module name."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
@@ -205,7 +223,7 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
         seen.add(key)
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module is not None and module in targets:
-            pieces = _compress(module, tensor, fmt, quant, dtype)
+            pieces = _compress(module, tensor, fmt, quant, dtype, (scales or {}).get(module))
             summary.target_bytes += sum(v.numel() * v.element_size() for v in pieces.values())
             summary.target_dense_fp16_bytes += tensor.numel() * 2
         else:

@@ -15,6 +15,7 @@ import torch
 
 from podar.engine.context import RunContext
 from podar.engine.distributed import together
+from podar.engine.models import DTYPES
 from podar.schemas.errors import StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
@@ -23,6 +24,7 @@ from .bitpack import pack_bits
 from .common import apply_mask, input_groups
 from .masks import global_unstructured_masks
 from .methods import Pruned, PruneSpec, with_prior
+from .quantize import WeightQuant
 from .walks import Advanced
 
 STAGE = PruningStage.PRUNING
@@ -32,8 +34,13 @@ def prune_spec(ctx: RunContext) -> PruneSpec:
     """The pattern, comparison group and sparsity of this pruning round."""
     cfg = ctx.config
     p = cfg.pattern
+    quant, quant_dtype = None, torch.float32
+    if getattr(cfg.method, "joint_quantization", False):
+        quant = WeightQuant.named(cfg.export.quantization, cfg.export.group_size)
+        quant_dtype = ctx.model.dtype if cfg.export.dtype == "auto" else DTYPES[cfg.export.dtype]
     return PruneSpec(sparsity_frac=cfg.sparsity_at_round(ctx.state.round_index), kind=p.kind,
-                     scope=cfg.resolved_scope(), n=p.n, m=p.m, block_height=p.block_height, block_width=p.block_width)
+                     scope=cfg.resolved_scope(), n=p.n, m=p.m, block_height=p.block_height, block_width=p.block_width,
+                     quant=quant, quant_dtype=quant_dtype)
 
 
 def _score(ctx: RunContext, name: str) -> torch.Tensor:
@@ -49,8 +56,8 @@ def _score(ctx: RunContext, name: str) -> torch.Tensor:
 
 
 def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, Any],
-            results: list[Pruned] | None) -> list[Pruned]:
-    """The results the ``owner`` process solved, on every process: masks, new weights, metrics broadcast."""
+            results: list[Pruned] | None, spec: PruneSpec) -> list[Pruned]:
+    """The results the ``owner`` process solved, on every process: masks, new weights, scales, metrics."""
     dist, out = ctx.dist, []
     for i, name in enumerate(names):
         w = targets[name].weight
@@ -59,8 +66,13 @@ def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, An
         weight = None
         if ctx.method.changes_kept_weights:
             weight = dist.broadcast(mine.weight if mine else torch.empty_like(w.detach()), owner)
+        scale = None
+        if spec.quant is not None:
+            groups = w.shape[1] // spec.quant.group(w.shape[1])
+            scale = dist.broadcast(mine.scale if mine else torch.empty(w.shape[0], groups, dtype=spec.quant_dtype,
+                                                                          device=w.device), owner)
         metrics = json.loads(dist.broadcast_text(json.dumps(mine.metrics) if mine else None, owner))
-        out.append(Pruned(mask=mask.bool(), weight=weight, metrics=metrics))
+        out.append(Pruned(mask=mask.bool(), weight=weight, metrics=metrics, scale=scale))
     return out
 
 
@@ -84,7 +96,7 @@ def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec) -> dict[st
 
         results = together(ctx.dist, solve) if st.owners else solve()
         if st.owners:
-            results = _shared(ctx, owner, names, targets, results)
+            results = _shared(ctx, owner, names, targets, results, spec)
         assert results is not None
         out.update(zip(names, results, strict=True))
     return out
@@ -140,6 +152,10 @@ def _checkpoint(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Prun
         "sparsity": f"{spec.sparsity_frac:.6f}", "pattern": ctx.config.pattern.label()})
     if not ctx.method.changes_kept_weights:
         return None  # the masks alone restore the weights
+    scales = {n: r.scale.cpu() for n, r in pruned.items() if r.scale is not None}
+    if scales:  # joint quantization: the grid of the new weights, which the export writes them on
+        ctx.state.quant_scales.update(scales)
+        ctx.save_tensors("scales", scales)
     return ctx.save_tensors("weights", {n: m.weight for n, m in targets.items()})
 
 

@@ -2,8 +2,8 @@
 
 ``tests/data/golden_masks.json`` holds the digests the code before the redesign of issue 17 produced (written by
 ``python tests/golden_masks.py --write`` with that code installed); ``tests/test_golden_masks.py`` checks that
-the current code produces the very same masks, bit for bit, and weights up to float rounding. The configs are written in the
-pre-redesign form (``method: wanda``, ``calibration.dampening_frac``), which must keep loading.
+the current code produces the very same masks, bit for bit, and weights up to float rounding. The configs are
+written in the pre-redesign form (``method: wanda``, ``calibration.dampening_frac``), which must keep loading.
 """
 
 from __future__ import annotations

@@ -28,9 +28,17 @@ def make_tiny_config(corpus: Path, **tiny: object) -> PruningConfig:
     )
 
 
-def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, margins=None):
+def _grid_scales(w, bits):
+    """(rows, 1) float64: max |w| of each row over half the integer range (1 for an all-zero row)."""
+    amax = w.abs().amax(dim=1, keepdim=True)
+    return torch.where(amax > 0, amax / ((2 ** bits - 1) / 2), torch.ones_like(amax))
+
+
+def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, margins=None, quant=None):
     """Frantar & Alistarh (2023), Algorithm 1, in float64 with plain loops. ``margins`` (a list): each unstructured
-    block decision's relative gap between every saliency and the block's threshold is appended, (out, count)."""
+    block decision's relative gap between every saliency and the block's threshold is appended, (out, count).
+    ``quant`` (bits, group or None): joint quantization — kept weights snapped to the symmetric integer grid as
+    their column is solved, scales per row from the weights before the solve or per group at its first column."""
     w = w.clone()
     h = 2.0 * x.t() @ x / 1  # one "sample": the scale cancels in the solver
     dead = torch.diag(h) == 0
@@ -40,6 +48,9 @@ def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, ma
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     rows, cols = w.shape
     prune = torch.zeros_like(w, dtype=torch.bool)
+    scales = None
+    if quant is not None and quant[1] is None:
+        scales = _grid_scales(w, quant[0])[:, 0]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         if n is None:
@@ -58,6 +69,11 @@ def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, ma
                 for r in range(rows):
                     prune[r, i + torch.argsort(sal[r], stable=True)[: m - n]] = True
             q = torch.where(prune[:, i], torch.zeros_like(w[:, i]), w[:, i])
+            if quant is not None:
+                bits, group = quant
+                if group is not None and i % group == 0:
+                    scales = _grid_scales(w[:, i:i + group], bits)[:, 0]
+                q = torch.clamp(torch.round(q / scales), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scales
             err = (w[:, i] - q) / hinv[i, i]
             w[:, i:] -= err[:, None] * hinv[i, i:][None, :]
             w[:, i] = q

@@ -388,3 +388,33 @@ def test_a_model_from_files_is_referenced_not_copied_and_resumes(tiny_config, tm
     copied = [a for a in RunStore(tmp_path / "changed").read_manifest().artifacts.values() if a.stage == "idle"]
     parts = set().union(*(load_file(tmp_path / "changed" / a.path).keys() for a in copied))
     assert parts == {"model.layers.0.mlp.up_proj"}
+
+
+def test_joint_quantization_resumes_on_its_recorded_grid(tiny_config, tmp_path):
+    """SparseGPT with joint W4A16 quantization records each group's scales beside its weights; a run killed after
+    the first group resumes with them, and exports the same bytes as a run never interrupted, every quantized
+    weight on the grid its solve chose (the export's scales are the recorded ones, not found again)."""
+    from podar import ExportConfig, load_pretrained
+    from podar.stages.quantize import WeightQuant, dequantize, quantize
+
+    walk = tiny_config.calibration.model_copy(update={"walk": "block"})
+    cfg = tiny_config.with_export(ExportConfig(quantization="w4a16", group_size=32)).with_calibration(walk)
+    cfg = cfg.with_method({"name": "sparsegpt", "joint_quantization": True})
+    ref = Pipeline(cfg, run_dir=tmp_path / "ref", progress=False)
+    assert ref.run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    kinds = sorted(r.kind for r in RunStore(tmp_path / "run").read_manifest().artifacts.values()
+                   if r.stage == "pruning")
+    assert kinds == ["masks", "scales", "weights"]
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+    spec = WeightQuant(4, 32)
+    reloaded = load_pretrained(tmp_path / "ref" / "export", dtype=torch.float32)
+    for name, module in ref.context.state.targets.items():
+        scale = ref.context.state.quant_scales[name]
+        w = module.weight.detach()
+        assert torch.equal(dequantize(quantize(w, scale, spec), scale, spec), w), name  # already on its grid
+        assert torch.equal(reloaded.get_submodule(name).weight, w), name

@@ -39,7 +39,7 @@ def test_unstructured_no_worse_than_reference(shape, block):
     ref_w, ref_keep = reference_sparsegpt(w, x, 0.5, block=block)
     h_sum = (x.t() @ x).float()
     upper, dead, _frac, _r = inverse_hessian_factor(hessian_from_sum(h_sum, 1), 0.01)
-    ours, keep, _loss = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, block_size=block)
+    ours, keep, _loss, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, block_size=block)
     ours_err, ref_err = recon_error(w, ours.double(), x), recon_error(w, ref_w, x)
     assert ours_err <= ref_err * 1.01 + 1e-9
     expected = sum(int(shape[0] * (min(i + block, shape[1]) - i) * 0.5) for i in range(0, shape[1], block))
@@ -56,7 +56,7 @@ def test_nm_no_worse_than_reference_and_exact(n, m):
     w, x = data(16, 64, seed=1)
     ref_w, _ = reference_sparsegpt(w, x, 0.5, n=n, m=m)
     upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
-    ours, keep, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, n=n, m=m)
+    ours, keep, _, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, n=n, m=m)
     assert recon_error(w, ours.double(), x) <= recon_error(w, ref_w, x) * 1.01 + 1e-9
     assert (keep.view(16, -1, m).sum(dim=-1) == n).all()
 
@@ -68,9 +68,9 @@ def test_stacked_layers_equal_separate_solves(nm):
     w2, _ = data(5, 32, seed=5)
     upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
     n, m = nm if nm else (None, None)
-    a, ka, la = sparsegpt_prune(w1.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
-    b, kb, lb = sparsegpt_prune(w2.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
-    both, kboth, lboth = sparsegpt_prune(torch.cat([w1, w2]).float(), upper, 0.5, dead=dead, n=n, m=m,
+    a, ka, la, _ = sparsegpt_prune(w1.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
+    b, kb, lb, _ = sparsegpt_prune(w2.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=16)
+    both, kboth, lboth, _ = sparsegpt_prune(torch.cat([w1, w2]).float(), upper, 0.5, dead=dead, n=n, m=m,
                                          block_size=16, row_segments=[(0, 12), (12, 17)])
     assert torch.allclose(both, torch.cat([a, b]), atol=1e-6)
     assert torch.equal(kboth, torch.cat([ka, kb]))
@@ -86,7 +86,7 @@ def test_dead_inputs_zeroed_and_saliency():
     assert (sal[:, 3] == 0).all()
     ref = (w.float() ** 2) / torch.diag(upper)[None, :] ** 2
     assert torch.allclose(sal[:, :3], ref[:, :3])
-    ours, keep, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead)
+    ours, keep, _, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead)
     assert (ours[:, 3] == 0).all()
 
 
@@ -196,7 +196,7 @@ def test_gram_errors_match_the_errors_on_the_inputs():
     x[:, 7] = 0.0  # dead input
     w = torch.randn(10, 24, generator=g, dtype=torch.float64)
     h = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 6), 0.01)
-    w_hat, _keep, _loss = sparsegpt_prune(w.float(), h[0], 0.5, dead=h[1], n=2, m=4)
+    w_hat, _keep, _loss, _ = sparsegpt_prune(w.float(), h[0], 0.5, dead=h[1], n=2, m=4)
     err, ref = gram_errors(w.float(), w_hat, (x.t() @ x).float())
     assert err.dtype == ref.dtype == torch.float64 and err.shape == ref.shape == (10,)
     direct_err = ((x @ (w - w_hat.double()).t()) ** 2).sum(dim=0)  # (out,)
@@ -204,3 +204,42 @@ def test_gram_errors_match_the_errors_on_the_inputs():
     assert torch.allclose(err, direct_err, rtol=1e-4)
     assert torch.allclose(ref, direct_ref, rtol=1e-5)
     assert 0 < float(err.sum() / ref.sum()) < 1
+
+
+# ---------------------------------------------------------------- joint quantization (SparseGPT paper, 50% + 4-bit)
+
+
+@pytest.mark.parametrize(("bits", "group", "nm"), [(4, 32, None), (8, None, None), (4, 32, (2, 4)), (4, 64, None)])
+def test_joint_quantization_matches_the_float64_reference(bits, group, nm):
+    from podar.stages.quantize import WeightQuant, fake_quantize
+
+    w, x = data(16, 128, tokens=400, seed=3)
+    n, m = nm if nm else (None, None)
+    ref_w, ref_keep = reference_sparsegpt(w, x, 0.5, n=n, m=m, block=64, quant=(bits, group))
+    upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
+    spec = WeightQuant(bits, group)
+    ours, keep, _, scales = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=64, quant=spec)
+    assert scales.shape == (16, 128 // (group or 128))
+    # every kept weight lies on its group's grid, pruned ones are zero
+    g = group or 128
+    q = ours.reshape(16, -1, g) / scales[..., None]
+    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 2 ** (bits - 1)
+    assert torch.equal(ours[~keep], torch.zeros(int((~keep).sum())))
+    # the same decisions as the float64 reference (up to a rare rounding tie), and the same error
+    assert (keep == ref_keep).float().mean() >= 0.99
+    assert recon_error(w, ours.double(), x) == pytest.approx(recon_error(w, ref_w, x), rel=0.02)
+    # at 4 bits, better than quantizing after pruning: the OBS update absorbs the rounding error (at 8 bits the
+    # rounding error is small next to the clamping of weights the update grows past the row's first range)
+    pruned, keep2, _, _ = sparsegpt_prune(w.float(), upper, 0.5, dead=dead, n=n, m=m, block_size=64)
+    after = fake_quantize(pruned, spec, torch.float32)
+    if bits == 4:
+        assert recon_error(w, ours.double(), x) < recon_error(w, after.double(), x)
+
+
+def test_joint_quantization_groups_must_fit_the_obs_blocks():
+    from podar.stages.quantize import WeightQuant
+
+    w, x = data(8, 128)
+    upper, dead, _f, _r = inverse_hessian_factor(hessian_from_sum((x.t() @ x).float(), 1), 0.01)
+    with pytest.raises(ValueError, match="divide the OBS block"):
+        sparsegpt_prune(w.float(), upper, 0.5, dead=dead, block_size=48, quant=WeightQuant(4, 32))

@@ -25,6 +25,7 @@ import torch
 from podar.schemas.methods import MethodParams
 
 from ..masks import expected_pruned, pattern_mask
+from ..quantize import WeightQuant
 
 __all__ = ["LayerStats", "PruneSpec", "Pruned", "PruningMethod", "with_prior"]
 
@@ -54,6 +55,8 @@ class PruneSpec:
     m: int | None = None
     block_height: int | None = None
     block_width: int | None = None
+    quant: WeightQuant | None = None  # joint quantization (a method that supports it): the export's scheme
+    quant_dtype: torch.dtype = torch.float32  # the export's dtype, which its scales take
 
     def mask(self, score: torch.Tensor) -> torch.Tensor:
         """mask: (out, in) bool, True = kept, from score (out, in) by this pattern and comparison group."""
@@ -69,6 +72,7 @@ class Pruned:
     mask: torch.Tensor
     weight: torch.Tensor | None = None
     metrics: dict[str, Scalar] = field(default_factory=dict)
+    scale: torch.Tensor | None = None  # joint quantization: (out, groups) the scales the weight's grid has
 
 
 def with_prior(score: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:

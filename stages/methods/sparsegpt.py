@@ -13,6 +13,11 @@ Math (fp32 throughout):
   the columns after it. Inside a block the same sums are grouped once more: a column's error goes at once to
   the later columns of its sub-block (an N:M group, or 16 columns), the sub-block's errors to the rest of the
   block in one product.
+- Joint quantization (the paper's 50% + 4-bit results; ``method.joint_quantization``): each kept weight is
+  replaced by its value on the export's integer grid as its column is solved, and its rounding error spread by
+  the same OBS update as a pruned weight's (e = (w − q) / U_ii, q = 0 where pruned). Scales follow
+  ``stages/quantize.py``: per row from the weights before the solve (W8A16), or per group of columns from their
+  values when the group's first column is reached (W4A16; the group lies inside one OBS block).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from podar.schemas.errors import StageError
 from podar.schemas.methods import MethodParams, SparseGPTParams
 
 from ..masks import _lowest_k, expected_pruned
+from ..quantize import WeightQuant, weight_scale
 from .base import LayerStats, Pruned, PruneSpec, PruningMethod
 
 __all__ = ["SparseGPT", "SparseGPTStats", "Factor", "add_upper_gram", "gram_errors", "hessian_from_sum",
@@ -144,6 +150,29 @@ def _lowest_in_groups(sal: torch.Tensor, k: int,
     return (coef @ lower) < thr  # (m, out)
 
 
+@dataclass
+class _Grid:
+    """Joint quantization's state: the scheme, the scales' dtype, and the scales (out, groups) fp32 found so far
+    (per row: all at once before the solve; per group: each when its first column is reached)."""
+
+    quant: WeightQuant
+    dtype: torch.dtype
+    scales: torch.Tensor
+
+    def start_group(self, w1: torch.Tensor, col: int, g0: int) -> None:
+        """At block column ``g0`` (global column ``col``): a group that starts here takes its scales from its
+        columns as updated so far (w1 (count, out), the block transposed)."""
+        g = self.quant.group_size
+        if g is not None and col % g == 0:
+            cols = w1[g0:g0 + g].t()  # (out, g)
+            self.scales[:, col // g] = weight_scale(cols, WeightQuant(self.quant.bits), self.dtype)[:, 0].float()
+
+    def snap(self, w: torch.Tensor, col: int) -> torch.Tensor:
+        """w: (out,) column ``col`` on the grid (fp32)."""
+        s = self.scales[:, col // self.quant.group_size if self.quant.group_size else 0]
+        return torch.round(w / s).clamp_(self.quant.qmin, self.quant.qmax).mul_(s)
+
+
 @dataclass(frozen=True)
 class _BlockSpec:
     """What the solver of one column block needs besides the weights: sparsity, N:M, prior, row segments."""
@@ -154,6 +183,7 @@ class _BlockSpec:
     prior_mask: torch.Tensor | None  # (out, in) bool, False = pruned in an earlier round
     row_segments: list[tuple[int, int]]
     ranker: tuple[torch.Tensor, torch.Tensor] | None  # ``_group_ranker`` of N:M, kept across blocks
+    grid: _Grid | None = None  # joint quantization
 
     @property
     def nm(self) -> bool:
@@ -178,13 +208,18 @@ def _unstructured_scale(w1: torch.Tensor, inv_d: torch.Tensor, inv_d2: torch.Ten
 
 
 def _solve_sub_block(w1: torch.Tensor, err1: torch.Tensor, scale1: torch.Tensor, u1: torch.Tensor, g0: int,
-                     g1: int) -> None:
+                     g1: int, grid: tuple[_Grid, int] | None = None) -> None:
     """OBS on columns g0:g1 of the block (in place): each column's error e = (w − q) / U_ii updates the
-    sub-block's later columns; then the sub-block's errors update the block's later columns in one product."""
+    sub-block's later columns; then the sub-block's errors update the block's later columns in one product.
+    ``grid`` (joint quantization, and the block's first global column): kept weights become their grid values."""
     count = w1.shape[0]
     for i in range(g0, g1):
-        # e = (w − q) / U_ii with q the column after pruning: the pruned entries over U_ii, 0 elsewhere
-        e = torch.mul(w1[i], scale1[i], out=err1[i])  # (out,)
+        if grid is None:  # e = (w − q) / U_ii, q the column after pruning: the pruned entries over U_ii, else 0
+            e = torch.mul(w1[i], scale1[i], out=err1[i])  # (out,)
+        else:  # q: 0 where pruned, the grid value where kept; the column becomes q
+            q = grid[0].snap(w1[i], grid[1] + i).masked_fill_(scale1[i] != 0, 0.0)
+            e = torch.mul(w1[i] - q, u1[i, i].reciprocal(), out=err1[i])
+            w1[i] = q
         if i + 1 < g1:
             w1[i + 1:g1].addr_(u1[i, i + 1:g1], e, alpha=-1.0)  # OBS update of the sub-block's rest
     if g1 < count:  # (count − g1, g) @ (g, out): the sub-block's errors on the block's later columns
@@ -216,7 +251,9 @@ def _solve_block(w: torch.Tensor, hinv_upper: torch.Tensor, i1: int, i2: int, sp
                 sal.masked_fill_(~spec.prior_mask[:, i1 + g0:i1 + g1].t(), -1.0)
             pruned = _lowest_in_groups(sal, spec.m - spec.n, spec.ranker)  # type: ignore[operator]
             torch.mul(pruned, inv_d[g0:g1, None], out=scale1[g0:g1])
-        _solve_sub_block(w1, err1, scale1, u1, g0, g1)
+        if spec.grid is not None:
+            spec.grid.start_group(w1, i1 + g0, g0)
+        _solve_sub_block(w1, err1, scale1, u1, g0, g1, None if spec.grid is None else (spec.grid, i1))
     return w1, err1, scale1
 
 
@@ -224,10 +261,11 @@ def _solve_block(w: torch.Tensor, hinv_upper: torch.Tensor, i1: int, i2: int, sp
 def sparsegpt_prune(
     weight: torch.Tensor, hinv_upper: torch.Tensor, sparsity_frac: float, *, dead: torch.Tensor | None = None,
     n: int | None = None, m: int | None = None, block_size: int = 128, prior_mask: torch.Tensor | None = None,
-    row_segments: list[tuple[int, int]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W', keep, loss): W' (out, in) fp32 pruned and OBS-updated, keep (out, in) bool, loss (out,) fp64 = the OBS
-    error per row / 2.
+    row_segments: list[tuple[int, int]] | None = None, quant: WeightQuant | None = None,
+    quant_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W', keep, loss, scales): W' (out, in) fp32 pruned and OBS-updated, keep (out, in) bool, loss (out,) fp64 =
+    the OBS error per row / 2; scales (out, groups) fp32 (values of ``quant_dtype``) with ``quant``, else None.
 
     Unstructured when ``n``/``m`` are None: per column block, the floor(s · rows · block) lowest saliencies are
     pruned, compared within each of ``row_segments`` (default: all rows as one). Several layers that share an
@@ -235,17 +273,28 @@ def sparsegpt_prune(
     given H, so the result equals solving each layer alone. N:M: at every group start, the m−n lowest saliencies
     of the group are pruned in each row.
     ``prior_mask`` (out, in) bool: weights already pruned stay pruned (gradual rounds). ``dead`` (in,) bool:
-    inputs never active in calibration (their weights are zeroed, as in the reference).
+    inputs never active in calibration (their weights are zeroed, as in the reference). ``quant``: joint
+    quantization, W' on its grid (its group size must divide ``block_size`` and be a multiple of 16 / of m).
     """
     w = weight.detach().float().clone()  # (out, in)
     out_f, in_f = w.shape
     if dead is not None:
         w[:, dead] = 0.0
+    grid = None
+    if quant is not None:
+        sub = m if n is not None and m is not None else _SUB_BLOCK
+        g = quant.group_size
+        if g is not None and (block_size % g or g % sub or in_f % g):  # type: ignore[operator]
+            raise ValueError(f"joint quantization in groups of {g} needs the group to divide the OBS block "
+                             f"({block_size}) and the layer width ({in_f}), and to be a multiple of {sub}")
+        scales = (weight_scale(w, quant, quant_dtype).float() if g is None
+                  else torch.ones(out_f, in_f // g, device=w.device))
+        grid = _Grid(quant, quant_dtype, scales)
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
     loss = torch.zeros(out_f, dtype=torch.float64, device=w.device)
     nm = n is not None and m is not None
     ranker = _group_ranker(m, m - n, w.dtype, w.device) if nm else None  # type: ignore[operator]
-    spec = _BlockSpec(sparsity_frac, n, m, prior_mask, row_segments or [(0, out_f)], ranker)
+    spec = _BlockSpec(sparsity_frac, n, m, prior_mask, row_segments or [(0, out_f)], ranker, grid)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1, err1, scale1 = _solve_block(w, hinv_upper, i1, i2, spec)
@@ -255,7 +304,7 @@ def sparsegpt_prune(
         w[:, i1:i2] = w1.t()
         prune[:, i1:i2] = prune1.t()
         w[:, i2:] -= err1.t() @ hinv_upper[i1:i2, i2:]  # (out, count) @ (count, in−i2)
-    return w, ~prune, loss
+    return w, ~prune, loss, None if grid is None else grid.scales
 
 
 # ---------------------------------------------------------------- statistics: Σ x xᵀ
@@ -351,15 +400,17 @@ class SparseGPT(PruningMethod):
             prior = torch.cat([p if p is not None else torch.ones_like(w, dtype=torch.bool)
                                for p, w in zip(priors, weights, strict=True)])
         before = torch.cat([w.detach() for w in weights])  # (Σ out, in) the weights as calibrated
-        new_w, keep, loss = sparsegpt_prune(
+        new_w, keep, loss, scales = sparsegpt_prune(
             before, prepared.hinv_upper, spec.sparsity_frac, dead=prepared.dead, n=spec.n, m=spec.m,
             block_size=params.block_size, prior_mask=prior, row_segments=list(zip(bounds[:-1], bounds[1:],
-                                                                                  strict=True)))
+                                                                                  strict=True)),
+            quant=spec.quant, quant_dtype=spec.quant_dtype)
         err, ref = gram_errors(before, new_w, stats.gram_sum)
         out = []
         for w, r0, r1 in zip(weights, bounds[:-1], bounds[1:], strict=True):
             ref_sum = float(ref[r0:r1].sum())
-            out.append(Pruned(mask=keep[r0:r1], weight=new_w[r0:r1].to(w.dtype), metrics={
+            out.append(Pruned(mask=keep[r0:r1], weight=new_w[r0:r1].to(w.dtype),
+                              scale=None if scales is None else scales[r0:r1].to(spec.quant_dtype), metrics={
                 "obs_loss": float(loss[r0:r1].sum()),
                 "reconstruction_error": float(err[r0:r1].sum()) / ref_sum if ref_sum > 0 else 0.0}))
         return out
