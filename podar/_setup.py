@@ -4,6 +4,7 @@ walk, the weights' fingerprint and the dense reference."""
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,11 +70,16 @@ def _check_export(cfg: PruningConfig, model: Any, tokenizer: Any, targets: Mappi
     if cfg.export.format == "gguf":
         check_gguf_export(model, tokenizer, targets, cfg.export.gguf_type)
     quant = WeightQuant.named(cfg.export.quantization, cfg.export.group_size)
-    for name in targets:
-        cols = model.get_submodule(name).weight.shape[1]
-        if quant is not None and quant.group_size and cols % quant.group_size:
+    if quant is None or quant.group_size is None:
+        return
+    widths = {name: model.get_submodule(name).weight.shape[1] for name in targets}
+    for name, cols in widths.items():
+        if cols % quant.group_size:
+            common = math.gcd(*widths.values())
+            fits = [g for g in (128, 64, 32) if common % g == 0]
+            hint = f"export.group_size: {fits[0]} divides them all" if fits else "no group size vLLM runs fits"
             raise ConfigError(f"export.group_size={quant.group_size} does not divide layer '{name}' ({cols} input "
-                              "columns): every W4A16 group needs its own scale; use a divisor of every layer's width")
+                              f"columns): every W4A16 group needs its own scale; {hint}")
 
 
 def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:

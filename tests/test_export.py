@@ -275,7 +275,8 @@ def test_int8_is_the_old_name_of_w8a16():
 
 def test_group_size_that_does_not_divide_is_refused_before_any_work(tiny_config, tmp_path):
     cfg = tiny_config.with_export(ExportConfig(quantization="w4a16", group_size=48))
-    with pytest.raises(ConfigError, match=r"group_size=48 does not divide layer 'model.layers.0.self_attn.q_proj'"):
+    with pytest.raises(ConfigError, match=r"group_size=48 does not divide layer 'model.layers.0.self_attn.q_proj' "
+                                          r"\(64 input columns\).*export.group_size: 64 divides them all"):
         Pipeline(cfg, run_dir=tmp_path / "r", progress=False).run()
 
 
