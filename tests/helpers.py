@@ -38,7 +38,7 @@ def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, ma
     """Frantar & Alistarh (2023), Algorithm 1, in float64 with plain loops. ``margins`` (a list): each unstructured
     block decision's relative gap between every saliency and the block's threshold is appended, (out, count).
     ``quant`` (bits, group or None): joint quantization — kept weights snapped to the symmetric integer grid as
-    their column is solved, scales per row from the weights before the solve or per group at its first column."""
+    their column is solved, scales per row from an unquantized solve's result or per group at its first column."""
     w = w.clone()
     h = 2.0 * x.t() @ x / 1  # one "sample": the scale cancels in the solver
     dead = torch.diag(h) == 0
@@ -49,8 +49,9 @@ def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, ma
     rows, cols = w.shape
     prune = torch.zeros_like(w, dtype=torch.bool)
     scales = None
-    if quant is not None and quant[1] is None:
-        scales = _grid_scales(w, quant[0])[:, 0]
+    if quant is not None and quant[1] is None:  # per row: from the row an unquantized solve gives
+        plain, _ = reference_sparsegpt(w, x, sparsity, n=n, m=m, block=block, damp=damp)
+        scales = _grid_scales(plain, quant[0])[:, 0]
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         if n is None:

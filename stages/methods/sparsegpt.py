@@ -16,8 +16,9 @@ Math (fp32 throughout):
 - Joint quantization (the paper's 50% + 4-bit results; ``method.joint_quantization``): each kept weight is
   replaced by its value on the export's integer grid as its column is solved, and its rounding error spread by
   the same OBS update as a pruned weight's (e = (w − q) / U_ii, q = 0 where pruned). Scales follow
-  ``stages/quantize.py``: per row from the weights before the solve (W8A16), or per group of columns from their
-  values when the group's first column is reached (W4A16; the group lies inside one OBS block).
+  ``stages/quantize.py``: per row from the row an unquantized solve gives (W8A16: GPTQ's scales from the weights
+  before the solve clamp the kept weights the update grows), or per group of columns from their values when the
+  group's first column is reached (W4A16; the group lies inside one OBS block).
 """
 
 from __future__ import annotations
@@ -287,8 +288,13 @@ def sparsegpt_prune(
         if g is not None and (block_size % g or g % sub or in_f % g):  # type: ignore[operator]
             raise ValueError(f"joint quantization in groups of {g} needs the group to divide the OBS block "
                              f"({block_size}) and the layer width ({in_f}), and to be a multiple of {sub}")
-        scales = (weight_scale(w, quant, quant_dtype).float() if g is None
-                  else torch.ones(out_f, in_f // g, device=w.device))
+        if g is None:  # one scale per row, from the row as an unquantized solve leaves it: the OBS update grows
+            # kept weights, so the weights before the solve would clamp them at the row's old range
+            plain = sparsegpt_prune(weight, hinv_upper, sparsity_frac, dead=dead, n=n, m=m, block_size=block_size,
+                                    prior_mask=prior_mask, row_segments=row_segments)[0]
+            scales = weight_scale(plain, quant, quant_dtype).float()
+        else:
+            scales = torch.ones(out_f, in_f // g, device=w.device)
         grid = _Grid(quant, quant_dtype, scales)
     prune = torch.zeros_like(w, dtype=torch.bool)  # True = pruned
     loss = torch.zeros(out_f, dtype=torch.float64, device=w.device)
