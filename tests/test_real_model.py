@@ -51,6 +51,9 @@ def test_smollm2_quantized_exports_load_in_transformers(tmp_path, export):
     ids = pipe.context.state.eval_windows["wikitext2"][0][:1, :128]
     with torch.no_grad():
         a, b = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
-    assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+    # the scales are float16 (the export's dtype): transformers, asked for float32, dequantizes q · scale in
+    # float32, podar in the scales' float16, so the weights differ by float16 rounding of those products (the
+    # interop matrix, with float32 exports, finds them equal)
+    assert (a - b).abs().max() <= 1e-2 * b.abs().max()
     ratio = result.metrics["exporting"]["pruned_layers_ratio_vs_fp16"]
     assert ratio < {"w4a16": 0.27, "w8a16": 0.52, "q4_0": 0.29}[export.get("gguf_type") or export["quantization"]]
