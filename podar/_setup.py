@@ -64,7 +64,8 @@ def _check_lengths(cfg: PruningConfig, model: Any) -> None:
 
 
 def _check_export(cfg: PruningConfig, model: Any, tokenizer: Any, targets: Mapping[str, Any]) -> None:
-    """Every pruned layer can be written as configured (2:4 and W4A16 groups need their widths to divide)."""
+    """Every pruned layer can be written as configured, before any work: GGUF's architecture, tokenizer and
+    blocks, and W4A16 groups that divide every pruned layer's width."""
     from podar.stages.export_gguf import check_gguf_export
     from podar.stages.quantize import WeightQuant
 

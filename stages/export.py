@@ -41,9 +41,8 @@ Expected = Callable[[str, torch.Tensor, bool], torch.Tensor]  # (name, in-memory
 
 def _expected(cfg: ExportConfig, dtype: torch.dtype, scales: dict[str, torch.Tensor]) -> Expected:
     """What each tensor reads back as from an export of ``cfg`` (``scales``: joint quantization's grids)."""
-    if cfg.format == "gguf":  # the pruned layers as gguf_type, other matrices F16, vectors F32
-        return lambda name, t, pruned: (gguf_roundtrip(t, cfg.gguf_type) if pruned
-                                        else t.detach().to(torch.float16 if t.ndim > 1 else torch.float32))
+    if cfg.format == "gguf":
+        return lambda name, t, pruned: gguf_roundtrip(t, pruned, cfg.gguf_type)
     quant = WeightQuant.named(cfg.quantization, cfg.group_size)
     return lambda name, t, pruned: (roundtrip_weight(t, quant, dtype, scales.get(name[: -len(".weight")])) if pruned
                                     else t.detach().to(dtype) if t.is_floating_point() else t.detach())

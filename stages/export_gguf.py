@@ -59,15 +59,35 @@ def _bpe_model(tokenizer: Any) -> dict[str, Any] | None:
     return model if model.get("type") == "BPE" else None
 
 
-def gguf_roundtrip(weight: torch.Tensor, gguf_type: str) -> torch.Tensor:
-    """What a pruned weight (R, C) reads back as from the GGUF file, in float32."""
+def _stored_type(tensor: torch.Tensor, is_target: bool, gguf_type: str) -> Any:
+    """The GGML type a tensor is written as: vectors F32, a pruned Linear ``gguf_type``, other matrices F16."""
     import gguf
 
-    if gguf_type == "f16":
-        return weight.detach().to(torch.float16).float()
-    qtype = _qtype(gguf_type)
-    data = gguf.quants.quantize(weight.detach().float().cpu().numpy(), qtype)
-    return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(weight.shape).astype(np.float32))
+    if tensor.ndim == 1:
+        return gguf.GGMLQuantizationType.F32
+    return _qtype(gguf_type) if is_target else gguf.GGMLQuantizationType.F16
+
+
+def _encode(w: torch.Tensor, qtype: Any) -> np.ndarray:
+    """w (float32, CPU) as the bytes or values of GGML type ``qtype``."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return w.numpy()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.to(torch.float16).numpy()
+    return gguf.quants.quantize(w.numpy(), qtype)
+
+
+def gguf_roundtrip(tensor: torch.Tensor, is_target: bool, gguf_type: str) -> torch.Tensor:
+    """What a tensor reads back as from the GGUF file, in float32 (the q / k permutation undone by the reader)."""
+    import gguf
+
+    qtype = _stored_type(tensor, is_target, gguf_type)
+    data = _encode(tensor.detach().float().cpu(), qtype)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(data.astype(np.float32))
+    return torch.from_numpy(gguf.quants.dequantize(data, qtype).reshape(tensor.shape).astype(np.float32))
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -125,19 +145,13 @@ def _add_config(writer: Any, config: Any, gguf_type: str) -> None:
 def _tensor(name: str, tensor: torch.Tensor, config: Any, is_target: bool, gguf_type: str
             ) -> tuple[np.ndarray, Any]:
     """(data, GGML type) of one tensor as llama.cpp stores it."""
-    import gguf
-
     w = tensor.detach().float().cpu()
     if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         kv = name.endswith("k_proj.weight")
         w = _permute(w, (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) if kv
                      else config.num_attention_heads)
-    if w.ndim == 1:
-        return w.numpy(), gguf.GGMLQuantizationType.F32
-    qtype = _qtype(gguf_type) if is_target else gguf.GGMLQuantizationType.F16
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return w.to(torch.float16).numpy(), qtype
-    return gguf.quants.quantize(w.numpy(), qtype), qtype
+    qtype = _stored_type(w, is_target, gguf_type)
+    return _encode(w, qtype), qtype
 
 
 @torch.no_grad()

@@ -121,12 +121,7 @@ def roundtrip_weight(weight: torch.Tensor, quant: WeightQuant | None, dtype: tor
                      recorded: torch.Tensor | None = None) -> torch.Tensor:
     """What a pruned Linear weight reads back as: cast to ``dtype``, or quantize-dequantize into ``dtype`` (on the
     ``recorded`` scales of joint quantization when given)."""
-    if quant is None:
-        return weight.detach().to(dtype)
-    if recorded is None:
-        return fake_quantize(weight, quant, dtype)
-    scale = recorded.to(dtype)
-    return dequantize(quantize(weight, scale, quant), scale, quant)
+    return weight.detach().to(dtype) if quant is None else fake_quantize(weight, quant, dtype, recorded)
 
 
 def _quantization_config(model: torch.nn.Module, quant: WeightQuant, targets: set[str]) -> dict[str, Any]:

@@ -85,7 +85,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, spec: WeightQuant) -> torch
     return (_grouped(q.to(scale.dtype), spec) * scale[..., None]).reshape(q.shape)
 
 
-def fake_quantize(weight: torch.Tensor, spec: WeightQuant, dtype: torch.dtype) -> torch.Tensor:
-    """What a quantized weight reads back as: (R, C) in ``dtype``."""
-    scale = weight_scale(weight, spec, dtype)
+def fake_quantize(weight: torch.Tensor, spec: WeightQuant, dtype: torch.dtype,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What a quantized weight reads back as: (R, C) in ``dtype``; on ``scale`` (R, C / g) when given (a grid
+    chosen before, e.g. by joint quantization), else on the scales its values give."""
+    scale = weight_scale(weight, spec, dtype) if scale is None else scale.to(dtype)
     return dequantize(quantize(weight, scale, spec), scale, spec)
