@@ -45,17 +45,23 @@ def make_accelerator(device: Literal["auto", "cpu", "cuda"] = "auto", *, timeout
     return accelerator
 
 
-def end_processes() -> None:
+def end_processes(wait: bool = True) -> None:
     """Leave the process group once this process's last collective call is done (``destroy_process_group``).
 
     Without it gloo's worker threads are torn down during interpreter exit, and a rank can abort ("terminate
-    called without an active exception", SIGABRT) after a run that completed. No barrier: a rank that failed
-    alone must not wait for the others. A no-op on one process.
+    called without an active exception", SIGABRT) after a run that completed. ``wait``: a barrier first, so no
+    rank closes its connections while another is still in its last collective call (which aborts that one the
+    same way); pass False on a process that failed alone, which must not wait for the others. A no-op on one
+    process.
     """
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        td.destroy_process_group()
+        try:
+            if wait:
+                td.barrier()
+        finally:
+            td.destroy_process_group()
 
 
 def world_size(accelerator: Accelerator | None) -> int:

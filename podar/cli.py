@@ -393,6 +393,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = EXIT["error"]
     try:
         code = _dispatch(args)
         sys.stdout.flush()
@@ -400,12 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (podar status RUN | head): no traceback
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT["broken_pipe"]
+        code = EXIT["broken_pipe"]
+        return code
     finally:
         if "torch.distributed" in sys.modules:  # a run under torchrun / accelerate launch: leave its group
             from podar.engine.distributed import end_processes
 
-            end_processes()
+            end_processes(wait=code == 0)
 
 
 if __name__ == "__main__":
