@@ -32,9 +32,9 @@ test: install
 test-slow: model
 	$(PY) -m pytest -q -m slow
 
-# random SIGKILL soak: 50 tiny runs killed at random instants, each resumed to the uninterrupted export
+# random SIGKILL soak: tiny runs killed at random instants until 50 were resumed, each to the uninterrupted export
 soak: install
-	$(PY) bench/soak.py --runs 50
+	$(PY) bench/soak.py --resumes 50
 
 # The interop matrix: podar's exports loaded with AutoModelForCausalLM.from_pretrained in pinned environments of
 # their own (kept between runs in $(INTEROP_DIR); torch pinned in each, like everywhere)

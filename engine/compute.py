@@ -13,7 +13,7 @@ the price is bf16 rounding of every activation the statistics are taken from (do
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -22,7 +22,8 @@ from torch import nn
 
 from .models import DTYPES
 
-__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks"]
+__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks",
+           "while_running", "computing_in"]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -108,3 +109,55 @@ def compute_blocks(layers: nn.ModuleList, dtype: torch.dtype | None) -> Iterator
         yield view
     finally:
         view.close()
+
+
+Replacement = Callable[[str, nn.Module], Mapping[str, torch.Tensor]]  # (name, module) → tensor by its own name
+
+
+@contextmanager
+def while_running(modules: Mapping[str, nn.Module], replace: Replacement) -> Iterator[None]:
+    """While open, each module of ``modules`` computes with the tensors ``replace(name, module)`` returns (keyed
+    by the module's own parameter or buffer names) instead of its own: swapped in when its forward starts and
+    given back when it ends, so only the running module's replacements exist at a time and no stored tensor is
+    written. Outside its forward a module shows its own tensors. Everything is given back on exit."""
+    pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    handles = []
+
+    def swap_in(name: str, module: nn.Module) -> None:
+        own = {**module._parameters, **module._buffers}
+        saved = []
+        for key, tensor in replace(name, module).items():
+            target = own[key]
+            saved.append((target, target.data))
+            target.data = tensor
+        pending.setdefault(id(module), []).extend(saved)
+
+    def swap_out(module: nn.Module) -> None:
+        for target, data in reversed(pending.pop(id(module), [])):
+            target.data = data
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(lambda m, _args, name=name: swap_in(name, m)))
+            handles.append(module.register_forward_hook(lambda m, _args, _out: swap_out(m), always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in modules.values():
+            swap_out(module)
+
+
+@contextmanager
+def computing_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """While open, every module of ``model`` computes with its floating parameters and buffers cast to ``dtype``,
+    one module at a time (a float16 model computes as a float32 one without a float32 copy of it)."""
+    def cast(_name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        own = {**module._parameters, **module._buffers}
+        return {k: t.data.to(dtype) for k, t in own.items()
+                if t is not None and t.is_floating_point() and t.dtype != dtype}
+
+    owners = {name: m for name, m in model.named_modules()
+              if any(t is not None for t in itertools.chain(m._parameters.values(), m._buffers.values()))}
+    with while_running(owners, cast):
+        yield model

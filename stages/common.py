@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from podar.engine.context import DenseReference
+from podar.engine.compute import while_running
 from podar.engine.runtime import Runtime
 from podar.schemas.errors import CheckpointError
 
@@ -34,31 +31,15 @@ def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Ma
 
 
 @contextmanager
-@torch.no_grad()
-def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.Tensor],
-                    spill_dir: Path | None = None) -> Iterator[None]:
-    """Temporarily load ``weights`` into ``modules`` (e.g. the dense reference); restored on any exit.
+def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """While open, each module computes with ``weights[name]`` (e.g. the dense reference) instead of its own
+    weight: read when its forward starts, dropped when it ends (one layer's copy at a time; the module's own,
+    possibly file-mapped, weight is never written). Reads of ``module.weight`` outside a forward see its own."""
+    def dense(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": weights[name].to(module.weight.device, module.weight.dtype)}
 
-    With ``spill_dir``, the current weights wait in a temporary safetensors file there instead of in memory.
-    """
-    spill = None
-    saved: Mapping[str, torch.Tensor]
-    if spill_dir is not None:
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        spill = spill_dir / f".swap-{os.getpid()}.safetensors"
-        save_file({n: m.weight.detach().cpu().contiguous() for n, m in modules.items()}, str(spill))
-        saved = DenseReference.of_parts([spill])
-    else:
-        saved = {name: m.weight.detach().to("cpu", copy=True) for name, m in modules.items()}
-    try:
-        for name, m in modules.items():
-            m.weight.copy_(weights[name].to(m.weight.device, m.weight.dtype))
+    with while_running(modules, dense):
         yield
-    finally:
-        for name, m in modules.items():
-            m.weight.copy_(saved[name].to(m.weight.device, m.weight.dtype))
-        if spill is not None:
-            spill.unlink(missing_ok=True)
 
 
 class PackedMasks(MutableMapping[str, torch.Tensor]):

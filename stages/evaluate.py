@@ -69,7 +69,7 @@ def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sh
     ev = ctx.config.evaluation
 
     def reference() -> dict[str, torch.Tensor]:
-        with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
+        with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
             return dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
                                    device=ctx.device, progress=ctx.progress, text=dataset)
 
@@ -123,7 +123,7 @@ def evaluate_fidelity(ctx: RunContext, dataset: str) -> TextEvaluation:
     windows, index = my_windows(ctx, every)
     kwargs = dict(batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress, text=dataset,
                   check=ctx.check_cancelled)
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights, spill_dir=ctx.store.scratch_dir):
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
         dense = hidden_states(ctx.model, windows, **kwargs)
     embedding = ctx.dist.gather_rows(dense.mean(dim=1), index, every.shape[0])
     ctx.save_tensors("baseline", {"embedding": embedding}, name=_slug(dataset), group=False, metadata={

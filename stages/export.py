@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from podar.engine.compute import computing_in
 from podar.engine.context import RunContext
 from podar.engine.models import DTYPES, strip_quantizer
 from podar.schemas.config import ExportConfig, parse_size
@@ -86,10 +87,11 @@ def _outputs(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor) -> to
 
 @torch.no_grad()
 def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str, float]:
-    """Reload ``folder`` (computing in float32) and compare every tensor bit for bit, then the logits of
-    ``export.verify_windows`` evaluation windows. Raises StageError naming the tensor."""
+    """Reload ``folder`` (in its stored dtype, mapped from its files where no decompression is needed) and compare
+    every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows, computed in
+    float32 one module at a time. Raises StageError naming the tensor."""
     try:
-        reloaded = load_pretrained(folder, dtype=torch.float32)
+        reloaded = load_pretrained(folder)
     except Exception as e:
         raise StageError(f"the export in '{folder}' does not reload: {e}", stage=STAGE.display_name()) from e
     cfg = ctx.config.export
@@ -98,7 +100,9 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
         batch = evaluation_windows(ctx)[0][:n]
-        ref, new = _outputs(ctx, ctx.model, batch.to(ctx.device)).cpu(), _outputs(ctx, reloaded, batch)
+        ref = _outputs(ctx, ctx.model, batch.to(ctx.device)).cpu()
+        with computing_in(reloaded, torch.float32):
+            new = _outputs(ctx, reloaded, batch)
         diff = float((ref - new).abs().max())
         scale = max(float(ref.abs().max()), 1.0)
         rtol = _logit_tolerance(ctx.model.dtype, dtype, cfg)

@@ -351,7 +351,10 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verif
     dtype = dtype or getattr(torch, raw.get("dtype") or raw.get("torch_dtype") or "float32")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = auto.from_config(config, dtype=dtype)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters come from the files, no initialised copy
+        model = auto.from_config(config, dtype=dtype)
     expected = set(model.state_dict())
     loaded: set[str] = set()
     for name in sorted(meta["files"]):
@@ -359,7 +362,7 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, verif
         unknown = sorted(set(state) - expected)
         if unknown:
             raise CheckpointError(f"export file '{folder / name}' holds '{unknown[0]}', which the model has not")
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False, assign=True)  # a stored tensor in its own dtype stays mapped
         loaded |= set(state)
     model.tie_weights()
     tied = {n for n in expected - loaded if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings",

@@ -1,0 +1,246 @@
+"""Memory and disk against model size: random-weight Llama-shaped models written as safetensors folders, each
+pruned by ``podar run`` (Wanda, 50%, block walk, bf16 calibration forwards) from that folder through every stage.
+
+    python bench/bench_scaling.py --shapes 135m 1.7b 7b [--work DIR] [--out scaling]
+
+Each shape's folder (config.json, the built-in SmolLM2 tokenizer, sharded float32 safetensors of N(0, 0.02)
+weights; time does not depend on the values) is written once under ``--work`` and reused. The run is a child
+process sampled every 0.2 s: peak resident memory (VmHWM, the kernel's own high-water mark), peak anonymous
+memory (RssAnon: heap, activations, statistics, pruned weights not yet on disk) and peak file-backed memory
+(RssFile: weight pages mapped from the model's files or scratch files, which the kernel can drop and read again),
+the disk the run took at its peak (free space before minus the lowest seen, so unlinked scratch files count) and
+the run folder's size at the end. Writes bench/results/NAME.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped model: widths, depth, heads; vocabulary of the SmolLM2 tokenizer (49,152)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+
+SHAPES = {
+    "135m": Shape(576, 1536, 30, 9, 3, True),  # SmolLM2-135M
+    "1.7b": Shape(2048, 8192, 24, 32, 32, True),  # SmolLM2-1.7B
+    "7b-8": Shape(4096, 11008, 8, 32, 32, False),  # Llama-2-7B's blocks, 8 of them
+    "7b": Shape(4096, 11008, 32, 32, 32, False),  # Llama-2-7B (its blocks; the SmolLM2 vocabulary)
+}
+VOCAB = 49152
+
+
+def llama_config(shape: Shape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                       num_key_value_heads=shape.kv_heads, vocab_size=VOCAB, max_position_embeddings=4096,
+                       tie_word_embeddings=shape.tied, torch_dtype="float32", architectures=["LlamaForCausalLM"])
+
+
+def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
+    """Write the random model of ``shape`` into ``folder`` one shard at a time (never the whole model in memory);
+    returns its float32 weight bytes. A folder whose ``.complete`` marker exists is reused."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from podar.engine.models import builtin_gguf_path
+
+    if (folder / ".complete").exists():
+        return int((folder / ".complete").read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    config = llama_config(shape)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {n: p.shape for n, p in skeleton.state_dict().items()}
+    if shape.tied:
+        names.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shards[-1]})
+        shards.append({})
+
+    for name, dims in names.items():
+        t = torch.ones(dims) if name.endswith("norm.weight") else torch.randn(dims, generator=gen) * 0.02
+        if size and size + t.numel() * 4 > shard_bytes:
+            flush()
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * 4
+        total += t.numel() * 4
+    flush()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    gguf = builtin_gguf_path("smollm2-135m")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    (folder / ".complete").write_text(str(total))
+    return total
+
+
+def run_config(folder: Path) -> str:
+    return f"""method: wanda
+target_sparsity: 0.5
+pattern: {{kind: unstructured}}
+model: {{kind: hf, name: {folder}, dtype: float32}}
+calibration: {{num_samples: 8, sequence_length: 256, batch_size: 8, walk: block}}
+runtime: {{compute_dtype: bfloat16}}
+evaluation: {{sequence_length: 256, max_windows: 2, gates: {{max_perplexity_increase_pct: 1.0e9}}}}
+export: {{format: dense, dtype: float16, verify_windows: 1}}
+"""
+
+
+def status(pid: int) -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile of ``pid`` in kB (empty once it has ended)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def measure(name: str, work: Path) -> dict:
+    shape = SHAPES[name]
+    folder = work / f"model-{name}"
+    started = time.perf_counter()
+    weight_bytes = write_model(folder, shape)
+    written_s = time.perf_counter() - started
+    run_dir = work / f"run-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = work / f"{name}.yaml"
+    cfg.write_text(run_config(folder))
+    free_before = shutil.disk_usage(work).free
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    lowest_free = [free_before]
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "podar.cli", "run", str(cfg), "--run-dir", str(run_dir),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    samples: list[tuple[float, int, int]] = []  # (unix time, RssAnon kB, RssFile kB)
+    while proc.poll() is None:
+        now = status(proc.pid)
+        for key, value in now.items():
+            if key in peak:
+                peak[key] = max(peak[key], value)
+        if now:
+            samples.append((time.time(), now["RssAnon"], now["RssFile"]))
+        lowest_free[0] = min(lowest_free[0], shutil.disk_usage(work).free)
+        time.sleep(0.2)
+    wall_s = time.perf_counter() - started
+    reader.join(timeout=10)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: podar run failed ({proc.returncode}):\n{''.join(log[-40:])}")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages: dict[str, float] = {}
+    stage_anon: dict[str, int] = {}  # peak RssAnon (MB) while each stage ran; "setup" before the first move
+    entered = [("setup", samples[0][0] if samples else 0.0)]
+    for line in (run_dir / "audit.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("duration_s") is not None:
+            stages[rec["source"]] = round(stages.get(rec["source"], 0.0) + rec["duration_s"], 1)
+        entered.append((rec["dest"], datetime.fromisoformat(rec["at"].replace("Z", "+00:00")).timestamp()))
+    for (stage, since), (_, until) in zip(entered, entered[1:] + [("end", float("inf"))], strict=True):
+        during = [anon for t, anon, _ in samples if since <= t < until]
+        if during:
+            stage_anon[stage] = max(stage_anon.get(stage, 0), round(max(during) / 1024))
+    metrics: dict = {}
+    for result in manifest["results"]:
+        metrics.update(result.get("metrics") or {})
+    return {
+        "shape": name, **asdict(shape), "vocab": VOCAB,
+        "float32_weights_mb": round(weight_bytes / 1e6), "write_s": round(written_s, 1),
+        "wall_s": round(wall_s, 1), "stage_s": stages, "stage_peak_anon_mb": stage_anon,
+        "peak_rss_mb": round(peak["VmHWM"] / 1024), "peak_anon_mb": round(peak["RssAnon"] / 1024),
+        "peak_file_mb": round(peak["RssFile"] / 1024),
+        "peak_disk_mb": round((free_before - lowest_free[0]) / 1e6), "run_folder_mb": round(du(run_dir) / 1e6),
+        "export_mb": round(du(run_dir / "export") / 1e6), "state": manifest["state"],
+        "achieved_sparsity": metrics.get("achieved_sparsity"), "dense_ppl": metrics.get("dense_ppl"),
+        "pruned_ppl": metrics.get("pruned_ppl"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["135m", "1.7b"], choices=sorted(SHAPES))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/podar-scaling"))
+    ap.add_argument("--out", default="scaling")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (default: removed after)")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    out = HERE / "results" / f"{args.out}.json"
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for name in args.shapes:
+        row = measure(name, args.work)
+        if not args.keep_runs:
+            shutil.rmtree(args.work / f"run-{name}", ignore_errors=True)
+        rows = [r for r in rows if r["shape"] != name] + [row]
+        print(json.dumps(row), flush=True)
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"command": "python bench/bench_scaling.py --shapes " + " ".join(args.shapes),
+                                   "mem_total_mb": mem_total_mb(), "rows": rows}, indent=2))
+        write_table(out.with_suffix(".md"), rows)
+
+
+def mem_total_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 1024)
+    return 0
+
+
+def write_table(path: Path, rows: list[dict]) -> None:
+    head = ("| shape | blocks | fp32 weights MB | wall s | peak RSS MB | peak anon MB | peak file-backed MB "
+            "| peak disk MB | run folder MB | export MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['shape']} | {r['layers']} | {r['float32_weights_mb']} | {r['wall_s']} | {r['peak_rss_mb']} "
+        f"| {r['peak_anon_mb']} | {r['peak_file_mb']} | {r['peak_disk_mb']} | {r['run_folder_mb']} "
+        f"| {r['export_mb']} |\n" for r in sorted(rows, key=lambda r: r["float32_weights_mb"]))
+    path.write_text(f"Wanda 50%, block walk, bf16 forwards, 8 x 256 calibration tokens, from a safetensors folder "
+                    f"(machine memory {mem_total_mb()} MB).\n\n" + head + body)
+
+
+if __name__ == "__main__":
+    main()
