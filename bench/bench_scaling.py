@@ -78,24 +78,24 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
     if shape.tied:
         names.pop("lm_head.weight", None)
     gen = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
     size = total = 0
     weight_map: dict[str, str] = {}
     files: list[str] = []
 
-    def flush() -> None:
+    def flush() -> None:  # one shard in memory at a time
         name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
         files.append(name)
-        weight_map.update({k: name for k in shards[-1]})
-        shards.append({})
+        weight_map.update({k: name for k in shard})
+        shard.clear()
 
     for name, dims in names.items():
         t = torch.ones(dims) if name.endswith("norm.weight") else torch.randn(dims, generator=gen) * 0.02
         if size and size + t.numel() * 4 > shard_bytes:
             flush()
             size = 0
-        shards[-1][name] = t
+        shard[name] = t
         size += t.numel() * 4
         total += t.numel() * 4
     flush()
@@ -213,14 +213,13 @@ def main() -> None:
     out = HERE / "results" / f"{args.out}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     for name in args.shapes:
-        row = measure(name, args.work)
+        row = {**measure(name, args.work), "command": f"python bench/bench_scaling.py --shapes {name}"}
         if not args.keep_runs:
             shutil.rmtree(args.work / f"run-{name}", ignore_errors=True)
         rows = [r for r in rows if r["shape"] != name] + [row]
         print(json.dumps(row), flush=True)
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"command": "python bench/bench_scaling.py --shapes " + " ".join(args.shapes),
-                                   "mem_total_mb": mem_total_mb(), "rows": rows}, indent=2))
+        out.write_text(json.dumps({"mem_total_mb": mem_total_mb(), "rows": rows}, indent=2))
         write_table(out.with_suffix(".md"), rows)
 
 
