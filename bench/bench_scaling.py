@@ -26,6 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
     returns its float32 weight bytes. A folder whose ``.complete`` marker exists is reused."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from podar.engine.models import builtin_gguf_path
 
@@ -102,8 +104,6 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config.save_pretrained(folder)
-    from transformers import AutoTokenizer
-
     gguf = builtin_gguf_path("smollm2-135m")
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
     (folder / ".complete").write_text(str(total))
@@ -120,20 +120,6 @@ runtime: {{compute_dtype: bfloat16}}
 evaluation: {{sequence_length: 256, max_windows: 2, gates: {{max_perplexity_increase_pct: 1.0e9}}}}
 export: {{format: dense, dtype: float16, verify_windows: 1}}
 """
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmHWM, VmRSS, RssAnon, RssFile of ``pid`` in kB (empty once it has ended)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0])
-    return out
 
 
 def du(path: Path) -> int:
@@ -161,7 +147,7 @@ def measure(name: str, work: Path) -> dict:
     reader.start()
     samples: list[tuple[float, int, int]] = []  # (unix time, RssAnon kB, RssFile kB)
     while proc.poll() is None:
-        now = status(proc.pid)
+        now = common.proc_status_kb(proc.pid)
         for key, value in now.items():
             if key in peak:
                 peak[key] = max(peak[key], value)

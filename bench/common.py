@@ -23,12 +23,29 @@ EVAL_WINDOWS = 32
 SEED = 0
 
 
+MEMORY_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+
+def proc_status_kb(pid: int | str = "self") -> dict[str, int]:
+    """The memory fields of /proc/PID/status (VmHWM, VmRSS, RssAnon, RssFile) in kB; {} once PID has ended."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in MEMORY_FIELDS:
+            fields[key] = int(value.split()[0])
+    return fields
+
+
 def status_mib(field: str) -> float:
     """A memory field of /proc/self/status (VmHWM, VmRSS, RssAnon, RssFile) in MiB, this process only."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    kb = proc_status_kb().get(field)
+    if kb is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return kb / 1024
 
 
 def peak_rss_mb() -> float:

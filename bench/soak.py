@@ -63,11 +63,8 @@ def wait_for_complete(proc: subprocess.Popen, run_dir: Path) -> float:
     """Seconds from now until ``run_dir``'s manifest says Complete (the process's own exit comes after)."""
     started = time.perf_counter()
     while proc.poll() is None:
-        try:
-            if RunStore(run_dir).read_manifest().state == "complete":
-                break
-        except Exception:  # noqa: BLE001 - caught mid-replace; read again
-            pass
+        if RunStore(run_dir).read_manifest().state == "complete":  # written by atomic rename: never partial
+            break
         time.sleep(0.01)
     return time.perf_counter() - started
 
