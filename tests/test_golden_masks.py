@@ -2,10 +2,13 @@
 the digests the code before it wrote (``tests/data/golden_masks.json``, see ``tests/golden_masks.py``): masks
 bit for bit, pruned weights to 1e-6 of their float64 sums (the machine's float rounding differs between CPUs).
 
-The digests were taken on the CI machine (an AMD EPYC with AVX-512) by the pre-redesign code (ccfc531). On
-another CPU, SparseGPT's near-tie decisions can round the other way: between two machines 2 of the 30 mask
-digests differed (sparsegpt-bf16, sparsegpt-sublayer-unstructured) with that same code. There, rewrite them
-with ``tests/golden_masks.py --write`` from a checkout of ccfc531."""
+The digests are taken on the CI machine by the pre-redesign code (ccfc531), and they depend on the CPU: on
+another one SparseGPT's near-tie decisions and its updates round differently with that same code (2 of the 30
+mask digests differed between an AMD EPYC and an earlier machine; on 2026-12-02 the CI machine became an Intel
+Xeon, where ccfc531 itself gave other digests for 7 cases, and they were written again there). On a new
+machine, rewrite them with the pre-redesign code in its own environment: ``git worktree add /tmp/base ccfc531``,
+a venv there with ``torch==2.13.0`` and ``pip install -e .``, then ``/tmp/base/.venv/bin/python
+tests/golden_masks.py --write`` from a copy of this file's ``golden_masks.py`` in ``/tmp/base/tests``."""
 
 from __future__ import annotations
 
