@@ -12,6 +12,9 @@ every switch off the stages run the plain reference path.
   method wrote one, else of a scratch file beside the run folder that is unlinked at once — so they stay on
   disk until evaluation or export reads them again.
 - ``trim_memory``: freed heap pages go back to the OS between calibration passes (glibc ``malloc_trim``).
+- ``offload``: a model larger than the device keeps its decoder blocks on the CPU; each goes to the device while
+  its forward runs, and the layers being pruned stay there from their calibration to the end of their pruning
+  (``engine.offload``). 'auto' offloads on a GPU when the weights exceed half its free memory.
 
 None of them changes which files a run folder holds.
 """
@@ -32,6 +35,7 @@ from podar.schemas.config import RuntimeConfig
 from .attention import chunked_causal_attention
 from .compute import BlockView, cast_floating, cast_module, compute_blocks, model_dtype, resolve_compute_dtype
 from .memory import file_backed_ranges, page_out_file_backed, release_free_memory
+from .offload import BlockOffload, tensor_bytes
 
 __all__ = ["Runtime", "BlockView", "cast_floating", "model_dtype"]
 
@@ -41,6 +45,35 @@ class Runtime:
 
     def __init__(self, config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
+        self.offload: BlockOffload | None = None  # set by ``place`` when the blocks are offloaded
+
+    # ------------------------------------------------------------ placement
+    def place(self, model: nn.Module, device: torch.device, layers: nn.ModuleList | None) -> bool:
+        """Put ``model`` on ``device``: whole, or with its blocks ``layers`` offloaded (``runtime.offload``).
+        True when offloaded. Raises ValueError when 'blocks' is asked of a model without a block list."""
+        mode = self.config.offload
+        if mode == "auto":
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            mode = "blocks" if free is not None and layers is not None and tensor_bytes(model) > free / 2 else "off"
+        if mode == "off":
+            model.to(device)
+            return False
+        if layers is None:
+            raise ValueError("runtime.offload='blocks' needs the model's list of decoder blocks, and none was found; "
+                             "name it with calibration.blocks (e.g. 'model.layers') or set runtime.offload: off")
+        self.offload = BlockOffload(device)
+        self.offload.install(model, layers)
+        return True
+
+    def hold(self, modules: list[nn.Module]) -> None:
+        """Offloaded: the layers of ``modules`` stay on the device until ``release`` (no-op otherwise)."""
+        if self.offload is not None:
+            self.offload.hold(modules)
+
+    def release(self) -> None:
+        """Offloaded: the held layers' weights, as they are now, go back to the CPU (no-op otherwise)."""
+        if self.offload is not None:
+            self.offload.release()
 
     # ------------------------------------------------------------ forwards
     @staticmethod

@@ -29,6 +29,7 @@ from podar.engine.store import RunStore
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
+from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
 from podar.stages.methods import get_method
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
@@ -224,6 +225,24 @@ def write_dense_parts(ctx: RunContext, names: list[str]) -> list[Path]:
                               "(is the disk full?); free space or choose another --run-dir") from e
 
 
+def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Runtime:
+    """The run's runtime, with the model put on ``device`` (whole, or its blocks offloaded)."""
+    runtime = Runtime(cfg.runtime)
+    stack = find_blocks(model, cfg.calibration.blocks) if cfg.runtime.offload != "off" else None
+    try:
+        offloaded = runtime.place(model, device, stack.layers if stack else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if offloaded:
+        assert stack is not None
+        if cfg.finetune.enabled:
+            raise ConfigError("finetune.enabled: masked fine-tuning trains the model on the device, and this model's "
+                              f"blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); set "
+                              "finetune.enabled: false, or runtime.offload: off on a device it fits")
+        log.info("offloaded", device=str(device), blocks=len(stack.layers), path=stack.path)
+    return runtime
+
+
 def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any, *, accelerator: Any, log: Any,
                 run_id: str, progress: bool) -> RunContext:
     """The run context with every input loaded and checked (model, tokenizer, targets, texts, the calibration
@@ -236,10 +255,10 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
     converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
     _check_export(cfg, model, tokenizer, targets)
-    model.to(accelerator.device)
+    runtime = _place(cfg, model, accelerator.device, log)
     model.eval()
     ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store, log=log,
-                     run_id=run_id, method=get_method(cfg.method.name), runtime=Runtime(cfg.runtime),
+                     run_id=run_id, method=get_method(cfg.method.name), runtime=runtime,
                      dist=Dist(accelerator),
                      state=RunState(targets=targets, masks=PackedMasks(), task=model_task(model),
                                     converted=converted), progress=progress)

@@ -17,6 +17,8 @@ STAGE = PruningStage.CALIBRATING
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
     index = st.group_index
+    # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)
+    ctx.runtime.hold([st.targets[n] for n in st.layer_groups[index]])
     stats, metrics = st.walk.statistics(index, ctx.method, ctx.check_cancelled)
     names = st.layer_groups[index]
     for name in names:

@@ -189,6 +189,7 @@ def run(ctx: RunContext) -> StageResult:
     layer_metrics, total_pruned, total = _verify(ctx, targets, pruned, spec)
     weights_record = _checkpoint(ctx, targets, pruned, spec)
     advanced = _advance(ctx, pruned)
+    ctx.runtime.release()  # offloaded: the pruned weights back to the CPU, where they live
     for name, error in advanced.relative_errors().items():
         layer_metrics[name]["reconstruction_error"] = error
     _map(ctx, targets, weights_record)
