@@ -35,6 +35,26 @@ def run_one(prefix: str, method: str, pattern: str) -> dict:
     return json.loads(lines[-1])
 
 
+def with_setup(run: dict) -> dict[str, float]:
+    """Seconds per stage of one run, with ``setup`` (loading, hashing, the dense reference: what the time to the
+    end of pruning holds besides the stages)."""
+    stages = dict(run.get("stage_s", {}))
+    return {"setup": run["prune_s"] - sum(stages.values()), **stages}
+
+
+def stage_table(rows: list[dict]) -> list[str]:
+    """Median seconds per stage, A and B, per case."""
+    lines = ["", "Median seconds per stage (setup: the time before the first stage):", "",
+             "| method | pattern | stage | A | B | B − A |", "| --- | --- | --- | --- | --- | --- |"]
+    for method, pattern in dict.fromkeys((r["method"], r["pattern"]) for r in rows):
+        rs = [r for r in rows if r["method"] == method and r["pattern"] == pattern]
+        for stage in dict.fromkeys(k for r in rs for k in (*r["a_stage_s"], *r["b_stage_s"])):
+            a = statistics.median(r["a_stage_s"].get(stage, 0.0) for r in rs)
+            b = statistics.median(r["b_stage_s"].get(stage, 0.0) for r in rs)
+            lines.append(f"| {method} | {pattern} | {stage} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", required=True, help="the first version's podar_one.py command prefix")
@@ -50,7 +70,8 @@ def main() -> None:
         for i in range(args.pairs):
             a, b = run_one(args.a, method, pattern), run_one(args.b, method, pattern)
             rows.append({"method": method, "pattern": pattern, "pair": i, "a_s": a["prune_s"], "b_s": b["prune_s"],
-                         "a_peak_mb": a["peak_rss_mb"], "b_peak_mb": b["peak_rss_mb"]})
+                         "a_peak_mb": a["peak_rss_mb"], "b_peak_mb": b["peak_rss_mb"],
+                         "a_stage_s": with_setup(a), "b_stage_s": with_setup(b)})
             print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps({"a": args.a, "b": args.b, "rows": rows}, indent=2))
@@ -67,6 +88,7 @@ def main() -> None:
         each = ", ".join(f"{x:.3f}" for x in ratios)
         lines.append(f"| {method} | {pattern} | {a_times} | {b_times} | {each} | {statistics.median(ratios):.3f} | "
                      f"{peaks} |")
+    lines += stage_table(rows)
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,9 +1,11 @@
 """Masks and pruned weights of every method × pattern × walk on the tiny model, as digests.
 
-``tests/data/golden_masks.json`` holds the digests the code before the redesign of issue 17 produced (written by
-``python tests/golden_masks.py --write`` with that code installed); ``tests/test_golden_masks.py`` checks that
-the current code produces the very same masks, bit for bit, and weights up to float rounding. The configs are
-written in the pre-redesign form (``method: wanda``, ``calibration.dampening_frac``), which must keep loading.
+``tests/data/golden_masks.json`` holds the digests the code before the redesign of issue 17 produced, one set per
+CPU family (``cpu_family``: SparseGPT's near-tie decisions and updates round differently on different CPUs; written
+by ``python tests/golden_masks.py --write`` with that code installed, which replaces this CPU's set only);
+``tests/test_golden_masks.py`` checks that the current code produces the very same masks, bit for bit, and
+weights up to float rounding. The configs are written in the pre-redesign form (``method: wanda``,
+``calibration.dampening_frac``), which must keep loading.
 """
 
 from __future__ import annotations
@@ -18,6 +20,30 @@ from pathlib import Path
 from typing import Any
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_masks.json"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or '' where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+
+
+def cpu_family(name: str | None = None) -> str:
+    """The key of this CPU's digest set: 'amd-epyc', 'intel-xeon', or the model name as a slug."""
+    name = cpu_name() if name is None else name
+    if "AMD EPYC" in name:
+        return "amd-epyc"
+    if "Intel" in name and "Xeon" in name:
+        return "intel-xeon"
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "unknown"
+
+
+def load_golden() -> dict[str, dict[str, dict[str, str]]]:
+    """Digest sets by CPU family."""
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
 
 _UNSTRUCTURED = {"kind": "unstructured"}
 _24 = {"kind": "nm", "n": 2, "m": 4}
@@ -131,7 +157,7 @@ def run_case(name: str, workdir: Path) -> dict[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--write", action="store_true", help=f"write {GOLDEN} from the installed code")
+    ap.add_argument("--write", action="store_true", help=f"write this CPU's set of {GOLDEN} from the installed code")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     args = ap.parse_args()
     out = {}
@@ -141,7 +167,9 @@ def main() -> None:
             print(name, out[name], file=sys.stderr)
     if args.write:
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        sets = load_golden()
+        sets[cpu_family()] = out
+        GOLDEN.write_text(json.dumps(sets, indent=2, sort_keys=True) + "\n")
     else:
         print(json.dumps(out, indent=2, sort_keys=True))
 
