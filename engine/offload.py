@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,30 +23,26 @@ from torch import nn
 __all__ = ["BlockOffload", "tensor_bytes"]
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``module`` (shared tensors once)."""
-    seen: dict[int, int] = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The parameters and buffers of ``module`` and its submodules (shared tensors once)."""
     return list({id(t): t for t in itertools.chain(module.parameters(), module.buffers())}.values())
 
 
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``module`` (shared tensors once)."""
+    return sum(t.numel() * t.element_size() for t in _own_tensors(module))
+
+
 class BlockOffload:
-    """The offloading of one model (see the module docstring): ``install`` it, ``hold`` and ``release`` the
-    layers being pruned, ``remove`` it to leave every tensor on the CPU side where it was put."""
+    """The offloading of one model (see the module docstring): ``install`` it, then ``hold`` and ``release`` the
+    layers being pruned. The hooks stay for the model's life: it keeps computing on the device after the run."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.inside: set[int] = set()  # ids of the blocks' tensors (the offloaded ones)
         self.held: dict[int, torch.Tensor] = {}  # id → tensor whose data is a device copy until released
-        self.onloaded: list[int] = []  # indices of the blocks whose forward is running now (for tests and logs)
+        self.onloaded: list[int] = []  # indices of the blocks whose forward is running now (what tests check)
         self.peak_onloaded = 0
-        self._handles: list[Any] = []
         self._pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def install(self, model: nn.Module, layers: nn.ModuleList) -> None:
@@ -58,10 +53,8 @@ class BlockOffload:
             if id(t) not in self.inside:
                 t.data = t.data.to(self.device, copy=True)
         for index, block in enumerate(layers):
-            self._handles.append(block.register_forward_pre_hook(
-                lambda m, _args, index=index: self._onload(index, m)))
-            self._handles.append(block.register_forward_hook(
-                lambda m, _args, _out, index=index: self._offload(index, m), always_call=True))
+            block.register_forward_pre_hook(lambda m, _args, index=index: self._onload(index, m))
+            block.register_forward_hook(lambda m, _args, _out, index=index: self._offload(index, m), always_call=True)
 
     def _onload(self, index: int, block: nn.Module) -> None:
         saved = []
@@ -93,10 +86,3 @@ class BlockOffload:
         for t in self.held.values():
             t.data = t.data.to("cpu", copy=True)
         self.held.clear()
-
-    def remove(self) -> None:
-        """Take the hooks off (held tensors are released first)."""
-        self.release()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from podar.schemas.config import RuntimeConfig
+from podar.schemas.errors import ConfigError
 
 from .attention import chunked_causal_attention
 from .compute import BlockView, cast_floating, cast_module, compute_blocks, model_dtype, resolve_compute_dtype
@@ -50,7 +51,7 @@ class Runtime:
     # ------------------------------------------------------------ placement
     def place(self, model: nn.Module, device: torch.device, layers: nn.ModuleList | None) -> bool:
         """Put ``model`` on ``device``: whole, or with its blocks ``layers`` offloaded (``runtime.offload``).
-        True when offloaded. Raises ValueError when 'blocks' is asked of a model without a block list."""
+        True when offloaded. Raises ConfigError when 'blocks' is asked of a model without a block list."""
         mode = self.config.offload
         if mode == "auto":
             free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
@@ -59,7 +60,7 @@ class Runtime:
             model.to(device)
             return False
         if layers is None:
-            raise ValueError("runtime.offload='blocks' needs the model's list of decoder blocks, and none was found; "
+            raise ConfigError("runtime.offload='blocks' needs the model's list of decoder blocks, and none was found; "
                              "name it with calibration.blocks (e.g. 'model.layers') or set runtime.offload: off")
         self.offload = BlockOffload(device)
         self.offload.install(model, layers)

@@ -229,11 +229,7 @@ def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Ru
     """The run's runtime, with the model put on ``device`` (whole, or its blocks offloaded)."""
     runtime = Runtime(cfg.runtime)
     stack = find_blocks(model, cfg.calibration.blocks) if cfg.runtime.offload != "off" else None
-    try:
-        offloaded = runtime.place(model, device, stack.layers if stack else None)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if offloaded:
+    if runtime.place(model, device, stack.layers if stack else None):
         assert stack is not None
         if cfg.finetune.enabled:
             raise ConfigError("finetune.enabled: masked fine-tuning trains the model on the device, and this model's "

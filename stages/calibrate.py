@@ -17,10 +17,10 @@ STAGE = PruningStage.CALIBRATING
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
     index = st.group_index
-    # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)
-    ctx.runtime.hold([st.targets[n] for n in st.layer_groups[index]])
-    stats, metrics = st.walk.statistics(index, ctx.method, ctx.check_cancelled)
     names = st.layer_groups[index]
+    # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)
+    ctx.runtime.hold([st.targets[n] for n in names])
+    stats, metrics = st.walk.statistics(index, ctx.method, ctx.check_cancelled)
     for name in names:
         entry = stats.get(name)
         if entry is None or entry.n_samples == 0:

@@ -28,6 +28,23 @@ def make_tiny_config(corpus: Path, **tiny: object) -> PruningConfig:
     )
 
 
+def fail_once(monkeypatch, stage, on_call: int) -> list[int]:
+    """Make ``stage``'s handler raise RuntimeError('transient failure') on its ``on_call``-th call and run the
+    real one otherwise; returns the list each call appends to."""
+    from podar.stages import HANDLERS
+
+    original, calls = HANDLERS[stage], []
+
+    def flaky(ctx):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise RuntimeError("transient failure")
+        return original(ctx)
+
+    monkeypatch.setitem(HANDLERS, stage, flaky)
+    return calls
+
+
 def _grid_scales(w, bits):
     """(rows, 1) float64: max |w| of each row over half the integer range (1 for an all-zero row)."""
     amax = w.abs().amax(dim=1, keepdim=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_config
+from helpers import fail_once, make_tiny_config
 from test_resume import export_hashes
 
 from podar import ConfigError, Pipeline, PruningStage, RuntimeConfig, SparsityPatternConfig, TinyModelConfig, run_masks
@@ -126,20 +126,9 @@ def test_fine_tuning_an_offloaded_model_is_refused_naming_the_fields(tiny_config
 def test_an_offloaded_run_that_failed_in_pruning_resumes_to_the_same_export(tiny_config, tmp_path, monkeypatch):
     """SparseGPT (kept weights change), killed by a raising handler in the second group's Pruning: the resumed run
     re-places the model (blocks offloaded again) and ends with the export of an uninterrupted whole-model run."""
-    from podar.stages import HANDLERS
-
     cfg = tiny_config.with_method("sparsegpt")
     assert Pipeline(cfg, run_dir=tmp_path / "whole", progress=False).run().ok
-    original = HANDLERS[PruningStage.PRUNING]
-    calls = []
-
-    def flaky(ctx):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("transient failure")
-        return original(ctx)
-
-    monkeypatch.setitem(HANDLERS, PruningStage.PRUNING, flaky)
+    calls = fail_once(monkeypatch, PruningStage.PRUNING, on_call=2)
     run_dir = tmp_path / "run"
     offloaded = cfg.with_runtime(RuntimeConfig(offload="blocks"))
     assert Pipeline(offloaded, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
@@ -147,3 +136,10 @@ def test_an_offloaded_run_that_failed_in_pruning_resumes_to_the_same_export(tiny
     assert resumed.run().ok and len(calls) == len(resumed.context.state.layer_groups) + 1  # the failed one again
     assert resumed.context.runtime.offload is not None
     assert export_hashes(run_dir) == export_hashes(tmp_path / "whole")
+
+
+def test_blocks_asked_of_a_model_without_a_block_list_is_refused_naming_the_fields():
+    from podar.engine.runtime import Runtime
+
+    with pytest.raises(ConfigError, match=r"runtime\.offload='blocks'.*calibration\.blocks"):
+        Runtime(RuntimeConfig(offload="blocks")).place(_tiny(), torch.device("cpu"), None)

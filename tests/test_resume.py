@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import fail_once
 from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
@@ -127,16 +128,7 @@ def test_full_disk_fails_then_resumes(resume_config, reference, tmp_path, monkey
 
 
 def test_raising_handler_then_resume(resume_config, reference, tmp_path, monkeypatch):
-    original = HANDLERS[PruningStage.EVALUATING]
-    calls = []
-
-    def flaky(ctx):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("transient failure")
-        return original(ctx)
-
-    monkeypatch.setitem(HANDLERS, PruningStage.EVALUATING, flaky)
+    calls = fail_once(monkeypatch, PruningStage.EVALUATING, on_call=1)
     run_dir = tmp_path / "run"
     assert Pipeline(resume_config, run_dir=run_dir, progress=False).run().stage is PruningStage.FAILED
     result = Pipeline.resume(run_dir, progress=False).run()
