@@ -68,7 +68,8 @@ def checkpoint_digest(result: StageResult | None, artifacts: Mapping[str, Artifa
                       manifest: RunManifest | None = None) -> str:
     """sha256 of a checkpoint: a stage's result with the records of its artifacts; without a result (the move
     out of Idle), the run's inputs as the manifest first recorded them and the artifacts written before any
-    stage (the dense reference)."""
+    stage (the dense reference), with the run's identity (when it was created, by which library versions, on how
+    many processes, the model's description)."""
     if result is not None:
         body: dict[str, Any] = {"result": result.model_dump(mode="json"),
                                 "artifacts": {p: artifacts[p].model_dump(mode="json") for p in result.artifacts
@@ -76,7 +77,8 @@ def checkpoint_digest(result: StageResult | None, artifacts: Mapping[str, Artifa
     else:
         assert manifest is not None
         body = {"model_fingerprint": manifest.model_fingerprint, "data_sha256": manifest.data_sha256,
-                "dense_reference_files": manifest.dense_reference_files,
+                "dense_reference_files": manifest.dense_reference_files, "created_at": manifest.created_at,
+                "versions": manifest.versions, "world_size": manifest.world_size, "model_info": manifest.model_info,
                 "artifacts": {p: r.model_dump(mode="json") for p, r in artifacts.items() if r.stage == "idle"}}
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 

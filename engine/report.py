@@ -13,7 +13,7 @@ from podar.schemas.schedule import OneShot
 from .machine import PruningStage
 from .store import RunStore, atomic_write_bytes
 
-__all__ = ["build_report", "write_report", "compare_runs", "pruning_summary"]
+__all__ = ["build_report", "write_report", "report_files", "compare_runs", "pruning_summary"]
 
 PRUNING_STAGES = (PruningStage.CALIBRATING.value, PruningStage.COMPUTING_IMPORTANCE.value, PruningStage.PRUNING.value)
 
@@ -203,9 +203,14 @@ def write_report(run_dir: str | Path) -> RunReport:
     run_dir = Path(run_dir)
     report = build_report(run_dir)
     report.plots = _plots(report, run_dir / "plots")
-    atomic_write_bytes(run_dir / "report.json", report.model_dump_json(indent=2).encode(), fault_point="write:report")
-    atomic_write_bytes(run_dir / "report.md", _markdown(report).encode(), fault_point="write:report")
+    for name, text in report_files(report).items():
+        atomic_write_bytes(run_dir / name, text.encode(), fault_point="write:report")
     return report
+
+
+def report_files(report: RunReport) -> dict[str, str]:
+    """The text of report.json and report.md (what ``write_report`` writes and ``podar audit`` compares)."""
+    return {"report.json": report.model_dump_json(indent=2), "report.md": _markdown(report)}
 
 
 def compare_runs(run_dirs: list[str | Path]) -> str:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from podar.schemas.errors import StageError
+from podar.schemas.errors import CheckpointError, StageError
 from podar.schemas.records import (
     AuditEvent,
     ExpectedMove,
@@ -222,11 +222,12 @@ class Runner:
         """Append the ``resumed`` audit record (the run restarts at Idle) and note it in the manifest; the next
         move is ``resume_<target>``. ``dangling``: the digest of a last result no record confirmed (the process
         died between its checkpoint and the next move), confirmed by this record."""
+        metrics = {"note": note, "world_size": self.ctx.dist.world}
         record = self.audit.write(event="resumed", trigger="resume", source=from_state,
-                                  dest=PruningStage.IDLE.value, at=utc_now(), metrics={"note": note},
+                                  dest=PruningStage.IDLE.value, at=utc_now(), metrics=metrics,
                                   config_sha256=self.manifest.config_sha256, result_sha256=dangling)
         m = self.manifest
-        m.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, "note": note})
+        m.resumes.append({"at": record.at, "from_state": from_state, "seq": record.seq, **metrics})
         m.state = PruningStage.IDLE.value
         m.failure = None
         m.audit_head_sha256 = self.audit.head_sha256
@@ -234,6 +235,23 @@ class Runner:
                                        dest=target.value)
         self.resume_target = target
         self._write_manifest()
+
+    def check_resume_point(self, result: StageResult) -> None:
+        """CheckpointError when ``result`` (the last checkpoint, which no record confirms yet) names another resume
+        point or next move than its stage and counters give (the manifest was edited after the checkpoint)."""
+        stage = PruningStage(result.stage)
+        if stage in VOLATILE:
+            return  # it keeps the point of the checkpoint before it, which the log confirms (the audit checks)
+        saved, last = self.ctx.state.counters, self.last_result
+        self.ctx.state.counters, self.last_result = result.progress.model_copy(), result
+        try:
+            point, move = self._resume_point_after(stage), expected(next_move(stage, self.condition))
+        finally:
+            self.ctx.state.counters, self.last_result = saved, last
+        if (result.resume_point, result.next_move) != (point, move):
+            raise CheckpointError(f"the last checkpoint ({stage.display_name()}) names resume point "
+                                  f"{result.resume_point} and next move {result.next_move}; its stage and counters "
+                                  f"give {point} and {move}: the manifest was edited")
 
     # ------------------------------------------------------------ helpers
     def _resume_point_after(self, stage: PruningStage) -> ResumePoint:
@@ -262,11 +280,14 @@ class Runner:
         # the cost of this checkpoint's artifacts (the manifest write that follows is not included)
         result.checkpoint_s = store.write_seconds - written_s
         result.checkpoint_bytes = store.write_bytes - written_b
+        stage = PruningStage(result.stage)
+        # where a resume continues and the next move, carried in the result: the log's digest of it covers them
+        result.resume_point = self._resume_point_after(stage)
+        result.next_move = expected(next_move(stage, self.condition))
         m.results.append(result)
         m.progress = result.progress
-        stage = PruningStage(result.stage)
-        m.resume_point = self._resume_point_after(stage)
-        m.expected_move = expected(next_move(stage, self.condition))
+        m.resume_point = result.resume_point
+        m.expected_move = result.next_move
         self._write_manifest()
         faults.hit(f"after:{result.stage}")
 

@@ -41,6 +41,7 @@ DENSE_REFERENCE = "artifacts/dense_reference"  # the pruned layers' weights befo
 
 _CHUNK_BYTES = 1 << 20  # hashing reads 1 MiB at a time
 _FILE_MODE = 0o644  # mkstemp creates 0600; run folders are meant to be read by auditors
+_NAME_MAX = 255  # bytes per file or folder name (Linux, macOS)
 
 
 def manifest_mac(manifest: RunManifest, key: bytes) -> str:
@@ -264,6 +265,11 @@ class RunStore:
     """Reads and writes one run folder. Only the main process writes (``is_main``)."""
 
     def __init__(self, run_dir: str | Path, *, is_main: bool = True, key: bytes | None = None) -> None:
+        for part in Path(run_dir).parts:
+            if len(os.fsencode(part)) > _NAME_MAX:
+                raise CheckpointError(f"run folder '{run_dir}': the name '{part[:32]}…' is {len(os.fsencode(part))} "
+                                      f"bytes long; a file system allows {_NAME_MAX} bytes per name: choose a shorter "
+                                      "--run-dir")
         self.run_dir = Path(run_dir).resolve()
         self.is_main = is_main
         self.key = key  # PODAR_AUDIT_KEY: the manifest carries an HMAC under it
@@ -307,6 +313,23 @@ class RunStore:
         except OSError as e:
             raise CheckpointError(f"cannot create the run folder '{self.run_dir}': {e.strerror}; choose a writable "
                                   "--run-dir") from e
+
+    def foreign_entries(self) -> list[str]:
+        """What the folder holds besides what a podar run leaves before its first checkpoint (its lock, dense
+        reference parts, temporary files): a new run goes only into a folder where this is empty."""
+        if not self.run_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.run_dir.rglob("*")):
+            rel = path.relative_to(self.run_dir)
+            if path.is_dir() and not path.is_symlink() and str(rel) in (ARTIFACTS, DENSE_REFERENCE):
+                continue
+            if rel.name.startswith(".") and rel.name.endswith(".tmp"):
+                continue
+            if str(rel) == LOCK or (str(rel.parent) == DENSE_REFERENCE and path.is_file() and not path.is_symlink()):
+                continue
+            out.append(str(rel))
+        return out
 
     def unrecorded_files(self, manifest: RunManifest) -> list[str]:
         """Files in the folder that neither the manifest records nor the run keeps by name (relative paths)."""

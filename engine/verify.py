@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from podar.schemas.errors import AuditError, PodarError
-from podar.schemas.records import RunManifest
+from podar.schemas.records import Counters, ExpectedMove, ResumePoint, RunManifest
 
 from .audit import AuditSummary, canonical, checkpoint_digest, compare_history, tail_problem, verify_audit
-from .machine import PruningStage
+from .machine import VOLATILE, PruningStage, apply_effects, move_for
 from .store import RunStore, manifest_mac, sha256_file
 
-__all__ = ["AuditReport", "audit_run", "consumed_results"]
+__all__ = ["AuditReport", "RunPosition", "audit_run", "consumed_results", "derive_position"]
 
 
 @dataclass
@@ -130,6 +131,88 @@ def _check_results(manifest: RunManifest, records: list[dict[str, Any]], at_rest
         raise AuditError(f"the manifest holds {len(results)} stage results, the log confirms {i}")
 
 
+@dataclass
+class RunPosition:
+    """Where a run stands, as its verified records give it: the loop counters, the point a resume continues from,
+    and the move it makes next."""
+
+    progress: Counters
+    resume_point: ResumePoint | None
+    expected_move: ExpectedMove | None
+
+
+def _first_point(dest: str) -> ResumePoint:
+    return ResumePoint(dest=dest, note="nothing finished: starting from the beginning")
+
+
+def derive_position(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> RunPosition:
+    """The counters, resume point and next move replayed from the records the manifest confirmed and the stage
+    results they confirm (each carries the point and move computed when it was checkpointed, so the log's digest
+    covers them); a last result no record confirms yet (a run killed right after its checkpoint) gives its own.
+    Before the first record: the first point the manifest names, when it is one the machine allows."""
+    results, i = manifest.results, 0
+    counters = Counters()
+    point: ResumePoint | None = None
+    move: ExpectedMove | None = None
+    for record in confirmed:
+        if record.get("result_sha256") and record.get("trigger") != "start":
+            result = results[i]
+            i += 1
+            if PruningStage(result.stage) in VOLATILE and point is not None and result.resume_point != point:
+                raise AuditError(f"seq {record['seq']}: the result of {PruningStage(result.stage).display_name()} "
+                                 "names another resume point than the checkpoint before it (it keeps that one)")
+            counters, point, move = result.progress.model_copy(), result.resume_point, result.next_move
+        if record["event"] == "resumed":
+            if point is None:
+                raise AuditError(f"seq {record['seq']}: a resumed record, but no checkpoint gives a point to resume")
+            move = ExpectedMove(trigger=f"resume_{point.dest}", source="idle", dest=point.dest)
+            continue
+        step = move_for(record["trigger"], record["source"], record["dest"])
+        assert step is not None  # the chain replay has checked every move
+        if step.kind == "resume" and point is not None:
+            counters = point.counters.model_copy()
+        counters = apply_effects(step, counters.model_copy())
+        if record["trigger"] == "start":
+            point = _first_point(record["dest"])
+        if step.dest.is_terminal():
+            move = None
+            if step.dest is PruningStage.COMPLETE:
+                point = None
+    if i < len(results):  # the last result, checkpointed but not confirmed by a record yet
+        last = results[-1]
+        return RunPosition(last.progress.model_copy(), last.resume_point, last.next_move)
+    if not confirmed:  # the first checkpoint: Idle, nothing done
+        first = manifest.resume_point
+        if first is None or first.dest not in (PruningStage.CALIBRATING.value,
+                                               PruningStage.COMPUTING_IMPORTANCE.value):
+            raise AuditError("the manifest's first resume point is not a stage a run starts with")
+        return RunPosition(Counters(), _first_point(first.dest),
+                           ExpectedMove(trigger="start", source="idle", dest=first.dest))
+    return RunPosition(counters, point, move)
+
+
+def _check_position(manifest: RunManifest, position: RunPosition) -> None:
+    """The manifest's counters, resume point and next move are the ones its verified records give."""
+    for name, derived in (("resume_point", position.resume_point), ("expected_move", position.expected_move),
+                          ("progress", position.progress)):
+        written = getattr(manifest, name)
+        if written != derived:
+            def show(v: Any) -> str:
+                return "none" if v is None else v.model_dump_json()
+
+            raise AuditError(f"the manifest's {name} ({show(written)}) is not the one its verified records give "
+                             f"({show(derived)}): the manifest was edited")
+
+
+def _check_resumes(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> None:
+    """The manifest's list of resumptions is the log's ``resumed`` records, field for field."""
+    logged = [{"at": r["at"], "from_state": r["source"], "seq": r["seq"], **(r.get("metrics") or {})}
+              for r in confirmed if r["event"] == "resumed"]
+    if manifest.resumes != logged:
+        raise AuditError(f"the manifest lists {len(manifest.resumes)} resumption(s) that are not the log's "
+                         f"{len(logged)} resumed record(s): the manifest was edited")
+
+
 def _check_outcome(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> None:
     transitions = [r for r in confirmed if r["event"] == "transition"]
     state = confirmed[-1]["dest"] if confirmed else PruningStage.IDLE.value
@@ -142,6 +225,44 @@ def _check_outcome(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> No
             raise AuditError("the manifest's failure is not the one the log recorded")
     if confirmed and confirmed[-1].get("config_sha256") not in (None, manifest.config_sha256):
         raise AuditError("the manifest's config is not the one the log's last record ran with")
+
+
+def _check_artifact_owners(manifest: RunManifest) -> None:
+    """Every artifact record belongs to a stage result (whose digest the log holds) or to the run's start."""
+    owned = {a for r in manifest.results for a in r.artifacts}
+    stray = [p for p, r in manifest.artifacts.items() if p not in owned and r.stage != "idle"]
+    if stray:
+        raise AuditError(f"the manifest records artifact(s) no stage result names ({', '.join(stray[:3])}): the "
+                         "manifest was edited")
+
+
+def check_derived_files(store: RunStore, manifest: RunManifest) -> list[str]:
+    """config.yaml, report.json and report.md as podar writes them from the verified manifest (AuditError when one
+    differs); the notes name what no digest covers (the plots, ``updated_at``)."""
+    from podar.schemas.config import config_yaml
+
+    from .report import build_report, report_files
+
+    expected: dict[str, str] = {"config.yaml": config_yaml(manifest.config)}
+    written_report = store.run_dir / "report.json"
+    if written_report.is_file():
+        try:
+            plots = json.loads(written_report.read_text(encoding="utf-8")).get("plots", [])
+        except (ValueError, AttributeError) as e:
+            raise AuditError(f"'report.json' is not the report podar writes ({e})") from e
+        report = build_report(store.run_dir)
+        report.plots = [p for p in plots if isinstance(p, str)]
+        expected.update(report_files(report))
+    for name, text in expected.items():
+        path = store.run_dir / name
+        if path.is_file() and path.read_bytes() != text.encode():
+            raise AuditError(f"'{name}' is not what podar writes from the verified manifest: it was edited "
+                             f"(`podar report {store.run_dir}` writes the report again)")
+    notes = ["manifest.updated_at (the time of the last write) is not covered by the log"]
+    if (store.run_dir / "plots").is_dir():
+        notes.append("plots/*.png are drawn from the verified records but not checked byte for byte (`podar report` "
+                     "redraws them)")
+    return notes
 
 
 def _check_files(store: RunStore, manifest: RunManifest) -> tuple[int, list[str]]:
@@ -181,7 +302,12 @@ def audit_run(run_dir: str | Path, *, key: bytes | None = None, expect_head: str
     at_rest = not tail and not live
     _check_results(manifest, summary.parsed, at_rest, notes)
     _check_outcome(manifest, confirmed)
+    _check_position(manifest, derive_position(manifest, confirmed))
+    _check_resumes(manifest, confirmed)
+    _check_artifact_owners(manifest)
     files, unrecorded = _check_files(store, manifest) if check_files else (0, [])
+    if check_files:
+        notes.extend(check_derived_files(store, manifest))
     if unrecorded:
         notes.append(f"{len(unrecorded)} file(s) no record names (ignored by resume): {', '.join(unrecorded[:5])}")
     if tail:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from podar.engine.audit import AuditLog, checkpoint_digest, read_audit, records_after
 from podar.engine.context import DenseReference, RunContext
+from podar.engine.machine import VOLATILE
 from podar.engine.store import RunStore, sha256_file
 from podar.engine.verify import audit_run, consumed_results
 from podar.schemas.config import PruningConfig
@@ -24,7 +25,8 @@ from podar.schemas.stage import PruningStage
 from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
 
-__all__ = ["ResumeRequest", "saved_config", "check_inputs", "check_artifacts", "adopt_audit_tail",
+__all__ = ["ResumeRequest", "saved_config", "changed_fields", "check_config_change", "consumer", "CONSUMED_BY",
+           "check_inputs", "check_artifacts", "adopt_audit_tail",
            "restore_checkpoints", "mask_artifact", "run_masks"]
 
 
@@ -34,6 +36,8 @@ class ResumeRequest:
 
     allow_model_change: bool = False
     allow_data_change: bool = False
+    allow_world_change: bool = False
+    config_changes: tuple[str, ...] = ()  # the fields the resumed config changes (checked before any work)
 
 
 def saved_config(store: RunStore, manifest: RunManifest) -> PruningConfig:
@@ -49,8 +53,52 @@ def saved_config(store: RunStore, manifest: RunManifest) -> PruningConfig:
 
 
 def changed_fields(old: PruningConfig, new: PruningConfig) -> list[str]:
-    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    """The dotted paths of the fields whose values differ (sections compared field by field)."""
+    def walk(a: Any, b: Any, prefix: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict) and a.get("name", None) == b.get("name", None):
+            return [p for k in sorted(set(a) | set(b)) for p in walk(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    return walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+
+
+S = PruningStage
+# The stage whose work each config field shapes (the longest dotted prefix that matches wins); None: no stage's
+# result depends on it (where the model computes, how memory is kept; the model and texts are guarded by their
+# hashes). A field may change on resume only while that stage's work is still ahead.
+CONSUMED_BY: dict[str, PruningStage | None] = {
+    **dict.fromkeys(("method", "target_sparsity", "pattern", "schedule", "scope", "targets", "ignore", "calibration",
+                     "seed", "runtime.compute_dtype", "runtime.chunked_attention"), S.PRUNING),
+    "finetune": S.FINE_TUNING, "evaluation": S.EVALUATING, "export": S.EXPORTING,
+    **dict.fromkeys(("model", "data_dir", "device", "runtime"), None),
+}
+
+
+def consumer(path: str) -> PruningStage | None:
+    """The stage whose work the config field ``path`` shapes (CONSUMED_BY); a field it does not list: Pruning."""
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in CONSUMED_BY:
+            return CONSUMED_BY[prefix]
+    return S.PRUNING
+
+
+def check_config_change(fields: list[str], manifest: RunManifest) -> None:
+    """CheckpointError naming the first changed field that can no longer take effect: the stage it shapes has a
+    result the resume keeps (a stage redone from its start — the resume point's — counts as ahead)."""
+    point = manifest.resume_point
+    kept = [r.stage for r in manifest.results if PruningStage(r.stage) not in VOLATILE]
+    if point is not None and kept and kept[-1] == point.dest:
+        kept.pop()  # redone by the resume
+    late = [(path, stage) for path in fields if (stage := consumer(path)) is not None and stage.value in kept]
+    if late:
+        names = ", ".join(f"'{p}'" for p, _ in late)
+        stages = ", ".join(dict.fromkeys(s.display_name() for _, s in late))
+        raise CheckpointError(
+            f"config field {names} shapes {stages}, which this run has done (its result is kept on resume, which "
+            f"continues at {PruningStage(point.dest).display_name() if point else 'its end'}): the change cannot "
+            "take effect; start a new run with it")
 
 
 def check_inputs(ctx: RunContext, manifest: RunManifest, request: ResumeRequest) -> None:

@@ -78,6 +78,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         path, sep, value = item.partition("=")
         if not sep or not path.strip():
             raise SystemExit(_usage(f"--set needs PATH=VALUE (e.g. calibration.num_samples=32), got {item!r}"))
+        if not value.strip():
+            raise SystemExit(_usage(f"--set {item!r}: '{path.strip()}' has no value; give one (a YAML value; "
+                                    "write null to unset a field that may be unset)"))
         out[path.strip()] = _parse_value(value)
     if getattr(args, "model", None):
         out["model.kind"] = "gguf" if args.model.endswith(".gguf") else "hf"
@@ -128,9 +131,10 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_json)
     _quiet_progress(args.no_progress)
-    pipeline = Pipeline.resume(args.run_dir, config=args.config, allow_config_change=args.allow_config_change,
+    pipeline = Pipeline.resume(args.run_dir, config=args.config, overrides=_overrides(args),
+                               allow_config_change=args.allow_config_change,
                                allow_model_change=args.allow_model_change, allow_data_change=args.allow_data_change,
-                               progress=not args.no_progress)
+                               allow_world_change=args.allow_world_change, progress=not args.no_progress)
     return _drive(pipeline)
 
 
@@ -334,6 +338,11 @@ def _add_resume(sub: Any) -> None:
     p.add_argument("--allow-config-change", action="store_true", help="accept a config that differs from the run's")
     p.add_argument("--allow-model-change", action="store_true", help="accept a model whose weights hash differs")
     p.add_argument("--allow-data-change", action="store_true", help="accept texts whose sha256 differs")
+    p.add_argument("--allow-world-change", action="store_true",
+                   help="accept another number of processes than the run ran on (recorded in the audit log)")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE",
+                   help="change one field of the run's config (e.g. --set evaluation.gates.on_fail=warn); refused "
+                        "when the stage it shapes is already done")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
     p.set_defaults(func=_cmd_resume)

@@ -36,6 +36,7 @@ from ._resume import (
     adopt_audit_tail,
     changed_fields,
     check_artifacts,
+    check_config_change,
     check_inputs,
     restore_checkpoints,
     resume_stage,
@@ -181,13 +182,17 @@ class Pipeline:
     # ------------------------------------------------------------ resume
     @classmethod
     def resume(cls, run_dir: str | Path, *, config: PruningConfig | Mapping[str, Any] | str | Path | None = None,
-               model: Any = None, tokenizer: Any = None, allow_config_change: bool = False,
-               allow_model_change: bool = False, allow_data_change: bool = False, progress: bool = True,
-               logger: Any = None) -> Pipeline:
+               overrides: Mapping[str, Any] | None = None, model: Any = None, tokenizer: Any = None,
+               allow_config_change: bool = False, allow_model_change: bool = False, allow_data_change: bool = False,
+               allow_world_change: bool = False, progress: bool = True, logger: Any = None) -> Pipeline:
         """A Pipeline that continues the run in ``run_dir`` from its last complete checkpoint.
 
-        Refuses (CheckpointError, saying what differs and how to override) a changed config, a different model
-        or data hash, an artifact whose sha256 does not match, or a missing artifact. ``run()`` then continues.
+        ``overrides``: dotted-path changes of the run's config (``{"evaluation.gates.on_fail": "warn"}``), taken as
+        asked (no ``allow_config_change`` needed); ``config``: a whole config instead of the run's own. A changed
+        field is refused when the stage it shapes has a result the resume keeps (it could no longer take effect);
+        a changed quality gate lets a run that failed its gate evaluate again and export. Refuses (CheckpointError,
+        saying what differs and how to override) a different model or data hash, another number of processes, an
+        artifact whose sha256 does not match, or a missing artifact. ``run()`` then continues.
         """
         store = RunStore(run_dir)
         if not store.has_manifest():
@@ -196,15 +201,20 @@ class Pipeline:
                 "checkpoint, so there is nothing to resume; start it again with the same --run-dir")
         manifest = store.read_manifest()
         saved = saved_config(store, manifest)
-        pipe = cls(saved if config is None else config, run_dir=run_dir, model=model, tokenizer=tokenizer,
-                   progress=progress, logger=logger)
-        if pipe.config.sha256() != saved.sha256() and not allow_config_change:
+        new = _as_config(saved if config is None else config)
+        if overrides:
+            new = new.with_overrides(overrides, source="the resume's overrides").with_resolved_paths([Path.cwd()])
+        fields = changed_fields(saved, new)
+        if fields and config is not None and not allow_config_change:
             raise CheckpointError(
-                f"the config differs from the run's (fields: {', '.join(changed_fields(saved, pipe.config))}); "
-                "resume with the run's own config, or pass allow_config_change=True (--allow-config-change)")
+                f"the config differs from the run's (fields: {', '.join(fields)}); resume with the run's own "
+                "config, or pass allow_config_change=True (--allow-config-change)")
+        check_config_change(fields, manifest)
+        pipe = cls(new, run_dir=run_dir, model=model, tokenizer=tokenizer, progress=progress, logger=logger)
         pipe.run_id = manifest.run_id
         pipe._log = (logger or structlog.get_logger("podar")).bind(run_id=manifest.run_id)
-        pipe._resume = ResumeRequest(allow_model_change=allow_model_change, allow_data_change=allow_data_change)
+        pipe._resume = ResumeRequest(allow_model_change=allow_model_change, allow_data_change=allow_data_change,
+                                     allow_world_change=allow_world_change, config_changes=tuple(fields))
         return pipe
 
     # ------------------------------------------------------------ preparation (before any work)
@@ -252,6 +262,12 @@ class Pipeline:
         if store.has_manifest() and self._resume is None:
             raise CheckpointError(f"run folder '{store.run_dir}' already holds a run ({store.manifest_path.name}); "
                                   "choose a new --run-dir, or resume it (podar resume)")
+        foreign = [] if self._resume is not None else store.foreign_entries()
+        if foreign:
+            raise CheckpointError(f"run folder '{store.run_dir}' is not empty and holds no podar run "
+                                  f"({', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}): podar starts a run "
+                                  "only in a new or empty folder, and never writes over files it did not write; "
+                                  "choose another --run-dir")
         store.prepare()
         store.lock.acquire()
         if store.lock.took_over is not None:
@@ -326,13 +342,27 @@ class Pipeline:
         target, note, counters = resume_stage(manifest)
         restore_checkpoints(ctx, manifest)
         ctx.state.counters = counters.model_copy()
-        if self.config.sha256() != manifest.config_sha256:  # allowed by allow_config_change
-            note += f"; config changed (sha256 {manifest.config_sha256[:12]}… → {self.config.sha256()[:12]}…)"
+        config_changed = self.config.sha256() != manifest.config_sha256  # fields checked by check_config_change
+        if config_changed:
+            note += (f"; config changed ({', '.join(self._resume.config_changes)}; sha256 "
+                     f"{manifest.config_sha256[:12]}… → {self.config.sha256()[:12]}…)")
             manifest.config = self.config.model_dump(mode="json")
             manifest.config_sha256 = self.config.sha256()
         runner = self._runner_for(ctx, manifest, audit)
+        if dangling is not None:  # a result no record confirms: its resume point must be the one it implies
+            runner.check_resume_point(manifest.results[-1])
         dist.barrier()  # every process has read the log before the main one appends to it
-        together(dist, lambda: runner.record_resume(from_state, target, note, dangling))
+
+        def record() -> None:
+            if dist.is_main:  # podar's derived files: the config copy follows the config; the report is redone
+                for name in ("report.json", "report.md"):
+                    (store.run_dir / name).unlink(missing_ok=True)
+                if config_changed:
+                    atomic_write_bytes(store.run_dir / "config.yaml", self.config.to_yaml().encode(),
+                                       fault_point="write:config")
+            runner.record_resume(from_state, target, note, dangling)
+
+        together(dist, record)
         self._log.info("resumed", from_state=from_state, target=target.display_name(), note=note)
         return runner
 
@@ -342,9 +372,19 @@ class Pipeline:
         manifest = store.read_manifest()  # re-read under the lock
         if manifest.state == PruningStage.COMPLETE.value:
             raise CheckpointError(f"run '{manifest.run_id}' is Complete; there is nothing to resume")
-        if manifest.failure is not None and manifest.failure.reason == "quality_gate":
-            raise CheckpointError("the run failed its quality gate; resuming would export a model the gate refused "
-                                  "(change the gates in a new run, or set on_fail: warn)")
+        gates_changed = any(f.startswith("evaluation.") for f in self._resume.config_changes)
+        if manifest.failure is not None and manifest.failure.reason == "quality_gate" and not gates_changed:
+            raise CheckpointError("the run failed its quality gate; resuming as it is would export a model the gate "
+                                  "refused. Resume with changed gates to evaluate again on the recorded masks "
+                                  "(podar resume RUN --set evaluation.gates.on_fail=warn, or a relaxed "
+                                  "evaluation.gates.max_perplexity_increase_pct)")
+        ran_with = manifest.resumes[-1].get("world_size", manifest.world_size) if manifest.resumes else \
+            manifest.world_size
+        if ran_with != dist.world and not self._resume.allow_world_change:
+            raise CheckpointError(
+                f"the run ran on {ran_with} process(es) and is resumed on {dist.world}: the work left would be "
+                f"split otherwise and its result can differ in rounding; resume with {ran_with} process(es), or "
+                "pass allow_world_change=True (--allow-world-change) to record the change")
         check_artifacts(store, manifest)
         if dist.is_main:
             self._warn_unrecorded(store, manifest)

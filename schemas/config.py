@@ -37,6 +37,7 @@ from .pattern import SparsityPatternConfig
 from .schedule import Cubic, Gradual, OneShot, PruningSchedule, Sparsity
 
 __all__ = [
+    "config_yaml",
     "CalibrationConfig",
     "RuntimeConfig",
     "FineTuneConfig",
@@ -344,6 +345,14 @@ class PruningConfig(Frozen):
             raise ValueError(f"export.format 'sparse-24-bitmask' needs pattern 2:4, not '{self.pattern.label()}'")
         if not self.targets:
             raise ValueError("targets is empty: name at least one module class, name or 're:' pattern")
+        for field in ("targets", "ignore"):
+            for i, entry in enumerate(getattr(self, field)):
+                if entry.startswith("re:"):
+                    try:
+                        re.compile(entry[3:])
+                    except re.error as e:
+                        raise ValueError(f"{field}[{i}] {entry!r} is not a valid regular expression ({e}); "
+                                         "escape special characters, e.g. 're:.*\\.mlp\\..*'") from None
         return self
 
     # ------------------------------------------------------------ derived values
@@ -380,7 +389,8 @@ class PruningConfig(Frozen):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Sorted keys, no spaces, characters as they are (UTF-8): the form every config digest is taken of."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
     # ------------------------------------------------------------ fluent builder
 
@@ -435,6 +445,9 @@ class PruningConfig(Frozen):
         validated by the same schema. ConfigError names the path or the value that is wrong."""
         data = self.model_dump(mode="json")
         for path, value in overrides.items():
+            if path == "target_sparsity" and value is None:
+                raise ConfigError(f"{source}: target_sparsity has no value; give a fraction in [0, 1) (e.g. "
+                                  "target_sparsity=0.5)")
             _set_dotted(data, path, value, source)
         if "pattern" in {p.split(".", 1)[0] for p in overrides} and "target_sparsity" not in overrides:
             data.pop("target_sparsity")  # a new N:M pattern brings its own sparsity below
@@ -485,6 +498,8 @@ class PruningConfig(Frozen):
         """Load from ``.yaml``/``.yml`` or ``.json``; errors name the file and the field. Relative paths in it are
         resolved against the file's folder first, then the working directory."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a folder; give the YAML or JSON file inside it")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
@@ -495,9 +510,7 @@ class PruningConfig(Frozen):
         return cls.from_dict(data, source=str(path)).with_resolved_paths([path.parent.resolve(), Path.cwd()])
 
     def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return config_yaml(self.model_dump(mode="json"))
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
@@ -531,12 +544,31 @@ def _resolve(value: str | None, bases: list[Path], *, named: bool) -> str | None
     return value
 
 
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader refusing a mapping that names a key twice (the last would silently win)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"key {key!r} appears twice (first {seen[key]}); keep one", key_node.start_mark)
+                seen[key] = f"at line {key_node.start_mark.line + 1}"
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _parse_config_text(path: Path, text: str) -> dict[str, Any]:
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # safe_load's, duplicate keys refused
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
     elif path.suffix.lower() == ".json":
@@ -600,3 +632,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
         lines.append(f"  {loc}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
+
+
+def config_yaml(data: Mapping[str, Any]) -> str:
+    """The YAML text of a config's JSON form, fields in their order (what a run folder's ``config.yaml`` holds)."""
+    import yaml
+
+    return yaml.safe_dump(dict(data), sort_keys=False)

@@ -20,7 +20,7 @@ __all__ = [
     "RunManifest",
 ]
 
-MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_SCHEMA_VERSION = 3
 
 Scalar = float | int | str | bool | None
 
@@ -43,6 +43,15 @@ class ResumePoint(_Record):
     dest: str = Field(description="the stage a resume moves to from Idle")
     counters: Counters = Field(default_factory=Counters)
     note: str = ""
+
+
+class ExpectedMove(_Record):
+    """The move the run makes next from its last checkpoint (what an interrupted run's audit log may hold
+    beyond the manifest)."""
+
+    trigger: str
+    source: str
+    dest: str
 
 
 class TextEvaluation(_Record):
@@ -111,6 +120,9 @@ class StageResult(_Record):
     checkpoint_s: float = Field(default=0.0, description="seconds spent writing this stage's artifacts")
     checkpoint_bytes: int = Field(default=0, description="bytes of this stage's artifacts")
     notes: list[str] = Field(default_factory=list)
+    resume_point: ResumePoint | None = Field(default=None, description="where a resume continues from this "
+                                                                       "checkpoint (covered by its digest)")
+    next_move: ExpectedMove | None = Field(default=None, description="the move the run makes next from it")
 
     def summary(self, limit: int = 8) -> dict[str, Scalar]:
         """The first ``limit`` scalar metrics, for the audit line."""
@@ -126,15 +138,6 @@ class HistoryEntry(_Record):
     dest: str
     at: str = Field(description="UTC ISO-8601 timestamp")
     interrupted: bool = Field(default=False, description="the process died in the stage it entered (no checkpoint)")
-
-
-class ExpectedMove(_Record):
-    """The move the run makes next from its last checkpoint (what an interrupted run's audit log may hold
-    beyond the manifest)."""
-
-    trigger: str
-    source: str
-    dest: str
 
 
 class AuditEvent(_Record):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
 from podar import CheckpointError, Pipeline, PruningStage, TinyModelConfig, tiny_llama, verify_audit
+from podar.cli import main
 from podar.engine import faults
 from podar.engine.audit import read_audit
 from podar.engine.store import RunStore, sha256_file
@@ -154,13 +155,29 @@ def failed_run(resume_config, tmp_path, monkeypatch):
 
 
 def test_resume_refuses_changed_config(failed_run, resume_config):
-    changed = resume_config.with_targets(("Linear",), ignore=("re:.*lm_head", "re:.*v_proj"))
-    with pytest.raises(CheckpointError, match=r"config differs.*ignore.*allow_config_change"):
+    changed = resume_config.with_evaluation(resume_config.evaluation.model_copy(update={"max_windows": 3}))
+    with pytest.raises(CheckpointError, match=r"config differs.*evaluation.max_windows.*allow_config_change"):
         Pipeline.resume(failed_run, config=changed, progress=False)
     result = Pipeline.resume(failed_run, config=changed, allow_config_change=True, progress=False).run()
-    assert result.ok
+    assert result.ok and result.metrics["evaluating"]["windows"] == 3
     manifest = RunStore(failed_run).read_manifest()
-    assert manifest.config_sha256 == changed.sha256() and "config changed" in str(manifest.resumes[-1]["note"])
+    assert manifest.config_sha256 == changed.sha256()
+    assert "config changed (evaluation.max_windows" in str(manifest.resumes[-1]["note"])
+    assert (failed_run / "config.yaml").read_text() == changed.to_yaml()  # the copy follows the config
+    assert main(["audit", str(failed_run)]) == 0
+
+
+def test_a_config_change_that_can_no_longer_take_effect_is_refused(failed_run, resume_config):
+    """Issue 27, item 8: the masks are kept on resume, so a new target sparsity or ignore list would be recorded
+    but never applied — refused even with allow_config_change, naming the field and the stage."""
+    for changed in (resume_config.with_target_sparsity(0.6),
+                    resume_config.with_targets(("Linear",), ignore=("re:.*lm_head", "re:.*v_proj"))):
+        with pytest.raises(CheckpointError, match=r"config field .*'(target_sparsity|ignore)' shapes "
+                                                  r"Pruning.*cannot take effect"):
+            Pipeline.resume(failed_run, config=changed, allow_config_change=True, progress=False)
+    with pytest.raises(CheckpointError, match="'calibration.num_samples' shapes Pruning"):
+        Pipeline.resume(failed_run, overrides={"calibration.num_samples": 8}, progress=False)
+    assert RunStore(failed_run).read_manifest().config_sha256 == resume_config.sha256()
 
 
 def test_resume_refuses_different_model(failed_run):

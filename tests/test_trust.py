@@ -154,7 +154,8 @@ def test_an_edited_manifest_metric_is_detected(done, capsys):
 
 def _forge_everything(run_dir, key):
     """What a forger who can rewrite the whole folder does: a stage's duration changed in the manifest and in its
-    record, the result's digest, the chain, the head and the MACs all recomputed (under the forger's own key)."""
+    record, the result's digest, the chain, the head, the MACs (under the forger's own key) and the report all
+    recomputed."""
     from podar.engine.audit import checkpoint_digest
     from podar.engine.store import manifest_mac
     from podar.schemas.records import RunManifest
@@ -172,6 +173,9 @@ def _forge_everything(run_dir, key):
     manifest.mac = None
     manifest.mac = manifest_mac(manifest, key)
     (run_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    from podar.engine.report import write_report
+
+    write_report(run_dir)  # and the report drawn again from the forged manifest
 
 
 def test_with_a_key_a_fully_recomputed_chain_is_detected(tiny_config, tmp_path, monkeypatch, capsys):
