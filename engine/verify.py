@@ -101,8 +101,10 @@ def _check_summary(record: dict[str, Any], result: Any, where: str, stage: str) 
                          f"manifest's ({round(result.duration_s, 6)} s): the log was edited")
 
 
-def _check_results(manifest: RunManifest, records: list[dict[str, Any]], at_rest: bool, notes: list[str]) -> None:
-    """Every stage result in the manifest has the digest its record carries, in order."""
+def _check_results(manifest: RunManifest, records: list[dict[str, Any]], notes: list[str]) -> bool:
+    """Every stage result in the manifest has the digest its record carries, in order. True when the last result
+    is confirmed by no record yet: the run was checkpointed in the stage it is in, and is at work or was killed
+    before its next move."""
     results = manifest.results
     i = 0
     for record in records:
@@ -124,11 +126,13 @@ def _check_results(manifest: RunManifest, records: list[dict[str, Any]], at_rest
                              "the manifest was edited")
         _check_summary(record, result, where, stage)
         i += 1
-    if i == len(results) - 1 and not at_rest:
+    if i == len(results) - 1 and results[-1].stage == manifest.state:
         notes.append(f"the last result ({PruningStage(results[-1].stage).display_name()}) is checkpointed but no "
-                     "record confirms it yet")
-    elif i != len(results):
+                     "record confirms it yet: the run is at work there, or was killed before its next move")
+        return True
+    if i != len(results):
         raise AuditError(f"the manifest holds {len(results)} stage results, the log confirms {i}")
+    return False
 
 
 @dataclass
@@ -180,6 +184,7 @@ def derive_position(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> R
                 point = None
     if i < len(results):  # the last result, checkpointed but not confirmed by a record yet
         last = results[-1]
+        _check_unconfirmed(last, counters, point)
         return RunPosition(last.progress.model_copy(), last.resume_point, last.next_move)
     if not confirmed:  # the first checkpoint: Idle, nothing done
         first = manifest.resume_point
@@ -189,6 +194,37 @@ def derive_position(manifest: RunManifest, confirmed: list[dict[str, Any]]) -> R
         return RunPosition(Counters(), _first_point(first.dest),
                            ExpectedMove(trigger="start", source="idle", dest=first.dest))
     return RunPosition(counters, point, move)
+
+
+def _check_unconfirmed(result: Any, counters: Counters, point: ResumePoint | None) -> None:
+    """A result no record confirms yet holds what its stage leaves from where the log put the run: the counters
+    the log gives (Fine-tuning adds its steps), and a next move and resume point that follow from them (the
+    resume, which knows the model's layer groups, checks the move's conditions too)."""
+    stage = PruningStage(result.stage)
+    where = f"the last result ({stage.display_name()}, no record confirms it yet)"
+    done = result.progress
+    if (done.round_index, done.group_index) != (counters.round_index, counters.group_index) or (
+            done.step != counters.step and not (stage is PruningStage.FINE_TUNING and done.step > counters.step)):
+        raise AuditError(f"{where} holds counters {done.model_dump()}, the log leaves the run at "
+                         f"{counters.model_dump()}: the manifest was edited")
+    if stage in VOLATILE:
+        if result.resume_point != point:
+            raise AuditError(f"{where} names another resume point than the checkpoint before it: the manifest was "
+                             "edited")
+        return
+    nxt = result.next_move
+    move = None if nxt is None else move_for(nxt.trigger, nxt.source, nxt.dest)
+    if move is None or move.kind != "forward" or move.source is not stage:
+        raise AuditError(f"{where} names a next move that is no forward move out of its stage: the manifest was "
+                         "edited")
+    if move.dest.is_terminal():
+        want = (stage.value, done)
+    else:
+        want = (move.dest.value, apply_effects(move, done.model_copy()))
+    rp = result.resume_point
+    if rp is None or (rp.dest, rp.counters) != want:
+        raise AuditError(f"{where} names a resume point that does not follow from its next move and counters: the "
+                         "manifest was edited")
 
 
 def _check_position(manifest: RunManifest, position: RunPosition) -> None:
@@ -299,8 +335,8 @@ def audit_run(run_dir: str | Path, *, key: bytes | None = None, expect_head: str
         raise AuditError(f"beyond the manifest's last checkpoint the log holds {problem}")
     compare_history(manifest.history, [r for r in confirmed if r["event"] == "transition"])
     live = store.lock.holder_alive()
-    at_rest = not tail and not live
-    _check_results(manifest, summary.parsed, at_rest, notes)
+    unconfirmed = _check_results(manifest, summary.parsed, notes)
+    at_rest = not tail and not live and not unconfirmed
     _check_outcome(manifest, confirmed)
     _check_position(manifest, derive_position(manifest, confirmed))
     _check_resumes(manifest, confirmed)
