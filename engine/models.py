@@ -3,13 +3,15 @@ random model of one of several architectures for tests. Also the weight fingerpr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,9 @@ def _load_hf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     name = source.name
+    if Path(name).expanduser().is_file():
+        raise ModelLoadError(f"model.name '{name}' (kind hf) is a file; give the folder that holds its config.json "
+                             "and weights (what save_pretrained writes), or a .gguf file with model.kind gguf")
     if not Path(name).expanduser().exists() and _looks_like_path(name):
         raise ModelLoadError(f"model.name '{name}' (kind hf) is not a folder that exists; give a save_pretrained "
                              "folder, or a hub id such as 'HuggingFaceTB/SmolLM2-135M'")
@@ -165,7 +170,21 @@ def _load_hf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, AutoTokenizer.from_pretrained(name, **options)
 
 
-def _load_gguf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]:
+@contextmanager
+def _gguf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' GGUF conversion bar (its own tqdm, not behind its logging switch) off unless ``enabled``."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not enabled:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _load_gguf(source: ModelSourceConfig, dtype: torch.dtype, progress: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "builtin":
@@ -174,20 +193,24 @@ def _load_gguf(source: ModelSourceConfig, dtype: torch.dtype) -> tuple[Any, Any]
         path = Path(source.name) / source.gguf_file if source.gguf_file else Path(source.name)
     if not path.is_file():
         raise ModelLoadError(f"model GGUF file '{path}' does not exist (model.name / model.gguf_file)")
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with _gguf_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     strip_quantizer(model)
     return model, tokenizer
 
 
-def load_model(source: ModelSourceConfig) -> tuple[Any, Any]:
+def load_model(source: ModelSourceConfig, *, progress: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) for ``source``, in eval mode, on the CPU, in ``source.dtype``. Code from a model's
-    repository runs only with ``trust_remote_code: true``."""
+    repository runs only with ``trust_remote_code: true``. ``progress``: loading bars (on a terminal only)."""
     dtype = DTYPES[source.dtype]
     if source.kind == "tiny":
         return tiny_model(source.tiny, dtype)
     try:
-        model, tokenizer = _load_gguf(source, dtype) if source.kind in ("builtin", "gguf") else _load_hf(source, dtype)
+        if source.kind in ("builtin", "gguf"):
+            model, tokenizer = _load_gguf(source, dtype, progress)
+        else:
+            model, tokenizer = _load_hf(source, dtype)
     except ModelLoadError:
         raise
     except Exception as e:

@@ -215,16 +215,25 @@ def report_files(report: RunReport) -> dict[str, str]:
 
 def compare_runs(run_dirs: list[str | Path]) -> str:
     """Several runs side by side (method, pattern, sparsity, perplexity, KL, time) as a markdown table."""
-    rows = ["| run | state | method | pattern | sparsity | dense ppl | pruned ppl | KL | top-1 | pruning s | total s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| run | state | method | pattern | sparsity | evaluation text | dense ppl | pruned ppl | KL | top-1 | "
+            "pruning s | total s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    texts = set()
     for d in run_dirs:
         r = build_report(d)
         t = r.texts[0] if r.texts else None
+        text = "—" if t is None else f"{Path(t.dataset).name} ({t.windows} × {t.seq_len})"
+        if t is not None:
+            texts.add((t.dataset, t.windows, t.seq_len))
 
         def fmt(v, f="{:.2f}"):
             return "—" if v is None else f.format(v)
 
         rows.append(f"| {Path(d).name} | {r.state} | {r.method} | {r.pattern} | {fmt(r.achieved_sparsity, '{:.4f}')} "
-                    f"| {fmt(t and t.dense_ppl)} | {fmt(t and t.pruned_ppl)} | {fmt(t and t.kl_mean, '{:.4f}')} "
+                    f"| {text} | {fmt(t and t.dense_ppl)} | {fmt(t and t.pruned_ppl)} "
+                    f"| {fmt(t and t.kl_mean, '{:.4f}')} "
                     f"| {fmt(t and t.top1_agreement, '{:.4f}')} | {r.pruning_time_s:.1f} | {r.total_time_s:.1f} |")
+    if len(texts) > 1:
+        rows += ["", f"Note: these runs were evaluated on {len(texts)} different texts or window counts; their "
+                     "perplexities are not comparable."]
     return "\n".join(rows)

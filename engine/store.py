@@ -30,7 +30,8 @@ from podar.schemas.records import ArtifactRecord, RunManifest
 
 from . import faults
 
-__all__ = ["ArtifactKey", "RunStore", "RunLock", "atomic_write_bytes", "manifest_mac", "sha256_file", "utc_now"]
+__all__ = ["ArtifactKey", "RunStore", "RunLock", "atomic_write_bytes", "manifest_mac", "sha256_file",
+           "sort_safetensors_metadata", "utc_now"]
 
 MANIFEST = "manifest.json"
 AUDIT = "audit.jsonl"
@@ -110,6 +111,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if tmp_path.exists():
             tmp_path.unlink()
         raise
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite, in place, the metadata map of a safetensors file's header in sorted key order. safetensors writes
+    it in hash-map order, which differs from one call to the next, so equal content would give other bytes (and
+    another sha256) whenever the map has two keys or more; the sorted text has the same length."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        text = header.decode("utf-8")
+        meta = json.loads(text).get("__metadata__")
+        if not meta or len(meta) < 2:
+            return
+        written = json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+        ordered = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+        at = text.find(f'"__metadata__":{written}')
+        if at < 0 or len(written) != len(ordered):  # a header layout this function does not know: leave it
+            return
+        start = len(text[: at + len('"__metadata__":')].encode("utf-8"))
+        f.seek(8 + start)
+        f.write(ordered.encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -378,6 +400,7 @@ class RunStore:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         with atomic_path(path) as tmp:
             save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+            sort_safetensors_metadata(tmp)
         self.write_seconds += time.perf_counter() - started
         self.write_bytes += path.stat().st_size
         return self.record(rel, stage=key.stage, kind=key.kind, round=key.round, group=key.group)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from podar.schemas.errors import AuditError, PodarError
-from podar.schemas.records import Counters, ExpectedMove, ResumePoint, RunManifest
+from podar.schemas.records import MANIFEST_SCHEMA_VERSION, Counters, ExpectedMove, ResumePoint, RunManifest
 
 from .audit import AuditSummary, canonical, checkpoint_digest, compare_history, tail_problem, verify_audit
 from .machine import VOLATILE, PruningStage, apply_effects, move_for
@@ -42,6 +42,9 @@ class AuditReport:
 
 
 def _check_manifest(manifest: RunManifest, key: bytes | None, notes: list[str]) -> None:
+    if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
+        raise AuditError(f"the manifest has schema {manifest.schema_version}; this podar audits schema "
+                         f"{MANIFEST_SCHEMA_VERSION} (audit it with the podar that wrote it)")
     if hashlib.sha256(canonical(manifest.config).encode()).hexdigest() != manifest.config_sha256:
         raise AuditError("the manifest's config does not match its config_sha256: the manifest was edited")
     if key is None:
@@ -318,7 +321,17 @@ def _check_files(store: RunStore, manifest: RunManifest) -> tuple[int, list[str]
 def audit_run(run_dir: str | Path, *, key: bytes | None = None, expect_head: str | None = None,
               check_files: bool = True) -> AuditReport:
     """Audit the run in ``run_dir`` (see the module docstring); AuditError names the first thing that does not
-    match."""
+    match, also a value in the manifest or log that podar never writes (an unknown stage name, a wrong type)."""
+    try:
+        return _audit(run_dir, key, expect_head, check_files)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        if isinstance(e, PodarError):
+            raise
+        raise AuditError(f"the run folder holds a value podar never writes ({type(e).__name__}: {e}): it was "
+                         "edited") from e
+
+
+def _audit(run_dir: str | Path, key: bytes | None, expect_head: str | None, check_files: bool) -> AuditReport:
     store = RunStore(run_dir)
     try:
         manifest = store.read_manifest()

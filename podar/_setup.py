@@ -85,9 +85,9 @@ def _check_export(cfg: PruningConfig, model: Any, tokenizer: Any, targets: Mappi
                               f"columns): every W4A16 group needs its own scale; {hint}")
 
 
-def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _load(cfg: PruningConfig, model: Any, tokenizer: Any, progress: bool) -> tuple[Any, Any]:
     if model is None:
-        model, tokenizer = load_model(cfg.model)
+        model, tokenizer = load_model(cfg.model, progress=progress)
     _check_lengths(cfg, model)
     task = model_task(model)
     if cfg.finetune.enabled and task != "causal-lm":
@@ -102,12 +102,44 @@ def _load(cfg: PruningConfig, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+_HIDDEN_COPIES = 2  # a walk holds the block inputs of every sample and their outputs as it moves them forward
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_calibration_memory(cfg: PruningConfig, model: Any) -> None:
+    """ConfigError naming calibration.num_samples before any work when the calibration samples and the block inputs
+    a walk caches for them (float32, inputs and outputs) exceed this machine's available memory."""
+    cal = cfg.calibration
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or
+                 model.get_input_embeddings().weight.shape[-1])
+    tokens = cal.num_samples * cal.sequence_length
+    need = tokens * (8 + _HIDDEN_COPIES * hidden * 4)  # int64 token ids + float32 hidden states
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        fits = max(1, available // (cal.sequence_length * (8 + _HIDDEN_COPIES * hidden * 4)))
+        raise ConfigError(f"calibration.num_samples={cal.num_samples} × sequence_length={cal.sequence_length} "
+                          f"tokens needs about {need / 2**30:.1f} GiB for the samples and the cached block inputs "
+                          f"(hidden size {hidden}); this machine has {available / 2**30:.1f} GiB available: use at "
+                          f"most {fits} samples (the papers use 128)")
+
+
 def _texts(ctx: RunContext) -> None:
     """Calibration samples tokenized; the other texts present, not obviously too short, and hashed."""
     cfg, st = ctx.config, ctx.state
     data_dir = resolve_data_dir(cfg.data_dir)
     if cfg.needs_calibration:
         cal = cfg.calibration
+        check_calibration_memory(cfg, ctx.model)
         text = load_text(cal.dataset, data_dir, field="calibration.dataset")
         ids = tokenize_text(ctx.tokenizer, text, field="calibration.dataset")
         st.calibration_samples = calibration_windows(ids, cal.num_samples, cal.sequence_length, cal.seed,
@@ -247,7 +279,7 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
     if cfg.finetune.enabled and cfg.finetune.batch_size % world:
         raise ConfigError(f"finetune.batch_size={cfg.finetune.batch_size} does not split over {world} processes: "
                           f"each takes an equal share of every step's windows; use a multiple of {world}")
-    model, tokenizer = _load(cfg, model, tokenizer)
+    model, tokenizer = _load(cfg, model, tokenizer, progress)
     converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
     _check_export(cfg, model, tokenizer, targets)

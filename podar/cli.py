@@ -199,12 +199,17 @@ def stage_rows(manifest: Any) -> list[tuple[str, str, str]]:
     needs_calibration = parse_method(manifest.config.get("method", "magnitude")).needs_calibration
     left = {h.source for h in manifest.history}
     current = manifest.state
+    failed_in = next((h.source for h in reversed(manifest.history) if h.dest == PruningStage.FAILED.value), None) \
+        if current == PruningStage.FAILED.value else None
     rows = []
     for stage in PruningStage:
         if stage is PruningStage.FAILED and current != stage.value:
             continue
         note, ind = "", INDICATOR["not_reached"]
-        if stage.value == current:
+        if stage.value == failed_in:
+            gate = manifest.failure is not None and manifest.failure.reason == "quality_gate"
+            ind, note = INDICATOR["failed"], "a quality gate failed" if gate else "failed here"
+        elif stage.value == current:
             ind = {PruningStage.FAILED: INDICATOR["failed"], PruningStage.COMPLETE: INDICATOR["done"]}.get(
                 stage, INDICATOR["current"])
             if stage is PruningStage.FAILED and manifest.failure:

@@ -210,6 +210,12 @@ class Pipeline:
                 f"the config differs from the run's (fields: {', '.join(fields)}); resume with the run's own "
                 "config, or pass allow_config_change=True (--allow-config-change)")
         check_config_change(fields, manifest)
+        gates_changed = any(f.startswith("evaluation.") for f in fields)
+        if manifest.failure is not None and manifest.failure.reason == "quality_gate" and not gates_changed:
+            raise CheckpointError("the run failed its quality gate; resuming as it is would export a model the gate "
+                                  "refused. Resume with changed gates to evaluate again on the recorded masks "
+                                  "(podar resume RUN --set evaluation.gates.on_fail=warn, or a relaxed "
+                                  "evaluation.gates.max_perplexity_increase_pct)")
         pipe = cls(new, run_dir=run_dir, model=model, tokenizer=tokenizer, progress=progress, logger=logger)
         pipe.run_id = manifest.run_id
         pipe._log = (logger or structlog.get_logger("podar")).bind(run_id=manifest.run_id)
@@ -372,12 +378,6 @@ class Pipeline:
         manifest = store.read_manifest()  # re-read under the lock
         if manifest.state == PruningStage.COMPLETE.value:
             raise CheckpointError(f"run '{manifest.run_id}' is Complete; there is nothing to resume")
-        gates_changed = any(f.startswith("evaluation.") for f in self._resume.config_changes)
-        if manifest.failure is not None and manifest.failure.reason == "quality_gate" and not gates_changed:
-            raise CheckpointError("the run failed its quality gate; resuming as it is would export a model the gate "
-                                  "refused. Resume with changed gates to evaluate again on the recorded masks "
-                                  "(podar resume RUN --set evaluation.gates.on_fail=warn, or a relaxed "
-                                  "evaluation.gates.max_perplexity_increase_pct)")
         ran_with = manifest.resumes[-1].get("world_size", manifest.world_size) if manifest.resumes else \
             manifest.world_size
         if ran_with != dist.world and not self._resume.allow_world_change:

@@ -5,6 +5,7 @@ with one writer; a two-process run killed mid-calibration resumes (with two proc
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,13 +76,22 @@ def test_a_two_process_run_killed_mid_calibration_resumes_to_the_same_export(cor
     killed = torchrun(["run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"],
                       env={faults.ENV: "kill@after:calibrating#3"})
     assert killed.returncode != 0
+    from podar.cli import main
+
+    # issue 27, item 11: resumed on one process, the work left would split otherwise — refused, nothing written
+    before = (tmp_path / "run/audit.jsonl").read_bytes()
+    assert main(["resume", str(tmp_path / "run"), "--no-progress"]) == 3
+    assert (tmp_path / "run/audit.jsonl").read_bytes() == before
+    shutil.copytree(tmp_path / "run", tmp_path / "one")  # on purpose, on one process: recorded, audited
+    assert main(["resume", str(tmp_path / "one"), "--no-progress", "--allow-world-change"]) == 0
+    assert RunStore(tmp_path / "one").read_manifest().resumes[-1]["world_size"] == 1
+    assert main(["audit", str(tmp_path / "one")]) == 0
     resumed = torchrun(["resume", str(tmp_path / "run"), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sha256_file(tmp_path / "run/export/model.safetensors") == sha256_file(
         tmp_path / "ref/export/model.safetensors")
-    from podar.cli import main
-
     assert main(["audit", str(tmp_path / "run")]) == 0
+    assert RunStore(tmp_path / "run").read_manifest().resumes[-1]["world_size"] == 2
 
 
 def test_a_launcher_whose_world_size_accelerate_does_not_see_is_refused(tiny_config, tmp_path, monkeypatch):
