@@ -22,8 +22,8 @@ from podar.schemas.errors import ModelLoadError
 
 from .tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
-__all__ = ["load_model", "tiny_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint", "strip_quantizer",
-           "model_info", "model_task", "auto_class_for", "DTYPES"]
+__all__ = ["load_model", "memory_model_name", "tiny_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint",
+           "strip_quantizer", "model_info", "model_task", "auto_class_for", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -204,6 +204,9 @@ def load_model(source: ModelSourceConfig, *, progress: bool = True) -> tuple[Any
     """(model, tokenizer) for ``source``, in eval mode, on the CPU, in ``source.dtype``. Code from a model's
     repository runs only with ``trust_remote_code: true``. ``progress``: loading bars (on a terminal only)."""
     dtype = DTYPES[source.dtype]
+    if source.kind == "memory":
+        raise ModelLoadError(f"model.kind is 'memory': the run pruned a model handed in memory ('{source.name}'); "
+                             "hand the same model to Pipeline.resume(..., model=m, tokenizer=t)")
     if source.kind == "tiny":
         return tiny_model(source.tiny, dtype)
     try:
@@ -239,7 +242,14 @@ def model_info(model: Any) -> dict[str, str]:
         value = getattr(config, attr, None)
         if value:
             info[key] = str(value)
+    if hasattr(config, "to_json_string"):  # the architecture as its config says it (sha256 of its JSON)
+        info["config_sha256"] = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
     return info
+
+
+def memory_model_name(model: Any) -> str:
+    """The name a run records for a model handed in memory: its config's name or path, else its class."""
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
 
 
 def weights_fingerprint(model: torch.nn.Module,

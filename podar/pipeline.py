@@ -21,7 +21,7 @@ from podar.engine.audit import AuditLog, audit_key
 from podar.engine.context import DenseReference, RunContext
 from podar.engine.distributed import Dist, make_accelerator, together
 from podar.engine.machine import next_move
-from podar.engine.models import model_info
+from podar.engine.models import memory_model_name, model_info
 from podar.engine.report import pruning_summary, write_report
 from podar.engine.runner import Runner, TransitionListener, expected, first_resume_point
 from podar.engine.store import RunStore, atomic_write_bytes, sha256_file, utc_now
@@ -101,6 +101,9 @@ class Pipeline:
     def __init__(self, config: PruningConfig | Mapping[str, Any] | str | Path, run_dir: str | Path | None = None,
                  model: Any = None, tokenizer: Any = None, *, progress: bool = True, logger: Any = None) -> None:
         self.config = _as_config(config)
+        if model is not None:  # the model pruned is this one, not what config.model names: the run records it
+            self.config = self.config.with_overrides({"model.kind": "memory", "model.name": memory_model_name(model)},
+                                                     source="the model handed in")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.run_id = f"{stamp}-{self.config.method.name}-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_id

@@ -247,9 +247,11 @@ class ModelSourceConfig(Frozen):
     - ``hf``: ``name`` is a Hugging Face id or a local ``save_pretrained`` folder.
     - ``gguf``: ``name`` is a folder or file, ``gguf_file`` the file name inside the folder.
     - ``tiny``: a random Llama built from ``tiny`` (tests).
+    - ``memory``: a model handed to ``Pipeline(model=...)``; ``name`` records its name or path (or class). A run
+      sets it itself; resuming such a run needs the model handed in again.
     """
 
-    kind: Literal["builtin", "hf", "gguf", "tiny"] = Field(default="builtin", description="source kind")
+    kind: Literal["builtin", "hf", "gguf", "tiny", "memory"] = Field(default="builtin", description="source kind")
     name: str = Field(default="smollm2-135m", description="built-in name, hub id, folder or file")
     gguf_file: str | None = Field(default=None, description="GGUF file name inside the folder 'name'")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weights' dtype")
