@@ -9,7 +9,7 @@ float16.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,12 @@ from podar.schemas.stage import PruningStage
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
-from .quality import final_hidden
+from .quality import final_hidden, head_splits, next_token_logits
 from .quantize import WeightQuant
 from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504: beyond it float16 holds only inf
 # Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
 # exact same-dtype weights leave only float noise; float16 / bfloat16 / integer rounding of weights moves logits.
 _LOGIT_RTOL = {"exact": 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1, "w8a16": 2.5e-1, "w4a16": 5e-1,
@@ -78,18 +79,73 @@ def _logit_tolerance(model_dtype: torch.dtype, dtype: torch.dtype, cfg: ExportCo
     return max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in {model_dtype, dtype})
 
 
-def _outputs(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """What the model computes for ``batch``, in float32: logits, or the last hidden states without an LM head."""
+def _output_chunks(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor, split: bool
+                   ) -> Iterator[torch.Tensor]:
+    """What the model computes for ``batch``, as float32 chunks: next-token logits a few positions at a time
+    (``quality.next_token_logits``), or the last hidden states of a model without an LM head."""
     if ctx.state.task == "causal-lm":
-        return model(input_ids=batch, use_cache=False).logits.float()
-    return final_hidden(model, batch).float()
+        for _where, logits in next_token_logits(model, batch, split=split):
+            yield logits
+    else:
+        yield final_hidden(model, batch).float()
+
+
+def compare_outputs(ctx: RunContext, ref: torch.nn.Module, other: torch.nn.Module, batch: torch.Tensor
+                    ) -> tuple[float, float, int]:
+    """(max |other − ref|, max |ref|, non-finite values of ``other``) over the outputs of ``batch``, chunk by chunk
+    (the logits of a long window over a large vocabulary are never whole)."""
+    probe = batch[:1, :8]
+    split = ctx.state.task == "causal-lm" and head_splits(ref, probe) and head_splits(other, probe)
+    diff, scale, bad = 0.0, 0.0, 0
+    for a, b in zip(_output_chunks(ctx, ref, batch, split), _output_chunks(ctx, other, batch.to(
+            next(other.parameters()).device), split), strict=True):
+        b = b.to(a.device)
+        finite = torch.isfinite(b)
+        bad += int((~finite).sum())
+        diff = max(diff, float((a - b).abs()[finite].max()) if bool(finite.any()) else 0.0)
+        scale = max(scale, float(a.abs().max()))
+    return diff, scale, bad
+
+
+@torch.no_grad()
+def check_float16_range(ctx: RunContext, batch: torch.Tensor) -> float:
+    """The largest |activation| of the in-memory model on ``batch`` (every module's floating outputs); StageError
+    before anything is written when it is beyond float16's range: a float16 export would compute inf and NaN."""
+    peak: list[Any] = [0.0, ""]
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, _args: Any, out: Any) -> None:
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    value = float(t.detach().abs().amax())
+                    if not value <= peak[0]:  # NaN counts as out of range
+                        peak[0], peak[1] = value, name
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in ctx.model.named_modules() if n]
+    try:
+        for _ in _output_chunks(ctx, ctx.model, batch.to(ctx.device),
+                                ctx.state.task == "causal-lm" and head_splits(ctx.model, batch[:1, :8])):
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not peak[0] <= _FLOAT16_MAX:
+        raise StageError(f"the model's activations reach {peak[0]:.4g} in '{peak[1]}' on the verification window(s), "
+                         f"beyond float16's largest value ({_FLOAT16_MAX:g}): a float16 export would compute inf and "
+                         "NaN there; export as bfloat16 (export.dtype: bfloat16, float32's range) or float32",
+                         stage=STAGE.display_name(), layer=peak[1])
+    return peak[0]
 
 
 @torch.no_grad()
 def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str, float]:
     """Reload ``folder`` (in its stored dtype, mapped from its files where no decompression is needed) and compare
-    every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows, computed in
-    float32 one module at a time. Raises StageError naming the tensor."""
+    every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows: computed in float32
+    one module at a time (the weights as stored, within the dtype's tolerance), and computed in the dtype the
+    export is stored in, as the tools that load it compute (finite, and within twice that tolerance). Raises
+    StageError naming the tensor, or the dtype and what to export in instead."""
     try:
         reloaded = load_pretrained(folder)
     except Exception as e:
@@ -99,17 +155,26 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
     metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, expected))}
     n = ctx.config.export.verify_windows
     if n and ctx.config.evaluation.enabled:
-        batch = evaluation_windows(ctx)[0][:n]
-        ref = _outputs(ctx, ctx.model, batch.to(ctx.device)).cpu()
-        with computing_in(reloaded, torch.float32):
-            new = _outputs(ctx, reloaded, batch)
-        diff = float((ref - new).abs().max())
-        scale = max(float(ref.abs().max()), 1.0)
+        batch = evaluation_windows(ctx)[0][:n].to(ctx.device)
         rtol = _logit_tolerance(ctx.model.dtype, dtype, cfg)
+        with computing_in(reloaded, torch.float32):
+            diff, scale, _ = compare_outputs(ctx, ctx.model, reloaded, batch)
+        scale = max(scale, 1.0)
         if not diff <= rtol * scale:
             raise StageError(f"logits of the reloaded export differ by {diff:.3g} (> {rtol * scale:.3g}) on {n} "
                              "window(s)", stage=STAGE.display_name())
-        metrics["logits_max_abs_diff"] = diff
+        stored = next(t.dtype for t in reloaded.parameters() if t.is_floating_point())
+        own_diff, _, bad = compare_outputs(ctx, ctx.model, reloaded, batch)
+        name = str(stored).replace("torch.", "")
+        if bad:
+            raise StageError(f"the export computes {bad} non-finite value(s) in its own dtype ({name}) on {n} "
+                             "window(s): it would give NaN or inf in every tool that loads it; export as bfloat16 "
+                             "or float32 (export.dtype)", stage=STAGE.display_name())
+        if not own_diff <= 2 * rtol * scale:
+            raise StageError(f"logits of the export computed in its own dtype ({name}) differ by {own_diff:.3g} "
+                             f"(> {2 * rtol * scale:.3g}) on {n} window(s); export as bfloat16 or float32 "
+                             "(export.dtype)", stage=STAGE.display_name())
+        metrics.update(logits_max_abs_diff=diff, logits_max_abs_diff_own_dtype=own_diff)
     del reloaded
     return metrics
 
@@ -143,8 +208,12 @@ def run(ctx: RunContext) -> StageResult:
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if not store.is_main:  # one process writes and checks the export (the runner's agreement waits for it)
         return StageResult(stage=STAGE.value, metrics={"format": cfg.format, "written_by_main_process": True})
+    checked: dict[str, Any] = {}
+    n = cfg.verify_windows
+    if dtype == torch.float16 and n and ctx.config.evaluation.enabled:  # before anything is written
+        checked["max_abs_activation"] = check_float16_range(ctx, evaluation_windows(ctx)[0][:n])
     staging = store.begin_export()
-    metrics = _write(ctx, staging, dtype)
+    metrics = {**checked, **_write(ctx, staging, dtype)}
     metrics.update(verify_export(ctx, staging, dtype))
     records = store.finish_export(staging, stage=STAGE.value)
     for record in records:

@@ -6,10 +6,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from podar.schemas.errors import StageError
+
+from .quality import head_splits, next_token_logits, nll_of
 
 __all__ = ["PerplexityResult", "window_nll", "perplexity"]
 
@@ -35,11 +36,12 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     """
     n, _t = windows.shape
     out = torch.empty(n, dtype=torch.float64)
+    split = head_splits(model, windows[:1, :8].to(device))
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None if progress else True, leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
-        sums = nll.double().sum(dim=1).cpu()  # (B,)
+        sums = torch.zeros(batch.shape[0], dtype=torch.float64)  # (B,)
+        for where, logits in next_token_logits(model, batch, split=split):  # (B, P, V), P positions at a time
+            sums += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
         bad = (~torch.isfinite(sums)).nonzero()
         if bad.numel():
             w = start + int(bad[0])

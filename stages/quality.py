@@ -14,7 +14,7 @@ All accumulation is fp32 per position and fp64 across positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from podar.schemas.errors import StageError
 
 __all__ = ["TextMetrics", "Fidelity", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate",
+           "head_splits", "next_token_logits", "nll_of",
            "final_hidden", "hidden_states", "fidelity"]
 
 
@@ -56,10 +57,65 @@ class TextMetrics:
                            agree_count=int(agree) if ref else None)
 
 
-def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """nll: (B,) fp64 — summed NLL of ids[:, 1:] under logits[:, :-1]; logits (B, T, V), ids (B, T)."""
-    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+_CHUNK_BYTES = 64 << 20  # float32 logits of at most this many bytes at a time (one chunk of positions, all tokens)
+
+
+def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """nll: (B,) fp64 — summed NLL of ``targets`` (B, P) under ``logits`` (B, P, V), the logits that predict them."""
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, P)
     return per_token.double().sum(dim=1)
+
+
+def _softcap(config: Any) -> float | None:
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(the model without its LM head, the head as a function of its last hidden states), when the model has the
+    usual layout (a base model under ``base_model_prefix`` and output embeddings); None otherwise."""
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        return None
+    cap = _softcap(getattr(model, "config", None))
+
+    def apply(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).float()
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    return base, apply
+
+
+def head_splits(model: torch.nn.Module, probe: torch.Tensor) -> bool:
+    """Whether the head applied to the base model's last hidden states gives the model's own logits on ``probe``
+    (1, t): a model that scales or post-processes its logits otherwise is computed whole."""
+    parts = _head_parts(model)
+    if parts is None:
+        return False
+    base, apply = parts
+    whole = model(input_ids=probe, use_cache=False).logits.float()
+    split = apply(base(input_ids=probe, use_cache=False).last_hidden_state)
+    return whole.shape == split.shape and torch.allclose(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def next_token_logits(model: torch.nn.Module, batch: torch.Tensor, *, split: bool,
+                      chunk_bytes: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(positions, logits (B, P, V) fp32) over the predicting positions 0..T-2 of ``batch`` (B, T), P positions at
+    a time so that one chunk of logits holds at most ``chunk_bytes``: with ``split`` (``head_splits``), the head is
+    applied to the last hidden states chunk by chunk, so the (B, T, V) logits of a long window over a large
+    vocabulary never exist at once; without, the model's whole logits come as one chunk."""
+    _b, t = batch.shape
+    if not split:
+        yield slice(0, t - 1), model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        return
+    base, apply = _head_parts(model)  # type: ignore[misc]
+    hidden = base(input_ids=batch, use_cache=False).last_hidden_state  # (B, T, C)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    step = max(1, (chunk_bytes or _CHUNK_BYTES) // (batch.shape[0] * vocab * 4))
+    for start in range(0, t - 1, step):
+        where = slice(start, min(start + step, t - 1))
+        yield where, apply(hidden[:, where])
 
 
 def _check_finite(values: torch.Tensor, start: int, text: str, what: str) -> None:
@@ -79,32 +135,38 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
     model's k most likely next tokens and their log-probs (k = vocabulary when ``top_k`` is None).
     """
     n, t = windows.shape
-    nll = torch.empty(n, dtype=torch.float64)
-    ids_out: list[torch.Tensor] = []
-    logp_out: list[torch.Tensor] = []
+    split = head_splits(model, windows[:1, :8].to(device))
+    nll = torch.zeros(n, dtype=torch.float64)
+    ids_out: torch.Tensor | None = None
+    logp_out: torch.Tensor | None = None
     for start in tqdm(range(0, n, batch_size), desc=f"dense {text}"[:40], disable=None if progress else True,
                       leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
-        nll_b = _nll(logits, batch).cpu()
-        _check_finite(nll_b, start, text, "dense loss")
-        nll[start:start + batch.shape[0]] = nll_b
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
-        k = logp.shape[-1] if top_k is None else min(top_k, logp.shape[-1])
-        top = torch.topk(logp, k, dim=-1)  # sorted: index 0 is the argmax
-        ids_out.append(top.indices.cpu())
-        logp_out.append(top.values.cpu())
-    return {"nll": nll, "topk_ids": torch.cat(ids_out), "topk_logp": torch.cat(logp_out)}
+        rows = slice(start, start + batch.shape[0])
+        for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
+            nll[rows] += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
+            logp = torch.log_softmax(logits, dim=-1)  # (B, P, V)
+            k = logp.shape[-1] if top_k is None else min(top_k, logp.shape[-1])
+            top = torch.topk(logp, k, dim=-1)  # sorted: index 0 is the argmax
+            if ids_out is None or logp_out is None:  # (n, T-1, k), filled chunk by chunk
+                ids_out = torch.empty(n, t - 1, k, dtype=torch.int64)
+                logp_out = torch.empty(n, t - 1, k, dtype=torch.float32)
+            ids_out[rows, where] = top.indices.cpu()
+            logp_out[rows, where] = top.values.cpu()
+            del logits, logp, top
+        _check_finite(nll[rows], start, text, "dense loss")
+    assert ids_out is not None and logp_out is not None
+    return {"nll": nll, "topk_ids": ids_out, "topk_logp": logp_out}
 
 
 def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logits: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kl (B, T-1) fp32, agree (B, T-1) bool) for one batch.
+    """(kl (B, P) fp32, agree (B, P) bool) for P predicting positions.
 
-    ref_ids/ref_logp: (B, T-1, k) the reference's top-k; logits: (B, T, V) the compared model's.
+    ref_ids/ref_logp: (B, P, k) the reference's top-k; logits: (B, P, V) the compared model's at those positions.
     KL over the k tokens plus one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r).
     """
-    logq_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    logq_all = torch.log_softmax(logits.float(), dim=-1)  # (B, P, V)
     logq = torch.gather(logq_all, -1, ref_ids)  # (B, T-1, k)
     p = ref_logp.exp()
     kl = (p * (ref_logp - logq)).sum(dim=-1)  # (B, T-1)
@@ -124,6 +186,7 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
                          text: str = "text", check: Callable[[], None] | None = None) -> TextMetrics:
     """Perplexity of ``model`` on ``windows`` (n, T), and KL/agreement against ``reference`` when given."""
     n, t = windows.shape
+    split = head_splits(model, windows[:1, :8].to(device))
     nll_sum = 0.0
     kl_sum = 0.0
     agree_sum = 0
@@ -132,17 +195,22 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
         if check is not None:
             check()
         batch = windows[start:start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
-        nll_b = _nll(logits, batch).cpu()
+        rows = slice(start, start + batch.shape[0])
+        nll_b = torch.zeros(batch.shape[0], dtype=torch.float64)
+        kl_b = torch.zeros(batch.shape[0], dtype=torch.float64)
+        for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
+            nll_b += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
+            if reference is not None:
+                kl, agree = kl_and_agreement(reference["topk_ids"][rows, where].to(logits.device),
+                                             reference["topk_logp"][rows, where].to(logits.device), logits)
+                kl_b += kl.double().sum(dim=1).cpu()
+                agree_sum += int(agree.sum())
+            del logits
         _check_finite(nll_b, start, text, "loss")
         nll_sum += float(nll_b.sum())
         if reference is not None:
-            end = start + batch.shape[0]
-            kl, agree = kl_and_agreement(reference["topk_ids"][start:end].to(logits.device),
-                                         reference["topk_logp"][start:end].to(logits.device), logits)
-            _check_finite(kl.sum(dim=1).cpu(), start, text, "KL divergence")
-            kl_sum += float(kl.double().sum())
-            agree_sum += int(agree.sum())
+            _check_finite(kl_b, start, text, "KL divergence")
+            kl_sum += float(kl_b.sum())
     n_tokens = n * (t - 1)
     return TextMetrics(
         ppl=math.exp(nll_sum / n_tokens), nll_sum=nll_sum, n_tokens=n_tokens, n_windows=n, seq_len=t,

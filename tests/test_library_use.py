@@ -47,3 +47,65 @@ def test_model_without_method_on_the_command_line_is_a_usage_error(tmp_path, cap
     assert e.value.code == 2
     assert "--model without a config needs --method" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- the export checked in its own dtype
+
+
+def overflowing_model():
+    """A tiny Llama whose residual stream goes beyond float16's range (65504) while its normed logits stay
+    finite in float32, as Gemma-3's do in half precision."""
+    import torch
+
+    model, tok = tiny_llama(TinyModelConfig())
+    with torch.no_grad():  # the MLP's input scaled by its norm, its output by down_proj: a residual of ~2.5e5
+        model.model.layers[0].post_attention_layernorm.weight.mul_(1000.0)
+        model.model.layers[0].mlp.down_proj.weight.mul_(20.0)
+    return model, tok
+
+
+def export_config(tiny_config, dtype):
+    return tiny_config.with_export(tiny_config.export.model_copy(update={"dtype": dtype}))
+
+
+def test_a_float16_export_of_a_model_that_overflows_is_refused_before_writing(tiny_config, tmp_path):
+    model, tok = overflowing_model()
+    run_dir = tmp_path / "run"
+    result = Pipeline(export_config(tiny_config, "float16"), run_dir=run_dir, model=model, tokenizer=tok,
+                      progress=False).run()
+    assert result.stage is PruningStage.FAILED and result.failure.stage == "Exporting"
+    assert "beyond float16's largest value (65504)" in result.failure.message
+    assert "export.dtype: bfloat16" in result.failure.message
+    assert not (run_dir / "export").exists() and not (run_dir / ".export.tmp").exists()
+
+
+def test_the_export_computed_in_its_own_dtype_refuses_non_finite_logits(tiny_config, tmp_path, monkeypatch):
+    from podar.stages import export
+
+    monkeypatch.setattr(export, "check_float16_range", lambda ctx, batch: 0.0)  # the check after writing alone
+    model, tok = overflowing_model()
+    result = Pipeline(export_config(tiny_config, "float16"), run_dir=tmp_path / "run", model=model, tokenizer=tok,
+                      progress=False).run()
+    assert result.stage is PruningStage.FAILED
+    assert "non-finite value(s) in its own dtype (float16)" in result.failure.message
+
+
+def test_its_bfloat16_export_loads_in_transformers_with_equal_logits(tiny_config, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, tok = overflowing_model()
+    run_dir = tmp_path / "run"
+    result = Pipeline(export_config(tiny_config, "bfloat16"), run_dir=run_dir, model=model, tokenizer=tok,
+                      progress=False).run()
+    assert result.ok, result.failure
+    assert result.metrics["exporting"]["logits_max_abs_diff_own_dtype"] >= 0.0
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "export")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits.float()
+        theirs = loaded(input_ids=ids).logits.float()
+    assert torch.isfinite(theirs).all()
+    assert float((ours - theirs).abs().max()) <= 0.2 * float(ours.abs().max())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

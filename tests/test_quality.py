@@ -212,3 +212,62 @@ def test_report_written_for_failed_run(tiny_config, tmp_path, monkeypatch):
 
 def test_evaluate_stage_module_is_the_registered_handler():
     assert HANDLERS[PruningStage.EVALUATING] is evaluate_stage.run
+
+
+# ---------------------------------------------------------------- issue 28: logits a chunk of positions at a time
+
+
+def test_logits_in_chunks_are_the_models_own(models, windows):
+    from podar.stages.quality import head_splits, next_token_logits
+
+    model = models[0]
+    batch = windows[:2]
+    assert head_splits(model, batch[:1, :8])
+    whole = model(input_ids=batch).logits[:, :-1].float()
+    vocab = whole.shape[-1]
+    chunks = list(next_token_logits(model, batch, split=True, chunk_bytes=2 * vocab * 4 * 5))  # 5 positions each
+    assert len(chunks) == -(-whole.shape[1] // 5) and all(c.shape[1] <= 5 for _, c in chunks)
+    assert torch.allclose(torch.cat([c for _, c in chunks], dim=1), whole, rtol=1e-6, atol=1e-6)
+    assert [w.start for w, _ in chunks] == list(range(0, whole.shape[1], 5))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4096, None])
+def test_chunked_evaluation_equals_the_whole_computation_in_float64(models, windows, monkeypatch, chunk_bytes):
+    """Perplexity, KL and top-1 a few positions at a time (down to one) against float64 computed whole."""
+    from podar.stages import quality
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(quality, "_CHUNK_BYTES", chunk_bytes)
+    a, b, _ = models
+    exact_kl, exact_agree = exact_kl_and_agreement(a, b, windows)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logq = torch.log_softmax(b(input_ids=w[None]).logits[0, :-1].double(), dim=-1)
+            total -= float(logq.gather(-1, w[1:, None]).sum())
+            count += w.shape[0] - 1
+    got = compare_to_reference(b, windows, dense_reference(a, windows, top_k=None), batch_size=2)
+    assert got.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got.kl_mean == pytest.approx(exact_kl, rel=1e-4, abs=1e-7)
+    assert got.top1_agreement == pytest.approx(exact_agree)
+    assert perplexity(b, windows, batch_size=3).ppl == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_a_model_whose_head_does_not_split_is_computed_whole(models, windows):
+    from podar.stages.quality import head_splits
+
+    model = models[0]
+    original = model.forward
+
+    def scaled(*args, **kwargs):  # a head with a scale the split path would miss
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled
+    try:
+        assert not head_splits(model, windows[:1, :8])
+        doubled = compare_to_reference(model, windows, None).ppl
+    finally:
+        model.forward = original
+    assert doubled != pytest.approx(compare_to_reference(model, windows, None).ppl)
