@@ -29,10 +29,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
+VOCAB = 49152  # the SmolLM2 tokenizer's (every model here is run with it: its ids fit any larger vocabulary)
+
 
 @dataclass(frozen=True)
 class Shape:
-    """A Llama-shaped model: widths, depth, heads; vocabulary of the SmolLM2 tokenizer (49,152)."""
+    """A model's shape: widths, depth, heads, vocabulary, family (llama, qwen2, gemma3) and its run's settings
+    (calibration windows × tokens, evaluation windows; the same token count per window for both)."""
 
     hidden: int
     intermediate: int
@@ -40,6 +43,12 @@ class Shape:
     heads: int
     kv_heads: int
     tied: bool
+    family: str = "llama"
+    vocab: int = VOCAB
+    head_dim: int | None = None
+    samples: int = 8
+    seq: int = 256
+    eval_windows: int = 2
 
 
 SHAPES = {
@@ -47,17 +56,27 @@ SHAPES = {
     "1.7b": Shape(2048, 8192, 24, 32, 32, True),  # SmolLM2-1.7B
     "7b-8": Shape(4096, 11008, 8, 32, 32, False),  # Llama-2-7B's blocks, 8 of them
     "7b": Shape(4096, 11008, 32, 32, 32, False),  # Llama-2-7B (its blocks; the SmolLM2 vocabulary)
+    # real vocabularies at real window lengths (issue 28): two blocks of each, 16 × 2048 calibration tokens
+    "qwen2-vocab": Shape(896, 4864, 2, 14, 2, True, family="qwen2", vocab=151936, samples=16, seq=2048,
+                         eval_windows=4),  # Qwen2-0.5B's blocks and vocabulary
+    "gemma3-vocab": Shape(640, 2048, 2, 4, 1, True, family="gemma3", vocab=262144, head_dim=256, samples=16,
+                          seq=2048, eval_windows=4),  # Gemma-3-270M's blocks (extra norms) and vocabulary
 }
-VOCAB = 49152
 
 
-def llama_config(shape: Shape):
-    from transformers import LlamaConfig
+def model_config(shape: Shape):
+    """The transformers config of ``shape`` (its family's class)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-    return LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                       num_key_value_heads=shape.kv_heads, vocab_size=VOCAB, max_position_embeddings=4096,
-                       tie_word_embeddings=shape.tied, torch_dtype="float32", architectures=["LlamaForCausalLM"])
+    common = dict(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                  max_position_embeddings=max(4096, shape.seq), tie_word_embeddings=shape.tied,
+                  torch_dtype="float32")
+    if shape.family == "qwen2":
+        return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
+    if shape.family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=shape.head_dim, architectures=["Gemma3ForCausalLM"])
+    return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
 
 
 def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
@@ -73,7 +92,7 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
         return int((folder / ".complete").read_text())
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    config = llama_config(shape)
+    config = model_config(shape)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     names = {n: p.shape for n, p in skeleton.state_dict().items()}
@@ -110,16 +129,26 @@ def write_model(folder: Path, shape: Shape, shard_bytes: int = 2 << 30) -> int:
     return total
 
 
-def run_config(folder: Path) -> str:
+def run_config(folder: Path, shape: Shape) -> str:
+    batch = 8 if shape.seq <= 256 else 1
+    gates = "gates: {max_perplexity_increase_pct: 1.0e9}"
     return f"""method: wanda
 target_sparsity: 0.5
 pattern: {{kind: unstructured}}
 model: {{kind: hf, name: {folder}, dtype: float32}}
-calibration: {{num_samples: 8, sequence_length: 256, batch_size: 8, walk: block}}
+calibration: {{num_samples: {shape.samples}, sequence_length: {shape.seq}, batch_size: {batch}, walk: block}}
 runtime: {{compute_dtype: bfloat16}}
-evaluation: {{sequence_length: 256, max_windows: 2, gates: {{max_perplexity_increase_pct: 1.0e9}}}}
-export: {{format: dense, dtype: float16, verify_windows: 1}}
+evaluation: {{sequence_length: {shape.seq}, max_windows: {shape.eval_windows}, {gates}}}
+export: {{format: dense, dtype: {"bfloat16" if shape.family == "gemma3" else "float16"}, verify_windows: 1}}
 """
+
+
+def baseline_anon_mb() -> int:
+    """RssAnon of a process that has imported what a run imports, before any model: the floor of every stage."""
+    code = ("import podar, podar.cli, transformers, torch; from transformers import AutoModelForCausalLM; "
+            "print([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1])")
+    return round(int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout.strip()) / 1024)
 
 
 def du(path: Path) -> int:
@@ -135,7 +164,7 @@ def measure(name: str, work: Path) -> dict:
     run_dir = work / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = work / f"{name}.yaml"
-    cfg.write_text(run_config(folder))
+    cfg.write_text(run_config(folder, shape))
     free_before = shutil.disk_usage(work).free
     peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     lowest_free = [free_before]
@@ -176,7 +205,7 @@ def measure(name: str, work: Path) -> dict:
     for result in manifest["results"]:
         metrics.update(result.get("metrics") or {})
     return {
-        "shape": name, **asdict(shape), "vocab": VOCAB,
+        "shape": name, **asdict(shape), "baseline_anon_mb": baseline_anon_mb(),
         "float32_weights_mb": round(weight_bytes / 1e6), "write_s": round(written_s, 1),
         "wall_s": round(wall_s, 1), "stage_s": stages, "stage_peak_anon_mb": stage_anon,
         "peak_rss_mb": round(peak["VmHWM"] / 1024), "peak_anon_mb": round(peak["RssAnon"] / 1024),

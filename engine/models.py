@@ -97,6 +97,9 @@ def _tiny_config(cfg: TinyModelConfig) -> Any:
     if cfg.arch in ("llama", "qwen2", "mistral", "phi3"):
         kind = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig, "phi3": tf.Phi3Config}
         return kind[cfg.arch](**decoder)
+    if cfg.arch == "gemma3":  # Gemma-3's blocks: norms before and after attention and the MLP
+        return tf.Gemma3TextConfig(**decoder, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                                   architectures=["Gemma3ForCausalLM"])
     if cfg.arch == "gpt2":
         return tf.GPT2Config(**ids, n_embd=cfg.hidden_size, n_layer=cfg.num_hidden_layers,
                              n_head=cfg.num_attention_heads, n_inner=cfg.intermediate_size,

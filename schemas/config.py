@@ -215,7 +215,7 @@ class ExportConfig(Frozen):
 class TinyModelConfig(Frozen):
     """A small randomly initialised model for tests (vocabulary of podar's byte tokenizer), of one architecture."""
 
-    arch: Literal["llama", "qwen2", "mistral", "phi3", "gpt2", "opt", "bert"] = Field(
+    arch: Literal["llama", "qwen2", "mistral", "phi3", "gemma3", "gpt2", "opt", "bert"] = Field(
         default="llama", description="architecture (bert: an encoder without a language-model head)")
     hidden_size: int = Field(default=64, ge=8, description="hidden width, >= 8")
     intermediate_size: int = Field(default=128, ge=8, description="MLP width, >= 8")

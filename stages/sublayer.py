@@ -10,6 +10,9 @@ walked site by site, a *site* being the input that a set of Linears reads:
     site 2  MLP input          post_attention_layernorm(x + o(...))   -> gate_proj, up_proj
     site 3  MLP activation     act(gate(h)) * up(h)                   -> down_proj
 
+Gemma-2/3 blocks norm differently (``block_norms``): the attention output is normed before it joins the residual
+stream, the MLP reads ``pre_feedforward_layernorm`` and its output is normed too; the sites are the same.
+
 The statistics of a site are collected on its inputs for all samples, its Linears are pruned, and only then is
 the walk advanced past the site with the pruned weights. Each site's statistics therefore come from the already
 pruned sites before it (the inputs the layer will see at inference), and each product is computed once.
@@ -30,7 +33,8 @@ from torch import nn
 
 from .blocks import BlockInputs, replaced_forward
 
-__all__ = ["N_SITES", "SITE_NAMES", "block_sites", "check_block", "group_targets_by_site", "SublayerCursor"]
+__all__ = ["N_SITES", "SITE_NAMES", "block_norms", "block_sites", "check_block", "group_targets_by_site",
+           "SublayerCursor"]
 
 N_SITES = 4
 SITE_NAMES = ("attention_input", "attention_output", "mlp_input", "mlp_activation")
@@ -51,6 +55,19 @@ def block_sites(block: nn.Module) -> list[list[nn.Linear]] | None:
     if not sites[0] or not sites[2] or sum(len(s) for s in sites) != n_linear:
         return None
     return sites
+
+
+def block_norms(block: nn.Module) -> tuple[nn.Module, nn.Module | None, nn.Module, nn.Module | None]:
+    """(attention input norm, attention output norm or None, MLP input norm, MLP output norm or None), found by
+    name. Llama style: ``input_layernorm`` before attention, ``post_attention_layernorm`` before the MLP, no
+    output norms. Gemma-2/3 style (``pre_feedforward_layernorm`` and ``post_feedforward_layernorm`` present):
+    ``post_attention_layernorm`` norms the attention output before it joins the residual stream,
+    ``pre_feedforward_layernorm`` the MLP input, ``post_feedforward_layernorm`` the MLP output."""
+    pre_ff, post_ff = getattr(block, "pre_feedforward_layernorm", None), getattr(block, "post_feedforward_layernorm",
+                                                                                 None)
+    if isinstance(pre_ff, nn.Module) and isinstance(post_ff, nn.Module):
+        return block.input_layernorm, block.post_attention_layernorm, pre_ff, post_ff
+    return block.input_layernorm, None, block.post_attention_layernorm, None
 
 
 def _passthrough(module: nn.Module):
@@ -112,7 +129,8 @@ class SublayerCursor:
             for a, b in self.batches:
                 yield self.carry[a:b]
             return
-        norm = blk.input_layernorm if self.site == 0 else blk.post_attention_layernorm
+        attn_in, _, mlp_in, _ = block_norms(blk)
+        norm = attn_in if self.site == 0 else mlp_in
         held = None
         for a, b in self.batches:
             x = norm(self.hidden[a:b])  # (B, T, C)
@@ -143,7 +161,8 @@ class SublayerCursor:
         if self.site in (0, 2):
             # the normed inputs that site_inputs kept (the same values, bitwise), else normed here
             held = self._held_view(blk, self.hidden) if self.held == self.position else None
-            norm = blk.input_layernorm if self.site == 0 else blk.post_attention_layernorm
+            attn_in, _, mlp_in, _ = block_norms(blk)
+            norm = attn_in if self.site == 0 else mlp_in
             carry = None
             for (a, b), kw in zip(batches, self.kwargs, strict=False):
                 x = held[a:b] if held is not None else norm(self.hidden[a:b])  # (B, T, C)
@@ -165,8 +184,11 @@ class SublayerCursor:
         else:
             assert self.carry is not None
             proj = blk.self_attn.o_proj if self.site == 1 else blk.mlp.down_proj
+            _, attn_out, _, mlp_out = block_norms(blk)
+            out_norm = attn_out if self.site == 1 else mlp_out
             for a, b in batches:
-                self.hidden[a:b].add_(proj(self.carry[a:b]))
+                out = proj(self.carry[a:b])
+                self.hidden[a:b].add_(out if out_norm is None else out_norm(out))
             self.carry = None
         self.site_passes += 1
         if self.site == N_SITES - 1:

@@ -409,7 +409,9 @@ def _site_plan(model: nn.Module, stack: BlockStack, targets: dict[str, nn.Module
         scale = float(probe.hidden[0].abs().max()) + 1.0
         diff = check_block(view[0], probe.hidden[0], probe.calls[0].kwargs)
     if not diff <= 1e-5 * scale:
-        return f"walking block 0 site by site differs from its forward by {diff:.3g}"
+        return (f"walking block 0 site by site differs from its own forward: the output hidden states differ by up to "
+                f"{diff:.3g} (absolute, in the units of the hidden state, whose largest |value| is {scale - 1.0:.3g}; "
+                f"allowed {1e-5 * scale:.3g}): the block computes something the site walk does not")
     return [LayerGroup(names=names, blocks=[b], site=s) for (b, s), names in zip(*plan, strict=True)]
 
 

@@ -14,10 +14,10 @@ from torch import nn
 from podar import ConfigError, Pipeline, PruningStage, load_pretrained, run_masks
 from podar.stages.blocks import find_blocks, supported_kwargs
 
-ARCHS = ["llama", "qwen2", "mistral", "phi3", "gpt2", "opt", "bert"]
+ARCHS = ["llama", "qwen2", "mistral", "phi3", "gemma3", "gpt2", "opt", "bert"]
 BLOCKS = {"llama": "model.layers", "qwen2": "model.layers", "mistral": "model.layers", "phi3": "model.layers",
-          "gpt2": "transformer.h", "opt": "model.decoder.layers", "bert": "encoder.layer"}
-SITE_WALK = {"llama", "qwen2", "mistral", "phi3"}  # blocks whose structure the site walk knows
+          "gemma3": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers", "bert": "encoder.layer"}
+SITE_WALK = {"llama", "qwen2", "mistral", "phi3", "gemma3"}  # blocks whose structure the site walk knows
 
 
 def config_for(corpus, arch, method):
@@ -209,3 +209,22 @@ def test_a_model_without_a_block_stack_calibrates_in_one_pass_with_a_warning(cor
     warned = [e for e in logs if e["event"] == "calibration_walk_fallback"]
     assert warned and warned[0]["walk"] == "one_pass" and "no stack of repeated blocks" in warned[0]["reason"]
     assert warned[0]["log_level"] == "warning"
+
+
+def test_a_block_the_site_walk_cannot_reproduce_falls_back_naming_the_quantity(corpus, tmp_path, monkeypatch):
+    """Gemma-3 blocks walked with Llama's norms (what podar did before it knew their layout) differ from their own
+    forward: the walk falls back to blocks and says what differs, by how much, in which units."""
+    from podar.engine.models import tiny_model
+    from podar.stages import sublayer
+
+    monkeypatch.setattr(sublayer, "block_norms", lambda b: (b.input_layernorm, None, b.post_attention_layernorm,
+                                                            None))
+    cfg = config_for(corpus, "gemma3", "sparsegpt")
+    model, tok = tiny_model(cfg.model.tiny)
+    with capture_logs() as logs:
+        pipe = Pipeline(cfg, run_dir=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+        pipe.step()
+    [fallback] = [e for e in logs if e["event"] == "calibration_walk_fallback"]
+    assert fallback["walk"] == "block"
+    assert "output hidden states differ by up to" in fallback["reason"]
+    assert "absolute, in the units of the hidden state" in fallback["reason"]
