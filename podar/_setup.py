@@ -23,6 +23,7 @@ from podar.engine.data import (
     tokenize_text,
 )
 from podar.engine.distributed import Dist
+from podar.engine.logs import brief
 from podar.engine.models import load_model, model_task, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
@@ -294,6 +295,6 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
         log.info("conv1d_as_linear", layers=len(converted), note="restored to Conv1D for the export")
     _texts(ctx)
     _plan(ctx)
-    log.info("targets_resolved", n_pruned=len(targets), pruned=list(targets), skipped=notes,
+    log.info("targets_resolved", n_pruned=len(targets), pruned=brief(list(targets)), skipped=brief(notes),
              groups=len(ctx.state.layer_groups))
     return ctx

@@ -15,11 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from podar.engine.audit import AuditLog, audit_key
 from podar.engine.context import DenseReference, RunContext
 from podar.engine.distributed import Dist, make_accelerator, together
+from podar.engine.logs import library_logger
 from podar.engine.machine import next_move
 from podar.engine.models import memory_model_name, model_info
 from podar.engine.report import pruning_summary, write_report
@@ -111,7 +110,7 @@ class Pipeline:
         self._tokenizer = tokenizer
         self._progress = progress
         self._logger = logger
-        self._log = (logger or structlog.get_logger("podar")).bind(run_id=self.run_id)
+        self._log = (logger or library_logger()).bind(run_id=self.run_id)
         self._listeners: list[TransitionListener] = []
         self._runner: Runner | None = None
         self._store: RunStore | None = None
@@ -221,7 +220,7 @@ class Pipeline:
                                   "evaluation.gates.max_perplexity_increase_pct)")
         pipe = cls(new, run_dir=run_dir, model=model, tokenizer=tokenizer, progress=progress, logger=logger)
         pipe.run_id = manifest.run_id
-        pipe._log = (logger or structlog.get_logger("podar")).bind(run_id=manifest.run_id)
+        pipe._log = (logger or library_logger()).bind(run_id=manifest.run_id)
         pipe._resume = ResumeRequest(allow_model_change=allow_model_change, allow_data_change=allow_data_change,
                                      allow_world_change=allow_world_change, config_changes=tuple(fields))
         return pipe
@@ -254,7 +253,7 @@ class Pipeline:
         if dist.world > 1:  # every rank runs the main rank's run, in its folder
             self.run_id = dist.broadcast_text(self.run_id)
             self.run_dir = Path(dist.broadcast_text(str(self.run_dir)))
-            self._log = (self._logger or structlog.get_logger("podar")).bind(run_id=self.run_id, rank=dist.rank)
+            self._log = (self._logger or library_logger()).bind(run_id=self.run_id, rank=dist.rank)
         store = RunStore(self.run_dir, key=audit_key(), is_main=dist.is_main)
         together(dist, lambda: self._claim(store) if dist.is_main else None)
         self._store = store

@@ -109,3 +109,36 @@ def test_its_bfloat16_export_loads_in_transformers_with_equal_logits(tiny_config
     assert torch.isfinite(theirs).all()
     assert float((ours - theirs).abs().max()) <= 0.2 * float(ours.abs().max())
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+# ---------------------------------------------------------------- logging
+
+
+LIBRARY_RUN = """
+import logging, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from helpers import make_tiny_config
+from podar import Pipeline
+if {configure}:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+assert Pipeline(make_tiny_config(Path({corpus!r})), run_dir={run_dir!r}, progress=False).run().ok
+print("done")
+"""
+
+
+@pytest.mark.parametrize("configure", [False, True])
+def test_as_a_library_podar_logs_only_once_the_application_configures_logging(corpus, tmp_path, configure):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = LIBRARY_RUN.format(tests=str(Path(__file__).parent), corpus=str(corpus), run_dir=str(tmp_path / "run"),
+                              configure=configure)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "done\n"
+    if configure:  # the application's handler receives podar's records, on the 'podar' logger
+        assert "podar INFO event='stage_done'" in proc.stderr and "targets_resolved" in proc.stderr
+    else:
+        assert proc.stderr == ""
