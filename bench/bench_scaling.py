@@ -143,6 +143,18 @@ export: {{format: dense, dtype: {"bfloat16" if shape.family == "gemma3" else "fl
 """
 
 
+def forward_seconds(folder: Path, shape: Shape) -> float:
+    """Seconds of the forward passes Evaluating needs (dense and pruned: 2 × evaluation windows of ``shape.seq``
+    tokens, whole logits), in a child process of their own: what Evaluating's time compares with."""
+    code = (f"import time, torch; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32).eval(); "
+            f"ids = torch.randint(0, {VOCAB}, (1, {shape.seq})); t = time.perf_counter()\n"
+            f"with torch.no_grad():\n    [m(input_ids=ids, use_cache=False).logits for _ in range("
+            f"{2 * shape.eval_windows})]\nprint(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return round(float(out.strip().splitlines()[-1]), 1)
+
+
 def baseline_anon_mb() -> int:
     """RssAnon of a process that has imported what a run imports, before any model: the floor of every stage."""
     code = ("import podar, podar.cli, transformers, torch; from transformers import AutoModelForCausalLM; "
@@ -197,10 +209,12 @@ def measure(name: str, work: Path) -> dict:
         if rec.get("duration_s") is not None:
             stages[rec["source"]] = round(stages.get(rec["source"], 0.0) + rec["duration_s"], 1)
         entered.append((rec["dest"], datetime.fromisoformat(rec["at"].replace("Z", "+00:00")).timestamp()))
+    stage_rss: dict[str, int] = {}  # peak RssAnon + RssFile (MB) while each stage ran
     for (stage, since), (_, until) in zip(entered, entered[1:] + [("end", float("inf"))], strict=True):
-        during = [anon for t, anon, _ in samples if since <= t < until]
+        during = [(anon, anon + file) for t, anon, file in samples if since <= t < until]
         if during:
-            stage_anon[stage] = max(stage_anon.get(stage, 0), round(max(during) / 1024))
+            stage_anon[stage] = max(stage_anon.get(stage, 0), round(max(a for a, _ in during) / 1024))
+            stage_rss[stage] = max(stage_rss.get(stage, 0), round(max(r for _, r in during) / 1024))
     metrics: dict = {}
     for result in manifest["results"]:
         metrics.update(result.get("metrics") or {})
@@ -208,6 +222,7 @@ def measure(name: str, work: Path) -> dict:
         "shape": name, **asdict(shape), "baseline_anon_mb": baseline_anon_mb(),
         "float32_weights_mb": round(weight_bytes / 1e6), "write_s": round(written_s, 1),
         "wall_s": round(wall_s, 1), "stage_s": stages, "stage_peak_anon_mb": stage_anon,
+        "stage_peak_rss_mb": stage_rss, "forward_s": forward_seconds(folder, shape),
         "peak_rss_mb": round(peak["VmHWM"] / 1024), "peak_anon_mb": round(peak["RssAnon"] / 1024),
         "peak_file_mb": round(peak["RssFile"] / 1024),
         "peak_disk_mb": round((free_before - lowest_free[0]) / 1e6), "run_folder_mb": round(du(run_dir) / 1e6),
