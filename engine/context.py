@@ -65,6 +65,7 @@ class RunState:
     data_sha256: dict[str, str] = field(default_factory=dict)  # role → sha256 of the text
     task: str = "causal-lm"  # what the model computes: causal-lm, masked-lm or encoder (engine.models.model_task)
     converted: list[str] = field(default_factory=list)  # Conv1D layers run as nn.Linear (restored for the export)
+    cost: dict[str, Any] = field(default_factory=dict)  # the run's planned work and estimated time (podar._cost)
 
     @property
     def group_index(self) -> int:

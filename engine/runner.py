@@ -155,7 +155,8 @@ class Runner:
         record = self.audit.write(
             trigger=trigger, source=source, dest=dest, at=utc_now(),
             duration_s=None if finished is None else round(finished.duration_s, 6),
-            metrics={} if finished is None else finished.summary(), error=error, config_sha256=m.config_sha256,
+            metrics=finished.summary() if finished is not None else self._plan_metrics(trigger), error=error,
+            config_sha256=m.config_sha256,
             result_sha256=digest,
         )
         self._last_event = record
@@ -173,6 +174,12 @@ class Runner:
         self.ctx.log.info("transition", trigger=trigger, source=PruningStage(source).display_name(),
                           dest=PruningStage(dest).display_name(), duration_s=record.duration_s,
                           **({"error": error.message} if error else {}))
+
+    def _plan_metrics(self, trigger: str) -> dict[str, Any]:
+        """What the move out of Idle carries: the run's planned work and estimated time (``podar status``)."""
+        if trigger != "start":
+            return {}
+        return {k: v for k, v in self.ctx.state.cost.items() if isinstance(v, int | float | str)}
 
     def _on_enter(self, event: Any) -> None:
         stage = PruningStage(event.state.name)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from podar._cost import estimate_cost
 from podar.engine.context import DenseReference, RunContext, RunState
 from podar.engine.data import (
     calibration_windows,
@@ -295,6 +296,8 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
         log.info("conv1d_as_linear", layers=len(converted), note="restored to Conv1D for the export")
     _texts(ctx)
     _plan(ctx)
+    ctx.state.cost = estimate_cost(ctx)
+    log.info("cost_estimate", **ctx.state.cost)
     log.info("targets_resolved", n_pruned=len(targets), pruned=brief(list(targets)), skipped=brief(notes),
              groups=len(ctx.state.layer_groups))
     return ctx

@@ -249,6 +249,27 @@ def _with_tail(store: Any, manifest: Any) -> Any:
     return manifest
 
 
+def _planned_cost(store: Any) -> str | None:
+    """The run's planned work and estimated time, as its first audit record carries them."""
+    from podar.engine.audit import read_audit
+    from podar.schemas.errors import AuditError
+
+    try:
+        first = next((r for r in read_audit(store.audit_path) if r.get("trigger") == "start"), None)
+    except (AuditError, OSError):
+        return None
+    m = (first or {}).get("metrics") or {}
+    if "evaluation_tokens" not in m:
+        return None
+    text = (f"{m['calibration_tokens']:,} calibration tokens ({m['calibration_block_forwards']:,} block forwards), "
+            f"{m['evaluation_tokens']:,} evaluation tokens")
+    if "est_calibration_s" in m:
+        text += (f"; estimated calibration {m['est_calibration_s']:.0f} s, evaluation {m['est_evaluation_s']:.0f} s "
+                 f"(from block 0: {m['block0_ms']:.1f} ms for {m['block0_tokens']} tokens; solvers, fine-tuning and "
+                 "the export not included)")
+    return text + (f"; {m['note']}" if "note" in m else "")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from podar.engine.store import RunStore
 
@@ -260,6 +281,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
           + (f" (audit log; last checkpoint at {written_state})" if manifest.state != written_state else ""))
     for ind, name, note in stage_rows(manifest):
         print(f"  {ind} {name}" + (f"  ({note})" if note else ""))
+    plan = _planned_cost(store)
+    if plan:
+        print(f"  plan: {plan}")
     for r in manifest.results:
         if r.stage == "evaluating" and "dense_ppl" in r.metrics:
             print(f"  perplexity: dense {r.metrics['dense_ppl']:.2f} → pruned {r.metrics['pruned_ppl']:.2f}")

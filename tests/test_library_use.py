@@ -142,3 +142,26 @@ def test_as_a_library_podar_logs_only_once_the_application_configures_logging(co
         assert "podar INFO event='stage_done'" in proc.stderr and "targets_resolved" in proc.stderr
     else:
         assert proc.stderr == ""
+
+
+# ---------------------------------------------------------------- what a run will cost, before work
+
+
+def test_the_planned_cost_is_logged_recorded_in_the_first_record_and_shown_by_status(tiny_config, tmp_path,
+                                                                                     capsys):
+    from structlog.testing import capture_logs
+
+    cfg = tiny_config.with_method("wanda")  # 4 × 64 calibration tokens, 2 blocks, the block walk
+    run_dir = tmp_path / "run"
+    with capture_logs() as logs:
+        assert Pipeline(cfg, run_dir=run_dir, progress=False).run().ok
+    [cost] = [e for e in logs if e["event"] == "cost_estimate"]
+    assert cost["calibration_tokens"] == 4 * 64 and cost["calibration_block_forwards"] == 4 * 2 * 2
+    assert cost["evaluation_tokens"] == 2 * 4 * 64
+    assert cost["block0_ms"] > 0 and cost["est_calibration_s"] >= 0 and cost["est_evaluation_s"] >= 0
+    first = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[0])
+    assert first["trigger"] == "start" and first["metrics"]["calibration_tokens"] == 256
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 256 calibration tokens (16 block forwards), 512 evaluation tokens; estimated calibration" in out
+    assert main(["audit", str(run_dir)]) == 0
