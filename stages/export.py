@@ -61,10 +61,12 @@ def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Ex
         if name not in got:
             raise StageError(f"tensor '{name}' is missing from the reloaded export", stage=STAGE.display_name(),
                              layer=name)
-        expected = expected_of(name, tensor, name in targets)
-        expected = expected.float() if expected.is_floating_point() else expected
+        expected = expected_of(name, tensor, name in targets)  # in the dtype the export stores it in
         other = got[name]
-        if other.shape != expected.shape or not torch.equal(other.to(expected.dtype).cpu(), expected.cpu()):
+        if other.dtype != expected.dtype:  # compared exactly in the wider of the two, never a float32 copy of both
+            wide = torch.promote_types(other.dtype, expected.dtype)
+            other, expected = other.to(wide), expected.to(wide)
+        if other.shape != expected.shape or not torch.equal(other.cpu(), expected.cpu()):
             raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
                              f"{tuple(expected.shape)})", stage=STAGE.display_name(), layer=name)
         checked += 1

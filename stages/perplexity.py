@@ -41,7 +41,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         sums = torch.zeros(batch.shape[0], dtype=torch.float64)  # (B,)
         for where, logits in next_token_logits(model, batch, split=split):  # (B, P, V), P positions at a time
-            sums += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
+            sums += nll_of(torch.log_softmax(logits, dim=-1), batch[:, where.start + 1: where.stop + 1]).cpu()
         bad = (~torch.isfinite(sums)).nonzero()
         if bad.numel():
             w = start + int(bad[0])

@@ -60,9 +60,10 @@ class TextMetrics:
 _CHUNK_BYTES = 64 << 20  # float32 logits of at most this many bytes at a time (one chunk of positions, all tokens)
 
 
-def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """nll: (B,) fp64 — summed NLL of ``targets`` (B, P) under ``logits`` (B, P, V), the logits that predict them."""
-    per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, P)
+def nll_of(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """nll: (B,) fp64 — summed NLL of ``targets`` (B, P) under ``logp`` (B, P, V) fp32, the log-softmax of the logits
+    that predict them (what cross-entropy computes; taken once and shared with KL and the top-k)."""
+    per_token = -torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1)  # (B, P)
     return per_token.double().sum(dim=1)
 
 
@@ -144,8 +145,9 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         rows = slice(start, start + batch.shape[0])
         for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
-            nll[rows] += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
             logp = torch.log_softmax(logits, dim=-1)  # (B, P, V)
+            del logits
+            nll[rows] += nll_of(logp, batch[:, where.start + 1: where.stop + 1]).cpu()
             k = logp.shape[-1] if top_k is None else min(top_k, logp.shape[-1])
             top = torch.topk(logp, k, dim=-1)  # sorted: index 0 is the argmax
             if ids_out is None or logp_out is None:  # (n, T-1, k), filled chunk by chunk
@@ -153,20 +155,19 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
                 logp_out = torch.empty(n, t - 1, k, dtype=torch.float32)
             ids_out[rows, where] = top.indices.cpu()
             logp_out[rows, where] = top.values.cpu()
-            del logits, logp, top
+            del logp, top
         _check_finite(nll[rows], start, text, "dense loss")
     assert ids_out is not None and logp_out is not None
     return {"nll": nll, "topk_ids": ids_out, "topk_logp": logp_out}
 
 
-def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logits: torch.Tensor
+def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logq_all: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kl (B, P) fp32, agree (B, P) bool) for P predicting positions.
 
-    ref_ids/ref_logp: (B, P, k) the reference's top-k; logits: (B, P, V) the compared model's at those positions.
-    KL over the k tokens plus one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r).
+    ref_ids/ref_logp: (B, P, k) the reference's top-k; logq_all: (B, P, V) fp32 the compared model's log-softmax at
+    those positions. KL over the k tokens plus one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r).
     """
-    logq_all = torch.log_softmax(logits.float(), dim=-1)  # (B, P, V)
     logq = torch.gather(logq_all, -1, ref_ids)  # (B, T-1, k)
     p = ref_logp.exp()
     kl = (p * (ref_logp - logq)).sum(dim=-1)  # (B, T-1)
@@ -199,13 +200,15 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
         nll_b = torch.zeros(batch.shape[0], dtype=torch.float64)
         kl_b = torch.zeros(batch.shape[0], dtype=torch.float64)
         for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
-            nll_b += nll_of(logits, batch[:, where.start + 1: where.stop + 1]).cpu()
+            logq = torch.log_softmax(logits, dim=-1)  # (B, P, V)
+            del logits
+            nll_b += nll_of(logq, batch[:, where.start + 1: where.stop + 1]).cpu()
             if reference is not None:
-                kl, agree = kl_and_agreement(reference["topk_ids"][rows, where].to(logits.device),
-                                             reference["topk_logp"][rows, where].to(logits.device), logits)
+                kl, agree = kl_and_agreement(reference["topk_ids"][rows, where].to(logq.device),
+                                             reference["topk_logp"][rows, where].to(logq.device), logq)
                 kl_b += kl.double().sum(dim=1).cpu()
                 agree_sum += int(agree.sum())
-            del logits
+            del logq
         _check_finite(nll_b, start, text, "loss")
         nll_sum += float(nll_b.sum())
         if reference is not None:
