@@ -49,6 +49,8 @@ class Shape:
     samples: int = 8
     seq: int = 256
     eval_windows: int = 2
+    eval_seq: int | None = None  # tokens per evaluation window (None: seq)
+    folder: str | None = None  # the model folder's shape, when another shape's weights are reused
 
 
 SHAPES = {
@@ -59,6 +61,13 @@ SHAPES = {
     # real vocabularies at real window lengths (issue 28): two blocks of each, 16 × 2048 calibration tokens
     "qwen2-vocab": Shape(896, 4864, 2, 14, 2, True, family="qwen2", vocab=151936, samples=16, seq=2048,
                          eval_windows=4),  # Qwen2-0.5B's blocks and vocabulary
+    # the cost table: podar's default calibration (128 × 2048) and evaluation (32 × 512), and a quick setting
+    "135m-default": Shape(576, 1536, 30, 9, 3, True, samples=128, seq=2048, eval_windows=32, eval_seq=512,
+                          folder="135m"),
+    "135m-quick": Shape(576, 1536, 30, 9, 3, True, samples=16, seq=512, eval_windows=8, eval_seq=512,
+                        folder="135m"),
+    "1.7b-quick": Shape(2048, 8192, 24, 32, 32, True, samples=16, seq=512, eval_windows=8, eval_seq=512,
+                        folder="1.7b"),
     "gemma3-vocab": Shape(640, 2048, 2, 4, 1, True, family="gemma3", vocab=262144, head_dim=256, samples=16,
                           seq=2048, eval_windows=4),  # Gemma-3-270M's blocks (extra norms) and vocabulary
 }
@@ -138,7 +147,7 @@ pattern: {{kind: unstructured}}
 model: {{kind: hf, name: {folder}, dtype: float32}}
 calibration: {{num_samples: {shape.samples}, sequence_length: {shape.seq}, batch_size: {batch}, walk: block}}
 runtime: {{compute_dtype: bfloat16}}
-evaluation: {{sequence_length: {shape.seq}, max_windows: {shape.eval_windows}, {gates}}}
+evaluation: {{sequence_length: {shape.eval_seq or shape.seq}, max_windows: {shape.eval_windows}, {gates}}}
 export: {{format: dense, dtype: {"bfloat16" if shape.family == "gemma3" else "float16"}, verify_windows: 1}}
 """
 
@@ -148,7 +157,7 @@ def forward_seconds(folder: Path, shape: Shape) -> float:
     tokens, whole logits), in a child process of their own: what Evaluating's time compares with."""
     code = (f"import time, torch; from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32).eval(); "
-            f"ids = torch.randint(0, {VOCAB}, (1, {shape.seq})); t = time.perf_counter()\n"
+            f"ids = torch.randint(0, {VOCAB}, (1, {shape.eval_seq or shape.seq})); t = time.perf_counter()\n"
             f"with torch.no_grad():\n    [m(input_ids=ids, use_cache=False).logits for _ in range("
             f"{2 * shape.eval_windows})]\nprint(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -169,7 +178,7 @@ def du(path: Path) -> int:
 
 def measure(name: str, work: Path) -> dict:
     shape = SHAPES[name]
-    folder = work / f"model-{name}"
+    folder = work / f"model-{shape.folder or name}"
     started = time.perf_counter()
     weight_bytes = write_model(folder, shape)
     written_s = time.perf_counter() - started

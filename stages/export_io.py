@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from podar.engine.store import sha256_file
 from podar.schemas.errors import CheckpointError
@@ -137,29 +137,57 @@ def _quantization_config(model: torch.nn.Module, quant: WeightQuant, targets: se
             **config.model_dump(exclude={"quant_method"}), "sparsity_config": {}, "transform_config": {}}
 
 
+# safetensors' names of the dtypes an export holds
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_COPY_BYTES = 16 << 20  # the data is copied behind the header 16 MiB at a time
+
+
 class _ShardWriter:
     """Writes tensors into safetensors shards of at most ``max_bytes`` (the pieces of one weight stay together),
-    one shard in memory at a time; ``close`` names them and writes the index."""
+    streaming: each tensor's bytes go to the shard's data file as it is added, and the shard is the header followed
+    by that data (copied in chunks), so memory holds one tensor, never a shard; ``close`` names them and writes the
+    index. The files are plain safetensors (header, 8-byte aligned with spaces, data in offset order)."""
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder, self.max_bytes = folder, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
+        self.current: dict[str, dict[str, Any]] = {}  # name → dtype, shape, data_offsets in the current shard
         self.current_bytes = 0
+        self._data: Any = None  # the current shard's data file, open for writing
         self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
 
     def add(self, pieces: dict[str, torch.Tensor]) -> None:
         nbytes = sum(v.numel() * v.element_size() for v in pieces.values())
         if self.current and self.current_bytes + nbytes > self.max_bytes:
             self._flush()
+        if self._data is None:
+            self._data = open(self._data_path(), "wb")  # noqa: SIM115 — closed by _flush
         for k, v in pieces.items():
-            self.current[k] = v.contiguous().cpu()
-        self.current_bytes += nbytes
+            v = v.detach().contiguous().cpu()
+            size = v.numel() * v.element_size()
+            self.current[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape),
+                               "data_offsets": [self.current_bytes, self.current_bytes + size]}
+            if size:
+                self._data.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+            self.current_bytes += size
+
+    def _data_path(self) -> Path:
+        return self.folder / f".shard-{len(self.shards):05d}.data"
 
     def _flush(self) -> None:
         if not self.current:
             return
+        self._data.close()
+        self._data = None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.current}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
         tmp_name = f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.current, str(self.folder / tmp_name), metadata={"format": "pt"})
+        with open(self.folder / tmp_name, "wb") as out, open(self._data_path(), "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, _COPY_BYTES)
+        self._data_path().unlink()
         self.shards.append((tmp_name, list(self.current)))
         self.current, self.current_bytes = {}, 0
 
