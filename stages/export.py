@@ -9,7 +9,7 @@ float16.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .quantize import WeightQuant
 from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
+_VERIFY_TOP_K = 64  # the export's logits are compared with the in-memory model's on its 64 largest per position
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504: beyond it float16 holds only inf
 # computed in its own 16-bit dtype, every operation of the export rounds, not only its weights: twice the
 # weights' tolerance (1 for float32, which rounds nothing more)
@@ -83,31 +84,50 @@ def _logit_tolerance(model_dtype: torch.dtype, dtype: torch.dtype, cfg: ExportCo
     return max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in {model_dtype, dtype})
 
 
-def _output_chunks(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor, split: bool
-                   ) -> Iterator[torch.Tensor]:
-    """What the model computes for ``batch``, as float32 chunks: next-token logits a few positions at a time
-    (``quality.next_token_logits``), or the last hidden states of a model without an LM head."""
-    if ctx.state.task == "causal-lm":
-        for _where, logits in next_token_logits(model, batch, split=split):
-            yield logits
-    else:
-        yield final_hidden(model, batch).float()
+def _top_logits(model: torch.nn.Module, batch: torch.Tensor, split: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(ids (B, T-1, k) int64, logits (B, T-1, k) fp32, max |logit|): the model's k largest next-token logits at
+    every position, computed a chunk of positions at a time."""
+    b, t = batch.shape
+    ids = values = None
+    scale = 0.0
+    for where, logits in next_token_logits(model, batch, split=split):
+        top = torch.topk(logits, min(_VERIFY_TOP_K, logits.shape[-1]), dim=-1)
+        if ids is None or values is None:
+            k = top.indices.shape[-1]
+            ids = torch.empty(b, t - 1, k, dtype=torch.int64)
+            values = torch.empty(b, t - 1, k, dtype=torch.float32)
+        ids[:, where], values[:, where] = top.indices.cpu(), top.values.cpu()
+        scale = max(scale, float(logits.abs().max()))
+    assert ids is not None and values is not None
+    return ids, values, scale
 
 
-def compare_outputs(ctx: RunContext, ref: torch.nn.Module, other: torch.nn.Module, batch: torch.Tensor
-                    ) -> tuple[float, float, int]:
-    """(max |other − ref|, max |ref|, non-finite values of ``other``) over the outputs of ``batch``, chunk by chunk
-    (the logits of a long window over a large vocabulary are never whole)."""
-    probe = batch[:1, :8]
-    split = ctx.state.task == "causal-lm" and head_splits(ref, probe) and head_splits(other, probe)
-    diff, scale, bad = 0.0, 0.0, 0
-    for a, b in zip(_output_chunks(ctx, ref, batch, split), _output_chunks(ctx, other, batch.to(
-            next(other.parameters()).device), split), strict=True):
-        b = b.to(a.device)
+def compare_outputs(ctx: RunContext, ref: torch.nn.Module, other: torch.nn.Module, batch: torch.Tensor,
+                    between: Callable[[], None] | None = None) -> tuple[float, float, int]:
+    """(max |other − ref|, max |ref|, non-finite values of ``other``) on ``batch``. A causal LM is compared on the
+    reference's ``_VERIFY_TOP_K`` largest logits at every position (and every logit of ``other`` must be finite),
+    computed a chunk of positions at a time, one model after the other: ``between()`` runs once ``ref``'s part is
+    taken (to let its weights' pages go). Other models: their last hidden states, whole."""
+    if ctx.state.task != "causal-lm":
+        a = final_hidden(ref, batch).float().cpu()
+        if between is not None:
+            between()
+        b = final_hidden(other, batch.to(next(other.parameters()).device)).float().cpu()
         finite = torch.isfinite(b)
-        bad += int((~finite).sum())
-        diff = max(diff, float((a - b).abs()[finite].max()) if bool(finite.any()) else 0.0)
-        scale = max(scale, float(a.abs().max()))
+        diff = float((a - b).abs()[finite].max()) if bool(finite.any()) else 0.0
+        return diff, float(a.abs().max()), int((~finite).sum())
+    probe = batch[:1, :8]
+    ids, values, scale = _top_logits(ref, batch, head_splits(ref, probe))
+    if between is not None:
+        between()
+    batch = batch.to(next(other.parameters()).device)
+    diff, bad = 0.0, 0
+    for where, logits in next_token_logits(other, batch, split=head_splits(other, probe.to(batch.device))):
+        bad += int((~torch.isfinite(logits)).sum())
+        got = torch.gather(logits, -1, ids[:, where].to(logits.device)).cpu()
+        gap = (got - values[:, where]).abs()
+        diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
     return diff, scale, bad
 
 
@@ -129,9 +149,12 @@ def check_float16_range(ctx: RunContext, batch: torch.Tensor) -> float:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in ctx.model.named_modules() if n]
     try:
-        for _ in _output_chunks(ctx, ctx.model, batch.to(ctx.device),
-                                ctx.state.task == "causal-lm" and head_splits(ctx.model, batch[:1, :8])):
-            pass
+        batch = batch.to(ctx.device)
+        if ctx.state.task == "causal-lm":
+            for _ in next_token_logits(ctx.model, batch, split=head_splits(ctx.model, batch[:1, :8])):
+                pass
+        else:
+            final_hidden(ctx.model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -160,7 +183,13 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
     if n and ctx.config.evaluation.enabled:
         batch = evaluation_windows(ctx)[0][:n].to(ctx.device)
         stored = next(t.dtype for t in reloaded.parameters() if t.is_floating_point())
-        diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch)  # the export computes as stored
+        ranges = ctx.runtime.file_ranges()
+
+        def page_out(model: torch.nn.Module) -> None:  # mapped weight pages the check read: let them go
+            ctx.runtime.page_out(list(model.state_dict().values()), ranges)
+
+        page_out(reloaded)  # read by the tensor check; the in-memory model computes first, then the export
+        diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: page_out(ctx.model))
         slack = 1.0 if stored == torch.float32 else _OWN_DTYPE_SLACK
         rtol = slack * _logit_tolerance(ctx.model.dtype, stored, cfg)
         scale = max(scale, 1.0)

@@ -57,7 +57,7 @@ class TextMetrics:
                            agree_count=int(agree) if ref else None)
 
 
-_CHUNK_BYTES = 64 << 20  # float32 logits of at most this many bytes at a time (one chunk of positions, all tokens)
+_CHUNK_BYTES = 32 << 20  # float32 logits of at most this many bytes at a time (one chunk of positions, all tokens)
 
 
 def nll_of(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
