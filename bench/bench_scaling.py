@@ -68,6 +68,12 @@ SHAPES = {
                         folder="135m"),
     "1.7b-quick": Shape(2048, 8192, 24, 32, 32, True, samples=16, seq=512, eval_windows=8, eval_seq=512,
                         folder="1.7b"),
+    # the real models of issue 28 at their full depth: Qwen2-0.5B and Gemma-3-270M, 16 × 2048 calibration tokens,
+    # 8 evaluation windows of 2048
+    "qwen2-0.5b": Shape(896, 4864, 24, 14, 2, True, family="qwen2", vocab=151936, samples=16, seq=2048,
+                        eval_windows=8),
+    "gemma3-270m": Shape(640, 2048, 18, 4, 1, True, family="gemma3", vocab=262144, head_dim=256, samples=16,
+                         seq=2048, eval_windows=8),
     "gemma3-vocab": Shape(640, 2048, 2, 4, 1, True, family="gemma3", vocab=262144, head_dim=256, samples=16,
                           seq=2048, eval_windows=4),  # Gemma-3-270M's blocks (extra norms) and vocabulary
 }

@@ -58,6 +58,7 @@ def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Ex
     targets = {f"{name}.weight" for name in ctx.state.targets}
     got = reloaded.state_dict()
     checked = 0
+    ranges = ctx.runtime.file_ranges()
     for name, tensor in ctx.model.state_dict().items():
         if name not in got:
             raise StageError(f"tensor '{name}' is missing from the reloaded export", stage=STAGE.display_name(),
@@ -70,6 +71,7 @@ def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Ex
         if other.shape != expected.shape or not torch.equal(other.cpu(), expected.cpu()):
             raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
                              f"{tuple(expected.shape)})", stage=STAGE.display_name(), layer=name)
+        ctx.runtime.page_out([tensor, got[name]], ranges)  # both read whole: their mapped pages may go now
         checked += 1
     return checked
 
@@ -188,7 +190,6 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
         def page_out(model: torch.nn.Module) -> None:  # mapped weight pages the check read: let them go
             ctx.runtime.page_out(list(model.state_dict().values()), ranges)
 
-        page_out(reloaded)  # read by the tensor check; the in-memory model computes first, then the export
         diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: page_out(ctx.model))
         slack = 1.0 if stored == torch.float32 else _OWN_DTYPE_SLACK
         rtol = slack * _logit_tolerance(ctx.model.dtype, stored, cfg)
