@@ -276,14 +276,18 @@ def mem_total_mb() -> int:
 
 
 def write_table(path: Path, rows: list[dict]) -> None:
-    head = ("| shape | blocks | fp32 weights MB | wall s | peak RSS MB | peak anon MB | peak file-backed MB "
-            "| peak disk MB | run folder MB | export MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| shape | blocks | vocabulary | calibration | evaluation | fp32 weights MB | wall s | Evaluating s | its "
+            "forwards s | peak RSS MB | peak anon MB | peak file-backed MB | peak disk MB | run folder MB | export MB "
+            "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['shape']} | {r['layers']} | {r['float32_weights_mb']} | {r['wall_s']} | {r['peak_rss_mb']} "
+        f"| {r['shape']} | {r['layers']} | {r.get('vocab', VOCAB)} | {r.get('samples', 8)} × {r.get('seq', 256)} "
+        f"| {r.get('eval_windows', 2)} × {r.get('eval_seq') or r.get('seq', 256)} | {r['float32_weights_mb']} "
+        f"| {r['wall_s']} | {r['stage_s'].get('evaluating', '—')} | {r.get('forward_s', '—')} | {r['peak_rss_mb']} "
         f"| {r['peak_anon_mb']} | {r['peak_file_mb']} | {r['peak_disk_mb']} | {r['run_folder_mb']} "
         f"| {r['export_mb']} |\n" for r in sorted(rows, key=lambda r: r["float32_weights_mb"]))
-    path.write_text(f"Wanda 50%, block walk, bf16 forwards, 8 x 256 calibration tokens, from a safetensors folder "
-                    f"(machine memory {mem_total_mb()} MB).\n\n" + head + body)
+    path.write_text(f"Wanda 50%, block walk, bf16 calibration forwards, from a safetensors folder (machine memory "
+                    f"{mem_total_mb()} MB); calibration and evaluation as windows × tokens. 'its forwards s': the "
+                    "dense forward passes Evaluating needs (2 × its windows), timed alone.\n\n" + head + body)
 
 
 if __name__ == "__main__":

@@ -185,12 +185,7 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
     if n and ctx.config.evaluation.enabled:
         batch = evaluation_windows(ctx)[0][:n].to(ctx.device)
         stored = next(t.dtype for t in reloaded.parameters() if t.is_floating_point())
-        ranges = ctx.runtime.file_ranges()
-
-        def page_out(model: torch.nn.Module) -> None:  # mapped weight pages the check read: let them go
-            ctx.runtime.page_out(list(model.state_dict().values()), ranges)
-
-        diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: page_out(ctx.model))
+        diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: _let_go(ctx, ctx.model))
         slack = 1.0 if stored == torch.float32 else _OWN_DTYPE_SLACK
         rtol = slack * _logit_tolerance(ctx.model.dtype, stored, cfg)
         scale = max(scale, 1.0)
@@ -205,6 +200,12 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
         metrics.update(logits_max_abs_diff=diff)
     del reloaded
     return metrics
+
+
+def _let_go(ctx: RunContext, model: torch.nn.Module) -> None:
+    """Advise the pages of ``model``'s weights that are mapped from files out (read whole by a step that is over:
+    the kernel reads them again when needed), so the in-memory model and the export are not resident together."""
+    ctx.runtime.page_out(list(model.state_dict().values()), ctx.runtime.file_ranges())
 
 
 def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]:
@@ -242,6 +243,7 @@ def run(ctx: RunContext) -> StageResult:
         checked["max_abs_activation"] = check_float16_range(ctx, evaluation_windows(ctx)[0][:n])
     staging = store.begin_export()
     metrics = {**checked, **_write(ctx, staging, dtype)}
+    _let_go(ctx, model)  # read whole by the writer
     metrics.update(verify_export(ctx, staging, dtype))
     records = store.finish_export(staging, stage=STAGE.value)
     for record in records:
