@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from podar.engine.compute import computing_in
 from podar.engine.context import RunContext
 from podar.engine.models import DTYPES, strip_quantizer
 from podar.schemas.config import ExportConfig, parse_size
@@ -25,16 +26,13 @@ from podar.schemas.stage import PruningStage
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
-from .quality import final_hidden, head_splits, next_token_logits
+from .quality import final_hidden, head_splits, logits_at, next_token_logits
 from .quantize import WeightQuant
 from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
 _VERIFY_TOP_K = 64  # the export's logits are compared with the in-memory model's on its 64 largest per position
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504: beyond it float16 holds only inf
-# computed in its own 16-bit dtype, every operation of the export rounds, not only its weights: twice the
-# weights' tolerance (1 for float32, which rounds nothing more)
-_OWN_DTYPE_SLACK = 2.0
 # Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
 # exact same-dtype weights leave only float noise; float16 / bfloat16 / integer rounding of weights moves logits.
 _LOGIT_RTOL = {"exact": 1e-4, torch.float16: 5e-2, torch.bfloat16: 1e-1, "w8a16": 2.5e-1, "w4a16": 5e-1,
@@ -124,12 +122,15 @@ def compare_outputs(ctx: RunContext, ref: torch.nn.Module, other: torch.nn.Modul
     if between is not None:
         between()
     batch = batch.to(next(other.parameters()).device)
-    diff, bad = 0.0, 0
-    for where, logits in next_token_logits(other, batch, split=head_splits(other, probe.to(batch.device))):
+    split = head_splits(other, probe.to(batch.device))
+    bad = 0
+    for _where, logits in next_token_logits(other, batch, split=split):  # as the tools that load it compute
         bad += int((~torch.isfinite(logits)).sum())
-        got = torch.gather(logits, -1, ids[:, where].to(logits.device)).cpu()
-        gap = (got - values[:, where]).abs()
-        diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
+    diff = 0.0
+    with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
+        for where, got in logits_at(other, batch, ids, split=split):
+            gap = (got.cpu() - values[:, where]).abs()
+            diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
     return diff, scale, bad
 
 
@@ -171,9 +172,10 @@ def check_float16_range(ctx: RunContext, batch: torch.Tensor) -> float:
 @torch.no_grad()
 def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str, float]:
     """Reload ``folder`` (in its stored dtype, mapped from its files where no decompression is needed) and compare
-    every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows computed in the
-    dtype the export is stored in, as the tools that load it compute: finite, and within the dtype's tolerance.
-    Raises StageError naming the tensor, or the dtype and what to export in instead."""
+    every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows: computed in the dtype
+    the export is stored in, as the tools that load it compute, every one finite; computed in float32 one module at
+    a time, within the dtype's tolerance of the in-memory model's on its largest logits. Raises StageError naming
+    the tensor, or the dtype and what to export in instead."""
     try:
         reloaded = load_pretrained(folder)
     except Exception as e:
@@ -186,8 +188,7 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
         batch = evaluation_windows(ctx)[0][:n].to(ctx.device)
         stored = next(t.dtype for t in reloaded.parameters() if t.is_floating_point())
         diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: _let_go(ctx, ctx.model))
-        slack = 1.0 if stored == torch.float32 else _OWN_DTYPE_SLACK
-        rtol = slack * _logit_tolerance(ctx.model.dtype, stored, cfg)
+        rtol = _logit_tolerance(ctx.model.dtype, stored, cfg)
         scale = max(scale, 1.0)
         name = str(stored).replace("torch.", "")
         if bad:
@@ -195,7 +196,7 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str
                              "window(s): it would give NaN or inf in every tool that loads it; export as bfloat16 "
                              "or float32 (export.dtype)", stage=STAGE.display_name())
         if not diff <= rtol * scale:
-            raise StageError(f"logits of the reloaded export, computed in its own dtype ({name}), differ by "
+            raise StageError(f"logits of the reloaded export ({name} weights, computed in float32) differ by "
                              f"{diff:.3g} (> {rtol * scale:.3g}) on {n} window(s)", stage=STAGE.display_name())
         metrics.update(logits_max_abs_diff=diff)
     del reloaded

@@ -271,3 +271,16 @@ def test_a_model_whose_head_does_not_split_is_computed_whole(models, windows):
     finally:
         model.forward = original
     assert doubled != pytest.approx(compare_to_reference(model, windows, None).ppl)
+
+
+def test_logits_at_chosen_tokens_are_the_full_logits_gathered(models, windows):
+    from podar.stages.quality import head_splits, logits_at
+
+    model = models[0]
+    batch = windows[:2]
+    whole = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
+    ids = torch.topk(whole, 7, dim=-1).indices.flip(-1)  # any ids, any order
+    for split in (True, False):
+        assert head_splits(model, batch[:1, :8])
+        got = torch.cat([c for _, c in logits_at(model, batch, ids, split=split, chunk_bytes=4096)], dim=1)
+        assert torch.allclose(got, torch.gather(whole, -1, ids), rtol=1e-5, atol=1e-5)
