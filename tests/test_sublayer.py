@@ -234,7 +234,7 @@ def test_sublayer_falls_back_to_blocks_when_the_walk_differs(tiny_config, tmp_pa
     assert pipe.stage is PruningStage.FINE_TUNING
     assert [r.metrics.get("block_forwards") for r in pipe.results if r.stage == "pruning"] == [4, 4]
     fallback = [e for e in logs if e["event"] == "calibration_walk_fallback"]
-    assert fallback and "differs from its forward" in fallback[0]["reason"] and fallback[0]["asked"] == "site"
+    assert fallback and "differs from its own forward" in fallback[0]["reason"] and fallback[0]["asked"] == "site"
     assert any(e["event"] == "calibration_plan" and e["walk"] == "block" for e in logs)
 
 
