@@ -166,8 +166,8 @@ def forward_seconds(folder: Path, shape: Shape) -> float:
     code = (f"import time, torch; from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32).eval(); "
             f"ids = torch.randint(0, {VOCAB}, (1, {shape.eval_seq or shape.seq})); t = time.perf_counter()\n"
-            f"with torch.no_grad():\n    [m(input_ids=ids, use_cache=False).logits for _ in range("
-            f"{2 * shape.eval_windows})]\nprint(time.perf_counter() - t)")
+            f"with torch.no_grad():\n    for _ in range({2 * shape.eval_windows}):\n"
+            f"        m(input_ids=ids, use_cache=False).logits\nprint(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return round(float(out.strip().splitlines()[-1]), 1)
 
