@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from podar.engine.audit import AuditLog, checkpoint_digest, read_audit, records_after
+from podar.engine.audit import AuditLog, canonical, checkpoint_digest, read_audit, records_after
 from podar.engine.context import DenseReference, RunContext
 from podar.engine.machine import VOLATILE
 from podar.engine.store import RunStore, sha256_file
@@ -45,8 +45,7 @@ def saved_config(store: RunStore, manifest: RunManifest) -> PruningConfig:
     if manifest.schema_version != MANIFEST_SCHEMA_VERSION:
         raise CheckpointError(f"'{store.manifest_path}' has manifest schema {manifest.schema_version}; this podar "
                               f"reads schema {MANIFEST_SCHEMA_VERSION}: resume it with the podar that wrote it")
-    raw = json.dumps(manifest.config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    if hashlib.sha256(raw.encode()).hexdigest() != manifest.config_sha256:
+    if hashlib.sha256(canonical(manifest.config).encode()).hexdigest() != manifest.config_sha256:
         raise CheckpointError(f"the config in '{store.manifest_path}' does not match its recorded sha256: the "
                               "manifest was edited")
     return PruningConfig.from_dict(manifest.config, source=str(store.manifest_path))
