@@ -151,13 +151,51 @@ def while_running(modules: Mapping[str, nn.Module], replace: Replacement) -> Ite
 @contextmanager
 def computing_in(model: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
     """While open, every module of ``model`` computes with its floating parameters and buffers cast to ``dtype``,
-    one module at a time (a float16 model computes as a float32 one without a float32 copy of it)."""
-    def cast(_name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    one module at a time (a float16 model computes as a float32 one without a float32 copy of it). An embedding
+    (``nn.Embedding`` or a subclass; no ``max_norm``) casts only the rows its input looks up: a 262k-token
+    vocabulary's table is never cast whole, and its output is the same as the whole cast table's."""
+    rows = {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and m.max_norm is None and m.weight.is_floating_point()
+            and m.weight.dtype != dtype}
+
+    def cast(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
         own = {**module._parameters, **module._buffers}
         return {k: t.data.to(dtype) for k, t in own.items()
-                if t is not None and t.is_floating_point() and t.dtype != dtype}
+                if t is not None and t.is_floating_point() and t.dtype != dtype
+                and not (name in rows and k == "weight")}
 
     owners = {name: m for name, m in model.named_modules()
               if any(t is not None for t in itertools.chain(m._parameters.values(), m._buffers.values()))}
-    with while_running(owners, cast):
+    with while_running(owners, cast), _looked_up_rows(rows, dtype):
         yield model
+
+
+@contextmanager
+def _looked_up_rows(embeddings: Mapping[str, nn.Embedding], dtype: torch.dtype) -> Iterator[None]:
+    """While open, each embedding's forward sees a table of the rows its ids (any shape) name, cast to ``dtype``,
+    and the ids renumbered into it (``padding_idx`` set aside: it only shapes gradients); all given back after."""
+    saved: dict[int, tuple[torch.Tensor, int | None]] = {}
+
+    def before(module: nn.Embedding, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = args[0] if args else kwargs["input"]
+        used, inverse = torch.unique(ids, return_inverse=True)  # used (U,), inverse: ids' shape, into used
+        saved[id(module)] = (module.weight.data, module.padding_idx)
+        module.weight.data = module.weight.data[used].to(dtype)  # (U, C)
+        module.padding_idx = None
+        return ((inverse, *args[1:]), kwargs) if args else (args, {**kwargs, "input": inverse})
+
+    def after(module: nn.Embedding, _args: Any, _out: Any) -> None:
+        if id(module) in saved:
+            module.weight.data, module.padding_idx = saved.pop(id(module))
+
+    handles = []
+    try:
+        for module in embeddings.values():
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in embeddings.values():
+            after(module, None, None)

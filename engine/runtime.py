@@ -119,6 +119,12 @@ class Runtime:
         param.data = new
         return self.page_out([old], ranges)
 
+    def settle(self, model: nn.Module) -> None:
+        """Between two passes that each read the whole ``model``: the pages of its weights mapped from files
+        advised out (the next pass reads back what it uses), the allocator's free pages returned to the OS."""
+        self.page_out(list(model.state_dict().values()), self.file_ranges())
+        self.trim()
+
     def trim(self) -> bool:
         """Return the allocator's free pages to the OS; True when something was released."""
         return release_free_memory() if self.config.trim_memory else False

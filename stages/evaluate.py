@@ -69,11 +69,14 @@ def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sh
     ev = ctx.config.evaluation
 
     def reference() -> dict[str, torch.Tensor]:
+        ctx.runtime.settle(ctx.model)  # the pruned weights are not read by the dense pass: their mapped pages go
         with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
             return dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
-                                   device=ctx.device, progress=ctx.progress, text=dataset)
+                                   device=ctx.device, progress=ctx.progress, text=dataset,
+                                   after_batch=ctx.runtime.trim)
 
     ref = together(ctx.dist, reference)
+    ctx.runtime.settle(ctx.model)  # the dense weights were copies, freed: their heap pages go back
     stored = {"nll": ref["nll"], "topk_ids": ref["topk_ids"].int(), "topk_logp": ref["topk_logp"]}
     stored = {k: ctx.dist.gather_rows(v, index, n_windows) for k, v in stored.items()}
     ctx.save_tensors("baseline", stored, name=_slug(dataset), group=False, metadata={
@@ -144,7 +147,8 @@ def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     ref = dense_baseline(ctx, dataset, windows, text_sha, index, every.shape[0])
     local = together(ctx.dist, lambda: compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size,
                                                             device=ctx.device, progress=ctx.progress, text=dataset,
-                                                            check=ctx.check_cancelled))
+                                                            check=ctx.check_cancelled,
+                                                            after_batch=ctx.runtime.trim))
     dense = reference_metrics(ref, windows.shape[1]).summed(ctx.dist)
     pruned = local.summed(ctx.dist)
     gates = ev.gates_for(dataset)

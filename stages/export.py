@@ -10,6 +10,7 @@ float16.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
 _VERIFY_TOP_K = 64  # the export's logits are compared with the in-memory model's on its 64 largest per position
+_COMPARE_BYTES = 32 << 20  # a tensor not pruned is compared with its reloaded copy 32 MiB of rows at a time
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504: beyond it float16 holds only inf
 # Largest |logit difference| allowed between the in-memory and the reloaded model, relative to max |logit|:
 # exact same-dtype weights leave only float noise; float16 / bfloat16 / integer rounding of weights moves logits.
@@ -51,8 +53,10 @@ def _expected(cfg: ExportConfig, dtype: torch.dtype, scales: dict[str, torch.Ten
                                     else t.detach().to(dtype) if t.is_floating_point() else t.detach())
 
 
-def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Expected) -> int:
-    """Every tensor of the model against the reloaded one, bit for bit; StageError naming the first that differs."""
+def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Expected, *, by_rows: bool) -> int:
+    """Every tensor of the model against the reloaded one, bit for bit; StageError naming the first that differs.
+    With ``by_rows`` (a format that stores each tensor not pruned as a plain cast, row for row), a large tensor is
+    compared ``_COMPARE_BYTES`` of rows at a time, each part's mapped pages let go once compared."""
     targets = {f"{name}.weight" for name in ctx.state.targets}
     got = reloaded.state_dict()
     checked = 0
@@ -61,15 +65,23 @@ def _compare_tensors(ctx: RunContext, reloaded: torch.nn.Module, expected_of: Ex
         if name not in got:
             raise StageError(f"tensor '{name}' is missing from the reloaded export", stage=STAGE.display_name(),
                              layer=name)
-        expected = expected_of(name, tensor, name in targets)  # in the dtype the export stores it in
         other = got[name]
-        if other.dtype != expected.dtype:  # compared exactly in the wider of the two, never a float32 copy of both
-            wide = torch.promote_types(other.dtype, expected.dtype)
-            other, expected = other.to(wide), expected.to(wide)
-        if other.shape != expected.shape or not torch.equal(other.cpu(), expected.cpu()):
-            raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
-                             f"{tuple(expected.shape)})", stage=STAGE.display_name(), layer=name)
-        ctx.runtime.page_out([tensor, got[name]], ranges)  # both read whole: their mapped pages may go now
+        pruned = name in targets
+        parts = [(tensor, other)]
+        if by_rows and not pruned and tensor.dim() and tensor.numel() and other.shape == tensor.shape:
+            step = max(1, _COMPARE_BYTES // tensor[:1].nbytes)
+            parts = [(tensor[i:i + step], other[i:i + step]) for i in range(0, tensor.shape[0], step)]
+        for mine, theirs in parts:
+            expected = expected_of(name, mine, pruned)  # in the dtype the export stores it in
+            same = theirs
+            if same.dtype != expected.dtype:  # compared exactly in the wider of the two, never a float32 copy of both
+                wide = torch.promote_types(same.dtype, expected.dtype)
+                same, expected = same.to(wide), expected.to(wide)
+            if same.shape != expected.shape or not torch.equal(same.cpu(), expected.cpu()):
+                raise StageError(f"tensor '{name}' differs after reload (shape {tuple(other.shape)} vs "
+                                 f"{tuple(tensor.shape)})", stage=STAGE.display_name(), layer=name)
+            del expected, same
+            ctx.runtime.page_out([mine, theirs], ranges)  # both read whole: their mapped pages may go now
         checked += 1
     return checked
 
@@ -84,134 +96,139 @@ def _logit_tolerance(model_dtype: torch.dtype, dtype: torch.dtype, cfg: ExportCo
     return max(_LOGIT_RTOL["exact"] if d == torch.float32 else _LOGIT_RTOL.get(d, 1e-1) for d in {model_dtype, dtype})
 
 
-def _top_logits(model: torch.nn.Module, batch: torch.Tensor, split: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(ids (B, T-1, k) int64, logits (B, T-1, k) fp32, max |logit|): the model's k largest next-token logits at
-    every position, computed a chunk of positions at a time."""
-    b, t = batch.shape
-    ids = values = None
-    scale = 0.0
-    for where, logits in next_token_logits(model, batch, split=split):
-        top = torch.topk(logits, min(_VERIFY_TOP_K, logits.shape[-1]), dim=-1)
-        if ids is None or values is None:
-            k = top.indices.shape[-1]
-            ids = torch.empty(b, t - 1, k, dtype=torch.int64)
-            values = torch.empty(b, t - 1, k, dtype=torch.float32)
-        ids[:, where], values[:, where] = top.indices.cpu(), top.values.cpu()
-        scale = max(scale, float(logits.abs().max()))
-    assert ids is not None and values is not None
-    return ids, values, scale
+@dataclass
+class Reference:
+    """The in-memory model's side of the export check, from one pass over the verification windows (B, T): its
+    ``_VERIFY_TOP_K`` largest next-token logits at every position, ``ids`` and ``values`` (B, T-1, k) int64 / fp32
+    (a causal LM), or its last hidden states ``hidden`` (B, T, C) fp32 (other models); ``scale`` the largest
+    |logit| (or |hidden|); ``peak`` the largest |activation| of any module and ``peak_module`` its name."""
 
-
-def compare_outputs(ctx: RunContext, ref: torch.nn.Module, other: torch.nn.Module, batch: torch.Tensor,
-                    between: Callable[[], None] | None = None) -> tuple[float, float, int]:
-    """(max |other − ref|, max |ref|, non-finite values of ``other``) on ``batch``. A causal LM is compared on the
-    reference's ``_VERIFY_TOP_K`` largest logits at every position (and every logit of ``other`` must be finite),
-    computed a chunk of positions at a time, one model after the other: ``between()`` runs once ``ref``'s part is
-    taken (to let its weights' pages go). Other models: their last hidden states, whole."""
-    if ctx.state.task != "causal-lm":
-        a = final_hidden(ref, batch).float().cpu()
-        if between is not None:
-            between()
-        b = final_hidden(other, batch.to(next(other.parameters()).device)).float().cpu()
-        finite = torch.isfinite(b)
-        diff = float((a - b).abs()[finite].max()) if bool(finite.any()) else 0.0
-        return diff, float(a.abs().max()), int((~finite).sum())
-    probe = batch[:1, :8]
-    ids, values, scale = _top_logits(ref, batch, head_splits(ref, probe))
-    if between is not None:
-        between()
-    batch = batch.to(next(other.parameters()).device)
-    split = head_splits(other, probe.to(batch.device))
-    bad = 0
-    for _where, logits in next_token_logits(other, batch, split=split):  # as the tools that load it compute
-        bad += int((~torch.isfinite(logits)).sum())
-    diff = 0.0
-    with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
-        for where, got in logits_at(other, batch, ids, split=split):
-            gap = (got.cpu() - values[:, where]).abs()
-            diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
-    return diff, scale, bad
+    batch: torch.Tensor
+    ids: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    scale: float = 0.0
+    peak: float = 0.0
+    peak_module: str = ""
 
 
 @torch.no_grad()
-def check_float16_range(ctx: RunContext, batch: torch.Tensor) -> float:
-    """The largest |activation| of the in-memory model on ``batch`` (every module's floating outputs); StageError
-    before anything is written when it is beyond float16's range: a float16 export would compute inf and NaN."""
-    peak: list[Any] = [0.0, ""]
+def reference_pass(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor) -> Reference:
+    """``Reference`` of ``model`` on ``batch`` (B, T): one forward, a chunk of positions at a time, every module's
+    floating outputs watched for the largest |activation| (NaN counts as out of range)."""
+    ref = Reference(batch=batch)
 
     def hook(name: str) -> Callable[..., None]:
         def record(_module: torch.nn.Module, _args: Any, out: Any) -> None:
             for t in out if isinstance(out, tuple) else (out,):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
                     value = float(t.detach().abs().amax())
-                    if not value <= peak[0]:  # NaN counts as out of range
-                        peak[0], peak[1] = value, name
+                    if not value <= ref.peak:
+                        ref.peak, ref.peak_module = value, name
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in ctx.model.named_modules() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
-        batch = batch.to(ctx.device)
-        if ctx.state.task == "causal-lm":
-            for _ in next_token_logits(ctx.model, batch, split=head_splits(ctx.model, batch[:1, :8])):
-                pass
-        else:
-            final_hidden(ctx.model, batch)
+        batch = batch.to(next(model.parameters()).device)
+        if ctx.state.task != "causal-lm":
+            ref.hidden = final_hidden(model, batch).float().cpu()
+            ref.scale = float(ref.hidden.abs().max())
+            return ref
+        b, t = batch.shape
+        for where, logits in next_token_logits(model, batch, split=head_splits(model, batch[:1, :8])):
+            top = torch.topk(logits, min(_VERIFY_TOP_K, logits.shape[-1]), dim=-1)
+            if ref.ids is None or ref.values is None:
+                k = top.indices.shape[-1]
+                ref.ids = torch.empty(b, t - 1, k, dtype=torch.int64)
+                ref.values = torch.empty(b, t - 1, k, dtype=torch.float32)
+            ref.ids[:, where], ref.values[:, where] = top.indices.cpu(), top.values.cpu()
+            ref.scale = max(ref.scale, float(logits.abs().max()))
     finally:
         for h in handles:
             h.remove()
-    if not peak[0] <= _FLOAT16_MAX:
-        raise StageError(f"the model's activations reach {peak[0]:.4g} in '{peak[1]}' on the verification window(s), "
-                         f"beyond float16's largest value ({_FLOAT16_MAX:g}): a float16 export would compute inf and "
-                         "NaN there; export as bfloat16 (export.dtype: bfloat16, float32's range) or float32",
-                         stage=STAGE.display_name(), layer=peak[1])
-    return peak[0]
+    return ref
+
+
+def check_float16_range(ref: Reference) -> None:
+    """StageError before anything is written when the in-memory model's activations go beyond float16's range:
+    a float16 export would compute inf and NaN."""
+    if not ref.peak <= _FLOAT16_MAX:
+        raise StageError(f"the model's activations reach {ref.peak:.4g} in '{ref.peak_module}' on the verification "
+                         f"window(s), beyond float16's largest value ({_FLOAT16_MAX:g}): a float16 export would "
+                         "compute inf and NaN there; export as bfloat16 (export.dtype: bfloat16, float32's range) or "
+                         "float32", stage=STAGE.display_name(), layer=ref.peak_module)
 
 
 @torch.no_grad()
-def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype) -> dict[str, float]:
+def compare_outputs(ctx: RunContext, ref: Reference, other: torch.nn.Module) -> tuple[float, float, int]:
+    """(max |other − ref|, max |ref|, non-finite values of ``other``) on the reference's windows. A causal LM is
+    compared on the reference's ``_VERIFY_TOP_K`` largest logits at every position (and every logit of ``other``,
+    computed in its own dtype, must be finite), a chunk of positions at a time; other models on their last hidden
+    states, whole."""
+    batch = ref.batch.to(next(other.parameters()).device)
+    if ref.hidden is not None:
+        b = final_hidden(other, batch).float().cpu()
+        finite = torch.isfinite(b)
+        diff = float((ref.hidden - b).abs()[finite].max()) if bool(finite.any()) else 0.0
+        return diff, ref.scale, int((~finite).sum())
+    assert ref.ids is not None and ref.values is not None
+    split = head_splits(other, batch[:1, :8])
+    bad = 0
+    for _where, logits in next_token_logits(other, batch, split=split):  # as the tools that load it compute
+        bad += int((~torch.isfinite(logits)).sum())
+    diff = 0.0
+    with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
+        for where, got in logits_at(other, batch, ref.ids, split=split):
+            gap = (got.cpu() - ref.values[:, where]).abs()
+            diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
+    return diff, ref.scale, bad
+
+
+@torch.no_grad()
+def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, reference: Reference | None = None
+                  ) -> dict[str, float]:
     """Reload ``folder`` (in its stored dtype, mapped from its files where no decompression is needed) and compare
     every tensor bit for bit, then the logits of ``export.verify_windows`` evaluation windows: computed in the dtype
     the export is stored in, as the tools that load it compute, every one finite; computed in float32 one module at
-    a time, within the dtype's tolerance of the in-memory model's on its largest logits. Raises StageError naming
-    the tensor, or the dtype and what to export in instead."""
+    a time, within the dtype's tolerance of the in-memory model's (``reference``, taken here when not given) on its
+    largest logits. Raises StageError naming the tensor, or the dtype and what to export in instead."""
+    n = ctx.config.export.verify_windows
+    if reference is None and n and ctx.config.evaluation.enabled:
+        reference = reference_pass(ctx, ctx.model, evaluation_windows(ctx)[0][:n])
+        ctx.runtime.settle(ctx.model)
     try:
         reloaded = load_pretrained(folder)
     except Exception as e:
         raise StageError(f"the export in '{folder}' does not reload: {e}", stage=STAGE.display_name()) from e
     cfg = ctx.config.export
     expected = _expected(cfg, dtype, ctx.state.quant_scales)
-    metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, expected))}
-    n = ctx.config.export.verify_windows
-    if n and ctx.config.evaluation.enabled:
-        batch = evaluation_windows(ctx)[0][:n].to(ctx.device)
+    by_rows = cfg.format != "gguf"
+    metrics: dict[str, float] = {"tensors_checked": float(_compare_tensors(ctx, reloaded, expected,
+                                                                            by_rows=by_rows))}
+    if reference is not None:
         stored = next(t.dtype for t in reloaded.parameters() if t.is_floating_point())
-        diff, scale, bad = compare_outputs(ctx, ctx.model, reloaded, batch, between=lambda: _let_go(ctx, ctx.model))
+        diff, scale, bad = compare_outputs(ctx, reference, reloaded)
         rtol = _logit_tolerance(ctx.model.dtype, stored, cfg)
         scale = max(scale, 1.0)
         name = str(stored).replace("torch.", "")
+        windows = reference.batch.shape[0]
         if bad:
-            raise StageError(f"the export computes {bad} non-finite value(s) in its own dtype ({name}) on {n} "
+            raise StageError(f"the export computes {bad} non-finite value(s) in its own dtype ({name}) on {windows} "
                              "window(s): it would give NaN or inf in every tool that loads it; export as bfloat16 "
                              "or float32 (export.dtype)", stage=STAGE.display_name())
         if not diff <= rtol * scale:
             raise StageError(f"logits of the reloaded export ({name} weights, computed in float32) differ by "
-                             f"{diff:.3g} (> {rtol * scale:.3g}) on {n} window(s)", stage=STAGE.display_name())
+                             f"{diff:.3g} (> {rtol * scale:.3g}) on {windows} window(s)", stage=STAGE.display_name())
         metrics.update(logits_max_abs_diff=diff)
     del reloaded
     return metrics
 
 
-def _let_go(ctx: RunContext, model: torch.nn.Module) -> None:
-    """Advise the pages of ``model``'s weights that are mapped from files out (read whole by a step that is over:
-    the kernel reads them again when needed), so the in-memory model and the export are not resident together."""
-    ctx.runtime.page_out(list(model.state_dict().values()), ctx.runtime.file_ranges())
-
-
 def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Write the export into ``staging``; the pruned layers' bytes against dense float16."""
     cfg, model, targets = ctx.config.export, ctx.model, set(ctx.state.targets)
+    ranges = ctx.runtime.file_ranges()
     if cfg.format == "gguf":
         sizes = write_gguf(model, ctx.tokenizer, staging, targets=targets, gguf_type=cfg.gguf_type)
         write_meta(staging, [GGUF_FILE], format="gguf", gguf_file=GGUF_FILE, gguf_type=cfg.gguf_type,
@@ -222,7 +239,8 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
                                                                                         cfg.group_size),
                                targets=targets, dtype=dtype, max_shard_bytes=parse_size(cfg.max_shard_size),
                                tokenizer=ctx.tokenizer, sparsity=ctx.config.target_sparsity,
-                               structure=ctx.config.pattern.label(), scales=ctx.state.quant_scales)
+                               structure=ctx.config.pattern.label(), scales=ctx.state.quant_scales,
+                               release=lambda part: ctx.runtime.page_out([part], ranges))
     return {"pruned_layers_bytes": summary.target_bytes,
             "pruned_layers_dense_fp16_bytes": summary.target_dense_fp16_bytes,
             "pruned_layers_ratio_vs_fp16": summary.target_ratio,
@@ -238,14 +256,20 @@ def run(ctx: RunContext) -> StageResult:
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if not store.is_main:  # one process writes and checks the export (the runner's agreement waits for it)
         return StageResult(stage=STAGE.value, metrics={"format": cfg.format, "written_by_main_process": True})
+    ctx.runtime.settle(ctx.model)  # what Evaluating left resident
     checked: dict[str, Any] = {}
+    reference = None
     n = cfg.verify_windows
-    if dtype == torch.float16 and n and ctx.config.evaluation.enabled:  # before anything is written
-        checked["max_abs_activation"] = check_float16_range(ctx, evaluation_windows(ctx)[0][:n])
+    if n and ctx.config.evaluation.enabled:  # one pass, before anything is written
+        reference = reference_pass(ctx, model, evaluation_windows(ctx)[0][:n])
+        checked["max_abs_activation"] = reference.peak
+        if dtype == torch.float16:
+            check_float16_range(reference)
+        ctx.runtime.settle(ctx.model)
     staging = store.begin_export()
     metrics = {**checked, **_write(ctx, staging, dtype)}
-    _let_go(ctx, model)  # read whole by the writer
-    metrics.update(verify_export(ctx, staging, dtype))
+    ctx.runtime.settle(ctx.model)  # read whole by the writer
+    metrics.update(verify_export(ctx, staging, dtype, reference))
     records = store.finish_export(staging, stage=STAGE.value)
     for record in records:
         ctx.adopt_artifact(record)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,19 +158,34 @@ class _ShardWriter:
         self._data: Any = None  # the current shard's data file, open for writing
         self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
 
-    def add(self, pieces: dict[str, torch.Tensor]) -> None:
-        nbytes = sum(v.numel() * v.element_size() for v in pieces.values())
+    def add(self, pieces: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+            release: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Append ``pieces`` (name → tensor), each cast to ``dtype`` when given (floating tensors only), written
+        ``_COPY_BYTES`` of the source at a time so no whole cast copy exists; ``release(part)`` is called with each
+        part of a source tensor once it is written (to let its mapped pages go)."""
+        def cast(v: torch.Tensor) -> torch.dtype:
+            return dtype if dtype is not None and v.is_floating_point() else v.dtype
+
+        nbytes = sum(v.numel() * cast(v).itemsize for v in pieces.values())
         if self.current and self.current_bytes + nbytes > self.max_bytes:
             self._flush()
         if self._data is None:
             self._data = open(self._data_path(), "wb")  # noqa: SIM115 — closed by _flush
         for k, v in pieces.items():
-            v = v.detach().contiguous().cpu()
-            size = v.numel() * v.element_size()
-            self.current[k] = {"dtype": _ST_DTYPES[v.dtype], "shape": list(v.shape),
+            v = v.detach()
+            to = cast(v)
+            size = v.numel() * to.itemsize
+            self.current[k] = {"dtype": _ST_DTYPES[to], "shape": list(v.shape),
                                "data_offsets": [self.current_bytes, self.current_bytes + size]}
-            if size:
-                self._data.write(memoryview(v.reshape(-1).view(torch.uint8).numpy()))
+            rows = v.reshape(-1) if v.dim() < 2 else v.reshape(v.shape[0], -1)  # a view where v is contiguous
+            step = max(1, _COPY_BYTES // max(rows[:1].numel() * v.element_size(), 1))
+            for start in range(0, rows.shape[0] if size else 0, step):
+                part = rows[start:start + step]
+                data = part.to(device="cpu", dtype=to).contiguous()
+                self._data.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+                del data
+                if release is not None:
+                    release(part)
             self.current_bytes += size
 
     def _data_path(self) -> Path:
@@ -231,9 +247,11 @@ def _export_config(model: torch.nn.Module, fmt: str, quant: WeightQuant | None, 
 def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, quant: WeightQuant | None,
                      targets: set[str], dtype: torch.dtype, max_shard_bytes: int, tokenizer: Any = None,
                      sparsity: float = 0.0, structure: str = "unstructured",
-                     scales: dict[str, torch.Tensor] | None = None) -> ExportSummary:
+                     scales: dict[str, torch.Tensor] | None = None,
+                     release: Callable[[torch.Tensor], None] | None = None) -> ExportSummary:
     """Write ``model`` into ``folder`` with the ``targets`` (module names) compressed; returns the summary.
-    ``scales``: the grids joint quantization put layers on, by module name."""
+    ``scales``: the grids joint quantization put layers on, by module name; ``release(part)``: called with each
+    part of an uncompressed tensor once written (the caller lets its mapped pages go)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary()
@@ -250,7 +268,8 @@ def write_compressed(model: torch.nn.Module, folder: str | Path, *, fmt: str, qu
             summary.target_bytes += sum(v.numel() * v.element_size() for v in pieces.values())
             summary.target_dense_fp16_bytes += tensor.numel() * 2
         else:
-            pieces = {name: tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()}
+            shards.add({name: tensor}, dtype=dtype, release=release)  # cast a part at a time
+            continue
         shards.add(pieces)
     final_names = shards.close()
     config = _export_config(model, fmt, quant, targets, dtype, sparsity, structure)

@@ -157,11 +157,12 @@ def _check_finite(values: torch.Tensor, start: int, text: str, what: str) -> Non
 @torch.no_grad()
 def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int | None, batch_size: int = 1,
                     device: torch.device | str = "cpu", progress: bool = False, text: str = "text",
-                    ) -> dict[str, torch.Tensor]:
+                    after_batch: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
     """The compact dense reference of ``windows`` (n, T):
 
     ``nll`` (n,) fp64; ``topk_ids`` (n, T-1, k) int64 and ``topk_logp`` (n, T-1, k) fp32 — the reference
     model's k most likely next tokens and their log-probs (k = vocabulary when ``top_k`` is None).
+    ``after_batch()`` runs after each batch of windows (to return what its forward freed).
     """
     n, t = windows.shape
     split = head_splits(model, windows[:1, :8].to(device))
@@ -185,6 +186,8 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
             logp_out[rows, where] = top.values.cpu()
             del logp, top
         _check_finite(nll[rows], start, text, "dense loss")
+        if after_batch is not None:
+            after_batch()
     assert ids_out is not None and logp_out is not None
     return {"nll": nll, "topk_ids": ids_out, "topk_logp": logp_out}
 
@@ -212,8 +215,10 @@ def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logq_all: to
 @torch.no_grad()
 def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, reference: dict[str, torch.Tensor] | None,
                          *, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = False,
-                         text: str = "text", check: Callable[[], None] | None = None) -> TextMetrics:
-    """Perplexity of ``model`` on ``windows`` (n, T), and KL/agreement against ``reference`` when given."""
+                         text: str = "text", check: Callable[[], None] | None = None,
+                         after_batch: Callable[[], None] | None = None) -> TextMetrics:
+    """Perplexity of ``model`` on ``windows`` (n, T), and KL/agreement against ``reference`` when given;
+    ``check()`` runs before and ``after_batch()`` after each batch of windows."""
     n, t = windows.shape
     split = head_splits(model, windows[:1, :8].to(device))
     nll_sum = 0.0
@@ -242,6 +247,8 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
         if reference is not None:
             _check_finite(kl_b, start, text, "KL divergence")
             kl_sum += float(kl_b.sum())
+        if after_batch is not None:
+            after_batch()
     n_tokens = n * (t - 1)
     return TextMetrics(
         ppl=math.exp(nll_sum / n_tokens), nll_sum=nll_sum, n_tokens=n_tokens, n_windows=n, seq_len=t,

@@ -387,3 +387,31 @@ def test_gguf_blocks_need_whole_rows(corpus, tmp_path):
 def test_gguf_quantizes_with_its_own_type():
     with pytest.raises(ValidationError, match="quantizes with export.gguf_type"):
         ExportConfig(format="gguf", quantization="w8a16")
+
+
+def test_tensors_written_and_compared_a_part_at_a_time(tiny_config, tmp_path, monkeypatch):
+    """The writer casts, and the check compares, a large tensor a few rows at a time (a 262k-token embedding is
+    never cast or compared whole): the files are byte for byte those of the whole-tensor path, and a difference in
+    the last part of a tensor is still found."""
+    from podar.schemas.errors import StageError
+    from podar.stages import export, export_io
+
+    cfg = tiny_config.with_export(ExportConfig(format="dense", dtype="float16"))
+    whole = Pipeline(cfg, run_dir=tmp_path / "whole", progress=False)
+    assert whole.run().ok
+    monkeypatch.setattr(export_io, "_COPY_BYTES", 96)
+    monkeypatch.setattr(export, "_COMPARE_BYTES", 96)
+    parts = Pipeline(cfg, run_dir=tmp_path / "parts", progress=False)
+    assert parts.run().ok
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "whole" / "export" / name).read_bytes() == (tmp_path / "parts" / "export" / name).read_bytes()
+
+    ctx = parts.context
+    reloaded = load_pretrained(tmp_path / "parts" / "export")
+    table = reloaded.get_input_embeddings().weight
+    changed = table.data.clone()
+    changed[-1, -1] += 1.0  # in the last part of the embedding
+    table.data = changed
+    expected = export._expected(cfg.export, torch.float16, {})
+    with pytest.raises(StageError, match="'model.embed_tokens.weight' differs after reload"):
+        export._compare_tensors(ctx, reloaded, expected, by_rows=True)

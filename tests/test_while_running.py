@@ -82,3 +82,23 @@ def test_the_export_reloads_mapped_from_its_files(tiny_config, tmp_path):
     assert weights and all(p.dtype == torch.float16 for p in weights)
     mapped = [any(lo <= p.data_ptr() < hi for lo, hi in ranges) for p in weights]
     assert all(mapped), f"{mapped.count(False)} of {len(mapped)} weights were copied into memory"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: a scaled embedding (its own forward and buffer)
+def test_computing_in_float32_looks_up_embedding_rows_without_casting_the_table(arch):
+    from podar.engine.models import tiny_model
+    from podar.schemas.config import TinyModelConfig
+
+    half, _ = tiny_model(TinyModelConfig(arch=arch), dtype=torch.bfloat16)
+    full, _ = tiny_model(TinyModelConfig(arch=arch), dtype=torch.bfloat16)
+    full = full.float()
+    ids = torch.tensor([[5, 9, 5, 200, 17, 9, 3, 3], [1, 2, 250, 5, 9, 7, 7, 0]])
+    table = half.get_input_embeddings()
+    largest = []
+    hook = table.register_forward_hook(lambda m, _a, _o: largest.append(m.weight.shape[0]))
+    with torch.no_grad(), computing_in(half, torch.float32):
+        got = half(input_ids=ids).logits
+    hook.remove()
+    assert largest == [len(ids.unique())]  # only the rows looked up were cast
+    assert table.weight.dtype == torch.bfloat16 and table.weight.shape[0] == full.get_input_embeddings().weight.shape[0]
+    assert got.dtype == torch.float32 and torch.equal(got, full(input_ids=ids).logits)
