@@ -27,7 +27,7 @@ from podar.schemas.stage import PruningStage
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
-from .quality import final_hidden, head_splits, logits_at, next_token_logits
+from .quality import final_hidden, head_splits, logits_at, next_token_stats
 from .quantize import WeightQuant
 from .targets import restore_conv1d
 
@@ -135,15 +135,12 @@ def reference_pass(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor)
             ref.hidden = final_hidden(model, batch).float().cpu()
             ref.scale = float(ref.hidden.abs().max())
             return ref
-        b, t = batch.shape
-        for where, logits in next_token_logits(model, batch, split=head_splits(model, batch[:1, :8])):
-            top = torch.topk(logits, min(_VERIFY_TOP_K, logits.shape[-1]), dim=-1)
-            if ref.ids is None or ref.values is None:
-                k = top.indices.shape[-1]
-                ref.ids = torch.empty(b, t - 1, k, dtype=torch.int64)
-                ref.values = torch.empty(b, t - 1, k, dtype=torch.float32)
-            ref.ids[:, where], ref.values[:, where] = top.indices.cpu(), top.values.cpu()
-            ref.scale = max(ref.scale, float(logits.abs().max()))
+        stats = next_token_stats(model, batch, split=head_splits(model, batch[:1, :8]), top_k=_VERIFY_TOP_K)
+        ref.ids, ref.values, ref.scale = stats.top_ids, stats.top_values, stats.max_abs
+        if not stats.max_abs <= ref.peak:  # the head's logits (a split head is applied outside its module)
+            head = model.get_output_embeddings()
+            ref.peak = stats.max_abs
+            ref.peak_module = next((n for n, m in model.named_modules() if m is head), "the logits")
     finally:
         for h in handles:
             h.remove()
@@ -174,9 +171,7 @@ def compare_outputs(ctx: RunContext, ref: Reference, other: torch.nn.Module) -> 
         return diff, ref.scale, int((~finite).sum())
     assert ref.ids is not None and ref.values is not None
     split = head_splits(other, batch[:1, :8])
-    bad = 0
-    for _where, logits in next_token_logits(other, batch, split=split):  # as the tools that load it compute
-        bad += int((~torch.isfinite(logits)).sum())
+    bad = next_token_stats(other, batch, split=split).nonfinite  # in its own dtype, as the tools that load it do
     diff = 0.0
     with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
         for where, got in logits_at(other, batch, ref.ids, split=split):

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from podar.schemas.errors import StageError
 
-from .quality import head_splits, next_token_logits, nll_of
+from .quality import head_splits, next_token_stats, nll_of
 
 __all__ = ["PerplexityResult", "window_nll", "perplexity"]
 
@@ -39,9 +39,7 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int
     split = head_splits(model, windows[:1, :8].to(device))
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=None if progress else True, leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
-        sums = torch.zeros(batch.shape[0], dtype=torch.float64)  # (B,)
-        for where, logits in next_token_logits(model, batch, split=split):  # (B, P, V), P positions at a time
-            sums += nll_of(torch.log_softmax(logits, dim=-1), batch[:, where.start + 1: where.stop + 1]).cpu()
+        sums = nll_of(next_token_stats(model, batch, split=split))  # (B,), the vocabulary a chunk at a time
         bad = (~torch.isfinite(sums)).nonzero()
         if bad.numel():
             w = start + int(bad[0])

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from podar.schemas.errors import StageError
 
 __all__ = ["TextMetrics", "Fidelity", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate",
-           "head_splits", "next_token_logits", "logits_at", "nll_of",
+           "kl_top_k", "head_splits", "next_token_stats", "NextTokenStats", "logits_at", "nll_of",
            "final_hidden", "hidden_states", "fidelity"]
 
 
@@ -57,14 +57,14 @@ class TextMetrics:
                            agree_count=int(agree) if ref else None)
 
 
-_CHUNK_BYTES = 32 << 20  # float32 logits of at most this many bytes at a time (one chunk of positions, all tokens)
+_CHUNK_BYTES = 32 << 20  # float32 logits of at most this many bytes at a time (a block of positions × vocabulary rows)
+_ALL = 1 << 62  # top_k of "every token"
 
 
-def nll_of(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """nll: (B,) fp64 — summed NLL of ``targets`` (B, P) under ``logp`` (B, P, V) fp32, the log-softmax of the logits
-    that predict them (what cross-entropy computes; taken once and shared with KL and the top-k)."""
-    per_token = -torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1)  # (B, P)
-    return per_token.double().sum(dim=1)
+def nll_of(stats: NextTokenStats) -> torch.Tensor:
+    """nll: (B,) fp64 — summed NLL of the tokens that follow each predicting position (what cross-entropy computes),
+    from the logits' ``NextTokenStats``."""
+    return (stats.lse - stats.target.double()).sum(dim=1)
 
 
 def _softcap(config: Any) -> float | None:
@@ -77,7 +77,7 @@ def _head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torc
     usual layout (a base model under ``base_model_prefix`` and output embeddings); None otherwise."""
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or base is model or head is None:
+    if base is None or base is model or not isinstance(head, torch.nn.Linear):
         return None
     cap = _softcap(getattr(model, "config", None))
 
@@ -96,8 +96,8 @@ def logits_at(model: torch.nn.Module, batch: torch.Tensor, ids: torch.Tensor, *,
     (the head's weight is read as stored, each gathered row in float32), so no full-vocabulary logits are made;
     without, gathered from the whole logits."""
     if not split:
-        for where, logits in next_token_logits(model, batch, split=False):
-            yield where, torch.gather(logits, -1, ids[:, where].to(logits.device))
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+        yield slice(0, logits.shape[1]), torch.gather(logits, -1, ids.to(logits.device))
         return
     base, _apply = _head_parts(model)  # type: ignore[misc]
     head = model.get_output_embeddings()
@@ -128,23 +128,119 @@ def head_splits(model: torch.nn.Module, probe: torch.Tensor) -> bool:
     return whole.shape == split.shape and torch.allclose(split, whole, rtol=1e-5, atol=1e-5)
 
 
-def next_token_logits(model: torch.nn.Module, batch: torch.Tensor, *, split: bool,
-                      chunk_bytes: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(positions, logits (B, P, V) fp32) over the predicting positions 0..T-2 of ``batch`` (B, T), P positions at
-    a time so that one chunk of logits holds at most ``chunk_bytes``: with ``split`` (``head_splits``), the head is
-    applied to the last hidden states chunk by chunk, so the (B, T, V) logits of a long window over a large
-    vocabulary never exist at once; without, the model's whole logits come as one chunk."""
-    _b, t = batch.shape
+@dataclass
+class NextTokenStats:
+    """What the quality checks need of a model's next-token logits at the predicting positions 0..T-2 of a batch
+    (B, T), taken over the vocabulary a chunk at a time: ``lse`` (B, T-1) fp64 logsumexp over the vocabulary (so
+    log p(v) = logit(v) − lse); ``vocab`` its size; ``target`` (B, T-1) fp32 the logit of the token that follows;
+    ``top_ids`` / ``top_values`` (B, T-1, k) int64 / fp32 the k largest logits, largest first (k = 0 when not asked);
+    ``at`` (B, T-1, j) fp32 the logits of the asked ids; ``argmax`` (B, T-1) int64 (the first of equal maxima);
+    ``max_abs`` the largest |logit|; ``nonfinite`` how many logits are NaN or inf."""
+
+    lse: torch.Tensor
+    vocab: int
+    target: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+    at: torch.Tensor
+    argmax: torch.Tensor
+    max_abs: float
+    nonfinite: int
+
+
+_MIN_VOCAB_CHUNK = 2048  # vocabulary rows per head product at least (fewer read the head's weight too often)
+
+
+def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chunk_bytes: int | None
+                  ) -> Iterator[tuple[slice, Iterator[tuple[int, torch.Tensor]]]]:
+    """(positions, chunks): the predicting positions of ``batch`` (B, T) a block at a time, and for each block its
+    logits over the vocabulary a chunk at a time, (first vocabulary id, logits (B, P, Vc) fp32). With ``split`` the
+    head's rows are applied to the last hidden states a chunk at a time (each row of the head read once per block
+    of positions; a chunk at most ``chunk_bytes``, or ``_MIN_VOCAB_CHUNK`` rows for one position); without, the
+    model's whole logits are one block and one chunk."""
+    b, t = batch.shape
     if not split:
-        yield slice(0, t - 1), model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        yield slice(0, t - 1), iter([(0, model(input_ids=batch, use_cache=False).logits[:, :-1].float())])
         return
-    base, apply = _head_parts(model)  # type: ignore[misc]
-    hidden = base(input_ids=batch, use_cache=False).last_hidden_state  # (B, T, C)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    step = max(1, (chunk_bytes or _CHUNK_BYTES) // (batch.shape[0] * vocab * 4))
-    for start in range(0, t - 1, step):
-        where = slice(start, min(start + step, t - 1))
-        yield where, apply(hidden[:, where])
+    base, _apply = _head_parts(model)  # type: ignore[misc]
+    head = model.get_output_embeddings()
+    cap = _softcap(getattr(model, "config", None))
+    hidden = base(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, C)
+    budget = chunk_bytes or _CHUNK_BYTES
+    vocab = head.weight.shape[0]
+    positions = max(1, min(t - 1, budget // (b * min(vocab, _MIN_VOCAB_CHUNK) * 4)))
+
+    def chunks(h: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        rows = max(1, budget // (b * h.shape[1] * 4))
+        for v0 in range(0, vocab, rows):
+            bias = None if head.bias is None else head.bias[v0:v0 + rows]
+            logits = F.linear(h, head.weight[v0:v0 + rows], bias).float()  # (B, P, Vc)
+            yield v0, logits if cap is None else torch.tanh(logits / cap) * cap
+
+    for start in range(0, t - 1, positions):
+        where = slice(start, min(start + positions, t - 1))
+        yield where, chunks(hidden[:, where])
+
+
+@torch.no_grad()
+def next_token_stats(model: torch.nn.Module, batch: torch.Tensor, *, split: bool, top_k: int = 0,
+                     ids: torch.Tensor | None = None, chunk_bytes: int | None = None) -> NextTokenStats:
+    """``NextTokenStats`` of ``model`` on ``batch`` (B, T) (its ``top_k`` largest logits; the logits of ``ids``
+    (B, T-1, j) when given), computed over the vocabulary a chunk at a time (``_logit_blocks``): equal to the same
+    statistics of the whole logits up to rounding (the logsumexp is combined across chunks in float64), and no
+    (B, T, V) tensor is made."""
+    b, t = batch.shape
+    targets = batch[:, 1:].cpu()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    max_abs, nonfinite, vocab = 0.0, 0, 0
+    for where, chunks in _logit_blocks(model, batch, split, chunk_bytes):
+        n = where.stop - where.start
+        lse = torch.full((b, n), -math.inf, dtype=torch.float64)
+        target = torch.zeros(b, n, 1)
+        best = torch.full((b, n), -math.inf)
+        argmax = torch.zeros(b, n, dtype=torch.int64)
+        want = None if ids is None else ids[:, where].cpu()
+        at = torch.zeros(b, n, 0 if want is None else want.shape[-1])
+        top_values, top_ids = torch.empty(b, n, 0), torch.empty(b, n, 0, dtype=torch.int64)
+        vocab = 0
+        for v0, logits in chunks:  # (B, n, Vc)
+            logits = logits.cpu()
+            vc = logits.shape[-1]
+            vocab += vc
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1).double())
+            target = _take(target, logits, targets[:, where, None], v0)
+            if want is not None:
+                at = _take(at, logits, want, v0)
+            value, index = logits.max(dim=-1)
+            better = value > best  # strictly: the first of equal maxima stays, as argmax over the whole
+            best, argmax = torch.where(better, value, best), torch.where(better, index + v0, argmax)
+            if top_k:  # unsorted candidates, merged with the ones so far; sorted once per block below
+                top = torch.topk(logits, min(top_k, vc), dim=-1, sorted=False)
+                values = torch.cat([top_values, top.values], dim=-1)
+                merged = torch.cat([top_ids, top.indices + v0], dim=-1)
+                keep = torch.topk(values, min(top_k, values.shape[-1]), dim=-1, sorted=False)
+                top_values, top_ids = keep.values, torch.gather(merged, -1, keep.indices)
+            low, high = torch.aminmax(logits)  # one pass; NaN propagates into both
+            max_abs = max(max_abs, -float(low), float(high))
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                nonfinite += int((~torch.isfinite(logits)).sum())
+            del logits
+        if top_k:
+            order = torch.sort(top_values, dim=-1, descending=True, stable=True)
+            top_values, top_ids = order.values, torch.gather(top_ids, -1, order.indices)
+        parts.append((lse, target.squeeze(-1), top_ids, top_values, at, argmax))
+    lse, target, top_ids, top_values, at, argmax = (torch.cat(x, dim=1) for x in zip(*parts, strict=True))
+    return NextTokenStats(lse=lse, vocab=vocab, target=target, top_ids=top_ids, top_values=top_values, at=at,
+                          argmax=argmax, max_abs=max_abs, nonfinite=nonfinite)
+
+
+def _take(out: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, v0: int) -> torch.Tensor:
+    """``out`` (B, P, j) with the logits of ``ids`` (B, P, j) that fall in this chunk (vocabulary ids v0..v0+Vc-1
+    of ``logits`` (B, P, Vc)) filled in."""
+    vc = logits.shape[-1]
+    inside = (ids >= v0) & (ids < v0 + vc)
+    got = torch.gather(logits, -1, (ids - v0).clamp(0, vc - 1))
+    return torch.where(inside, got, out)
 
 
 def _check_finite(values: torch.Tensor, start: int, text: str, what: str) -> None:
@@ -173,18 +269,15 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
                       leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         rows = slice(start, start + batch.shape[0])
-        for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
-            logp = torch.log_softmax(logits, dim=-1)  # (B, P, V)
-            del logits
-            nll[rows] += nll_of(logp, batch[:, where.start + 1: where.stop + 1]).cpu()
-            k = logp.shape[-1] if top_k is None else min(top_k, logp.shape[-1])
-            top = torch.topk(logp, k, dim=-1)  # sorted: index 0 is the argmax
-            if ids_out is None or logp_out is None:  # (n, T-1, k), filled chunk by chunk
-                ids_out = torch.empty(n, t - 1, k, dtype=torch.int64)
-                logp_out = torch.empty(n, t - 1, k, dtype=torch.float32)
-            ids_out[rows, where] = top.indices.cpu()
-            logp_out[rows, where] = top.values.cpu()
-            del logp, top
+        stats = next_token_stats(model, batch, split=split, top_k=_ALL if top_k is None else top_k)
+        nll[rows] = nll_of(stats)
+        if ids_out is None or logp_out is None:  # (n, T-1, k); index 0 is the argmax
+            k = stats.top_ids.shape[-1]
+            ids_out = torch.empty(n, t - 1, k, dtype=torch.int64)
+            logp_out = torch.empty(n, t - 1, k, dtype=torch.float32)
+        ids_out[rows] = stats.top_ids
+        logp_out[rows] = (stats.top_values.double() - stats.lse[..., None]).float()
+        del stats
         _check_finite(nll[rows], start, text, "dense loss")
         if after_batch is not None:
             after_batch()
@@ -192,24 +285,29 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
     return {"nll": nll, "topk_ids": ids_out, "topk_logp": logp_out}
 
 
-def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logq_all: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kl (B, P) fp32, agree (B, P) bool) for P predicting positions.
-
-    ref_ids/ref_logp: (B, P, k) the reference's top-k; logq_all: (B, P, V) fp32 the compared model's log-softmax at
-    those positions. KL over the k tokens plus one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r).
-    """
-    logq = torch.gather(logq_all, -1, ref_ids)  # (B, T-1, k)
+def kl_top_k(ref_logp: torch.Tensor, logq: torch.Tensor, *, whole: bool) -> torch.Tensor:
+    """kl: (B, P) fp32 — KL(ref ‖ model) at P predicting positions from the reference's top-k log-probs
+    ``ref_logp`` (B, P, k) and the model's log-probs ``logq`` (B, P, k) of the same tokens, over the k tokens plus
+    one 'rest' bucket: Σ p_i (log p_i − log q_i) + p_r (log p_r − log q_r); ``whole``: k is the vocabulary (no
+    bucket)."""
     p = ref_logp.exp()
-    kl = (p * (ref_logp - logq)).sum(dim=-1)  # (B, T-1)
-    if ref_ids.shape[-1] < logq_all.shape[-1]:
-        p_rest = (1.0 - p.sum(dim=-1)).clamp_min(0.0)  # (B, T-1)
+    kl = (p * (ref_logp - logq)).sum(dim=-1)  # (B, P)
+    if not whole:
+        p_rest = (1.0 - p.sum(dim=-1)).clamp_min(0.0)  # (B, P)
         q_rest = (1.0 - logq.exp().sum(dim=-1)).clamp_min(1e-30)
         rest = torch.where(p_rest > 0, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - torch.log(q_rest)),
                            torch.zeros_like(p_rest))
         kl = kl + rest
-    agree = logq_all.argmax(dim=-1) == ref_ids[..., 0]
-    return kl.clamp_min(0.0), agree
+    return kl.clamp_min(0.0)
+
+
+def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logq_all: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kl (B, P) fp32, agree (B, P) bool) for P predicting positions from the compared model's whole log-softmax
+    ``logq_all`` (B, P, V) fp32 and the reference's top-k ``ref_ids`` / ``ref_logp`` (B, P, k) (``kl_top_k``)."""
+    logq = torch.gather(logq_all, -1, ref_ids)  # (B, P, k)
+    kl = kl_top_k(ref_logp, logq, whole=ref_ids.shape[-1] >= logq_all.shape[-1])
+    return kl, logq_all.argmax(dim=-1) == ref_ids[..., 0]
 
 
 @torch.no_grad()
@@ -230,18 +328,16 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
             check()
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         rows = slice(start, start + batch.shape[0])
-        nll_b = torch.zeros(batch.shape[0], dtype=torch.float64)
+        ref_ids = None if reference is None else reference["topk_ids"][rows]  # (B, T-1, k)
+        stats = next_token_stats(model, batch, split=split, ids=ref_ids)
+        nll_b = nll_of(stats)
         kl_b = torch.zeros(batch.shape[0], dtype=torch.float64)
-        for where, logits in next_token_logits(model, batch, split=split):  # logits (B, P, V)
-            logq = torch.log_softmax(logits, dim=-1)  # (B, P, V)
-            del logits
-            nll_b += nll_of(logq, batch[:, where.start + 1: where.stop + 1]).cpu()
-            if reference is not None:
-                kl, agree = kl_and_agreement(reference["topk_ids"][rows, where].to(logq.device),
-                                             reference["topk_logp"][rows, where].to(logq.device), logq)
-                kl_b += kl.double().sum(dim=1).cpu()
-                agree_sum += int(agree.sum())
-            del logq
+        if reference is not None and ref_ids is not None:
+            logq = (stats.at.double() - stats.lse[..., None]).float()  # (B, T-1, k)
+            kl = kl_top_k(reference["topk_logp"][rows], logq, whole=ref_ids.shape[-1] >= stats.vocab)
+            kl_b += kl.double().sum(dim=1)
+            agree_sum += int((stats.argmax == ref_ids[..., 0]).sum())
+        del stats
         _check_finite(nll_b, start, text, "loss")
         nll_sum += float(nll_b.sum())
         if reference is not None:

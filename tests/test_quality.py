@@ -217,18 +217,34 @@ def test_evaluate_stage_module_is_the_registered_handler():
 # ---------------------------------------------------------------- issue 28: logits a chunk of positions at a time
 
 
-def test_logits_in_chunks_are_the_models_own(models, windows):
-    from podar.stages.quality import head_splits, next_token_logits
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 4096, None])
+def test_next_token_stats_equal_those_of_the_whole_logits_in_float64(models, windows, chunk_bytes):
+    """The vocabulary a chunk at a time (down to one token of one position): logsumexp, the next token's logit,
+    the top-k, chosen tokens' logits and the argmax equal the whole logits' (float64); no chunk above the bound."""
+    from podar.stages.quality import _logit_blocks, head_splits, next_token_stats
 
     model = models[0]
     batch = windows[:2]
     assert head_splits(model, batch[:1, :8])
-    whole = model(input_ids=batch).logits[:, :-1].float()
+    with torch.no_grad():
+        whole = model(input_ids=batch).logits[:, :-1].double()  # (B, T-1, V)
     vocab = whole.shape[-1]
-    chunks = list(next_token_logits(model, batch, split=True, chunk_bytes=2 * vocab * 4 * 5))  # 5 positions each
-    assert len(chunks) == -(-whole.shape[1] // 5) and all(c.shape[1] <= 5 for _, c in chunks)
-    assert torch.allclose(torch.cat([c for _, c in chunks], dim=1), whole, rtol=1e-6, atol=1e-6)
-    assert [w.start for w, _ in chunks] == list(range(0, whole.shape[1], 5))
+    ids = torch.randint(0, vocab, (*whole.shape[:2], 5), generator=torch.Generator().manual_seed(0))
+    top = torch.topk(whole, 7, dim=-1)
+    for split in (True, False):
+        stats = next_token_stats(model, batch, split=split, top_k=7, ids=ids, chunk_bytes=chunk_bytes)
+        assert stats.vocab == vocab and stats.nonfinite == 0
+        assert torch.allclose(stats.lse, torch.logsumexp(whole, dim=-1), rtol=0, atol=1e-5)
+        assert torch.allclose(stats.target.double(), whole.gather(-1, batch[:, 1:, None]).squeeze(-1), atol=1e-5)
+        assert torch.equal(stats.top_ids, top.indices)
+        assert torch.allclose(stats.top_values.double(), top.values, atol=1e-5)
+        assert torch.allclose(stats.at.double(), whole.gather(-1, ids), atol=1e-5)
+        assert torch.equal(stats.argmax, whole.argmax(dim=-1))
+        assert stats.max_abs == pytest.approx(float(whole.abs().max()), abs=1e-5)
+    if chunk_bytes is not None:
+        with torch.no_grad():
+            sizes = [c.nbytes for _w, chunks in _logit_blocks(model, batch, True, chunk_bytes) for _v, c in chunks]
+        assert max(sizes) <= max(chunk_bytes, 2 * 4) and sum(sizes) == whole.numel() * 4
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 4096, None])
