@@ -66,6 +66,10 @@ class RunState:
     task: str = "causal-lm"  # what the model computes: causal-lm, masked-lm or encoder (engine.models.model_task)
     converted: list[str] = field(default_factory=list)  # Conv1D layers run as nn.Linear (restored for the export)
     cost: dict[str, Any] = field(default_factory=dict)  # the run's planned work and estimated time (podar._cost)
+    # fine-tuning between its checkpointed intervals: the session (optimizer state, RNG, validation history) the
+    # next interval continues (stages.finetune.Session) and the best validated weights of the round so far
+    finetune_session: Any = None
+    finetune_best: dict[str, torch.Tensor] | None = None
 
     @property
     def group_index(self) -> int:

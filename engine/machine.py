@@ -60,6 +60,7 @@ CONDITIONS: dict[str, str] = {
     "more_layer_groups": "sequential calibration has layer groups left to prune in this round",
     "more_pruning_rounds": "the schedule has pruning rounds left (gradual / cubic)",
     "gate_passed": "every quality gate passed, or failures are set to warn",
+    "more_finetune_steps": "fine-tuning has steps left in this round (it checkpoints every few steps)",
 }
 
 
@@ -88,12 +89,14 @@ MOVES: tuple[Move, ...] = (
     # sequential mode: the next layer group is calibrated on the already-pruned blocks
     Move("next_group", S.PRUNING, S.CALIBRATING, conditions=("more_layer_groups",), effects=("next_layer_group",)),
     Move("pruned", S.PRUNING, S.FINE_TUNING, unless=("more_layer_groups",)),
+    # fine-tuning is checkpointed every few steps: the next interval of the same round
+    Move("next_interval", S.FINE_TUNING, S.FINE_TUNING, conditions=("more_finetune_steps",)),
     # gradual schedules: after fine-tuning, another pruning round
     Move("next_round", S.FINE_TUNING, S.CALIBRATING, conditions=("more_pruning_rounds", "needs_calibration"),
-         effects=("next_pruning_round",)),
+         unless=("more_finetune_steps",), effects=("next_pruning_round",)),
     Move("next_round", S.FINE_TUNING, S.COMPUTING_IMPORTANCE, conditions=("more_pruning_rounds",),
-         unless=("needs_calibration",), effects=("next_pruning_round",)),
-    Move("finetuned", S.FINE_TUNING, S.EVALUATING, unless=("more_pruning_rounds",)),
+         unless=("needs_calibration", "more_finetune_steps"), effects=("next_pruning_round",)),
+    Move("finetuned", S.FINE_TUNING, S.EVALUATING, unless=("more_pruning_rounds", "more_finetune_steps")),
     Move("evaluated", S.EVALUATING, S.EXPORTING, conditions=("gate_passed",)),
     Move("evaluated", S.EVALUATING, S.FAILED, unless=("gate_passed",)),
     Move("exported", S.EXPORTING, S.COMPLETE),

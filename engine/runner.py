@@ -85,6 +85,8 @@ class Runner:
             return st.more_layer_groups
         if name == "more_pruning_rounds":
             return st.round_index + 1 < cfg.schedule.num_pruning_steps()
+        if name == "more_finetune_steps":
+            return st.counters.step < cfg.finetune_round_end(st.round_index)
         if name == "gate_passed":
             return self.last_result is None or self.last_result.outcome != "gate_failed"
         raise KeyError(f"unknown condition {name!r}")

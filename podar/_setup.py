@@ -155,7 +155,18 @@ def _texts(ctx: RunContext) -> None:
                                 f"evaluation.sequence_length={cfg.evaluation.sequence_length} tokens")
             st.data_sha256["evaluation" if i == 0 else f"evaluation:{dataset}"] = text_sha256(text)
     if cfg.finetune.enabled:
-        st.data_sha256["finetune"] = text_sha256(load_text(cfg.finetune.dataset, data_dir, field="finetune.dataset"))
+        ft = cfg.finetune
+        evaluated = {sha: name for name, sha in st.data_sha256.items() if name.startswith("evaluation")}
+        texts = [("finetune.dataset", ft.dataset)]
+        if ft.validation_dataset is not None and ft.eval_every:
+            texts.append(("finetune.validation_dataset", ft.validation_dataset))
+        for field, name in texts:
+            sha = text_sha256(load_text(name, data_dir, field=field))
+            if sha in evaluated:
+                raise DataError(f"{field} '{name}' is the {evaluated[sha]} text (the same bytes): fine-tuning "
+                                "or validating on the text the gates are measured on would hide what pruning cost; "
+                                "give another text")
+            st.data_sha256["finetune" if field == "finetune.dataset" else "finetune:validation"] = sha
 
 
 def _plan(ctx: RunContext) -> None:

@@ -107,18 +107,48 @@ class RuntimeConfig(Frozen):
 
 
 class FineTuneConfig(Frozen):
-    """Masked fine-tuning after pruning: pruned weights stay exactly zero after every step."""
+    """Fine-tuning after pruning, recovering what pruning cost: distillation from the dense model (or the plain
+    language-model loss), a learning-rate schedule, validation with early stopping, and checkpoints every few steps
+    that a killed run resumes from. Pruned weights stay exactly zero after every step. Defaults follow Minitron /
+    NVIDIA ModelOpt's distillation (logit KL at temperature 1, warm-up then cosine decay); docs/finetuning.md."""
 
-    enabled: bool = Field(default=False, description="run masked fine-tuning")
+    enabled: bool = Field(default=False, description="run fine-tuning")
     steps: int = Field(default=16, ge=1, description="optimizer steps after the last pruning round, >= 1")
-    learning_rate: float = Field(default=1e-5, gt=0.0, lt=1.0, description="AdamW learning rate, (0, 1)")
+    tokens: int | None = Field(
+        default=None, ge=1, description="budget in training tokens instead of steps (steps = tokens / tokens per "
+        "step, rounded up), >= 1; None: steps")
+    loss: Literal["lm", "kd", "kd+lm"] = Field(
+        default="kd", description="lm: next-token loss; kd: KL(dense ‖ pruned) of the logits; kd+lm: weighted sum")
+    kd_temperature: float = Field(default=1.0, gt=0.0, le=20.0, description="distillation temperature, (0, 20]")
+    kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="kd+lm: weight of the KD term, [0, 1]")
+    learning_rate: float = Field(default=1e-5, gt=0.0, lt=1.0, description="AdamW peak learning rate, (0, 1)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="decay after the warm-up: none, linear or cosine to min_lr_ratio")
+    warmup_fraction: float = Field(default=0.05, ge=0.0, le=0.5, description="warm-up share of the steps, [0, 0.5]")
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="final learning rate / peak, [0, 1]")
     weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay, >= 0")
-    batch_size: int = Field(default=1, ge=1, description="windows per step, >= 1")
+    batch_size: int = Field(default=1, ge=1, description="windows per micro-batch, >= 1")
+    grad_accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step, >= 1")
     sequence_length: int = Field(default=256, ge=8, description="tokens per window, >= 8")
     dataset: str = Field(default="wikitext2-valid", description="named dataset or text file; never the eval text")
+    validation_dataset: str | None = Field(
+        default=None, description="validation text (named or file; never the eval text); None: the training "
+        "text's last 10%, held out from training")
+    validation_windows: int = Field(default=8, ge=1, description="validation windows of sequence_length, >= 1")
+    eval_every: int = Field(default=25, ge=0, description="steps between validations, >= 0; 0: none")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="validations without improvement before stopping, >= 1; None: off")
+    checkpoint_every: int = Field(default=50, ge=1, description="steps between fine-tuning checkpoints, >= 1")
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="gradient clipping norm, > 0; None: off")
     train: Literal["pruned_layers", "all"] = Field(default="pruned_layers", description="parameters trained")
     seed: int = Field(default=0, ge=0, description="seed of the window sampler, >= 0")
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accumulation * self.sequence_length
+
+    def total_steps(self) -> int:
+        """Optimizer steps after the last pruning round: ``steps``, or the ``tokens`` budget in steps."""
+        return self.steps if self.tokens is None else -(-self.tokens // self.tokens_per_step())
 
 
 class QualityGates(Frozen):
@@ -429,6 +459,15 @@ class PruningConfig(Frozen):
 
     def with_runtime(self, runtime: RuntimeConfig) -> PruningConfig:
         return self._with(runtime=runtime)
+
+    def finetune_round_end(self, round_index: int) -> int:
+        """The fine-tuning step count at the end of pruning round ``round_index`` (the steps after each round,
+        summed; 0 when fine-tuning is off or before round 0): where ``counters.step`` stands when it is done."""
+        if not self.finetune.enabled or round_index < 0:
+            return 0
+        steps = self.schedule.pruning_steps()
+        per_round = [b - a for a, b in zip(steps, steps[1:], strict=False)] + [self.finetune.total_steps()]
+        return sum(per_round[:round_index + 1])
 
     def with_finetune(self, finetune: FineTuneConfig) -> PruningConfig:
         return self._with(finetune=finetune)

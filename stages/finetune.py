@@ -1,29 +1,156 @@
-"""FineTuning: a short masked training loop through Accelerate. Pruned weights stay exactly zero after every
-optimizer step (their gradients are zeroed before the step and the mask is re-applied after it)."""
+"""FineTuning: recovering what pruning cost, through Accelerate, a checkpointed interval at a time.
+
+Each entry into the stage trains ``finetune.checkpoint_every`` optimizer steps (fewer at the end of a round) and
+checkpoints: the trained weights, the optimizer's state, the RNG state, the validation history and the best
+weights so far. The machine moves FineTuning → FineTuning while steps are left, so a run killed anywhere in a
+long fine-tune resumes from its last interval, to the same final weights as a run never interrupted.
+
+Loss (``finetune.loss``): ``lm`` the next-token cross-entropy; ``kd`` the KL divergence from the dense model's
+next-token distribution to the pruned model's at temperature T (scaled by T², Hinton et al.); ``kd+lm`` their
+weighted sum. The teacher is the dense model computed on the fly: the same modules with their dense weights
+swapped in for its forward (``stages.common.swapped_weights``), so no second model is held.
+
+Learning rate: linear warm-up over ``warmup_fraction`` of the round's steps, then constant, linear or cosine decay
+to ``min_lr_ratio`` × the peak at the round's last step (``lr_at``). Validation every ``eval_every`` steps and at
+the round's end: perplexity and KL to the dense model on windows of a validation text (never the evaluation
+text); with ``early_stopping_patience`` the round stops after that many validations without improvement, and the
+best validated weights are kept. Pruned weights stay exactly zero after every step (their gradients are zeroed
+before the step and the mask re-applied after it).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from podar.engine.context import RunContext
 from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
-from podar.schemas.errors import StageError
+from podar.schemas.config import FineTuneConfig
+from podar.schemas.errors import CheckpointError, DataError, StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from .common import swapped_weights
+from .quality import compare_to_reference, dense_reference
+
 STAGE = PruningStage.FINE_TUNING
+STATE_KIND = "finetune_state"  # optimizer state, RNG, history: what the next interval continues from
+BEST_KIND = "finetune_best"  # the best validated weights so far
+VALIDATION_SHARE = 0.1  # without a validation text: the training text's last 10% of tokens, never trained on
+_VALIDATION_TOP_K = 256  # the dense model's top-k per position the validation KL is taken over (as Evaluating)
 
 
-def _steps_this_round(ctx: RunContext) -> int:
-    """Steps until the next pruning round, or the configured steps after the last one."""
-    steps = ctx.config.schedule.pruning_steps()
-    r = ctx.state.round_index
-    if r + 1 < len(steps):
-        return steps[r + 1] - steps[r]
-    return ctx.config.finetune.steps
+# ---------------------------------------------------------------- pure functions
+
+
+def lr_at(step: int, total: int, *, peak: float, warmup: int, schedule: str, min_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up to ``peak`` over the
+    first ``warmup`` steps (step i gets peak·(i+1)/warmup), then ``schedule`` — constant, or linear or cosine
+    decay from ``peak`` to ``min_ratio``·peak at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    span = total - warmup - 1
+    progress = 1.0 if span <= 0 else min((step - warmup) / span, 1.0)
+    floor = peak * min_ratio
+    if schedule == "linear":
+        return floor + (peak - floor) * (1.0 - progress)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Scalar: T² · mean over positions of KL(softmax(teacher/T) ‖ softmax(student/T)), from logits (..., V) of the
+    same positions (the teacher's carry no gradient)."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return per_position.mean() * temperature**2
+
+
+def warmup_steps(ft: FineTuneConfig, n_steps: int) -> int:
+    return round(ft.warmup_fraction * n_steps)
+
+
+# ---------------------------------------------------------------- data
+
+
+def training_texts(ctx: RunContext, n_windows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows (n_windows, T) int64 drawn by the round's seed, validation windows (v, T) or None when
+    ``eval_every`` is 0). Without ``validation_dataset`` the training text's last ``VALIDATION_SHARE`` of tokens is
+    held out for validation and the windows are drawn from the rest. DataError when a text is too short."""
+    ft, st = ctx.config.finetune, ctx.state
+    data_dir = resolve_data_dir(ctx.config.data_dir)
+    ids = tokenize_text(ctx.tokenizer, load_text(ft.dataset, data_dir, field="finetune.dataset"),
+                        field="finetune.dataset")
+    held: torch.Tensor | None = None
+    if ft.eval_every:
+        if ft.validation_dataset is None:
+            cut = int(ids.numel() * (1.0 - VALIDATION_SHARE))
+            ids, held = ids[:cut], ids[cut:]
+            source = f"the last {VALIDATION_SHARE:.0%} of finetune.dataset '{ft.dataset}'"
+        else:
+            held = tokenize_text(ctx.tokenizer, load_text(ft.validation_dataset, data_dir,
+                                                          field="finetune.validation_dataset"),
+                                 field="finetune.validation_dataset")
+            source = f"finetune.validation_dataset '{ft.validation_dataset}'"
+        need = ft.validation_windows * ft.sequence_length
+        if held.numel() < need:
+            raise DataError(f"{source} has {held.numel()} tokens; finetune.validation_windows="
+                            f"{ft.validation_windows} × finetune.sequence_length={ft.sequence_length} need {need} "
+                            "(a longer text, fewer or shorter windows, or finetune.eval_every: 0)")
+        held = held[:need].view(ft.validation_windows, ft.sequence_length)
+    windows = calibration_windows(ids, n_windows, ft.sequence_length, ft.seed + st.round_index,
+                                  name=ft.dataset, field="finetune")
+    return windows, held
+
+
+# ---------------------------------------------------------------- the training session of one round
+
+
+@dataclass
+class Session:
+    """What one round of fine-tuning carries from interval to interval (checkpointed as ``STATE_KIND``)."""
+
+    round_index: int
+    step: int  # the run's fine-tuning step count (counters.step) this state is at
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # "exp_avg.<param>", "exp_avg_sq.<param>"
+    adam_step: int = 0
+    rng: torch.Tensor | None = None  # torch's CPU generator state
+    best_loss: float | None = None
+    best_step: int | None = None
+    bad_validations: int = 0
+    stopped_early: bool = False
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = dict(self.optimizer)
+        if self.rng is not None:
+            tensors["rng.torch"] = self.rng
+        meta = {"round_index": self.round_index, "step": self.step, "adam_step": self.adam_step,
+                "best_loss": self.best_loss, "best_step": self.best_step, "bad_validations": self.bad_validations,
+                "stopped_early": self.stopped_early}
+        return tensors, {"session": json.dumps(meta, sort_keys=True)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Session:
+        meta = json.loads(metadata["session"])
+        return cls(round_index=meta["round_index"], step=meta["step"], adam_step=meta["adam_step"],
+                   optimizer={k: v for k, v in tensors.items() if not k.startswith("rng.")},
+                   rng=tensors.get("rng.torch"), best_loss=meta["best_loss"], best_step=meta["best_step"],
+                   bad_validations=meta["bad_validations"], stopped_early=meta["stopped_early"])
+
+
+def _round_bounds(ctx: RunContext) -> tuple[int, int]:
+    """(first, end) fine-tuning step of the current round (counters.step runs from first to end)."""
+    cfg, r = ctx.config, ctx.state.round_index
+    return (cfg.finetune_round_end(r - 1) if r else 0), cfg.finetune_round_end(r)
 
 
 @contextmanager
@@ -57,61 +184,97 @@ def _remask(masks: dict[str, torch.Tensor], targets: dict[str, torch.nn.Module])
     return leaked
 
 
-def _train(ctx: RunContext, windows: torch.Tensor, params: list[torch.nn.Parameter], masks: dict[str, torch.Tensor],
-           n_steps: int) -> tuple[list[float], list[float]]:
-    """(losses, max |w| at pruned positions after each step) of ``n_steps`` masked steps."""
-    ft, st, accelerator = ctx.config.finetune, ctx.state, ctx.accelerator
-    optimizer = torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
-    prepared, optimizer = accelerator.prepare(ctx.model, optimizer)
-    device_masks = {name: m.to(accelerator.device) for name, m in masks.items()}
-    losses: list[float] = []
-    leaks: list[float] = []
-    dist = ctx.dist
-    for step in ctx.bar(range(n_steps), "fine-tuning"):
-        ctx.check_cancelled()
-        batch = windows[step * ft.batch_size:(step + 1) * ft.batch_size]  # (B, T), the step's global batch
-        batch = batch[dist.rank::dist.world].to(accelerator.device)  # this process's share (all on one process)
-        loss = prepared(input_ids=batch, labels=batch, use_cache=False).loss
-        if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
-            raise StageError(f"fine-tuning loss is not finite at step {st.counters.step + step} ({loss.item()} "
-                             "here)", stage=STAGE.display_name())
-        accelerator.backward(loss)
-        for name, mask in device_masks.items():
-            grad = st.targets[name].weight.grad
-            if grad is not None:
-                grad.masked_fill_(~mask, 0.0)
-        if ft.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, ft.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        leaked = _remask(device_masks, st.targets)
-        if leaked != 0.0:
-            raise StageError(f"pruned weights are not zero after step {st.counters.step + step} (max |w| {leaked})",
-                             stage=STAGE.display_name())
-        losses.append(dist.sum_floats([float(loss.detach())])[0] / dist.world)  # the mean over the global batch
-        leaks.append(leaked)
-    ctx.model = accelerator.unwrap_model(prepared)
-    return losses, leaks
+def _teacher_logits(ctx: RunContext, batch: torch.Tensor) -> torch.Tensor:
+    """The dense model's logits (B, T, V) fp32 on ``batch``: the model with its dense weights swapped in, in eval
+    mode, no gradient."""
+    model = ctx.model
+    with torch.no_grad(), swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+        model.eval()
+        try:
+            return model(input_ids=batch, use_cache=False).logits.float()
+        finally:
+            model.train()
+
+
+def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """(the loss to step on, its LM part, its KD part — 0.0 when not computed) on ``batch`` (B, T)."""
+    ft = ctx.config.finetune
+    teacher = _teacher_logits(ctx, batch) if ft.loss != "lm" else None
+    logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    if teacher is None:
+        return lm, float(lm.detach()), 0.0
+    kd = kd_loss(logits, teacher[:, :-1], ft.kd_temperature)
+    loss = kd if ft.loss == "kd" else ft.kd_weight * kd + (1.0 - ft.kd_weight) * lm
+    return loss, float(lm.detach()), float(kd.detach())
+
+
+def _validate(ctx: RunContext, windows: torch.Tensor, reference: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(mean next-token loss in nats, mean KL to the dense model) of the model on the validation windows."""
+    m = compare_to_reference(ctx.model, windows, reference, device=ctx.device)
+    return math.log(m.ppl), float(m.kl_mean or 0.0)
+
+
+def _params(ctx: RunContext) -> dict[str, torch.nn.Parameter]:
+    """The parameters trained, by name."""
+    if ctx.config.finetune.train == "pruned_layers":
+        return {f"{name}.weight": m.weight for name, m in ctx.state.targets.items()}
+    return {n: p for n, p in ctx.model.named_parameters() if p.is_floating_point()}
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict[str, torch.Tensor], int]:
+    tensors: dict[str, torch.Tensor] = {}
+    step = 0
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        tensors[f"exp_avg.{name}"] = state["exp_avg"].detach().cpu()
+        tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().cpu()
+        step = int(state["step"])
+    return tensors, step
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
+                          session: Session) -> None:
+    if not session.optimizer:
+        return
+    for name, p in params.items():
+        if f"exp_avg.{name}" not in session.optimizer:
+            raise CheckpointError(f"the fine-tuning checkpoint holds no optimizer state for '{name}'")
+        optimizer.state[p] = {"step": torch.tensor(float(session.adam_step)),
+                              "exp_avg": session.optimizer[f"exp_avg.{name}"].to(p.device).clone(),
+                              "exp_avg_sq": session.optimizer[f"exp_avg_sq.{name}"].to(p.device).clone()}
 
 
 def run(ctx: RunContext) -> StageResult:
     ft, st = ctx.config.finetune, ctx.state
-    n_steps = _steps_this_round(ctx)
-    if not ft.enabled or n_steps == 0:
-        st.counters.step += n_steps if ft.enabled else 0
+    first, end = _round_bounds(ctx)
+    if not ft.enabled or end == first:
         return StageResult(stage=STAGE.value, metrics={"skipped": True, "steps": 0},
                            notes=["fine-tuning disabled (finetune.enabled: false)"] if not ft.enabled else [])
+    n_round = end - first
+    done = st.counters.step - first  # steps of this round already trained (0 on its first interval)
+    if not 0 <= done < n_round:
+        raise CheckpointError(f"fine-tuning is at step {st.counters.step}, outside round {st.round_index}'s steps "
+                              f"{first}..{end - 1}")
+    session = st.finetune_session
+    if done == 0:
+        session = Session(round_index=st.round_index, step=st.counters.step)
+        st.finetune_best = None
+    elif session is None or (session.round_index, session.step) != (st.round_index, st.counters.step):
+        found = None if session is None else (session.round_index, session.step)
+        raise CheckpointError(f"resuming fine-tuning at step {st.counters.step} (round {st.round_index}) needs the "
+                              f"checkpoint written there; the run folder's last one is at {found}")
+    micro = ft.batch_size * ft.grad_accumulation
+    windows, validation = training_texts(ctx, n_round * micro)
+    reference = None
+    if validation is not None:
+        reference = dense_reference_of(ctx, validation)
     masks = {name: st.masks[name] for name in st.targets if name in st.masks}
-    text = load_text(ft.dataset, resolve_data_dir(ctx.config.data_dir), field="finetune.dataset")
-    windows = calibration_windows(tokenize_text(ctx.tokenizer, text), n_steps * ft.batch_size, ft.sequence_length,
-                                  ft.seed + st.round_index, name=ft.dataset, field="finetune")  # (steps·B, T)
-    if ft.train == "pruned_layers":
-        params = [m.weight for m in st.targets.values()]
-    else:
-        params = [p for p in ctx.model.parameters() if p.is_floating_point()]
+    params = _params(ctx)
+    n_steps = min(ft.checkpoint_every, n_round - done)
     try:
-        with _training(ctx.model, params):
-            losses, leaks = _train(ctx, windows, params, masks, n_steps)
+        with _training(ctx.model, list(params.values())):
+            outcome = _train(ctx, session, windows, validation, reference, params, masks, done, n_steps, n_round)
     finally:
         ctx.accelerator.free_memory()
     for name, mask in masks.items():
@@ -119,10 +282,156 @@ def run(ctx: RunContext) -> StageResult:
         if int((w[~mask.to(w.device)] != 0).sum()):
             raise StageError(f"layer '{name}': pruned weights became non-zero during fine-tuning",
                              stage=STAGE.display_name(), layer=name)
-    first_step = st.counters.step
-    st.counters.step += n_steps
-    trained = {name: p for name, p in ctx.model.named_parameters() if any(p is q for q in params)}
-    ctx.save_tensors("weights", trained, group=False)
-    return StageResult(stage=STAGE.value, series={"loss": losses, "pruned_max_abs_after_step": leaks},
-                       metrics={"skipped": False, "steps": n_steps, "first_step": first_step,
-                                "first_loss": losses[0], "last_loss": losses[-1], "trained": ft.train})
+    return _checkpoint(ctx, session, outcome, params, first, done, n_round)
+
+
+def dense_reference_of(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The dense model's reference (``stages.quality.dense_reference``) on the validation windows."""
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+        return dense_reference(ctx.model, windows, top_k=_VALIDATION_TOP_K, device=ctx.device)
+
+
+@dataclass
+class _Outcome:
+    losses: list[float] = field(default_factory=list)
+    lm: list[float] = field(default_factory=list)
+    kd: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    leaks: list[float] = field(default_factory=list)  # max |w| at pruned positions after each step (0.0)
+    val_step: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    val_kl: list[float] = field(default_factory=list)
+    trained: int = 0
+    new_best: bool = False
+    tokens_per_s: float = 0.0
+
+
+def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation: torch.Tensor | None,
+           reference: dict[str, torch.Tensor] | None, params: dict[str, torch.nn.Parameter],
+           masks: dict[str, torch.Tensor], done: int, n_steps: int, n_round: int) -> _Outcome:
+    """Steps ``done`` .. ``done + n_steps - 1`` of the round (of ``n_round``), validating on schedule."""
+    import time
+
+    ft, st, accelerator, dist = ctx.config.finetune, ctx.state, ctx.accelerator, ctx.dist
+    names = {id(p): n for n, p in params.items()}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=ft.learning_rate, weight_decay=ft.weight_decay)
+    _load_optimizer_state(optimizer, params, session)
+    if session.rng is not None:
+        torch.set_rng_state(session.rng)
+    prepared, optimizer = accelerator.prepare(ctx.model, optimizer)
+    device_masks = {name: m.to(accelerator.device) for name, m in masks.items()}
+    out = _Outcome()
+    warm = warmup_steps(ft, n_round)
+    micro = ft.batch_size * ft.grad_accumulation
+    started = time.perf_counter()
+    for i in ctx.bar(range(done, done + n_steps), "fine-tuning"):
+        ctx.check_cancelled()
+        lr = lr_at(i, n_round, peak=ft.learning_rate, warmup=warm, schedule=ft.lr_schedule,
+                   min_ratio=ft.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = step_lm = step_kd = 0.0
+        for a in range(ft.grad_accumulation):
+            rows = windows[i * micro + a * ft.batch_size:i * micro + (a + 1) * ft.batch_size]  # (B, T)
+            batch = rows[dist.rank::dist.world].to(accelerator.device)  # this process's share
+            loss, lm, kd = _loss(ctx, prepared, batch)
+            if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
+                raise StageError(f"fine-tuning loss is not finite at step {st.counters.step + i - done} "
+                                 f"({loss.item()} here)", stage=STAGE.display_name())
+            accelerator.backward(loss / ft.grad_accumulation)
+            step_loss += float(loss.detach()) / ft.grad_accumulation
+            step_lm += lm / ft.grad_accumulation
+            step_kd += kd / ft.grad_accumulation
+        for name, mask in device_masks.items():
+            grad = st.targets[name].weight.grad
+            if grad is not None:
+                grad.masked_fill_(~mask, 0.0)
+        if ft.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(list(params.values()), ft.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        leaked = _remask(device_masks, st.targets)
+        if leaked != 0.0:
+            raise StageError(f"pruned weights are not zero after step {st.counters.step + i - done} "
+                             f"(max |w| {leaked})", stage=STAGE.display_name())
+        mean = dist.sum_floats([step_loss, step_lm, step_kd])
+        out.losses.append(mean[0] / dist.world)
+        out.lm.append(mean[1] / dist.world)
+        out.kd.append(mean[2] / dist.world)
+        out.lr.append(lr)
+        out.leaks.append(leaked)
+        out.trained += 1
+        last = i + 1 == n_round
+        if validation is not None and reference is not None and ((i + 1) % ft.eval_every == 0 or last):
+            if _validated(ctx, session, out, validation, reference, params, st.counters.step + i - done + 1):
+                break
+    out.tokens_per_s = out.trained * micro * ft.sequence_length / max(time.perf_counter() - started, 1e-9)
+    ctx.model = accelerator.unwrap_model(prepared)
+    session.optimizer, session.adam_step = _optimizer_state(optimizer, names)
+    session.rng = torch.get_rng_state()
+    return out
+
+
+def _validated(ctx: RunContext, session: Session, out: _Outcome, validation: torch.Tensor,
+               reference: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], step: int) -> bool:
+    """Validate at ``step`` (the run's step count after it); keep the best weights; True when patience ran out."""
+    ft = ctx.config.finetune
+    ctx.model.eval()
+    try:
+        loss, kl = _validate(ctx, validation, reference)
+    finally:
+        ctx.model.train()
+    out.val_step.append(float(step))
+    out.val_loss.append(loss)
+    out.val_kl.append(kl)
+    ctx.log.info("finetune_validation", step=step, val_loss=round(loss, 5), val_kl=round(kl, 5))
+    if session.best_loss is None or loss < session.best_loss:
+        session.best_loss, session.best_step, session.bad_validations = loss, step, 0
+        ctx.state.finetune_best = {n: p.detach().cpu().clone() for n, p in params.items()}
+        out.new_best = True
+        return False
+    session.bad_validations += 1
+    if ft.early_stopping_patience is not None and session.bad_validations >= ft.early_stopping_patience:
+        session.stopped_early = True
+        return True
+    return False
+
+
+def _checkpoint(ctx: RunContext, session: Session, out: _Outcome, params: dict[str, torch.nn.Parameter],
+                first: int, done: int, n_round: int) -> StageResult:
+    """Advance the counters, keep the best weights at the round's end, write the interval's artifacts."""
+    ft, st = ctx.config.finetune, ctx.state
+    start_step = st.counters.step
+    finished = session.stopped_early or done + out.trained >= n_round
+    st.counters.step = first + n_round if finished else start_step + out.trained  # early stop: the budget is over
+    session.step = st.counters.step
+    restored = False
+    if finished and st.finetune_best is not None and session.best_step is not None \
+            and session.best_step != start_step + out.trained:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(st.finetune_best[name].to(p.device))
+        restored = True
+    tag = f"step{session.step:08d}"
+    ctx.save_tensors("weights", {n: p for n, p in params.items()}, name=tag, group=False)
+    tensors, metadata = session.to_tensors()
+    ctx.save_tensors(STATE_KIND, tensors, name=tag, group=False, metadata=metadata)
+    if out.new_best and st.finetune_best is not None and not finished:
+        ctx.save_tensors(BEST_KIND, st.finetune_best, name=tag, group=False)
+    st.finetune_session = None if finished else session
+    if finished:
+        st.finetune_best = None
+    series: dict[str, list[float]] = {"loss": out.losses, "lm_loss": out.lm, "lr": out.lr,
+                                      "pruned_max_abs_after_step": out.leaks}
+    if ft.loss != "lm":
+        series["kd_loss"] = out.kd
+    if out.val_step:
+        series.update(val_step=out.val_step, val_loss=out.val_loss, val_kl=out.val_kl)
+    metrics: dict[str, Any] = {
+        "skipped": False, "steps": out.trained, "first_step": start_step, "round_steps": n_round,
+        "first_loss": out.losses[0], "last_loss": out.losses[-1], "trained": ft.train, "loss": ft.loss,
+        "tokens_per_s": round(out.tokens_per_s, 1), "finished_round": finished,
+        "stopped_early": session.stopped_early}
+    if session.best_step is not None:
+        metrics.update(best_step=session.best_step, best_val_loss=session.best_loss, kept_best=restored)
+    return StageResult(stage=STAGE.value, series=series, metrics=metrics)

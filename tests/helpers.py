@@ -17,12 +17,23 @@ from podar import (
 )
 
 
+def training_text(corpus: Path) -> Path:
+    """A text beside ``corpus`` for fine-tuning (podar refuses the evaluation text as training text): the same
+    words, other sentences."""
+    path = corpus.with_name("training.txt")
+    if not path.exists():
+        lines = corpus.read_text().splitlines()
+        path.write_text("\n".join(" ".join(reversed(line.split()[:-1])) + " ." for line in lines))
+    return path
+
+
 def make_tiny_config(corpus: Path, **tiny: object) -> PruningConfig:
     """A config that runs end to end on a 2-block random model (Llama unless ``arch=``) in a few seconds."""
     return PruningConfig(
         model=ModelSourceConfig(kind="tiny", tiny=TinyModelConfig(**tiny)),
         calibration=CalibrationConfig(num_samples=4, sequence_length=64, dataset=str(corpus)),
-        finetune=FineTuneConfig(enabled=False, steps=2, sequence_length=32, dataset=str(corpus)),
+        finetune=FineTuneConfig(enabled=False, steps=2, sequence_length=32, dataset=str(training_text(corpus)),
+                                validation_windows=4),
         evaluation=EvaluationConfig(dataset=str(corpus), sequence_length=64, max_windows=4,
                                     gates=QualityGates(max_perplexity_increase_pct=None)),
     )

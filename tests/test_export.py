@@ -404,7 +404,8 @@ def test_tensors_written_and_compared_a_part_at_a_time(tiny_config, tmp_path, mo
     parts = Pipeline(cfg, run_dir=tmp_path / "parts", progress=False)
     assert parts.run().ok
     for name in ("model.safetensors", "config.json"):
-        assert (tmp_path / "whole" / "export" / name).read_bytes() == (tmp_path / "parts" / "export" / name).read_bytes()
+        whole_bytes = (tmp_path / "whole" / "export" / name).read_bytes()
+        assert whole_bytes == (tmp_path / "parts" / "export" / name).read_bytes()
 
     ctx = parts.context
     reloaded = load_pretrained(tmp_path / "parts" / "export")

@@ -12,7 +12,7 @@ class Model:
 
 def make(initial=S.IDLE, **conds):
     values = {"needs_calibration": False, "more_layer_groups": False, "more_pruning_rounds": False,
-              "gate_passed": True, **conds}
+              "gate_passed": True, "more_finetune_steps": False, **conds}
     m = Model()
     build_machine(m, condition=lambda name: values[name], initial=initial)
     return m
@@ -48,6 +48,7 @@ CASES = [
     (S.COMPUTING_IMPORTANCE, "scored", {}, S.PRUNING),
     (S.PRUNING, "next_group", {"more_layer_groups": True}, S.CALIBRATING),
     (S.PRUNING, "pruned", {}, S.FINE_TUNING),
+    (S.FINE_TUNING, "next_interval", {"more_finetune_steps": True}, S.FINE_TUNING),
     (S.FINE_TUNING, "next_round", {"more_pruning_rounds": True, "needs_calibration": True}, S.CALIBRATING),
     (S.FINE_TUNING, "next_round", {"more_pruning_rounds": True}, S.COMPUTING_IMPORTANCE),
     (S.FINE_TUNING, "finetuned", {}, S.EVALUATING),
