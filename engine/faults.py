@@ -3,7 +3,7 @@
 Syntax: comma-separated ``ACTION@POINT[#N]`` — the N-th time (default 1) this process passes POINT, do ACTION:
 ``kill`` (SIGKILL, nothing runs after it), ``enospc`` (raise OSError ENOSPC, a full disk), ``interrupt``
 (raise KeyboardInterrupt, as Ctrl-C does), ``sleep`` (wait 60 s: a test signals the process meanwhile).
-Points: ``after:<stage>`` (a stage's result is checkpointed),
+Points: ``after:<stage>`` (a stage's result is checkpointed), ``step:fine_tuning`` (an optimizer step is done),
 ``write:artifact`` and ``write:manifest`` (the temp file is written and fsynced, not yet renamed).
 
 Read at call time, never at import. The per-process counters are the one piece of global state; ``reset()``.

@@ -33,6 +33,7 @@ from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
 from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
+from podar.stages.finetune import training_texts
 from podar.stages.methods import get_method
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.walks import plan_walk
@@ -167,6 +168,7 @@ def _texts(ctx: RunContext) -> None:
                                 "or validating on the text the gates are measured on would hide what pruning cost; "
                                 "give another text")
             st.data_sha256["finetune" if field == "finetune.dataset" else "finetune:validation"] = sha
+        training_texts(ctx, 1)  # the validation windows fit (DataError naming the field before any work)
 
 
 def _plan(ctx: RunContext) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from podar.engine import faults
 from podar.engine.context import RunContext
 from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
 from podar.schemas.config import FineTuneConfig
@@ -361,6 +362,7 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
         out.lr.append(lr)
         out.leaks.append(leaked)
         out.trained += 1
+        faults.hit("step:fine_tuning")
         last = i + 1 == n_round
         if validation is not None and reference is not None and ((i + 1) % ft.eval_every == 0 or last):
             if _validated(ctx, session, out, validation, reference, params, st.counters.step + i - done + 1):

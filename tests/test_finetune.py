@@ -1,0 +1,141 @@
+"""FineTuning that recovers (issue 29): the distillation loss against float64, the learning-rate schedule, a
+fine-tune killed at several steps resumed to the same weights, early stopping keeping the best weights, the
+validation text's errors, the evaluation text refused as training text."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from podar import Pipeline, verify_audit
+from podar.engine import faults
+from podar.engine.store import RunStore, sha256_file
+from podar.schemas.errors import DataError, PodarError
+from podar.stages.finetune import kd_loss, lr_at
+
+
+def test_kd_loss_is_the_kl_divergence_in_float64():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    for t in (1.0, 2.0, 0.5):
+        p = torch.softmax(teacher.double() / t, dim=-1)
+        log_q = torch.log_softmax(student.double() / t, dim=-1)
+        want = float((p * (p.log() - log_q)).sum(-1).mean()) * t * t
+        assert float(kd_loss(student, teacher, t)) == pytest.approx(want, rel=1e-5)
+    assert float(kd_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    s = student.clone().requires_grad_(True)
+    kd_loss(s, teacher).backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()  # the teacher carries no gradient
+
+
+def test_learning_rate_schedule_at_chosen_steps():
+    kw = dict(peak=1e-3, warmup=4, min_ratio=0.1)
+    assert [lr_at(i, 20, schedule="cosine", **kw) for i in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(4, 20, schedule="cosine", **kw) == pytest.approx(1e-3)  # decay starts at the peak
+    assert lr_at(19, 20, schedule="cosine", **kw) == pytest.approx(1e-4)  # the last step at the floor
+    mid = 4 + (20 - 4 - 1) / 2  # half way through the decay: cosine and linear agree at the mean
+    assert lr_at(int(mid), 20, schedule="linear", **kw) == pytest.approx(1e-4 + 9e-4 * (1 - (int(mid) - 4) / 15))
+    assert lr_at(19, 20, schedule="linear", **kw) == pytest.approx(1e-4)
+    assert lr_at(12, 20, schedule="cosine", **kw) == pytest.approx(1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * 8 / 15)))
+    assert lr_at(15, 20, schedule="constant", **kw) == pytest.approx(1e-3)
+    assert lr_at(0, 1, schedule="cosine", peak=1e-3, warmup=0, min_ratio=0.1) == pytest.approx(1e-4)
+
+
+def ft_config(tiny_config, **update):
+    base = {"enabled": True, "steps": 6, "checkpoint_every": 2, "eval_every": 2, "learning_rate": 1e-3,
+            "loss": "kd+lm"}
+    return tiny_config.with_method("wanda").with_finetune(tiny_config.finetune.model_copy(update={**base, **update}))
+
+
+def export_hashes(run_dir):
+    export = run_dir / "export"
+    return {str(p.relative_to(export)): sha256_file(p) for p in sorted(export.rglob("*")) if p.is_file()}
+
+
+def test_fine_tuning_checkpoints_every_few_steps_and_reports_its_curves(tiny_config, tmp_path):
+    result = Pipeline(ft_config(tiny_config), run_dir=tmp_path / "run", progress=False).run()
+    assert result.ok, result.failure
+    parts = [r for r in result.results if r.stage == "fine_tuning"]
+    assert [r.metrics["first_step"] for r in parts] == [0, 2, 4] and [r.metrics["steps"] for r in parts] == [2, 2, 2]
+    assert [x for r in parts for x in r.series["val_step"]] == [2.0, 4.0, 6.0]
+    assert all(r.series["pruned_max_abs_after_step"] == [0.0, 0.0] for r in parts)
+    lrs = [x for r in parts for x in r.series["lr"]]
+    assert lrs[-1] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-3)
+    kinds = [RunStore(tmp_path / "run").read_manifest().artifacts[a].kind for r in parts for a in r.artifacts]
+    assert kinds.count("finetune_state") == 3 and kinds.count("weights") == 3
+
+
+FT_KILLS = ["kill@step:fine_tuning#1", "kill@step:fine_tuning#3", "kill@after:fine_tuning#2",
+            "kill@step:fine_tuning#6"]
+
+
+@pytest.mark.parametrize("fault", FT_KILLS)
+def test_a_fine_tune_killed_anywhere_resumes_to_the_same_weights(tiny_config, tmp_path, fault):
+    cfg = ft_config(tiny_config)
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    env = {**os.environ, faults.ENV: fault, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "podar.cli", "run", str(path), "--run-dir", str(tmp_path / "run"),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    result = Pipeline.resume(tmp_path / "run", progress=False).run()
+    assert result.ok, result.failure
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    verify_audit(tmp_path / "run" / "audit.jsonl", manifest.run_id, manifest.history)
+    steps = [r.metrics["first_step"] for r in manifest.results if r.stage == "fine_tuning"]
+    assert steps == [0, 2, 4]  # no interval trained twice, none skipped
+
+
+def test_early_stopping_keeps_the_best_validated_weights(tiny_config, tmp_path, monkeypatch):
+    """Validation losses scripted (best at step 2, then two worse): the round stops at step 4 of 8, the model
+    ends with the weights it had at step 2, and the step counter stands at the budget's end."""
+    from podar.stages import finetune
+
+    scripted = iter([5.0, 4.0, 4.5, 4.6, 4.7])
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def validate(ctx, windows, reference):
+        seen.append({n: m.weight.detach().clone() for n, m in ctx.state.targets.items()})
+        return next(scripted), 0.0
+
+    monkeypatch.setattr(finetune, "_validate", validate)
+    cfg = ft_config(tiny_config, steps=8, eval_every=1, early_stopping_patience=2, checkpoint_every=3)
+    p = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    result = p.run()
+    assert result.ok, result.failure
+    parts = [r for r in result.results if r.stage == "fine_tuning"]
+    last = parts[-1].metrics
+    assert [x for r in parts for x in r.series["val_loss"]] == [5.0, 4.0, 4.5, 4.6]
+    assert last["stopped_early"] and last["kept_best"] and last["best_step"] == 2 and last["best_val_loss"] == 4.0
+    assert sum(r.metrics["steps"] for r in parts) == 4
+    assert not torch.equal(seen[1]["model.layers.0.mlp.up_proj"], seen[3]["model.layers.0.mlp.up_proj"])
+    for name, module in p.context.state.targets.items():
+        assert torch.equal(module.weight.detach(), seen[1][name]), name  # the weights validated at step 2
+    assert RunStore(tmp_path / "run").read_manifest().progress.step == 8  # the budget is over
+
+
+def test_a_missing_or_too_short_validation_text_is_refused_before_any_work(tiny_config, tmp_path):
+    missing = ft_config(tiny_config, validation_dataset=str(tmp_path / "nope.txt"))
+    with pytest.raises(PodarError, match="finetune.validation_dataset"):
+        Pipeline(missing, run_dir=tmp_path / "a", progress=False).run()
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only")
+    with pytest.raises(DataError, match="finetune.validation_windows=4"):
+        Pipeline(ft_config(tiny_config, validation_dataset=str(short)), run_dir=tmp_path / "b", progress=False).run()
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_the_evaluation_text_is_refused_as_training_or_validation_text(tiny_config, tmp_path):
+    evaluated = tiny_config.evaluation.dataset
+    for field in ("dataset", "validation_dataset"):
+        cfg = ft_config(tiny_config, **{field: evaluated})
+        with pytest.raises(DataError, match=f"finetune.{field} .* is the evaluation text"):
+            Pipeline(cfg, run_dir=tmp_path / field, progress=False).run()
