@@ -193,6 +193,7 @@ class Runner:
         ctx.current_layer = None
         ctx.stage = stage
         written_s, written_b = ctx.store.write_seconds, ctx.store.write_bytes
+        ctx.runtime.trim()  # what the stage before freed goes back to the OS before this one allocates
         started = time.perf_counter()
         result, failure = None, None
         try:

@@ -22,7 +22,7 @@ None of them changes which files a run folder holds.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -118,6 +118,16 @@ class Runtime:
         old = param.data
         param.data = new
         return self.page_out([old], ranges)
+
+    def releaser(self) -> Callable[[torch.Tensor], None]:
+        """``release(part)``: advise the file pages of a part of a weight out once a pass has read it (the file
+        mappings read once, now)."""
+        ranges = self.file_ranges()
+
+        def release(part: torch.Tensor) -> None:
+            self.page_out([part], ranges)
+
+        return release
 
     def settle(self, model: nn.Module) -> None:
         """Between two passes that each read the whole ``model``: the pages of its weights mapped from files

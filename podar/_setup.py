@@ -308,6 +308,7 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
     if converted:
         log.info("conv1d_as_linear", layers=len(converted), note="restored to Conv1D for the export")
     _texts(ctx)
+    ctx.runtime.trim()  # the tokenizer's working memory for whole texts
     _plan(ctx)
     ctx.state.cost = estimate_cost(ctx)
     log.info("cost_estimate", **ctx.state.cost)

@@ -73,7 +73,7 @@ def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sh
         with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
             return dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
                                    device=ctx.device, progress=ctx.progress, text=dataset,
-                                   after_batch=ctx.runtime.trim)
+                                   after_batch=ctx.runtime.trim, release=ctx.runtime.releaser())
 
     ref = together(ctx.dist, reference)
     ctx.runtime.settle(ctx.model)  # the dense weights were copies, freed: their heap pages go back
@@ -147,8 +147,8 @@ def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
     ref = dense_baseline(ctx, dataset, windows, text_sha, index, every.shape[0])
     local = together(ctx.dist, lambda: compare_to_reference(ctx.model, windows, ref, batch_size=ev.batch_size,
                                                             device=ctx.device, progress=ctx.progress, text=dataset,
-                                                            check=ctx.check_cancelled,
-                                                            after_batch=ctx.runtime.trim))
+                                                            check=ctx.check_cancelled, after_batch=ctx.runtime.trim,
+                                                            release=ctx.runtime.releaser()))
     dense = reference_metrics(ref, windows.shape[1]).summed(ctx.dist)
     pruned = local.summed(ctx.dist)
     gates = ev.gates_for(dataset)

@@ -135,7 +135,9 @@ def reference_pass(ctx: RunContext, model: torch.nn.Module, batch: torch.Tensor)
             ref.hidden = final_hidden(model, batch).float().cpu()
             ref.scale = float(ref.hidden.abs().max())
             return ref
-        stats = next_token_stats(model, batch, split=head_splits(model, batch[:1, :8]), top_k=_VERIFY_TOP_K)
+        release = ctx.runtime.releaser()
+        stats = next_token_stats(model, batch, split=head_splits(model, batch[:1, :8], release), top_k=_VERIFY_TOP_K,
+                                 release=release)
         ref.ids, ref.values, ref.scale = stats.top_ids, stats.top_values, stats.max_abs
         if not stats.max_abs <= ref.peak:  # the head's logits (a split head is applied outside its module)
             head = model.get_output_embeddings()
@@ -170,8 +172,9 @@ def compare_outputs(ctx: RunContext, ref: Reference, other: torch.nn.Module) -> 
         diff = float((ref.hidden - b).abs()[finite].max()) if bool(finite.any()) else 0.0
         return diff, ref.scale, int((~finite).sum())
     assert ref.ids is not None and ref.values is not None
-    split = head_splits(other, batch[:1, :8])
-    bad = next_token_stats(other, batch, split=split).nonfinite  # in its own dtype, as the tools that load it do
+    release = ctx.runtime.releaser()
+    split = head_splits(other, batch[:1, :8], release)
+    bad = next_token_stats(other, batch, split=split, release=release).nonfinite  # in its own dtype
     diff = 0.0
     with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
         for where, got in logits_at(other, batch, ref.ids, split=split):
@@ -223,7 +226,6 @@ def verify_export(ctx: RunContext, folder: Path, dtype: torch.dtype, reference: 
 def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Write the export into ``staging``; the pruned layers' bytes against dense float16."""
     cfg, model, targets = ctx.config.export, ctx.model, set(ctx.state.targets)
-    ranges = ctx.runtime.file_ranges()
     if cfg.format == "gguf":
         sizes = write_gguf(model, ctx.tokenizer, staging, targets=targets, gguf_type=cfg.gguf_type)
         write_meta(staging, [GGUF_FILE], format="gguf", gguf_file=GGUF_FILE, gguf_type=cfg.gguf_type,
@@ -235,7 +237,7 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
                                targets=targets, dtype=dtype, max_shard_bytes=parse_size(cfg.max_shard_size),
                                tokenizer=ctx.tokenizer, sparsity=ctx.config.target_sparsity,
                                structure=ctx.config.pattern.label(), scales=ctx.state.quant_scales,
-                               release=lambda part: ctx.runtime.page_out([part], ranges))
+                               release=ctx.runtime.releaser())
     return {"pruned_layers_bytes": summary.target_bytes,
             "pruned_layers_dense_fp16_bytes": summary.target_dense_fp16_bytes,
             "pruned_layers_ratio_vs_fp16": summary.target_ratio,

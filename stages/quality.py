@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from podar.engine.compute import while_running
 from podar.schemas.errors import StageError
 
 __all__ = ["TextMetrics", "Fidelity", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate",
@@ -59,6 +60,9 @@ class TextMetrics:
 
 _CHUNK_BYTES = 32 << 20  # float32 logits of at most this many bytes at a time (a block of positions × vocabulary rows)
 _ALL = 1 << 62  # top_k of "every token"
+_PROBE_ROWS = 1024  # head_splits compares the model's logits and the split head's on this many tokens
+_MIN_VOCAB_CHUNK = 2048  # vocabulary rows per head product at least (fewer read the head's weight too often)
+Release = Callable[[torch.Tensor], None]  # told that a part of a weight was read (and may leave memory)
 
 
 def nll_of(stats: NextTokenStats) -> torch.Tensor:
@@ -116,15 +120,27 @@ def logits_at(model: torch.nn.Module, batch: torch.Tensor, ids: torch.Tensor, *,
         yield where, logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def head_splits(model: torch.nn.Module, probe: torch.Tensor) -> bool:
+def head_splits(model: torch.nn.Module, probe: torch.Tensor, release: Release | None = None) -> bool:
     """Whether the head applied to the base model's last hidden states gives the model's own logits on ``probe``
-    (1, t): a model that scales or post-processes its logits otherwise is computed whole."""
+    (1, t): a model that scales or post-processes its logits otherwise is computed whole. Compared on the head's
+    first ``_PROBE_ROWS`` tokens (the head computes with those rows only, in both passes), so the check reads
+    little of a large head; ``release(rows)`` is told that those rows were read (see ``_logit_blocks``)."""
     parts = _head_parts(model)
     if parts is None:
         return False
     base, apply = parts
-    whole = model(input_ids=probe, use_cache=False).logits.float()
-    split = apply(base(input_ids=probe, use_cache=False).last_hidden_state)
+    head = model.get_output_embeddings()
+    rows = min(head.weight.shape[0], _PROBE_ROWS)
+
+    def first_rows(_name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        own = {"weight": module.weight[:rows]}
+        return own if module.bias is None else {**own, "bias": module.bias[:rows]}
+
+    with while_running({"head": head}, first_rows):
+        whole = model(input_ids=probe, use_cache=False).logits.float()
+        split = apply(base(input_ids=probe, use_cache=False).last_hidden_state)
+    if release is not None:
+        release(head.weight[:rows])
     return whole.shape == split.shape and torch.allclose(split, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -148,16 +164,16 @@ class NextTokenStats:
     nonfinite: int
 
 
-_MIN_VOCAB_CHUNK = 2048  # vocabulary rows per head product at least (fewer read the head's weight too often)
 
 
-def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chunk_bytes: int | None
-                  ) -> Iterator[tuple[slice, Iterator[tuple[int, torch.Tensor]]]]:
+def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chunk_bytes: int | None,
+                  release: Release | None = None) -> Iterator[tuple[slice, Iterator[tuple[int, torch.Tensor]]]]:
     """(positions, chunks): the predicting positions of ``batch`` (B, T) a block at a time, and for each block its
     logits over the vocabulary a chunk at a time, (first vocabulary id, logits (B, P, Vc) fp32). With ``split`` the
     head's rows are applied to the last hidden states a chunk at a time (each row of the head read once per block
     of positions; a chunk at most ``chunk_bytes``, or ``_MIN_VOCAB_CHUNK`` rows for one position); without, the
-    model's whole logits are one block and one chunk."""
+    model's whole logits are one block and one chunk. ``release(rows)`` is called with each chunk's rows of the
+    head's weight once used (to let their mapped pages go: a 262k-token head is then never resident whole)."""
     b, t = batch.shape
     if not split:
         yield slice(0, t - 1), iter([(0, model(input_ids=batch, use_cache=False).logits[:, :-1].float())])
@@ -175,6 +191,8 @@ def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chun
         for v0 in range(0, vocab, rows):
             bias = None if head.bias is None else head.bias[v0:v0 + rows]
             logits = F.linear(h, head.weight[v0:v0 + rows], bias).float()  # (B, P, Vc)
+            if release is not None:
+                release(head.weight[v0:v0 + rows])
             yield v0, logits if cap is None else torch.tanh(logits / cap) * cap
 
     for start in range(0, t - 1, positions):
@@ -184,16 +202,17 @@ def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chun
 
 @torch.no_grad()
 def next_token_stats(model: torch.nn.Module, batch: torch.Tensor, *, split: bool, top_k: int = 0,
-                     ids: torch.Tensor | None = None, chunk_bytes: int | None = None) -> NextTokenStats:
+                     ids: torch.Tensor | None = None, chunk_bytes: int | None = None,
+                     release: Release | None = None) -> NextTokenStats:
     """``NextTokenStats`` of ``model`` on ``batch`` (B, T) (its ``top_k`` largest logits; the logits of ``ids``
     (B, T-1, j) when given), computed over the vocabulary a chunk at a time (``_logit_blocks``): equal to the same
     statistics of the whole logits up to rounding (the logsumexp is combined across chunks in float64), and no
-    (B, T, V) tensor is made."""
+    (B, T, V) tensor is made. ``release``: see ``_logit_blocks``."""
     b, t = batch.shape
     targets = batch[:, 1:].cpu()
     parts: list[tuple[torch.Tensor, ...]] = []
     max_abs, nonfinite, vocab = 0.0, 0, 0
-    for where, chunks in _logit_blocks(model, batch, split, chunk_bytes):
+    for where, chunks in _logit_blocks(model, batch, split, chunk_bytes, release):
         n = where.stop - where.start
         lse = torch.full((b, n), -math.inf, dtype=torch.float64)
         target = torch.zeros(b, n, 1)
@@ -253,15 +272,17 @@ def _check_finite(values: torch.Tensor, start: int, text: str, what: str) -> Non
 @torch.no_grad()
 def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int | None, batch_size: int = 1,
                     device: torch.device | str = "cpu", progress: bool = False, text: str = "text",
-                    after_batch: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+                    after_batch: Callable[[], None] | None = None, release: Release | None = None
+                    ) -> dict[str, torch.Tensor]:
     """The compact dense reference of ``windows`` (n, T):
 
     ``nll`` (n,) fp64; ``topk_ids`` (n, T-1, k) int64 and ``topk_logp`` (n, T-1, k) fp32 — the reference
     model's k most likely next tokens and their log-probs (k = vocabulary when ``top_k`` is None).
-    ``after_batch()`` runs after each batch of windows (to return what its forward freed).
+    ``after_batch()`` runs after each batch of windows (to return what its forward freed); ``release``: see
+    ``_logit_blocks``.
     """
     n, t = windows.shape
-    split = head_splits(model, windows[:1, :8].to(device))
+    split = head_splits(model, windows[:1, :8].to(device), release)
     nll = torch.zeros(n, dtype=torch.float64)
     ids_out: torch.Tensor | None = None
     logp_out: torch.Tensor | None = None
@@ -269,7 +290,8 @@ def dense_reference(model: torch.nn.Module, windows: torch.Tensor, *, top_k: int
                       leave=False):
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         rows = slice(start, start + batch.shape[0])
-        stats = next_token_stats(model, batch, split=split, top_k=_ALL if top_k is None else top_k)
+        stats = next_token_stats(model, batch, split=split, top_k=_ALL if top_k is None else top_k,
+                                 release=release)
         nll[rows] = nll_of(stats)
         if ids_out is None or logp_out is None:  # (n, T-1, k); index 0 is the argmax
             k = stats.top_ids.shape[-1]
@@ -314,11 +336,13 @@ def kl_and_agreement(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logq_all: to
 def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, reference: dict[str, torch.Tensor] | None,
                          *, batch_size: int = 1, device: torch.device | str = "cpu", progress: bool = False,
                          text: str = "text", check: Callable[[], None] | None = None,
-                         after_batch: Callable[[], None] | None = None) -> TextMetrics:
+                         after_batch: Callable[[], None] | None = None, release: Release | None = None
+                         ) -> TextMetrics:
     """Perplexity of ``model`` on ``windows`` (n, T), and KL/agreement against ``reference`` when given;
-    ``check()`` runs before and ``after_batch()`` after each batch of windows."""
+    ``check()`` runs before and ``after_batch()`` after each batch of windows; ``release``: see
+    ``_logit_blocks``."""
     n, t = windows.shape
-    split = head_splits(model, windows[:1, :8].to(device))
+    split = head_splits(model, windows[:1, :8].to(device), release)
     nll_sum = 0.0
     kl_sum = 0.0
     agree_sum = 0
@@ -329,7 +353,7 @@ def compare_to_reference(model: torch.nn.Module, windows: torch.Tensor, referenc
         batch = windows[start:start + batch_size].to(device)  # (B, T)
         rows = slice(start, start + batch.shape[0])
         ref_ids = None if reference is None else reference["topk_ids"][rows]  # (B, T-1, k)
-        stats = next_token_stats(model, batch, split=split, ids=ref_ids)
+        stats = next_token_stats(model, batch, split=split, ids=ref_ids, release=release)
         nll_b = nll_of(stats)
         kl_b = torch.zeros(batch.shape[0], dtype=torch.float64)
         if reference is not None and ref_ids is not None:
