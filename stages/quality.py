@@ -226,7 +226,6 @@ def next_token_stats(model: torch.nn.Module, batch: torch.Tensor, *, split: bool
             logits = logits.cpu()
             vc = logits.shape[-1]
             vocab += vc
-            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1).double())
             target = _take(target, logits, targets[:, where, None], v0)
             if want is not None:
                 at = _take(at, logits, want, v0)
@@ -243,6 +242,9 @@ def next_token_stats(model: torch.nn.Module, batch: torch.Tensor, *, split: bool
             max_abs = max(max_abs, -float(low), float(high))
             if not (math.isfinite(float(low)) and math.isfinite(float(high))):
                 nonfinite += int((~torch.isfinite(logits)).sum())
+            shift = torch.where(torch.isfinite(value), value, torch.zeros_like(value))  # (B, n) each row's max
+            total = logits.sub_(shift[..., None]).exp_().sum(dim=-1)  # in place: the logits are not read again
+            lse = torch.logaddexp(lse, shift.double() + total.double().log())
             del logits
         if top_k:
             order = torch.sort(top_values, dim=-1, descending=True, stable=True)

@@ -1,0 +1,115 @@
+"""Recovery by fine-tuning (issue 29): SmolLM2-135M pruned by Wanda 2:4, then fine-tuned with the same step
+budget by distillation from the dense model (``kd``), by the plain next-token loss (``lm``), and — the yardstick —
+the dense model fine-tuned alike (``lm``, the same layers, the same windows). Perplexity on WikiText-2 test and on
+a text of another domain (the Python standard library's docstrings, ``bench/other_text.py``); the share of the gap
+each closes: (ppl_pruned − ppl_after) / (ppl_pruned − ppl_dense_finetuned).
+
+    python bench/bench_finetune.py [--steps 150] [--out finetune]
+
+Also the time of a training step with the teacher on the fly against none (``--speed-pairs``: interleaved runs
+of a few steps each, tokens/s of each). Writes bench/results/NAME.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+OTHER = HERE / "data" / "stdlib-docstrings.txt"
+
+
+def config(*, sparsity: float, pattern: str, method: str, finetune: dict | None, windows: int):
+    from podar import (
+        CalibrationConfig,
+        EvaluationConfig,
+        FineTuneConfig,
+        PruningConfig,
+        QualityGates,
+        SparsityPatternConfig,
+    )
+
+    cfg = PruningConfig(
+        method=method, target_sparsity=sparsity,
+        pattern=SparsityPatternConfig.nm_2_4() if pattern == "2:4" else SparsityPatternConfig(),
+        calibration=CalibrationConfig(num_samples=32, sequence_length=512),
+        evaluation=EvaluationConfig(dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=512,
+                                    max_windows=windows, gates=QualityGates(max_perplexity_increase_pct=None)),
+        finetune=FineTuneConfig(enabled=finetune is not None, **(finetune or {})),
+    )
+    return cfg
+
+
+def run_one(name: str, cfg, work: Path) -> dict:
+    from podar import Pipeline
+
+    started = time.perf_counter()
+    result = Pipeline(cfg, run_dir=work / name, progress=False).run()
+    if not result.ok:
+        raise SystemExit(f"{name}: {result.failure}")
+    ev = result.metrics["evaluating"]
+    parts = [r for r in result.results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
+    row = {"variant": name, "wall_s": round(time.perf_counter() - started, 1),
+           "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
+           "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"]}
+    if parts:
+        row.update(finetune_s=round(sum(r.duration_s for r in parts), 1),
+                   steps=sum(r.metrics["steps"] for r in parts),
+                   tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1),
+                   val_loss=[x for r in parts for x in r.series.get("val_loss", [])],
+                   val_kl=[x for r in parts for x in r.series.get("val_kl", [])],
+                   first_loss=parts[0].metrics["first_loss"], last_loss=parts[-1].metrics["last_loss"])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
+    ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/podar-finetune"))
+    ap.add_argument("--out", default="finetune")
+    args = ap.parse_args()
+    ft = dict(steps=args.steps, batch_size=args.batch, sequence_length=args.seq, learning_rate=args.lr,
+              checkpoint_every=max(args.steps // 3, 1), eval_every=max(args.steps // 6, 1))
+    variants = {
+        "pruned": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows),
+        "kd": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"}, windows=args.windows),
+        "lm": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "lm"}, windows=args.windows),
+        "dense-lm": config(sparsity=0.0, pattern="unstructured", method="magnitude",
+                           finetune={**ft, "loss": "lm"}, windows=args.windows),
+    }
+    rows = [run_one(name, variants[name], args.work) for name in args.variants]
+    by = {r["variant"]: r for r in rows}
+    if "pruned" in by and "dense-lm" in by:
+        for r in rows:
+            for text in ("wikitext2", "other"):
+                gap = by["pruned"][f"ppl_{text}"] - by["dense-lm"][f"ppl_{text}"]
+                closed = (by["pruned"][f"ppl_{text}"] - r[f"ppl_{text}"]) / gap if gap else None
+                r[f"gap_closed_{text}"] = None if closed is None else round(closed, 3)
+    out = {"command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:]),
+           "args": vars(args) | {"work": str(args.work)}, "rows": rows}
+    (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+    lines = ["| variant | steps | fine-tune s | tokens/s | WikiText-2 ppl | gap closed | other-domain ppl "
+             "| gap closed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r.get('steps', 0)} | {r.get('finetune_s', 0)} "
+                     f"| {r.get('tokens_per_s', '—')} "
+                     f"| {r['ppl_wikitext2']:.2f} | {r.get('gap_closed_wikitext2', '—')} | {r['ppl_other']:.2f} "
+                     f"| {r.get('gap_closed_other', '—')} |")
+    (common.RESULTS / f"{args.out}.md").write_text(f"`{out['command']}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
