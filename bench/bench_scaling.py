@@ -162,11 +162,13 @@ export: {{format: dense, dtype: {"float32" if shape.family == "gemma3" else "flo
 
 def forward_seconds(folder: Path, shape: Shape) -> float:
     """Seconds of the forward passes Evaluating needs (dense and pruned: 2 × evaluation windows of ``shape.seq``
-    tokens, whole logits), in a child process of their own: what Evaluating's time compares with."""
+    tokens, whole logits), in a child process of their own, after one untimed forward that reads the weights from
+    disk: what Evaluating's time compares with."""
     code = (f"import time, torch; from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32).eval(); "
-            f"ids = torch.randint(0, {VOCAB}, (1, {shape.eval_seq or shape.seq})); t = time.perf_counter()\n"
-            f"with torch.no_grad():\n    for _ in range({2 * shape.eval_windows}):\n"
+            f"ids = torch.randint(0, {VOCAB}, (1, {shape.eval_seq or shape.seq}))\n"
+            f"with torch.no_grad():\n    m(input_ids=ids, use_cache=False).logits\n    t = time.perf_counter()\n"
+            f"    for _ in range({2 * shape.eval_windows}):\n"
             f"        m(input_ids=ids, use_cache=False).logits\nprint(time.perf_counter() - t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return round(float(out.strip().splitlines()[-1]), 1)

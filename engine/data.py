@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
 import lzma
 import os
 from pathlib import Path
@@ -85,10 +86,26 @@ def load_text(name: str, data_dir: Path | None, *, field: str = "dataset") -> st
 
 
 def _read(path: Path, field: str) -> str:
+    """A text file's text, or a JSON Lines file's (``.jsonl``) records' ``text`` fields joined by blank lines."""
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{field}: '{path}' is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from e
+    if path.suffix.lower() != ".jsonl":
+        return raw
+    texts = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{field}: '{path}' line {number} is not JSON ({e.msg}); a .jsonl file holds one JSON "
+                            "object per line") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{field}: '{path}' line {number} has no string field 'text' (each record needs one)")
+        texts.append(record["text"])
+    return "\n\n".join(texts)
 
 
 def _from_hub(spec: str) -> str | None:

@@ -27,7 +27,7 @@ from podar.schemas.stage import PruningStage
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
-from .quality import final_hidden, head_splits, logits_at, next_token_stats
+from .quality import final_hidden, head_splits, next_token_stats
 from .quantize import WeightQuant
 from .targets import restore_conv1d
 
@@ -175,12 +175,12 @@ def compare_outputs(ctx: RunContext, ref: Reference, other: torch.nn.Module) -> 
     release = ctx.runtime.releaser()
     split = head_splits(other, batch[:1, :8], release)
     bad = next_token_stats(other, batch, split=split, release=release).nonfinite  # in its own dtype
-    diff = 0.0
+    ctx.runtime.settle(other)
     with computing_in(other, torch.float32):  # its stored weights, computed without rounding of its own
-        for where, got in logits_at(other, batch, ref.ids, split=split):
-            gap = (got.cpu() - ref.values[:, where]).abs()
-            diff = max(diff, float(gap[torch.isfinite(gap)].max()) if bool(torch.isfinite(gap).any()) else 0.0)
-    return diff, ref.scale, bad
+        got = next_token_stats(other, batch, split=split, ids=ref.ids, release=release).at  # (B, T-1, k)
+    gap = (got - ref.values).abs()
+    finite = torch.isfinite(gap)
+    return (float(gap[finite].max()) if bool(finite.any()) else 0.0), ref.scale, bad
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from podar.engine.compute import while_running
 from podar.schemas.errors import StageError
 
 __all__ = ["TextMetrics", "Fidelity", "dense_reference", "compare_to_reference", "kl_and_agreement", "evaluate",
-           "kl_top_k", "head_splits", "next_token_stats", "NextTokenStats", "logits_at", "nll_of",
+           "kl_top_k", "head_splits", "next_token_stats", "NextTokenStats", "nll_of",
            "final_hidden", "hidden_states", "fidelity"]
 
 
@@ -90,34 +90,6 @@ def _head_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[torc
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     return base, apply
-
-
-@torch.no_grad()
-def logits_at(model: torch.nn.Module, batch: torch.Tensor, ids: torch.Tensor, *, split: bool,
-              chunk_bytes: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(positions, logits (B, P, k) fp32 of the tokens ``ids`` (B, T-1, k) names at each predicting position of
-    ``batch`` (B, T)): with ``split``, the head's rows of those tokens only, gathered a chunk of positions at a time
-    (the head's weight is read as stored, each gathered row in float32), so no full-vocabulary logits are made;
-    without, gathered from the whole logits."""
-    if not split:
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
-        yield slice(0, logits.shape[1]), torch.gather(logits, -1, ids.to(logits.device))
-        return
-    base, _apply = _head_parts(model)  # type: ignore[misc]
-    head = model.get_output_embeddings()
-    cap = _softcap(getattr(model, "config", None))
-    hidden = base(input_ids=batch, use_cache=False).last_hidden_state  # (B, T, C)
-    b, t, c = hidden.shape
-    k = ids.shape[-1]
-    step = max(1, (chunk_bytes or _CHUNK_BYTES) // (b * k * c * 4))
-    for start in range(0, t - 1, step):
-        where = slice(start, min(start + step, t - 1))
-        want = ids[:, where].to(hidden.device)  # (B, P, k)
-        rows = head.weight[want].float()  # (B, P, k, C)
-        logits = torch.einsum("bpc,bpkc->bpk", hidden[:, where].float(), rows)
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[want].float()
-        yield where, logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def head_splits(model: torch.nn.Module, probe: torch.Tensor, release: Release | None = None) -> bool:
@@ -190,7 +162,10 @@ def _logit_blocks(model: torch.nn.Module, batch: torch.Tensor, split: bool, chun
         rows = max(1, budget // (b * h.shape[1] * 4))
         for v0 in range(0, vocab, rows):
             bias = None if head.bias is None else head.bias[v0:v0 + rows]
-            logits = F.linear(h, head.weight[v0:v0 + rows], bias).float()  # (B, P, Vc)
+            weight = head.weight[v0:v0 + rows]
+            if weight.dtype != h.dtype:  # hidden states computed in another dtype (``computing_in``): the rows too
+                weight, bias = weight.to(h.dtype), None if bias is None else bias.to(h.dtype)
+            logits = F.linear(h, weight, bias).float()  # (B, P, Vc)
             if release is not None:
                 release(head.weight[v0:v0 + rows])
             yield v0, logits if cap is None else torch.tanh(logits / cap) * cap

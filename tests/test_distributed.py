@@ -57,16 +57,37 @@ def test_two_processes_give_the_masks_of_one(corpus, tmp_path, method, walk):
             tmp_path / "two/export/model.safetensors")
 
 
-def test_fine_tuning_runs_under_ddp_and_keeps_pruned_weights_zero(corpus, tmp_path):
+def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path):
+    """Distillation with the teacher on the fly, two checkpointed intervals, validation: two processes (one
+    window each of every step's two) train to the weights of one process (two windows a step), up to rounding."""
+    from podar import load_pretrained
+
     cfg, _ = config(corpus, tmp_path, "wanda")
-    cfg = cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": True, "steps": 2, "batch_size": 2}))
+    cfg = cfg.with_finetune(cfg.finetune.model_copy(update={
+        "enabled": True, "steps": 4, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 2, "eval_every": 2,
+        "loss": "kd+lm"}))
     path = tmp_path / "ft.yaml"
     path.write_text(cfg.to_yaml())
     proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = RunStore(tmp_path / "two").read_manifest()
-    [ft] = [r for r in manifest.results if r.stage == "fine_tuning"]
-    assert ft.series["pruned_max_abs_after_step"] == [0.0, 0.0] and len(ft.series["loss"]) == 2
+    parts = [r for r in manifest.results if r.stage == "fine_tuning"]
+    assert [r.metrics["steps"] for r in parts] == [2, 2]
+    assert all(r.series["pruned_max_abs_after_step"] == [0.0, 0.0] for r in parts)
+    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
+    one = RunStore(tmp_path / "one").read_manifest()
+    one_loss = [x for r in one.results if r.stage == "fine_tuning" for x in r.series["loss"]]
+    two_loss = [x for r in parts for x in r.series["loss"]]
+    assert two_loss == pytest.approx(one_loss, rel=1e-4)
+    a, b = load_pretrained(tmp_path / "one" / "export"), load_pretrained(tmp_path / "two" / "export")
+    untrained = Pipeline(cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": False})),
+                         run_dir=tmp_path / "none", progress=False)
+    assert untrained.run().ok
+    c = load_pretrained(tmp_path / "none" / "export")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert float((a.state_dict()[name] - c.state_dict()[name]).abs().max()) > 1e-4  # it trained
+    for key, value in a.state_dict().items():
+        assert torch.allclose(value, b.state_dict()[key], rtol=0, atol=2e-6), key
 
 
 def test_a_two_process_run_killed_mid_calibration_resumes_to_the_same_export(corpus, tmp_path):

@@ -139,3 +139,25 @@ def test_the_evaluation_text_is_refused_as_training_or_validation_text(tiny_conf
         cfg = ft_config(tiny_config, **{field: evaluated})
         with pytest.raises(DataError, match=f"finetune.{field} .* is the evaluation text"):
             Pipeline(cfg, run_dir=tmp_path / field, progress=False).run()
+
+
+def test_a_json_lines_text_trains_from_its_text_fields(tiny_config, tmp_path):
+    import json
+
+    from podar.engine.data import load_text
+
+    source = tiny_config.finetune.dataset
+    records = [{"text": line, "id": i} for i, line in enumerate(open(source).read().splitlines()) if line]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert load_text(str(path), None, field="finetune.dataset") == "\n\n".join(r["text"] for r in records)
+    result = Pipeline(ft_config(tiny_config, dataset=str(path), steps=2), run_dir=tmp_path / "run",
+                      progress=False).run()
+    assert result.ok, result.failure
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match="line 2 has no string field 'text'"):
+        load_text(str(bad), None, field="finetune.dataset")
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        load_text(str(bad), None, field="finetune.dataset")

@@ -3,6 +3,7 @@ cached dense baseline, and the report."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -289,14 +290,21 @@ def test_a_model_whose_head_does_not_split_is_computed_whole(models, windows):
     assert doubled != pytest.approx(compare_to_reference(model, windows, None).ppl)
 
 
-def test_logits_at_chosen_tokens_are_the_full_logits_gathered(models, windows):
-    from podar.stages.quality import head_splits, logits_at
+def test_stats_computed_in_float32_from_a_half_precision_head_equal_a_float32_copy(models, windows):
+    """The export's check computes its float32 logits from bfloat16 weights a vocabulary chunk at a time: the
+    chosen tokens' logits equal those of a float32 copy of the model."""
+    from podar.engine.compute import computing_in
+    from podar.stages.quality import head_splits, next_token_stats
 
     model = models[0]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
     batch = windows[:2]
-    whole = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
+    with torch.no_grad():
+        whole = full(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
     ids = torch.topk(whole, 7, dim=-1).indices.flip(-1)  # any ids, any order
-    for split in (True, False):
-        assert head_splits(model, batch[:1, :8])
-        got = torch.cat([c for _, c in logits_at(model, batch, ids, split=split, chunk_bytes=4096)], dim=1)
-        assert torch.allclose(got, torch.gather(whole, -1, ids), rtol=1e-5, atol=1e-5)
+    assert head_splits(half, batch[:1, :8])
+    with computing_in(half, torch.float32):
+        got = next_token_stats(half, batch, split=True, ids=ids, chunk_bytes=4096).at
+    assert torch.allclose(got, torch.gather(whole, -1, ids), rtol=1e-5, atol=1e-5)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
