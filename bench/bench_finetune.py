@@ -89,7 +89,13 @@ def main() -> None:
         "dense-lm": config(sparsity=0.0, pattern="unstructured", method="magnitude",
                            finetune={**ft, "loss": "lm"}, windows=args.windows),
     }
-    rows = [run_one(name, variants[name], args.work) for name in args.variants]
+    rows: list[dict] = []
+    for name in args.variants:  # the files are rewritten after each variant (a long run's figures so far)
+        rows.append(run_one(name, variants[name], args.work))
+        write(rows, args)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
     by = {r["variant"]: r for r in rows}
     if "pruned" in by and "dense-lm" in by:
         for r in rows:
