@@ -43,7 +43,11 @@ def build_report(run_dir: str | Path) -> RunReport:
     export_bytes = None if exported is None else sum(m.artifacts[a].bytes for a in exported.artifacts
                                                      if a in m.artifacts)
     evaluated = by_stage.get(PruningStage.EVALUATING.value)
-    losses = [x for r in m.results if r.stage == PruningStage.FINE_TUNING.value for x in r.series.get("loss", [])]
+    tuned = [r for r in m.results if r.stage == PruningStage.FINE_TUNING.value]
+    losses = [x for r in tuned for x in r.series.get("loss", [])]
+    validation = [(int(s), loss, kl) for r in tuned for s, loss, kl in
+                  zip(r.series.get("val_step", []), r.series.get("val_loss", []), r.series.get("val_kl", []),
+                      strict=True)]
     layers = _layers(m)
     points: list[tuple[int, float]] = []
     if not isinstance(cfg.schedule, OneShot):
@@ -55,6 +59,7 @@ def build_report(run_dir: str | Path) -> RunReport:
         achieved_sparsity=_achieved(m), layers=layers, texts=[] if evaluated is None else list(evaluated.texts),
         stage_durations_s=durations, pruning_time_s=sum(durations.get(s, 0.0) for s in PRUNING_STAGES),
         total_time_s=sum(durations.values()), schedule_points=points, finetune_losses=losses,
+        finetune_validation=validation,
         export_format=cfg.export.format if export_bytes is not None else None, export_bytes=export_bytes,
     )
 
@@ -140,10 +145,14 @@ def _plots(report: RunReport, folder: Path) -> list[str]:
     if report.finetune_losses:
         fig = Figure(figsize=(5, 3))
         ax = fig.add_subplot()
-        ax.plot(range(1, len(report.finetune_losses) + 1), report.finetune_losses, marker=".")
+        ax.plot(range(1, len(report.finetune_losses) + 1), report.finetune_losses, marker=".", label="training")
+        if report.finetune_validation:
+            steps, values, _kl = zip(*report.finetune_validation, strict=True)
+            ax.plot(steps, values, marker="o", label="validation (next-token loss)")
+            ax.legend()
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (nats/token)")
-        ax.set_title("Masked fine-tuning loss")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title("Fine-tuning")
         save(fig, "finetune_loss.png")
     return written
 
@@ -184,6 +193,12 @@ def _markdown(r: RunReport) -> str:
         lines += _text_table(r) + [""]
         for t in r.texts:
             lines += [f"- gate: {f}" for f in t.gate_failures]
+    if r.finetune_validation:
+        best = min(r.finetune_validation, key=lambda v: v[1])
+        lines += [f"Fine-tuning: {len(r.finetune_losses)} steps, training loss {r.finetune_losses[0]:.4f} → "
+                  f"{r.finetune_losses[-1]:.4f}; validation loss {r.finetune_validation[0][1]:.4f} → "
+                  f"{r.finetune_validation[-1][1]:.4f} (best {best[1]:.4f} at step {best[0]}, KL to the dense model "
+                  f"{best[2]:.4f}).", ""]
     lines += ["| stage | time (s) |", "| --- | --- |"]
     lines += [f"| {PruningStage(s).display_name()} | {d:.2f} |" for s, d in r.stage_durations_s.items()]
     lines += [f"| pruning (calibrating + importance + pruning) | {r.pruning_time_s:.2f} |", ""]

@@ -50,6 +50,8 @@ class RunReport(_Report):
     total_time_s: float = 0.0
     schedule_points: list[tuple[int, float]] = Field(default_factory=list, description="(step, sparsity) per round")
     finetune_losses: list[float] = Field(default_factory=list)
+    finetune_validation: list[tuple[int, float, float]] = Field(
+        default_factory=list, description="(step, validation loss in nats/token, KL to the dense model) per validation")
     export_format: str | None = None
     export_bytes: int | None = None
     plots: list[str] = Field(default_factory=list, description="PNG files, relative to the run folder")

@@ -325,7 +325,8 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
     warm = warmup_steps(ft, n_round)
     micro = ft.batch_size * ft.grad_accumulation
     started = time.perf_counter()
-    for i in ctx.bar(range(done, done + n_steps), "fine-tuning"):
+    bar = ctx.bar(range(done, done + n_steps), "fine-tuning")
+    for i in bar:
         ctx.check_cancelled()
         lr = lr_at(i, n_round, peak=ft.learning_rate, warmup=warm, schedule=ft.lr_schedule,
                    min_ratio=ft.min_lr_ratio)
@@ -362,6 +363,9 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
         out.lr.append(lr)
         out.leaks.append(leaked)
         out.trained += 1
+        if hasattr(bar, "set_postfix"):  # the loss and the tokens per second so far, on the progress bar
+            rate = out.trained * micro * ft.sequence_length / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{out.losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         faults.hit("step:fine_tuning")
         last = i + 1 == n_round
         if validation is not None and reference is not None and ((i + 1) % ft.eval_every == 0 or last):

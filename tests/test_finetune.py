@@ -4,6 +4,7 @@ validation text's errors, the evaluation text refused as training text."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -69,6 +70,10 @@ def test_fine_tuning_checkpoints_every_few_steps_and_reports_its_curves(tiny_con
     assert lrs[-1] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-3)
     kinds = [RunStore(tmp_path / "run").read_manifest().artifacts[a].kind for r in parts for a in r.artifacts]
     assert kinds.count("finetune_state") == 3 and kinds.count("weights") == 3
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [v[0] for v in report["finetune_validation"]] == [2, 4, 6] and len(report["finetune_losses"]) == 6
+    assert "Fine-tuning: 6 steps" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "plots" / "finetune_loss.png").is_file()
 
 
 FT_KILLS = ["kill@step:fine_tuning#1", "kill@step:fine_tuning#3", "kill@after:fine_tuning#2",
