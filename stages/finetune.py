@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -307,12 +308,50 @@ class _Outcome:
     tokens_per_s: float = 0.0
 
 
+def _accumulate(ctx: RunContext, prepared: torch.nn.Module, windows: torch.Tensor, i: int, step: int
+                ) -> tuple[float, float, float]:
+    """Forward and backward of optimizer step ``i``'s micro-batches (this process's share of each); the step's
+    (loss, LM part, KD part) here. ``step``: the run's step number, for messages."""
+    ft, dist = ctx.config.finetune, ctx.dist
+    micro = ft.batch_size * ft.grad_accumulation
+    total = [0.0, 0.0, 0.0]
+    for a in range(ft.grad_accumulation):
+        rows = windows[i * micro + a * ft.batch_size:i * micro + (a + 1) * ft.batch_size]  # (B, T)
+        batch = rows[dist.rank::dist.world].to(ctx.accelerator.device)  # this process's share
+        loss, lm, kd = _loss(ctx, prepared, batch)
+        if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
+            raise StageError(f"fine-tuning loss is not finite at step {step} ({loss.item()} here)",
+                             stage=STAGE.display_name())
+        ctx.accelerator.backward(loss / ft.grad_accumulation)
+        for k, value in enumerate((float(loss.detach()), lm, kd)):
+            total[k] += value / ft.grad_accumulation
+    return total[0], total[1], total[2]
+
+
+def _apply(ctx: RunContext, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
+           masks: dict[str, torch.Tensor], step: int) -> float:
+    """The optimizer step with the pruned weights' gradients zeroed, then the masks re-applied; the largest |w| at a
+    pruned position after it (0.0; StageError otherwise)."""
+    ft, st = ctx.config.finetune, ctx.state
+    for name, mask in masks.items():
+        grad = st.targets[name].weight.grad
+        if grad is not None:
+            grad.masked_fill_(~mask, 0.0)
+    if ft.max_grad_norm is not None:
+        ctx.accelerator.clip_grad_norm_(list(params.values()), ft.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    leaked = _remask(masks, st.targets)
+    if leaked != 0.0:
+        raise StageError(f"pruned weights are not zero after step {step} (max |w| {leaked})",
+                         stage=STAGE.display_name())
+    return leaked
+
+
 def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation: torch.Tensor | None,
            reference: dict[str, torch.Tensor] | None, params: dict[str, torch.nn.Parameter],
            masks: dict[str, torch.Tensor], done: int, n_steps: int, n_round: int) -> _Outcome:
     """Steps ``done`` .. ``done + n_steps - 1`` of the round (of ``n_round``), validating on schedule."""
-    import time
-
     ft, st, accelerator, dist = ctx.config.finetune, ctx.state, ctx.accelerator, ctx.dist
     names = {id(p): n for n, p in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=ft.learning_rate, weight_decay=ft.weight_decay)
@@ -322,56 +361,29 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
     prepared, optimizer = accelerator.prepare(ctx.model, optimizer)
     device_masks = {name: m.to(accelerator.device) for name, m in masks.items()}
     out = _Outcome()
-    warm = warmup_steps(ft, n_round)
-    micro = ft.batch_size * ft.grad_accumulation
-    started = time.perf_counter()
+    warm, tokens, busy = warmup_steps(ft, n_round), ft.tokens_per_step(), 0.0
     bar = ctx.bar(range(done, done + n_steps), "fine-tuning")
     for i in bar:
         ctx.check_cancelled()
-        lr = lr_at(i, n_round, peak=ft.learning_rate, warmup=warm, schedule=ft.lr_schedule,
-                   min_ratio=ft.min_lr_ratio)
+        started, step = time.perf_counter(), st.counters.step + i - done  # the run's step number
+        lr = lr_at(i, n_round, peak=ft.learning_rate, warmup=warm, schedule=ft.lr_schedule, min_ratio=ft.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = step_lm = step_kd = 0.0
-        for a in range(ft.grad_accumulation):
-            rows = windows[i * micro + a * ft.batch_size:i * micro + (a + 1) * ft.batch_size]  # (B, T)
-            batch = rows[dist.rank::dist.world].to(accelerator.device)  # this process's share
-            loss, lm, kd = _loss(ctx, prepared, batch)
-            if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
-                raise StageError(f"fine-tuning loss is not finite at step {st.counters.step + i - done} "
-                                 f"({loss.item()} here)", stage=STAGE.display_name())
-            accelerator.backward(loss / ft.grad_accumulation)
-            step_loss += float(loss.detach()) / ft.grad_accumulation
-            step_lm += lm / ft.grad_accumulation
-            step_kd += kd / ft.grad_accumulation
-        for name, mask in device_masks.items():
-            grad = st.targets[name].weight.grad
-            if grad is not None:
-                grad.masked_fill_(~mask, 0.0)
-        if ft.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(list(params.values()), ft.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        leaked = _remask(device_masks, st.targets)
-        if leaked != 0.0:
-            raise StageError(f"pruned weights are not zero after step {st.counters.step + i - done} "
-                             f"(max |w| {leaked})", stage=STAGE.display_name())
-        mean = dist.sum_floats([step_loss, step_lm, step_kd])
+        losses = _accumulate(ctx, prepared, windows, i, step)
+        out.leaks.append(_apply(ctx, optimizer, params, device_masks, step))
+        mean = dist.sum_floats(list(losses))
         out.losses.append(mean[0] / dist.world)
         out.lm.append(mean[1] / dist.world)
         out.kd.append(mean[2] / dist.world)
         out.lr.append(lr)
-        out.leaks.append(leaked)
         out.trained += 1
-        if hasattr(bar, "set_postfix"):  # the loss and the tokens per second so far, on the progress bar
-            rate = out.trained * micro * ft.sequence_length / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{out.losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+        busy += time.perf_counter() - started
+        bar.set_postfix(loss=f"{out.losses[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{out.trained * tokens / busy:.0f}")
         faults.hit("step:fine_tuning")
-        last = i + 1 == n_round
-        if validation is not None and reference is not None and ((i + 1) % ft.eval_every == 0 or last):
-            if _validated(ctx, session, out, validation, reference, params, st.counters.step + i - done + 1):
+        if validation is not None and reference is not None and ((i + 1) % ft.eval_every == 0 or i + 1 == n_round):
+            if _validated(ctx, session, out, validation, reference, params, step + 1):
                 break
-    out.tokens_per_s = out.trained * micro * ft.sequence_length / max(time.perf_counter() - started, 1e-9)
+    out.tokens_per_s = out.trained * tokens / max(busy, 1e-9)  # training steps only, validations not counted
     ctx.model = accelerator.unwrap_model(prepared)
     session.optimizer, session.adam_step = _optimizer_state(optimizer, names)
     session.rng = torch.get_rng_state()
