@@ -69,6 +69,47 @@ def run_one(name: str, cfg, work: Path) -> dict:
     return row
 
 
+def speed_pairs(args: argparse.Namespace) -> None:
+    """Tokens/s of a training step (forward, backward, AdamW) with the teacher on the fly (``kd``) against none
+    (``lm``), interleaved: the pruned model of one run, ``--speed-pairs`` rounds of ``--speed-steps`` steps of each."""
+    import torch
+
+    from podar import Pipeline
+    from podar.stages import finetune
+
+    cfg = config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=2)
+    cfg = cfg.with_evaluation(cfg.evaluation.model_copy(update={"enabled": False}))
+    pipe = Pipeline(cfg, run_dir=args.work / "speed", progress=False)
+    assert pipe.run().ok
+    ctx = pipe.context
+    params = {f"{n}.weight": m.weight for n, m in ctx.state.targets.items()}
+    windows, _ = finetune.training_texts(ctx, args.speed_steps * args.batch)
+    seconds: dict[str, list[float]] = {"kd": [], "lm": []}
+    for _ in range(args.speed_pairs):
+        for loss in ("kd", "lm"):
+            ctx.config = cfg.with_finetune(cfg.finetune.model_copy(update={
+                "enabled": True, "loss": loss, "batch_size": args.batch, "sequence_length": args.seq}))
+            optimizer = torch.optim.AdamW(list(params.values()), lr=1e-6)
+            with finetune._training(ctx.model, list(params.values())):
+                started = time.perf_counter()
+                for i in range(args.speed_steps):
+                    finetune._accumulate(ctx, ctx.model, windows, i, i)
+                    finetune._apply(ctx, optimizer, params, {n: ctx.state.masks[n] for n in ctx.state.targets}, i)
+                seconds[loss].append(time.perf_counter() - started)
+    tokens = args.speed_steps * args.batch * args.seq
+    rows = {k: {"seconds": [round(x, 2) for x in v], "tokens_per_s": round(tokens / min(v), 1)}
+            for k, v in seconds.items()}
+    out = {"command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:]), "rows": rows,
+           "kd_over_lm_time": round(min(seconds["kd"]) / min(seconds["lm"]), 3)}
+    (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+    (common.RESULTS / f"{args.out}.md").write_text(
+        f"`{out['command']}`\n\n| loss | tokens/s (best of {args.speed_pairs}) | seconds per round |\n"
+        "| --- | --- | --- |\n" + "".join(f"| {k} | {v['tokens_per_s']} | {v['seconds']} |\n"
+                                          for k, v in rows.items())
+        + f"\nKD with the teacher on the fly takes {out['kd_over_lm_time']}× the time of an LM step.\n")
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
@@ -79,7 +120,12 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-finetune"))
     ap.add_argument("--out", default="finetune")
+    ap.add_argument("--speed-pairs", type=int, default=0, help="only the step-time comparison, this many rounds")
+    ap.add_argument("--speed-steps", type=int, default=4)
     args = ap.parse_args()
+    if args.speed_pairs:
+        speed_pairs(args)
+        return
     ft = dict(steps=args.steps, batch_size=args.batch, sequence_length=args.seq, learning_rate=args.lr,
               checkpoint_every=max(args.steps // 3, 1), eval_every=max(args.steps // 6, 1))
     variants = {
