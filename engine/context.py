@@ -70,6 +70,7 @@ class RunState:
     # next interval continues (stages.finetune.Session) and the best validated weights of the round so far
     finetune_session: Any = None
     finetune_best: dict[str, torch.Tensor] | None = None
+    teacher_cache: tuple[int, dict[str, torch.Tensor]] | None = None  # (round, the teacher's top-k of its windows)
 
     @property
     def group_index(self) -> int:

@@ -24,7 +24,7 @@ from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, Histo
 from podar.schemas.stage import PruningStage
 from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
-from podar.stages.finetune import BEST_KIND, STATE_KIND, Session
+from podar.stages.finetune import BEST_KIND, CACHE_KIND, STATE_KIND, Session
 
 __all__ = ["ResumeRequest", "saved_config", "changed_fields", "check_config_change", "consumer", "CONSUMED_BY",
            "check_inputs", "check_artifacts", "adopt_audit_tail",
@@ -201,6 +201,10 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
                 st.finetune_session = Session.from_tensors(tensors, f.metadata() or {})
         for record in (r for r in records if r.kind == BEST_KIND):
             st.finetune_best = store.load_tensors(record)
+        for record in (r for r in records if r.kind == CACHE_KIND):
+            tensors = store.load_tensors(record)
+            with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
+                st.teacher_cache = (int((f.metadata() or {})["round_index"]), tensors)
         for record in weights:
             tensors = store.load_tensors(record)
             adopt_weights(record.path, tensors, {n: modules[n].weight if n in modules else params[n] for n in tensors})

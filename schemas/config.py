@@ -121,6 +121,10 @@ class FineTuneConfig(Frozen):
         default="kd", description="lm: next-token loss; kd: KL(dense ‖ pruned) of the logits; kd+lm: weighted sum")
     kd_temperature: float = Field(default=1.0, gt=0.0, le=20.0, description="distillation temperature, (0, 20]")
     kd_weight: float = Field(default=0.5, ge=0.0, le=1.0, description="kd+lm: weight of the KD term, [0, 1]")
+    teacher: Literal["on_the_fly", "cached"] = Field(
+        default="on_the_fly", description="the dense teacher: computed each step (dense weights swapped in) or its "
+        "top-k logits computed once per round and checkpointed")
+    teacher_top_k: int = Field(default=64, ge=1, description="cached teacher: tokens kept per position, >= 1")
     learning_rate: float = Field(default=1e-5, gt=0.0, lt=1.0, description="AdamW peak learning rate, (0, 1)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         default="cosine", description="decay after the warm-up: none, linear or cosine to min_lr_ratio")
@@ -142,6 +146,13 @@ class FineTuneConfig(Frozen):
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="gradient clipping norm, > 0; None: off")
     train: Literal["pruned_layers", "all"] = Field(default="pruned_layers", description="parameters trained")
     seed: int = Field(default=0, ge=0, description="seed of the window sampler, >= 0")
+
+    @model_validator(mode="after")
+    def _check_teacher(self) -> FineTuneConfig:
+        if self.teacher == "cached" and self.loss != "lm" and self.kd_temperature != 1.0:
+            raise ValueError(f"finetune.teacher: cached keeps the teacher's top-k logits at temperature 1; "
+                             f"finetune.kd_temperature={self.kd_temperature:g} needs teacher: on_the_fly")
+        return self
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accumulation * self.sequence_length

@@ -40,11 +40,12 @@ from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
 from .common import swapped_weights
-from .quality import compare_to_reference, dense_reference
+from .quality import compare_to_reference, dense_reference, head_splits, kl_top_k, next_token_stats
 
 STAGE = PruningStage.FINE_TUNING
 STATE_KIND = "finetune_state"  # optimizer state, RNG, history: what the next interval continues from
 BEST_KIND = "finetune_best"  # the best validated weights so far
+CACHE_KIND = "teacher_topk"  # the dense teacher's top-k log-probs of a round's training windows
 VALIDATION_SHARE = 0.1  # without a validation text: the training text's last 10% of tokens, never trained on
 _VALIDATION_TOP_K = 256  # the dense model's top-k per position the validation KL is taken over (as Evaluating)
 
@@ -198,15 +199,48 @@ def _teacher_logits(ctx: RunContext, batch: torch.Tensor) -> torch.Tensor:
             model.train()
 
 
-def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """(the loss to step on, its LM part, its KD part — 0.0 when not computed) on ``batch`` (B, T)."""
+def kd_top_k_loss(student: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Scalar: mean over positions of KL(teacher ‖ student) at temperature 1 from the teacher's top-k tokens
+    ``ids`` (..., k) and their log-probs ``logp`` (..., k), and the student's logits (..., V): over the k tokens
+    plus one bucket holding the rest of the mass (``stages.quality.kl_top_k``; exact when k is the vocabulary)."""
+    log_q = torch.gather(F.log_softmax(student.float(), dim=-1), -1, ids)
+    return kl_top_k(logp.float(), log_q, whole=ids.shape[-1] >= student.shape[-1]).mean()
+
+
+@torch.no_grad()
+def teacher_cache(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The dense model's top ``teacher_top_k`` next-token ids (n, T-1, k) int32 and log-probs (n, T-1, k) fp32 on
+    every training window (n, T): computed once per round with the dense weights swapped in, a vocabulary chunk at
+    a time, and checkpointed, so the steps that follow run no teacher."""
     ft = ctx.config.finetune
-    teacher = _teacher_logits(ctx, batch) if ft.loss != "lm" else None
+    model = ctx.model
+    split = head_splits(model, windows[:1, :8].to(ctx.device))
+    ids, logp = [], []
+    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+        for start in range(0, windows.shape[0], ft.batch_size):
+            ctx.check_cancelled()
+            stats = next_token_stats(model, windows[start:start + ft.batch_size].to(ctx.device), split=split,
+                                     top_k=ft.teacher_top_k)
+            ids.append(stats.top_ids.int())
+            logp.append((stats.top_values.double() - stats.lse[..., None]).float())
+    return {"ids": torch.cat(ids), "logp": torch.cat(logp)}
+
+
+def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor, cached: dict[str, torch.Tensor] | None
+          ) -> tuple[torch.Tensor, float, float]:
+    """(the loss to step on, its LM part, its KD part — 0.0 when not computed) on ``batch`` (B, T); ``cached``: the
+    teacher's top-k of these windows (ids, logp (B, T-1, k)) when it was computed ahead."""
+    ft = ctx.config.finetune
+    teacher = _teacher_logits(ctx, batch) if ft.loss != "lm" and cached is None else None
     logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-    if teacher is None:
+    if ft.loss == "lm":
         return lm, float(lm.detach()), 0.0
-    kd = kd_loss(logits, teacher[:, :-1], ft.kd_temperature)
+    if cached is not None:
+        kd = kd_top_k_loss(logits, cached["ids"].long().to(logits.device), cached["logp"].to(logits.device))
+    else:
+        assert teacher is not None
+        kd = kd_loss(logits, teacher[:, :-1], ft.kd_temperature)
     loss = kd if ft.loss == "kd" else ft.kd_weight * kd + (1.0 - ft.kd_weight) * lm
     return loss, float(lm.detach()), float(kd.detach())
 
@@ -271,12 +305,16 @@ def run(ctx: RunContext) -> StageResult:
     reference = None
     if validation is not None:
         reference = dense_reference_of(ctx, validation)
+    cache = None
+    if ft.loss != "lm" and ft.teacher == "cached":
+        cache = _round_cache(ctx, windows, done)
     masks = {name: st.masks[name] for name in st.targets if name in st.masks}
     params = _params(ctx)
     n_steps = min(ft.checkpoint_every, n_round - done)
     try:
         with _training(ctx.model, list(params.values())):
-            outcome = _train(ctx, session, windows, validation, reference, params, masks, done, n_steps, n_round)
+            outcome = _train(ctx, session, windows, validation, reference, params, masks, done, n_steps, n_round,
+                             cache)
     finally:
         ctx.accelerator.free_memory()
     for name, mask in masks.items():
@@ -285,6 +323,26 @@ def run(ctx: RunContext) -> StageResult:
             raise StageError(f"layer '{name}': pruned weights became non-zero during fine-tuning",
                              stage=STAGE.display_name(), layer=name)
     return _checkpoint(ctx, session, outcome, params, first, done, n_round)
+
+
+def _round_cache(ctx: RunContext, windows: torch.Tensor, done: int) -> dict[str, torch.Tensor]:
+    """The round's ``teacher_cache``: computed and checkpointed on its first interval (``CACHE_KIND``), restored
+    from the run folder after (CheckpointError when it is not there or not this round's)."""
+    st = ctx.state
+    if done == 0:
+        cache = teacher_cache(ctx, windows)
+        ctx.save_tensors(CACHE_KIND, cache, name=f"round{st.round_index:04d}", group=False,
+                         metadata={"round_index": str(st.round_index), "windows": str(windows.shape[0])})
+        st.teacher_cache = (st.round_index, cache)
+        return cache
+    if st.teacher_cache is None or st.teacher_cache[0] != st.round_index:
+        raise CheckpointError(f"resuming fine-tuning at step {st.counters.step} needs round {st.round_index}'s "
+                              "cached teacher logits; the run folder holds none")
+    cache = st.teacher_cache[1]
+    if cache["ids"].shape[0] != windows.shape[0]:
+        raise CheckpointError(f"the cached teacher logits cover {cache['ids'].shape[0]} windows; this round trains "
+                              f"on {windows.shape[0]}")
+    return cache
 
 
 def dense_reference_of(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -308,17 +366,19 @@ class _Outcome:
     tokens_per_s: float = 0.0
 
 
-def _accumulate(ctx: RunContext, prepared: torch.nn.Module, windows: torch.Tensor, i: int, step: int
-                ) -> tuple[float, float, float]:
+def _accumulate(ctx: RunContext, prepared: torch.nn.Module, windows: torch.Tensor, i: int, step: int,
+                cache: dict[str, torch.Tensor] | None = None) -> tuple[float, float, float]:
     """Forward and backward of optimizer step ``i``'s micro-batches (this process's share of each); the step's
-    (loss, LM part, KD part) here. ``step``: the run's step number, for messages."""
+    (loss, LM part, KD part) here. ``step``: the run's step number, for messages; ``cache``: ``teacher_cache``."""
     ft, dist = ctx.config.finetune, ctx.dist
     micro = ft.batch_size * ft.grad_accumulation
     total = [0.0, 0.0, 0.0]
     for a in range(ft.grad_accumulation):
-        rows = windows[i * micro + a * ft.batch_size:i * micro + (a + 1) * ft.batch_size]  # (B, T)
-        batch = rows[dist.rank::dist.world].to(ctx.accelerator.device)  # this process's share
-        loss, lm, kd = _loss(ctx, prepared, batch)
+        first = i * micro + a * ft.batch_size
+        share = slice(first + dist.rank, first + ft.batch_size, dist.world)  # this process's windows
+        batch = windows[share].to(ctx.accelerator.device)  # (B / world, T)
+        cached = None if cache is None else {k: v[share] for k, v in cache.items()}
+        loss, lm, kd = _loss(ctx, prepared, batch, cached)
         if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
             raise StageError(f"fine-tuning loss is not finite at step {step} ({loss.item()} here)",
                              stage=STAGE.display_name())
@@ -350,7 +410,8 @@ def _apply(ctx: RunContext, optimizer: torch.optim.Optimizer, params: dict[str, 
 
 def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation: torch.Tensor | None,
            reference: dict[str, torch.Tensor] | None, params: dict[str, torch.nn.Parameter],
-           masks: dict[str, torch.Tensor], done: int, n_steps: int, n_round: int) -> _Outcome:
+           masks: dict[str, torch.Tensor], done: int, n_steps: int, n_round: int,
+           cache: dict[str, torch.Tensor] | None) -> _Outcome:
     """Steps ``done`` .. ``done + n_steps - 1`` of the round (of ``n_round``), validating on schedule."""
     ft, st, accelerator, dist = ctx.config.finetune, ctx.state, ctx.accelerator, ctx.dist
     names = {id(p): n for n, p in params.items()}
@@ -369,7 +430,7 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
         lr = lr_at(i, n_round, peak=ft.learning_rate, warmup=warm, schedule=ft.lr_schedule, min_ratio=ft.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = _accumulate(ctx, prepared, windows, i, step)
+        losses = _accumulate(ctx, prepared, windows, i, step, cache)
         out.leaks.append(_apply(ctx, optimizer, params, device_masks, step))
         mean = dist.sum_floats(list(losses))
         out.losses.append(mean[0] / dist.world)

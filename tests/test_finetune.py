@@ -166,3 +166,37 @@ def test_a_json_lines_text_trains_from_its_text_fields(tiny_config, tmp_path):
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(DataError, match="line 2 is not JSON"):
         load_text(str(bad), None, field="finetune.dataset")
+
+
+def test_kd_from_the_cached_top_k_is_the_kl_divergence():
+    from podar.stages.finetune import kd_top_k_loss
+
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    logp = torch.log_softmax(teacher.double(), dim=-1)
+    whole = kd_top_k_loss(student.double(), torch.arange(11).expand(2, 5, 11), logp)
+    assert float(whole) == pytest.approx(float(kd_loss(student.double(), teacher.double())), rel=1e-9)
+    top = torch.topk(logp, 4, dim=-1)
+    coarse = float(kd_top_k_loss(student, top.indices, top.values.float()))
+    assert 0.0 < coarse <= float(whole) + 1e-6  # the k tokens and one bucket: a lower bound
+
+
+def test_a_cached_teacher_trains_resumes_and_needs_temperature_one(tiny_config, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="kd_temperature=2 needs teacher: on_the_fly"):
+        ft_config(tiny_config, teacher="cached", kd_temperature=2.0)
+    cfg = ft_config(tiny_config, teacher="cached", teacher_top_k=16)
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    kinds = [r.kind for r in RunStore(tmp_path / "ref").read_manifest().artifacts.values()]
+    assert kinds.count("teacher_topk") == 1
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    env = {**os.environ, faults.ENV: "kill@step:fine_tuning#3", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "podar.cli", "run", str(path), "--run-dir", str(tmp_path / "run"),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+    on_the_fly = Pipeline(ft_config(tiny_config), run_dir=tmp_path / "fly", progress=False).run()
+    assert on_the_fly.ok and export_hashes(tmp_path / "fly") != export_hashes(tmp_path / "ref")  # top-16 of 259
