@@ -65,6 +65,7 @@ class Runner:
         self.audit = audit
         self.listeners: list[TransitionListener] = []
         self.last_result: StageResult | None = None
+        self._confirmed = False  # whether a move's audit record already carries last_result's digest
         self.failure: FailureInfo | None = None
         self._pending_failure: FailureInfo | None = None
         self._last_event: AuditEvent | None = None
@@ -144,7 +145,10 @@ class Runner:
         source, dest = event.transition.source, event.transition.dest
         if trigger.startswith("resume_"):
             self.resume_target = None
-        finished = self.last_result if self.last_result and self.last_result.stage == source else None
+        # the result this move confirms: the source stage's, once (a stage that moves to itself — Fine-tuning's
+        # intervals — and then fails must not confirm its previous interval twice)
+        finished = (self.last_result if self.last_result and self.last_result.stage == source and not self._confirmed
+                    else None)
         error = self._failure_of(trigger, source, dest, finished)
         if error is not None:
             self.failure = error
@@ -162,6 +166,7 @@ class Runner:
             result_sha256=digest,
         )
         self._last_event = record
+        self._confirmed = self._confirmed or finished is not None
         m.history.append(HistoryEntry(seq=record.seq, trigger=trigger, source=source, dest=dest, at=record.at))
         m.state = dest
         m.audit_head_sha256 = self.audit.head_sha256
@@ -210,6 +215,7 @@ class Runner:
         result.duration_s = time.perf_counter() - started
         result.stage = stage.value
         self.last_result = result
+        self._confirmed = False
         together(ctx.dist, lambda: self._checkpoint(result, written_s, written_b))
         ctx.log.info("stage_done", stage=stage.display_name(), duration_s=round(result.duration_s, 3),
                      **result.summary())

@@ -200,3 +200,27 @@ def test_a_cached_teacher_trains_resumes_and_needs_temperature_one(tiny_config, 
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
     on_the_fly = Pipeline(ft_config(tiny_config), run_dir=tmp_path / "fly", progress=False).run()
     assert on_the_fly.ok and export_hashes(tmp_path / "fly") != export_hashes(tmp_path / "ref")  # top-16 of 259
+
+
+def test_cancel_in_the_middle_of_a_fine_tune_fails_and_resumes_to_the_same_weights(tiny_config, tmp_path,
+                                                                                   monkeypatch):
+    from podar.stages import finetune
+
+    cfg = ft_config(tiny_config)
+    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    original, calls = finetune._apply, []
+
+    def apply_then_cancel(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # inside the second interval
+            pipe.cancel("operator stop")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_apply", apply_then_cancel)
+    result = pipe.run()
+    assert result.stage.value == "failed" and result.failure.stage == "Fine-tuning"
+    assert "operator stop" in result.failure.message
+    monkeypatch.setattr(finetune, "_apply", original)
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
+    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
