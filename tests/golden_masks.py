@@ -116,6 +116,10 @@ def case_config(name: str, corpus: Path) -> dict[str, Any]:
             base[key] = {**base[key], **value}
         else:
             base[key] = value
+    from podar import FineTuneConfig
+
+    if "loss" in FineTuneConfig.model_fields:  # code after issue 29: its fine-tuning as the digests' code ran it
+        base["finetune"].update(loss="lm", lr_schedule="constant", warmup_fraction=0.0, eval_every=0)
     return base
 
 
