@@ -84,7 +84,8 @@ def main() -> None:
     for method in ("wanda", "sparsegpt"):
         cfg = make_tiny_config(corpus).with_method(method)
         cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"walk": "site"}))
-        cfg = cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": True, "steps": 2}))
+        cfg = cfg.with_finetune(cfg.finetune.model_copy(update={  # distillation over three checkpointed intervals
+            "enabled": True, "steps": 6, "checkpoint_every": 2, "eval_every": 2}))
         configs[method] = work / f"{method}.yaml"
         configs[method].write_text(cfg.to_yaml())
         proc = start(configs[method], work / f"ref-{method}")
