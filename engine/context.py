@@ -71,6 +71,11 @@ class RunState:
     finetune_session: Any = None
     finetune_best: dict[str, torch.Tensor] | None = None
     teacher_cache: tuple[int, dict[str, torch.Tensor]] | None = None  # (round, the teacher's top-k of its windows)
+    # structured pruning (stages.structure): the summed statistics, the plan applied, and the dense model kept as
+    # the reference evaluation and distillation compare with (its blocks, channels and heads are all there)
+    structure_sums: Any = None
+    structure_plan: Any = None
+    dense_model: Any = None
 
     @property
     def group_index(self) -> int:

@@ -25,6 +25,7 @@ from podar.schemas.stage import PruningStage
 from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
 from podar.stages.finetune import BEST_KIND, CACHE_KIND, STATE_KIND, Session
+from podar.stages.structure import STRUCTURE_KIND, StructurePlan, restructure
 
 __all__ = ["ResumeRequest", "saved_config", "changed_fields", "check_config_change", "consumer", "CONSUMED_BY",
            "check_inputs", "check_artifacts", "adopt_audit_tail",
@@ -179,14 +180,21 @@ def mask_artifact(store: RunStore, record: ArtifactRecord) -> dict[str, torch.Te
 
 @torch.no_grad()
 def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
-    """Replay the checkpointed results onto the freshly loaded model, in order: masks applied, or the weights
-    checkpointed beside them (SparseGPT's updated weights, fine-tuning's) adopted — mapped from their files."""
+    """Replay the checkpointed results onto the freshly loaded model, in order: the structure plan applied (blocks,
+    channels, heads removed), masks applied, or the weights checkpointed beside them (SparseGPT's updated weights,
+    fine-tuning's) adopted — mapped from their files."""
     st, store = ctx.state, ctx.store
     modules = dict(ctx.model.named_modules())
     params = dict(ctx.model.named_parameters())
     ranges = ctx.runtime.file_ranges()
     for result in manifest.results:
         records = [manifest.artifacts[a] for a in result.artifacts if a in manifest.artifacts]
+        for record in (r for r in records if r.kind == STRUCTURE_KIND):  # first: the names below are the new ones
+            tensors = store.load_tensors(record)
+            with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
+                restructure(ctx, StructurePlan.from_tensors(tensors, f.metadata() or {}))
+            modules = dict(ctx.model.named_modules())
+            params = dict(ctx.model.named_parameters())
         weights = [r for r in records if r.kind == "weights"]
         for record in (r for r in records if r.kind == "masks"):
             for name, mask in mask_artifact(store, record).items():

@@ -31,6 +31,7 @@ from podar.engine.store import RunStore
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
+from podar.stages import structure
 from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
 from podar.stages.finetune import training_texts
@@ -174,6 +175,13 @@ def _texts(ctx: RunContext) -> None:
 def _plan(ctx: RunContext) -> None:
     """The layer groups: the calibration walk's, or one group of every target without calibration."""
     cfg, st, log = ctx.config, ctx.state, ctx.log
+    if cfg.structure.enabled:  # one pass over the whole model; what it comes to is checked before any work
+        resolved = structure.resolve(cfg, ctx.model)
+        st.layer_groups = [list(st.targets)]
+        log.info("structure_plan", blocks=resolved.n_blocks, blocks_removed=resolved.blocks,
+                 mlp_channels_kept=resolved.channels_kept, query_heads_kept=resolved.q_kept,
+                 kv_heads_kept=resolved.kv_kept)
+        return
     if not cfg.needs_calibration:
         st.layer_groups = [list(st.targets)]
         return

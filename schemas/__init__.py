@@ -10,6 +10,7 @@ from .config import (
     PruningConfig,
     QualityGates,
     RuntimeConfig,
+    StructureConfig,
     TinyModelConfig,
     parse_size,
 )
@@ -55,7 +56,7 @@ from .stage import PruningStage
 
 __all__ = [
     "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
-    "QualityGates", "RuntimeConfig", "TinyModelConfig", "parse_size",
+    "QualityGates", "RuntimeConfig", "StructureConfig", "TinyModelConfig", "parse_size",
     "NAMED_DATASETS", "NamedDataset",
     "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",
     "StageError", "TransitionError",

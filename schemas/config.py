@@ -41,6 +41,7 @@ __all__ = [
     "CalibrationConfig",
     "RuntimeConfig",
     "FineTuneConfig",
+    "StructureConfig",
     "QualityGates",
     "EvaluationConfig",
     "ExportConfig",
@@ -104,6 +105,38 @@ class RuntimeConfig(Frozen):
     trim_memory: bool = Field(default=True, description="return freed heap pages between passes (glibc)")
     offload: Literal["auto", "off", "blocks"] = Field(
         default="auto", description="blocks: on the CPU, one on the device at a time; auto: if > 1/2 free GPU memory")
+
+
+class StructureConfig(Frozen):
+    """Structured pruning: whole blocks, MLP channels and attention heads removed for real, the same count in every
+    layer, so the result is an ordinary model of its family (a smaller config) that every engine runs faster.
+    Ranking: blocks by ShortGPT's block influence, channels and heads by activation norms (Minitron); docs/structure.md.
+    """
+
+    depth: int | float = Field(
+        default=0, ge=0, description="blocks removed: an integer count, or a fraction of the blocks in (0, 1)")
+    depth_mode: Literal["one_shot", "iterative"] = Field(
+        default="one_shot", description="one_shot: rank once; iterative: remove one block, re-measure, repeat")
+    mlp: float = Field(default=0.0, ge=0.0, lt=1.0, description="fraction of MLP intermediate channels removed, [0, 1)")
+    heads: int | float = Field(
+        default=0, ge=0, description="attention heads removed per layer: an integer count, or a fraction in (0, 1)")
+    heads_unit: Literal["kv_groups", "query_per_group"] = Field(
+        default="kv_groups", description="kv_groups: whole KV groups go; query_per_group: query heads evenly per group")
+    alignment: int = Field(default=64, ge=1, description="kept MLP channels rounded to a multiple of this, >= 1")
+
+    @field_validator("depth", "heads")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float, info: Any) -> int | float:
+        if isinstance(value, float) and not value.is_integer() and value >= 1.0:
+            raise ValueError(f"{info.field_name}={value}: a fraction is in (0, 1); a count is an integer")
+        if isinstance(value, float) and value >= 1.0:
+            return int(value)
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """True when anything is removed."""
+        return bool(self.depth) or self.mlp > 0.0 or bool(self.heads)
 
 
 class FineTuneConfig(Frozen):
@@ -335,6 +368,7 @@ class PruningConfig(Frozen):
     model: ModelSourceConfig = ModelSourceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    structure: StructureConfig = StructureConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     export: ExportConfig = ExportConfig()
@@ -398,12 +432,21 @@ class PruningConfig(Frozen):
                                          "escape special characters, e.g. 're:.*\\.mlp\\..*'") from None
         return self
 
+    @model_validator(mode="after")
+    def _check_structure(self) -> PruningConfig:
+        if self.structure.enabled and self.target_sparsity > 0.0:
+            raise ValueError(f"structure removes blocks, channels or heads, and target_sparsity="
+                             f"{self.target_sparsity:g} asks for masks too: structure followed by masks in one run is "
+                             "not built yet; set target_sparsity: 0 (structure alone), or prune the structured "
+                             "export in a second run")
+        return self
+
     # ------------------------------------------------------------ derived values
 
     @property
     def needs_calibration(self) -> bool:
-        """True when the method collects activation statistics before scoring."""
-        return self.method.needs_calibration
+        """True when the method collects activation statistics before scoring (structure always does)."""
+        return self.method.needs_calibration or self.structure.enabled
 
     def resolved_scope(self) -> str:
         """The comparison group the masks use, spelled out (house rule: never implied)."""

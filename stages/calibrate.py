@@ -10,12 +10,21 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from . import structure
+
 STAGE = PruningStage.CALIBRATING
 
 
 @torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
+    if ctx.config.structure.enabled:  # blocks, channels, heads: their statistics over the whole model
+        samples = st.calibration_samples
+        assert samples is not None
+        metrics, per_block = structure.calibrate(ctx)
+        return StageResult(stage=STAGE.value, layer_metrics=per_block, metrics={
+            "samples": int(samples.shape[0]), "tokens_per_sample": int(samples.shape[1]), "walk": "structure",
+            **metrics})
     index = st.group_index
     names = st.layer_groups[index]
     # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)

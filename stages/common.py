@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from podar.schemas.errors import CheckpointError
 
 from .bitpack import pack_bits, unpack_bits
 
-__all__ = ["adopt_weights", "apply_mask", "swapped_weights", "PackedMasks", "input_groups", "owners"]
+__all__ = ["adopt_weights", "apply_mask", "swapped_weights", "dense_model", "PackedMasks", "input_groups", "owners"]
 
 
 def adopt_weights(artifact: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter]) -> None:
@@ -40,6 +41,19 @@ def swapped_weights(modules: dict[str, nn.Linear], weights: Mapping[str, torch.T
 
     with while_running(modules, dense):
         yield
+
+
+@contextmanager
+def dense_model(ctx: Any) -> Iterator[nn.Module]:
+    """The dense model to compute a reference with (evaluation, the distillation teacher): the run's model with the
+    dense weights swapped in (masks), or — after structured pruning, where the pruned model has fewer blocks,
+    channels or heads — the dense copy kept before they were removed (``state.dense_model``)."""
+    st = ctx.state
+    if st.dense_model is not None:
+        yield st.dense_model
+        return
+    with swapped_weights(st.targets, st.dense_weights):
+        yield ctx.model
 
 
 class PackedMasks(MutableMapping[str, torch.Tensor]):

@@ -22,7 +22,7 @@ from podar.schemas.errors import DataError
 from podar.schemas.records import StageResult, TextEvaluation
 from podar.schemas.stage import PruningStage
 
-from .common import swapped_weights
+from .common import dense_model
 from .quality import (
     Fidelity,
     TextMetrics,
@@ -70,8 +70,8 @@ def dense_baseline(ctx: RunContext, dataset: str, windows: torch.Tensor, text_sh
 
     def reference() -> dict[str, torch.Tensor]:
         ctx.runtime.settle(ctx.model)  # the pruned weights are not read by the dense pass: their mapped pages go
-        with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
-            return dense_reference(ctx.model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
+        with dense_model(ctx) as model:
+            return dense_reference(model, windows, top_k=ev.kl_top_k, batch_size=ev.batch_size,
                                    device=ctx.device, progress=ctx.progress, text=dataset,
                                    after_batch=ctx.runtime.trim, release=ctx.runtime.releaser())
 
@@ -126,8 +126,8 @@ def evaluate_fidelity(ctx: RunContext, dataset: str) -> TextEvaluation:
     windows, index = my_windows(ctx, every)
     kwargs = dict(batch_size=ev.batch_size, device=ctx.device, progress=ctx.progress, text=dataset,
                   check=ctx.check_cancelled)
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
-        dense = hidden_states(ctx.model, windows, **kwargs)
+    with dense_model(ctx) as model:
+        dense = hidden_states(model, windows, **kwargs)
     embedding = ctx.dist.gather_rows(dense.mean(dim=1), index, every.shape[0])
     ctx.save_tensors("baseline", {"embedding": embedding}, name=_slug(dataset), group=False, metadata={
         "dataset": dataset, "text_sha256": text_sha, "model_fingerprint": ctx.state.model_fingerprint,

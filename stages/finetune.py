@@ -8,7 +8,8 @@ long fine-tune resumes from its last interval, to the same final weights as a ru
 Loss (``finetune.loss``): ``lm`` the next-token cross-entropy; ``kd`` the KL divergence from the dense model's
 next-token distribution to the pruned model's at temperature T (scaled by T², Hinton et al.); ``kd+lm`` their
 weighted sum. The teacher is the dense model computed on the fly: the same modules with their dense weights
-swapped in for its forward (``stages.common.swapped_weights``), so no second model is held.
+swapped in for its forward, so no second model is held; after structured pruning, the dense copy kept before the
+blocks, channels or heads went (``stages.common.dense_model``), and every remaining weight trains.
 
 Learning rate: linear warm-up over ``warmup_fraction`` of the round's steps, then constant, linear or cosine decay
 to ``min_lr_ratio`` × the peak at the round's last step (``lr_at``). Validation every ``eval_every`` steps and at
@@ -39,7 +40,7 @@ from podar.schemas.errors import CheckpointError, DataError, StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
-from .common import swapped_weights
+from .common import dense_model
 from .quality import compare_to_reference, dense_reference, head_splits, kl_top_k, next_token_stats
 
 STAGE = PruningStage.FINE_TUNING
@@ -190,13 +191,13 @@ def _remask(masks: dict[str, torch.Tensor], targets: dict[str, torch.nn.Module])
 def _teacher_logits(ctx: RunContext, batch: torch.Tensor) -> torch.Tensor:
     """The dense model's logits (B, T, V) fp32 on ``batch``: the model with its dense weights swapped in, in eval
     mode, no gradient."""
-    model = ctx.model
-    with torch.no_grad(), swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+    with torch.no_grad(), dense_model(ctx) as model:
         model.eval()
         try:
             return model(input_ids=batch, use_cache=False).logits.float()
         finally:
-            model.train()
+            if model is ctx.model:
+                model.train()
 
 
 def kd_top_k_loss(student: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -213,10 +214,9 @@ def teacher_cache(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Ten
     every training window (n, T): computed once per round with the dense weights swapped in, a vocabulary chunk at
     a time, and checkpointed, so the steps that follow run no teacher."""
     ft = ctx.config.finetune
-    model = ctx.model
-    split = head_splits(model, windows[:1, :8].to(ctx.device))
     ids, logp = [], []
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
+    with dense_model(ctx) as model:
+        split = head_splits(model, windows[:1, :8].to(ctx.device))
         for start in range(0, windows.shape[0], ft.batch_size):
             ctx.check_cancelled()
             stats = next_token_stats(model, windows[start:start + ft.batch_size].to(ctx.device), split=split,
@@ -253,7 +253,7 @@ def _validate(ctx: RunContext, windows: torch.Tensor, reference: dict[str, torch
 
 def _params(ctx: RunContext) -> dict[str, torch.nn.Parameter]:
     """The parameters trained, by name."""
-    if ctx.config.finetune.train == "pruned_layers":
+    if ctx.config.finetune.train == "pruned_layers" and not ctx.config.structure.enabled:
         return {f"{name}.weight": m.weight for name, m in ctx.state.targets.items()}
     return {n: p for n, p in ctx.model.named_parameters() if p.is_floating_point()}
 
@@ -347,8 +347,8 @@ def _round_cache(ctx: RunContext, windows: torch.Tensor, done: int) -> dict[str,
 
 def dense_reference_of(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """The dense model's reference (``stages.quality.dense_reference``) on the validation windows."""
-    with swapped_weights(ctx.state.targets, ctx.state.dense_weights):
-        return dense_reference(ctx.model, windows, top_k=_VALIDATION_TOP_K, device=ctx.device)
+    with dense_model(ctx) as model:
+        return dense_reference(model, windows, top_k=_VALIDATION_TOP_K, device=ctx.device)
 
 
 @dataclass

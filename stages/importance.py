@@ -13,6 +13,7 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from . import structure
 from .common import input_groups, owners
 
 STAGE = PruningStage.COMPUTING_IMPORTANCE
@@ -65,6 +66,8 @@ def _mine(ctx: RunContext, targets: dict[str, Any]) -> list[str]:
 
 def run(ctx: RunContext) -> StageResult:
     cfg, st, method = ctx.config, ctx.state, ctx.method
+    if cfg.structure.enabled:  # which blocks, channels and heads stay
+        return StageResult(stage=STAGE.value, metrics={"method": "structure", **structure.rank(ctx)})
     targets = st.group_targets()
     keep = method.keeps_scores or cfg.resolved_scope() == "global"
     layer_metrics: dict[str, dict] = {}

@@ -20,6 +20,7 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
 
+from . import structure
 from .bitpack import pack_bits
 from .common import apply_mask, input_groups
 from .masks import global_unstructured_masks
@@ -179,9 +180,29 @@ def _map(ctx: RunContext, targets: dict[str, Any], record: ArtifactRecord | None
         ctx.log.warning("weights_not_mapped", artifact=None if record is None else record.path, reason=str(e))
 
 
+def _structure(ctx: RunContext) -> StageResult:
+    """Structured pruning: the plan checkpointed (what a resume re-applies), then the blocks, channels and heads
+    removed from the model and the new config values written to it."""
+    st = ctx.state
+    plan = st.structure_plan
+    before = structure.parameter_count(ctx.model)
+    tensors, metadata = plan.to_tensors()
+    ctx.save_tensors(structure.STRUCTURE_KIND, tensors, metadata=metadata)
+    structure.restructure(ctx, plan)
+    after = structure.parameter_count(ctx.model)
+    st.structure_sums = None
+    return StageResult(stage=STAGE.value, metrics={
+        "pattern": "structure", "parameters_before": before, "parameters_after": after,
+        "parameters_removed_frac": 1.0 - after / before, "blocks_kept": ",".join(map(str, plan.blocks)),
+        **plan.config,
+        "round": st.round_index, "group": st.group_index})
+
+
 @torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
+    if ctx.config.structure.enabled:
+        return _structure(ctx)
     spec = prune_spec(ctx)
     targets = st.group_targets()
     pruned = _prune(ctx, targets, spec)

@@ -1,0 +1,567 @@
+"""Structured pruning (config ``structure``): whole blocks, MLP intermediate channels and attention heads removed for
+real, the same count in every layer, so the pruned model is an ordinary model of its family with a smaller config
+(``num_hidden_layers``, ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``) that transformers,
+vLLM and llama.cpp run faster with no special kernel.
+
+Statistics (Calibrating), summed per calibration batch in float64 and added in batch order, so N processes give one
+process's sums bit for bit:
+
+- block influence (ShortGPT): Σ over tokens of 1 − cos(h_in, h_out) of each block — a block that barely turns the
+  hidden state does little;
+- MLP channels (Minitron): Σ over tokens of a² of each input channel of the MLP's output projection;
+- attention heads (Minitron): Σ over tokens and the head's dimensions of o² of the attention output before
+  ``o_proj``.
+
+Ranking (Computing Importance): the blocks of least influence go (``depth_mode`` iterative: one at a time, the
+influence measured again without the blocks already gone); in every layer the channels, and the heads or KV groups,
+with the smallest sums go — the same number in every layer, ties to the lower index. Pruning slices the weights
+(``apply_plan``) and writes the new config values; the plan (which blocks, channels and heads were kept) is the
+run's artifact, re-applied to a freshly loaded dense model on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from podar.schemas.config import PruningConfig, StructureConfig
+from podar.schemas.errors import ConfigError
+
+from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, supported_kwargs
+
+__all__ = ["Family", "WIDTH_FAMILIES", "Resolved", "resolve", "BatchSums", "collect_sums", "sum_in_order",
+           "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads", "apply_plan",
+           "block_influence", "channel_sums", "head_sums"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a block of an architecture keeps what width pruning slices (names relative to the block): the layers
+    whose output rows are the MLP's intermediate channels, the layer whose input columns they are, and the
+    attention's projections."""
+
+    up: tuple[str, ...]
+    down: str
+    q: str
+    k: str
+    v: str
+    o: str
+    attention: str
+    mlp: str
+
+
+_LLAMA = Family(up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj", q="self_attn.q_proj",
+                k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", attention="self_attn", mlp="mlp")
+# model_type → layout. Phi-3 (fused qkv / gate_up) and GPT-2 (fused c_attn, no per-layer head_dim) are not built.
+WIDTH_FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA}
+# Config lists with one entry per block, sliced with the blocks; another list of that length is refused.
+PER_LAYER_LISTS = ("layer_types",)
+
+
+# ---------------------------------------------------------------- what is removed, checked before any work
+
+@dataclass(frozen=True)
+class Resolved:
+    """The counts a structure config comes to on one model: blocks removed, MLP channels kept, query heads and KV
+    heads kept per layer."""
+
+    blocks: int
+    n_blocks: int
+    channels_kept: int | None  # None: the MLP is not pruned
+    intermediate: int | None
+    q_kept: int | None  # None: the heads are not pruned
+    kv_kept: int | None
+    n_q: int | None
+    n_kv: int | None
+    head_dim: int | None
+    family: Family | None
+    stack: BlockStack
+
+
+def _count(value: int | float, total: int) -> int:
+    return value if isinstance(value, int) else round(value * total)
+
+
+def _head_counts(s: StructureConfig, n_q: int, n_kv: int) -> tuple[int, int]:
+    """(query heads kept, KV heads kept) per layer; ConfigError when the count breaks the KV grouping."""
+    group = n_q // n_kv
+    if s.heads_unit == "kv_groups":
+        if isinstance(s.heads, float):
+            removed_groups = round(s.heads * n_kv)
+        elif s.heads % group:
+            raise ConfigError(f"structure.heads={s.heads}: heads go a whole KV group of {group} query heads at a time "
+                              f"(heads_unit kv_groups; {n_q} query heads, {n_kv} KV heads): use a multiple of {group}, "
+                              "or heads_unit: query_per_group")
+        else:
+            removed_groups = s.heads // group
+        if removed_groups < 1 or removed_groups >= n_kv:
+            raise ConfigError(f"structure.heads={s.heads} removes {removed_groups} of {n_kv} KV groups; at least one "
+                              "must go and one must stay")
+        return (n_kv - removed_groups) * group, n_kv - removed_groups
+    if isinstance(s.heads, float):
+        per_group = round(s.heads * group)
+    elif s.heads % n_kv:
+        raise ConfigError(f"structure.heads={s.heads}: query_per_group removes the same number of query heads from "
+                          f"each of the {n_kv} KV groups: use a multiple of {n_kv}")
+    else:
+        per_group = s.heads // n_kv
+    if per_group < 1 or per_group >= group:
+        raise ConfigError(f"structure.heads={s.heads} removes {per_group} of the {group} query heads of each KV group "
+                          "(heads_unit query_per_group); at least one must go and one must stay in each group")
+    return (group - per_group) * n_kv, n_kv
+
+
+def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
+    """The counts ``cfg.structure`` comes to on ``model``; ConfigError naming the field and the model's figure for
+    anything that cannot be done: more blocks than exist (or all), a head count that breaks the KV grouping, a width
+    rounded to zero, an unknown per-layer config list, width or heads on an architecture not built."""
+    s = cfg.structure
+    config = model.config
+    stack = find_blocks(model, cfg.calibration.blocks)
+    if stack is None:
+        raise ConfigError(f"structure: {type(model).__name__} has no stack of repeated blocks to remove from")
+    n_blocks = len(stack.layers)
+    blocks = _count(s.depth, n_blocks) if s.depth else 0
+    if s.depth and blocks < 1:
+        raise ConfigError(f"structure.depth={s.depth} of {n_blocks} blocks rounds to none removed")
+    if blocks >= n_blocks:
+        raise ConfigError(f"structure.depth={s.depth} removes {blocks} blocks; the model has {n_blocks} "
+                          "(at least one must stay)")
+    if getattr(config, "num_hidden_layers", None) != n_blocks:
+        raise ConfigError(f"structure: the config's num_hidden_layers ({getattr(config, 'num_hidden_layers', None)}) "
+                          f"is not the {n_blocks} blocks of '{stack.path}'; podar cannot rewrite this config")
+    if blocks:
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise ConfigError("structure.depth: this model scales attention by its layer index "
+                              "(scale_attn_by_inverse_layer_idx), which renumbering the blocks would change")
+        for key, value in config.to_dict().items():
+            if isinstance(value, list | tuple) and len(value) == n_blocks and key not in PER_LAYER_LISTS:
+                raise ConfigError(f"structure.depth: the config's '{key}' is a list of one entry per block that podar "
+                                  f"does not know how to cut (it knows {', '.join(PER_LAYER_LISTS)})")
+    family = WIDTH_FAMILIES.get(getattr(config, "model_type", ""))
+    if (s.mlp or s.heads) and family is None:
+        what = "structure.mlp" if s.mlp else "structure.heads"
+        raise ConfigError(f"{what}: width and head pruning are built for {', '.join(sorted(WIDTH_FAMILIES))} "
+                          f"(model_type '{getattr(config, 'model_type', None)}' is not: its projections are laid "
+                          "out differently); depth works for every block-stacked model")
+    channels_kept = intermediate = None
+    if s.mlp:
+        intermediate = int(config.intermediate_size)
+        channels_kept = round(intermediate * (1.0 - s.mlp) / s.alignment) * s.alignment
+        if channels_kept < 1:
+            raise ConfigError(f"structure.mlp={s.mlp} keeps {intermediate * (1 - s.mlp):.0f} of {intermediate} "
+                              f"channels, which rounds to zero at structure.alignment={s.alignment}")
+        if channels_kept >= intermediate:
+            raise ConfigError(f"structure.mlp={s.mlp} rounds to no channel removed of {intermediate} at "
+                              f"structure.alignment={s.alignment}: raise mlp or lower alignment")
+    q_kept = kv_kept = n_q = n_kv = head_dim = None
+    if s.heads:
+        n_q = int(config.num_attention_heads)
+        n_kv = int(getattr(config, "num_key_value_heads", None) or n_q)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_q)
+        q_kept, kv_kept = _head_counts(s, n_q, n_kv)
+    return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
+                    q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack)
+
+
+# ---------------------------------------------------------------- statistics
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """Scalar fp64: Σ over tokens of 1 − cos(h_in, h_out); h_in, h_out (B, T, C)."""
+    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1, eps=1e-12)  # (B, T)
+    return (1.0 - cos).sum()
+
+
+_ROWS = 1024  # tokens squared at a time (float64 copies of at most this many rows)
+
+
+def channel_sums(x: torch.Tensor) -> torch.Tensor:
+    """(C,) fp64: Σ over tokens of x² per channel; x (..., C)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[0], _ROWS):
+        out += flat[start:start + _ROWS].double().square().sum(dim=0)
+    return out
+
+
+def head_sums(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(H,) fp64: Σ over tokens and the head's dimensions of x² per head; x (..., H·d), heads contiguous."""
+    return channel_sums(x).view(n_heads, -1).sum(dim=1)
+
+
+@dataclass
+class BatchSums:
+    """One calibration batch's sums: influence (L,) fp64 (NaN for a block not run), channels (L, I) and heads (L, H)
+    fp64 or None, tokens."""
+
+    influence: torch.Tensor
+    channels: torch.Tensor | None
+    heads: torch.Tensor | None
+    tokens: int
+
+
+@contextmanager
+def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, bool], n_heads: int | None,
+           sink: dict[str, dict[int, torch.Tensor]]) -> Iterator[None]:
+    handles = []
+
+    def on_block(i: int) -> Callable:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            h_in = args[0] if args else kwargs["hidden_states"]
+            sink["influence"][i] = block_influence(h_in, block_output(out))
+        return hook
+
+    def on_input(kind: str, i: int) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            sink[kind][i] = channel_sums(x) if kind == "channels" else head_sums(x, n_heads or 1)
+        return hook
+
+    try:
+        for i, block in blocks:
+            handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
+            if family is not None and width[0]:
+                handles.append(block.get_submodule(family.down).register_forward_pre_hook(on_input("channels", i)))
+            if family is not None and width[1]:
+                handles.append(block.get_submodule(family.o).register_forward_pre_hook(on_input("heads", i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, batches: list[int], batch_size: int,
+                 device: torch.device | str, *, kept: list[int], family: Family | None, width: tuple[bool, bool],
+                 n_heads: int | None, check: Callable[[], None] = lambda: None) -> list[BatchSums]:
+    """The sums of calibration ``batches`` (indices into ``samples`` (N, T) cut in batches of ``batch_size``), the
+    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads) also summed."""
+    n_blocks = len(stack.layers)
+    running = [(i, stack.layers[i]) for i in kept]
+    trunk = _trunk(model, stack)
+    out = []
+    replacement = nn.ModuleList([b for _, b in running])
+    with _swapped(model, stack.path, replacement) if len(kept) < n_blocks else _nothing():
+        for b in batches:
+            check()
+            batch = samples[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
+            sink: dict[str, dict[int, torch.Tensor]] = {"influence": {}, "channels": {}, "heads": {}}
+            with _hooks(running, family, width, n_heads, sink):
+                trunk(input_ids=batch, **supported_kwargs(trunk, use_cache=False))
+            influence = torch.full((n_blocks,), float("nan"), dtype=torch.float64)
+            for i, v in sink["influence"].items():
+                influence[i] = v.cpu()
+            out.append(BatchSums(influence=influence, tokens=int(batch.numel()),
+                                 channels=_stacked(sink["channels"], kept) if width[0] else None,
+                                 heads=_stacked(sink["heads"], kept) if width[1] else None))
+    return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _stacked(by_block: dict[int, torch.Tensor], kept: list[int]) -> torch.Tensor:
+    return torch.stack([by_block[i].cpu() for i in kept])
+
+
+def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of ``parts`` added one after another from zero, in order (the additions one process makes)."""
+    total = torch.zeros_like(parts[0])
+    for p in parts:
+        total += p
+    return total
+
+
+# ---------------------------------------------------------------- ranking
+
+def _lowest_first(scores: torch.Tensor) -> list[int]:
+    """Indices by ascending score, ties to the lower index first."""
+    return torch.sort(scores, stable=True).indices.tolist()
+
+
+def kept_blocks(influence: torch.Tensor, n_remove: int) -> list[int]:
+    """The blocks kept (ascending dense indices) when the ``n_remove`` of least influence (L,) go."""
+    gone = set(_lowest_first(influence)[:n_remove])
+    return [i for i in range(influence.shape[0]) if i not in gone]
+
+
+def kept_channels(sums: torch.Tensor, n_keep: int) -> list[int]:
+    """The ``n_keep`` channels of largest sum (C,), ascending; ties to the lower index."""
+    order = torch.sort(-sums, stable=True).indices[:n_keep]
+    return sorted(order.tolist())
+
+
+def kept_heads(sums: torch.Tensor, n_kv: int, q_keep: int, kv_keep: int) -> tuple[list[int], list[int]]:
+    """(query heads kept, KV heads kept), ascending, from the per-head sums (H,) of one layer: whole KV groups by
+    the sum of their query heads' sums (``kv_keep`` < n_kv), or within every group its largest query heads."""
+    n_q = sums.shape[0]
+    group = n_q // n_kv
+    if kv_keep < n_kv:
+        kv = kept_channels(sums.view(n_kv, group).sum(dim=1), kv_keep)
+        return [g * group + j for g in kv for j in range(group)], kv
+    per_group = q_keep // n_kv
+    q = [g * group + j for g in range(n_kv) for j in kept_channels(sums[g * group:(g + 1) * group], per_group)]
+    return q, list(range(n_kv))
+
+
+@dataclass(frozen=True)
+class StructurePlan:
+    """Which blocks (dense indices, ascending), and in each kept block which MLP channels and query / KV heads,
+    stay; the config values the pruned model has."""
+
+    blocks: list[int]
+    channels: dict[int, list[int]] = field(default_factory=dict)
+    q_heads: dict[int, list[int]] = field(default_factory=dict)
+    kv_heads: dict[int, list[int]] = field(default_factory=dict)
+    head_dim: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and metadata of a safetensors artifact."""
+        tensors = {"blocks": torch.tensor(self.blocks, dtype=torch.int64)}
+        for kind in ("channels", "q_heads", "kv_heads"):
+            for i, kept in getattr(self, kind).items():
+                tensors[f"{kind}.{i}"] = torch.tensor(kept, dtype=torch.int64)
+        return tensors, {"config": json.dumps(self.config, sort_keys=True), "head_dim": str(self.head_dim or "")}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> StructurePlan:
+        parts: dict[str, dict[int, list[int]]] = {"channels": {}, "q_heads": {}, "kv_heads": {}}
+        for key, value in tensors.items():
+            if key != "blocks":
+                kind, index = key.rsplit(".", 1)
+                parts[kind][int(index)] = value.tolist()
+        head_dim = metadata.get("head_dim") or None
+        return cls(blocks=tensors["blocks"].tolist(), **parts, head_dim=int(head_dim) if head_dim else None,
+                   config=json.loads(metadata["config"]))
+
+
+def plan_structure(r: Resolved, influence: torch.Tensor, removal_order: list[int] | None,
+                   channels: torch.Tensor | None, heads: torch.Tensor | None) -> StructurePlan:
+    """The plan from the summed statistics: influence (L,), channels (L, I) and heads (L, H) of every dense block;
+    ``removal_order``: the iterative mode's blocks, in the order they went (their count is ``r.blocks``)."""
+    if removal_order is not None:
+        blocks = [i for i in range(r.n_blocks) if i not in set(removal_order[:r.blocks])]
+    else:
+        blocks = kept_blocks(influence, r.blocks)
+    config: dict[str, Any] = {"num_hidden_layers": len(blocks)}
+    plan = StructurePlan(blocks=blocks, head_dim=r.head_dim, config=config)
+    if r.channels_kept is not None:
+        assert channels is not None
+        for i in blocks:
+            plan.channels[i] = kept_channels(channels[i], r.channels_kept)
+        config["intermediate_size"] = r.channels_kept
+    if r.q_kept is not None:
+        assert heads is not None and r.n_kv is not None and r.kv_kept is not None
+        for i in blocks:
+            plan.q_heads[i], plan.kv_heads[i] = kept_heads(heads[i], r.n_kv, r.q_kept, r.kv_kept)
+        config.update(num_attention_heads=r.q_kept, num_key_value_heads=r.kv_kept, head_dim=r.head_dim)
+    return plan
+
+
+# ---------------------------------------------------------------- the surgery
+
+def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """``linear`` with only the output ``rows`` and input ``cols`` kept (new tensors; the old ones are let go)."""
+    w = linear.weight.detach()
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    linear.weight = nn.Parameter(w.contiguous(), requires_grad=linear.weight.requires_grad)
+    if linear.bias is not None and rows is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, rows.to(w.device)).contiguous(),
+                                   requires_grad=linear.bias.requires_grad)
+    linear.out_features, linear.in_features = w.shape
+
+
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.int64)
+
+
+def _set_if_present(module: nn.Module, **values: int) -> None:
+    for key, value in values.items():
+        if hasattr(module, key):
+            setattr(module, key, value)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, stack: BlockStack, family: Family | None, plan: StructurePlan) -> nn.ModuleList:
+    """Slice the kept blocks' MLP channels and heads, drop the other blocks, renumber what indexes layers
+    (``layer_idx``, for the KV cache) and write the new config values. Returns the new block list."""
+    config = model.config
+    for i in plan.blocks:
+        block = stack.layers[i]
+        if i in plan.channels:
+            assert family is not None
+            keep = torch.tensor(plan.channels[i], dtype=torch.int64)
+            for name in family.up:
+                _sliced(block.get_submodule(name), rows=keep)
+            _sliced(block.get_submodule(family.down), cols=keep)
+            _set_if_present(block.get_submodule(family.mlp), intermediate_size=len(keep))
+        if i in plan.q_heads:
+            assert family is not None and plan.head_dim is not None
+            q_rows = _head_rows(plan.q_heads[i], plan.head_dim)
+            kv_rows = _head_rows(plan.kv_heads[i], plan.head_dim)
+            _sliced(block.get_submodule(family.q), rows=q_rows)
+            _sliced(block.get_submodule(family.k), rows=kv_rows)
+            _sliced(block.get_submodule(family.v), rows=kv_rows)
+            _sliced(block.get_submodule(family.o), cols=q_rows)
+            n_q, n_kv = len(plan.q_heads[i]), len(plan.kv_heads[i])
+            attention = block.get_submodule(family.attention)
+            attention.num_key_value_groups = n_q // n_kv
+            _set_if_present(attention, num_heads=n_q, num_attention_heads=n_q, num_key_value_heads=n_kv,
+                            head_dim=plan.head_dim)
+    new = nn.ModuleList([stack.layers[i] for i in plan.blocks])
+    if len(plan.blocks) < len(stack.layers):
+        for j, (i, block) in enumerate(zip(plan.blocks, new, strict=True)):
+            for module in block.modules():
+                if getattr(module, "layer_idx", None) == i:
+                    module.layer_idx = j
+        for key in PER_LAYER_LISTS:
+            value = getattr(config, key, None)
+            if isinstance(value, list | tuple) and len(value) == len(stack.layers):
+                setattr(config, key, [value[i] for i in plan.blocks])
+        parent_path, _, leaf = stack.path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, new)
+    for key, value in plan.config.items():
+        setattr(config, key, value)
+    trunk = _trunk(model, BlockStack(stack.path, new))
+    if hasattr(trunk, "has_sliding_layers") and getattr(config, "layer_types", None) is not None:
+        trunk.has_sliding_layers = "sliding_attention" in config.layer_types
+    return new
+
+
+# ---------------------------------------------------------------- the stages' work (called by their handlers)
+
+STRUCTURE_KIND = "structure"  # the artifact: the plan (kept blocks, channels, heads) and the new config values
+
+
+@dataclass
+class Sums:
+    """The statistics of the whole calibration set: influence (L,), channels (L, I) and heads (L, H) fp64 of every
+    dense block (None where not pruned), tokens, and the iterative mode's blocks in the order they went."""
+
+    influence: torch.Tensor
+    channels: torch.Tensor | None
+    heads: torch.Tensor | None
+    tokens: int
+    removal_order: list[int] | None = None
+    passes: int = 1
+
+
+def _ordered(ctx: Any, rows: list[torch.Tensor], shape: tuple[int, ...], mine: list[int], n: int) -> torch.Tensor:
+    """Every process's per-batch ``rows`` (each ``shape``) added in global batch order."""
+    local = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=torch.float64)
+    return sum_in_order(list(ctx.dist.gather_rows(local, mine, n)))
+
+
+def _indices(values: list[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Calibrating for structure: the sums of every calibration batch (this process's share), added in batch order
+    over processes; ``depth_mode`` iterative: the model run again without each block that went. Sets
+    ``state.structure_sums``; returns the stage's metrics and each block's (its mean influence per token)."""
+    cfg, st = ctx.config, ctx.state
+    r = resolve(cfg, ctx.model)
+    samples = st.calibration_samples
+    bs = cfg.calibration.batch_size
+    n_batches = -(-samples.shape[0] // bs)
+    mine = ctx.dist.shares(n_batches)
+    width = (r.channels_kept is not None, r.q_kept is not None)
+    L = r.n_blocks
+
+    def sums(kept: list[int], width: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                   torch.Tensor | None, int]:
+        parts = collect_sums(ctx.model, r.stack, samples, mine, bs, ctx.device, kept=kept, family=r.family,
+                             width=width, n_heads=r.n_q, check=ctx.check_cancelled)
+        influence = _ordered(ctx, [p.influence for p in parts], (L,), mine, n_batches)
+        channels = heads = None
+        if width[0]:
+            channels = _ordered(ctx, [p.channels for p in parts], (L, r.intermediate), mine, n_batches)
+        if width[1]:
+            heads = _ordered(ctx, [p.heads for p in parts], (L, r.n_q), mine, n_batches)
+        tokens = int(ctx.dist.sum(torch.tensor([sum(p.tokens for p in parts)], dtype=torch.int64)).item())
+        return influence, channels, heads, tokens
+
+    everything = list(range(L))
+    influence, channels, heads, tokens = sums(everything, width)
+    out = Sums(influence=influence, channels=channels, heads=heads, tokens=tokens)
+    if cfg.structure.depth_mode == "iterative" and r.blocks:
+        order, kept, current = [], everything, influence
+        for _ in range(r.blocks):
+            gone = min(kept, key=lambda i: (float(current[i]), i))
+            order.append(gone)
+            kept = [i for i in kept if i != gone]
+            if len(order) < r.blocks:
+                current = sums(kept, (False, False))[0]
+                out.passes += 1
+        out.removal_order = order
+    st.structure_sums = out
+    per_block = {f"{r.stack.path}.{i}": {"influence": float(influence[i]) / max(tokens, 1)} for i in range(L)}
+    return {"structure_passes": out.passes, "tokens": tokens, "blocks": L,
+            **({"removal_order": _indices(out.removal_order)} if out.removal_order is not None else {})}, per_block
+
+
+def rank(ctx: Any) -> dict[str, Any]:
+    """Computing Importance for structure: the plan from the summed statistics (``state.structure_plan``)."""
+    st = ctx.state
+    r = resolve(ctx.config, ctx.model)
+    s = st.structure_sums
+    if s is None:
+        raise ConfigError("structure: no calibration statistics (Calibrating did not run)")
+    plan = plan_structure(r, s.influence, s.removal_order, s.channels, s.heads)
+    st.structure_plan = plan
+    return {"blocks_kept": _indices(plan.blocks),
+            "blocks_removed": _indices([i for i in range(r.n_blocks) if i not in plan.blocks]), **plan.config}
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of ``model``, each tied tensor once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def renamed(names: list[str], path: str, blocks: list[int]) -> list[str]:
+    """Module ``names`` as they are once only ``blocks`` of the stack at ``path`` stay (renumbered from 0); the
+    names inside a removed block are gone."""
+    new_index = {old: new for new, old in enumerate(blocks)}
+    prefix = f"{path}."
+    out = []
+    for name in names:
+        if not name.startswith(prefix):
+            out.append(name)
+            continue
+        index, _, rest = name[len(prefix):].partition(".")
+        if int(index) in new_index:
+            out.append(f"{prefix}{new_index[int(index)]}" + (f".{rest}" if rest else ""))
+    return out
+
+
+def restructure(ctx: Any, plan: StructurePlan) -> None:
+    """Apply ``plan`` to the run's (dense) model, keeping a dense copy first as the reference that evaluation and
+    distillation compare with (``state.dense_model``), and re-resolve the targets (their names and shapes changed)."""
+    import copy
+
+    from .targets import resolve_targets
+
+    st = ctx.state
+    r = resolve(ctx.config, ctx.model)
+    if st.dense_model is None:
+        st.dense_model = copy.deepcopy(ctx.model).eval()
+        for p in st.dense_model.parameters():
+            p.requires_grad_(False)
+    st.converted = renamed(st.converted, r.stack.path, plan.blocks)
+    apply_plan(ctx.model, r.stack, r.family, plan)
+    st.structure_plan = plan
+    st.targets, _ = resolve_targets(ctx.model, ctx.config)
+    st.layer_groups = [list(st.targets)]
