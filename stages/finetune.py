@@ -508,7 +508,8 @@ def _checkpoint(ctx: RunContext, session: Session, out: _Outcome, params: dict[s
         series.update(val_step=out.val_step, val_loss=out.val_loss, val_kl=out.val_kl)
     metrics: dict[str, Any] = {
         "skipped": False, "steps": out.trained, "first_step": start_step, "round_steps": n_round,
-        "first_loss": out.losses[0], "last_loss": out.losses[-1], "trained": ft.train, "loss": ft.loss,
+        "first_loss": out.losses[0], "last_loss": out.losses[-1], "loss": ft.loss,
+        "trained": "all" if ctx.config.structure.enabled else ft.train,
         "tokens_per_s": round(out.tokens_per_s, 1), "finished_round": finished,
         "stopped_early": session.stopped_early}
     if session.best_step is not None:

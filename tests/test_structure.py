@@ -358,3 +358,44 @@ def test_the_plan_round_trips_through_its_artifact():
     tensors, meta = plan.to_tensors()
     assert StructurePlan.from_tensors(tensors, meta) == plan
     assert json.loads(meta["config"]) == plan.config
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
+def test_two_processes_choose_what_one_process_chooses(corpus, tmp_path):
+    cfg = structure_config(corpus, depth=1, mlp=0.25, heads=2)
+    cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"num_samples": 6}))
+    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "podar.cli", "run", str(path), "--run-dir",
+                           str(tmp_path / "two"), "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _plan_of(tmp_path / "two") == _plan_of(tmp_path / "one")
+    assert RunStore(tmp_path / "two").read_manifest().world_size == 2
+    assert sha256_file(tmp_path / "one/export/model.safetensors") == sha256_file(
+        tmp_path / "two/export/model.safetensors")
+
+
+@pytest.mark.parametrize(("fmt", "quant"), [("gguf", "none"), ("dense", "w8a16"), ("dense", "w4a16")])
+def test_structured_exports_in_every_format_reload_with_the_new_shapes(corpus, tmp_path, fmt, quant):
+    from podar import ExportConfig
+
+    cfg = structure_config(corpus, depth=1, mlp=0.25, heads=2)
+    cfg = cfg.with_export(ExportConfig(format=fmt, quantization=quant, group_size=16, dtype="float32"))
+    result = Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run()
+    assert result.ok, result.failure
+    ex = next(r for r in result.results if r.stage == "exporting").metrics
+    assert ex["logits_max_abs_diff"] is not None
+    if fmt == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(str(tmp_path / "run" / "export" / "model.gguf"))
+        fields = {k: int(v.parts[-1][0]) for k, v in reader.fields.items()
+                  if k.startswith("llama.") and k.endswith(("block_count", "head_count", "head_count_kv",
+                                                            "key_length", "feed_forward_length"))}
+        assert fields == {"llama.block_count": 3, "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
+                          "llama.attention.key_length": 16, "llama.feed_forward_length": 96}
