@@ -104,7 +104,8 @@ class Pipeline:
             self.config = self.config.with_overrides({"model.kind": "memory", "model.name": memory_model_name(model)},
                                                      source="the model handed in")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        self.run_id = f"{stamp}-{self.config.method.name}-{uuid.uuid4().hex[:8]}"
+        kind = "structure" if self.config.structure.enabled else self.config.method.name
+        self.run_id = f"{stamp}-{kind}-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_id
         self._model = model
         self._tokenizer = tokenizer

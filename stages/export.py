@@ -24,6 +24,7 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from .card import model_card
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
@@ -244,6 +245,15 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
             "shards": sum(1 for f in summary.files if f.endswith(".safetensors"))}
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("podar")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def run(ctx: RunContext) -> StageResult:
     cfg, store = ctx.config.export, ctx.store
     model = ctx.model
@@ -265,6 +275,10 @@ def run(ctx: RunContext) -> StageResult:
         ctx.runtime.settle(ctx.model)
     staging = store.begin_export()
     metrics = {**checked, **_write(ctx, staging, dtype)}
+    (staging / "README.md").write_text(model_card(
+        ctx.config, store.read_manifest().results, fingerprint=ctx.state.model_fingerprint,
+        version=_version(), export={"format": cfg.format, "dtype": str(dtype).replace("torch.", ""),
+                                    "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization}))
     ctx.runtime.settle(ctx.model)  # read whole by the writer
     metrics.update(verify_export(ctx, staging, dtype, reference))
     records = store.finish_export(staging, stage=STAGE.value)

@@ -1,0 +1,209 @@
+"""Structured pruning (issue 30) on SmolLM2-135M: blocks, MLP channels and heads removed, then recovered by
+distillation from the dense model within a fine-tuning budget; the export against the dense model in transformers.
+
+Per setting: parameters (all, and without the embedding), the export's size, perplexity on WikiText-2 test and on a
+text of another domain (``bench/other_text.py``) right after pruning and after recovery, and the fine-tuning's
+seconds. Then prefill (one 512-token window) and decode (64 tokens, KV cache, greedy) tokens/s of each export and
+of the dense model in transformers (float32, ``--threads`` threads), in interleaved rounds: dense, pruned, dense, …;
+the ratio of each round, and their median.
+
+    python bench/bench_structure.py [--steps 220] [--settings depth mlp combo] [--out structure]
+
+Writes bench/results/NAME.json and .md after every setting (a long run's figures so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+OTHER = HERE / "data" / "stdlib-docstrings.txt"
+
+SETTINGS = {  # name → structure section
+    "depth": {"depth": 6},  # 6 of 30 blocks (−20%)
+    "mlp": {"mlp": 0.25},  # 1,536 → 1,152 channels
+    "combo": {"depth": 4, "mlp": 0.125, "heads": 3, "heads_unit": "query_per_group"},  # about −25% non-embedding
+}
+
+
+def config(structure: dict, *, finetune: dict | None, windows: int):
+    from podar import (
+        CalibrationConfig,
+        EvaluationConfig,
+        FineTuneConfig,
+        PruningConfig,
+        QualityGates,
+        StructureConfig,
+    )
+
+    return PruningConfig(
+        target_sparsity=0.0, structure=StructureConfig(**structure),
+        calibration=CalibrationConfig(num_samples=32, sequence_length=512),
+        evaluation=EvaluationConfig(dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=512,
+                                    max_windows=windows, gates=QualityGates(max_perplexity_increase_pct=None)),
+        finetune=FineTuneConfig(enabled=finetune is not None, **(finetune or {})),
+    )
+
+
+def parameters(model) -> tuple[int, int]:
+    """(all parameters, those outside the embedding and the tied head)."""
+    seen = {id(p): (n, p) for n, p in model.named_parameters()}
+    total = sum(p.numel() for _, p in seen.values())
+    embedding = model.get_input_embeddings().weight.numel()
+    return total, total - embedding
+
+
+def run_one(name: str, cfg, work: Path) -> dict:
+    from podar import Pipeline
+
+    started = time.perf_counter()
+    pipe = Pipeline(cfg, run_dir=work / name, progress=False)
+    result = pipe.run()
+    if not result.ok:
+        raise SystemExit(f"{name}: {result.failure}")
+    ev = result.metrics["evaluating"]
+    total, body = parameters(pipe.context.model)
+    export = work / name / "export"
+    parts = [r for r in result.results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
+    row = {"run": name, "wall_s": round(time.perf_counter() - started, 1), "parameters": total,
+           "non_embedding_parameters": body,
+           "export_bytes": sum(p.stat().st_size for p in export.glob("*.safetensors")),
+           "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
+           "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"],
+           "export": str(export)}
+    if parts:
+        row.update(finetune_s=round(sum(r.duration_s for r in parts), 1),
+                   steps=sum(r.metrics["steps"] for r in parts),
+                   tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def dense_folder(work: Path) -> Path:
+    """The dense SmolLM2-135M as a transformers folder (podar's loader, saved once)."""
+    folder = work / "dense-hf"
+    if not (folder / "config.json").is_file():
+        from podar import load_model
+        from podar.schemas.config import ModelSourceConfig
+
+        model, tokenizer = load_model(ModelSourceConfig(), progress=False)
+        model.save_pretrained(folder)
+    return folder
+
+
+def timed(model, prompt, new_tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one window: the prompt in one forward, then greedy single-token
+    steps on the KV cache."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True)
+        t1 = time.perf_counter()
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+    return prompt.shape[1] / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def speed(folders: dict[str, Path], rounds: int, threads: int, prompt_len: int, new_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    models = {n: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for n, f in folders.items()}
+    prompt = torch.randint(100, 40000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    for m in models.values():  # warm-up
+        timed(m, prompt[:, :64], 4)
+    names = [n for n in models if n != "dense"]
+    figures: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
+    ratios: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
+    for _ in range(rounds):
+        for name in names:  # the dense model measured just before each pruned one
+            pd, dd = timed(models["dense"], prompt, new_tokens)
+            pp, dp = timed(models[name], prompt, new_tokens)
+            for who, (p, d) in (("dense", (pd, dd)), (name, (pp, dp))):
+                figures[who]["prefill"].append(p)
+                figures[who]["decode"].append(d)
+            ratios[name]["prefill"].append(pp / pd)
+            ratios[name]["decode"].append(dp / dd)
+    out = {n: {"prefill_tok_s": statistics.median(f["prefill"]), "decode_tok_s": statistics.median(f["decode"])}
+           for n, f in figures.items()}
+    for name in names:
+        out[name].update(prefill_ratio=statistics.median(ratios[name]["prefill"]),
+                         decode_ratio=statistics.median(ratios[name]["decode"]),
+                         prefill_ratios=[round(x, 3) for x in ratios[name]["prefill"]],
+                         decode_ratios=[round(x, 3) for x in ratios[name]["decode"]])
+    return out
+
+
+def write(rows: list[dict], speeds: dict, args: argparse.Namespace) -> None:
+    out = {"command": "python bench/bench_structure.py " + " ".join(sys.argv[1:]),
+           "args": vars(args) | {"work": str(args.work)}, "settings": SETTINGS, "rows": rows, "speed": speeds}
+    (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+    lines = ["| setting | parameters | non-embedding | export MB | fine-tune s | WikiText-2 ppl | other-domain ppl "
+             "| prefill × dense | decode × dense |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    dense = next((r for r in rows), None)
+    if dense is not None:
+        lines.append(f"| dense | — | — | — | — | {dense['dense_ppl_wikitext2']:.2f} | {dense['dense_ppl_other']:.2f} "
+                     "| 1.00 | 1.00 |")
+    for r in rows:
+        s = speeds.get(r["run"].removesuffix("-pruned").removesuffix("-recovered"), {})
+        lines.append(f"| {r['run']} | {r['parameters']:,} | {r['non_embedding_parameters']:,} "
+                     f"| {r['export_bytes'] / 1e6:.1f} | {r.get('finetune_s', 0)} | {r['ppl_wikitext2']:.2f} "
+                     f"| {r['ppl_other']:.2f} | {s.get('prefill_ratio', float('nan')):.2f} "
+                     f"| {s.get('decode_ratio', float('nan')):.2f} |")
+    if speeds.get("dense"):
+        lines.append("")
+        lines.append(f"Dense in transformers: prefill {speeds['dense']['prefill_tok_s']:.0f} tok/s, decode "
+                     f"{speeds['dense']['decode_tok_s']:.1f} tok/s ({args.threads} threads, float32, median of "
+                     f"{args.rounds} interleaved rounds).")
+    (common.RESULTS / f"{args.out}.md").write_text(f"`{out['command']}`\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--steps", type=int, default=220, help="fine-tuning steps of --seq tokens (0: no recovery)")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/podar-structure"))
+    ap.add_argument("--out", default="structure")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    speeds: dict = {}
+    ft = dict(steps=args.steps, batch_size=1, sequence_length=args.seq, learning_rate=args.lr, loss="kd",
+              checkpoint_every=max(args.steps // 2, 1), eval_every=max(args.steps // 4, 1))
+    for name in args.settings:
+        rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows), args.work))
+        write(rows, speeds, args)
+        if args.steps:
+            rows.append(run_one(f"{name}-recovered", config(SETTINGS[name], finetune=ft, windows=args.windows),
+                                args.work))
+            write(rows, speeds, args)
+    folders = {"dense": dense_folder(args.work)}
+    for name in args.settings:
+        run = f"{name}-recovered" if args.steps else f"{name}-pruned"
+        folders[name] = args.work / run / "export"
+    speeds = speed(folders, args.rounds, args.threads, args.prompt, args.new_tokens)
+    write(rows, speeds, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The export's model card (``README.md``): the base model, what was removed or masked, what fine-tuning did, and
+the figures Evaluating measured — read from the run's own checkpointed results, so a resumed run writes the same card.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from podar.schemas.config import PruningConfig
+from podar.schemas.records import StageResult
+
+__all__ = ["model_card"]
+
+
+def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
+    s = cfg.structure
+    if s.enabled:
+        m = pruning.metrics if pruning is not None else {}
+        lines = ["Structured pruning (the same dimensions in every layer; an ordinary model of its family):"]
+        if s.depth:
+            blocks = str(m.get("blocks_kept", ""))
+            lines.append(f"- blocks: {m.get('num_hidden_layers', '?')} kept (dense indices {blocks}), ranked by "
+                         f"block influence ({s.depth_mode})")
+        if s.mlp:
+            lines.append(f"- MLP intermediate channels: {m.get('intermediate_size', '?')} kept per layer, ranked by "
+                         "activation norms")
+        if s.heads:
+            lines.append(f"- attention heads: {m.get('num_attention_heads', '?')} query and "
+                         f"{m.get('num_key_value_heads', '?')} key/value heads kept per layer ({s.heads_unit})")
+        if "parameters_before" in m:
+            lines.append(f"- parameters: {int(m['parameters_before']):,} → {int(m['parameters_after']):,} "
+                         f"({100 * float(m['parameters_removed_frac']):.1f}% removed)")
+        return lines
+    return [f"Masked pruning: {cfg.method.name}, {cfg.target_sparsity:.0%} of the pruned layers' weights zero, "
+            f"pattern {cfg.pattern.label()} (the weights are stored dense unless the export format says otherwise)."]
+
+
+def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: str, version: str,
+               export: dict[str, Any]) -> str:
+    """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity:
+    two runs of one config on one model write the same card)."""
+    pruning = next((r for r in reversed(results) if r.stage == "pruning"), None)
+    tuned = [r for r in results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
+    evaluating = next((r for r in reversed(results) if r.stage == "evaluating"), None)
+    base = {"memory": "a model passed in memory", "tiny": f"a tiny random {cfg.model.tiny.arch} model"}.get(
+        cfg.model.kind, cfg.model.name)
+    front = [f"base_model: {base}"] if cfg.model.kind in ("hf", "builtin") else []
+    lines = ["---", *front, "library_name: transformers", "tags:", "- podar", "- pruned",
+             f"- {'structured-pruning' if cfg.structure.enabled else 'sparse'}", "---", "",
+             f"# {base}, pruned by podar", "", *_what(cfg, pruning), ""]
+    if tuned:
+        steps = sum(int(r.metrics.get("steps", 0)) for r in tuned)
+        ft = cfg.finetune
+        lines += [f"Fine-tuned {steps} steps after pruning: loss {ft.loss} (the dense model as teacher where KD), "
+                  f"peak learning rate {ft.learning_rate:g}, {ft.lr_schedule} schedule, {ft.sequence_length}-token "
+                  f"windows of {ft.dataset}.", ""]
+    if evaluating is not None and evaluating.texts:
+        lines += ["Measured by podar's Evaluating stage against the dense model on the same windows:", "",
+                  "| text | windows × tokens | dense perplexity | pruned perplexity | KL (nats/token) |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in evaluating.texts:
+            def f(x: float | None) -> str:
+                return "—" if x is None else f"{x:.4g}"
+            lines.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {f(t.dense_ppl)} | {f(t.pruned_ppl)} "
+                         f"| {f(t.kl_mean)} |")
+        lines.append("")
+    lines += [f"Export: {export.get('format')}, {export.get('dtype')}, quantization {export.get('quantization')}.",
+              "", f"podar {version}; dense weights' fingerprint `{fingerprint[:16]}…`, config sha256 "
+              f"`{cfg.sha256()[:16]}…`. The run folder's audit log records every step.", ""]
+    return "\n".join(lines)
