@@ -108,10 +108,10 @@ def timed(model, prompt, new_tokens: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
         t1 = time.perf_counter()
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
     return prompt.shape[1] / (t1 - t0), new_tokens / (t2 - t1)
 

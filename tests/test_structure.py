@@ -134,7 +134,7 @@ def test_the_sliced_model_computes_what_the_dense_model_with_those_parts_zeroed_
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the KV cache indexes the renumbered layers
         out = model(input_ids=ids[:, :20], use_cache=True)
-        step = model(input_ids=ids[:, 20:], past_key_values=out.past_key_values, use_cache=True).logits
+        step = model(input_ids=ids[:, 20:], cache=out.cache, use_cache=True).logits
     torch.testing.assert_close(step, got[:, 20:], rtol=1e-4, atol=1e-4)
 
 
