@@ -104,3 +104,40 @@ def test_each_loader_loads_equal_or_refuses(exports, fmt, quant):
         assert got["outcome"] == EXPECTED[fmt, quant], f"{name}: {got}"
         if got["outcome"] == "refused":  # refused because it does not know the format, not by accident
             assert "podar-" in got["error"] or "PodarSparseExport" in got["error"], got["error"]
+
+
+# structured pruning (issue 30): fewer blocks, channels and heads in an ordinary config; every loader must load it
+STRUCTURED = [("dense", "none"), ("dense", "w8a16"), ("dense", "w4a16"), ("gguf", "f16")]
+
+
+@pytest.fixture(scope="module")
+def structured_exports(corpus, tmp_path_factory):
+    from helpers import make_tiny_config
+
+    from podar import StructureConfig
+
+    base = make_tiny_config(corpus, num_hidden_layers=4).with_target_sparsity(0.0)
+    base = base._with(structure=StructureConfig(depth=1, mlp=0.25, heads=2, alignment=8))
+    root = tmp_path_factory.mktemp("interop-structure")
+    out = {}
+    for fmt, quant in STRUCTURED:
+        cfg = base.with_export(ExportConfig(format=fmt, gguf_type=quant) if fmt == "gguf" else
+                               ExportConfig(format=fmt, quantization=quant, group_size=32, dtype="float32"))
+        run = root / f"{fmt}-{quant}"
+        pipe = Pipeline(cfg, run_dir=run, progress=False)
+        assert pipe.run().ok
+        vocab = pipe.context.model.config.vocab_size
+        ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = load_pretrained(run / "export", dtype=torch.float32)(input_ids=ids).logits.float()
+        save_file({"input_ids": ids, "logits": logits.contiguous()}, str(run / "reference.safetensors"))
+        out[fmt, quant] = run
+    return out
+
+
+@pytest.mark.parametrize(("fmt", "quant"), STRUCTURED)
+def test_each_loader_loads_a_structurally_pruned_export(structured_exports, fmt, quant):
+    envs = interop_envs()
+    for name, python in envs.items():
+        got = load_elsewhere(python, structured_exports[fmt, quant], fmt == "gguf")
+        assert got["outcome"] == "equal", f"{name} with a structured {fmt}/{quant} export: {got}"
