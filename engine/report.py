@@ -49,6 +49,10 @@ def build_report(run_dir: str | Path) -> RunReport:
                   zip(r.series.get("val_step", []), r.series.get("val_loss", []), r.series.get("val_kl", []),
                       strict=True)]
     layers = _layers(m)
+    pruned = by_stage.get(PruningStage.PRUNING.value)
+    structure = None
+    if cfg.structure.enabled and pruned is not None:
+        structure = {k: v for k, v in pruned.metrics.items() if k not in ("pattern", "round", "group")}
     points: list[tuple[int, float]] = []
     if not isinstance(cfg.schedule, OneShot):
         points = [(s, cfg.schedule.sparsity_at_step(s)) for s in cfg.schedule.pruning_steps()]
@@ -59,7 +63,7 @@ def build_report(run_dir: str | Path) -> RunReport:
         achieved_sparsity=_achieved(m), layers=layers, texts=[] if evaluated is None else list(evaluated.texts),
         stage_durations_s=durations, pruning_time_s=sum(durations.get(s, 0.0) for s in PRUNING_STAGES),
         total_time_s=sum(durations.values()), schedule_points=points, finetune_losses=losses,
-        finetune_validation=validation,
+        finetune_validation=validation, structure=structure,
         export_format=cfg.export.format if export_bytes is not None else None, export_bytes=export_bytes,
     )
 
@@ -182,12 +186,19 @@ def _text_table(r: RunReport) -> list[str]:
 
 
 def _markdown(r: RunReport) -> str:
-    lines = [f"# podar run {r.run_id}", "",
-             f"**{PruningStage(r.state).display}** — {r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} "
-             f"({r.scope}), schedule {r.schedule}, model `{r.model}`.", ""]
+    what = (f"{r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} ({r.scope}), schedule {r.schedule}"
+            if r.structure is None else "structured pruning")
+    lines = [f"# podar run {r.run_id}", "", f"**{PruningStage(r.state).display}** — {what}, model `{r.model}`.", ""]
+    if r.structure is not None:
+        s = r.structure
+        new = ", ".join(f"{k} {s[k]}" for k in ("num_hidden_layers", "intermediate_size", "num_attention_heads",
+                                                 "num_key_value_heads") if k in s)
+        lines += [f"Parameters {int(s['parameters_before']):,} → {int(s['parameters_after']):,} "
+                  f"({100 * float(s['parameters_removed_frac']):.1f}% removed); blocks kept {s.get('blocks_kept')}; "
+                  f"{new}.", ""]
     if r.failure:
         lines += [f"Failed in {r.failure.stage}: {r.failure.type}: {r.failure.message}", ""]
-    if r.achieved_sparsity is not None:
+    if r.achieved_sparsity is not None and r.structure is None:
         lines += [f"Achieved sparsity over {len(r.layers)} pruned layers: {r.achieved_sparsity:.4f}.", ""]
     if r.texts:
         lines += _text_table(r) + [""]

@@ -290,6 +290,10 @@ def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Ru
             raise ConfigError("finetune.enabled: masked fine-tuning trains the model on the device, and this model's "
                               f"blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); set "
                               "finetune.enabled: false, or runtime.offload: off on a device it fits")
+        if cfg.structure.enabled:
+            raise ConfigError("structure: structured pruning keeps the model whole on the device, and this model's "
+                              f"blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); set "
+                              "runtime.offload: off on a device it fits (offloaded structured pruning is not built)")
         log.info("offloaded", device=str(device), blocks=len(stack.layers), path=stack.path)
     return runtime
 

@@ -52,6 +52,8 @@ class RunReport(_Report):
     finetune_losses: list[float] = Field(default_factory=list)
     finetune_validation: list[tuple[int, float, float]] = Field(
         default_factory=list, description="(step, validation loss in nats/token, KL to the dense model) per validation")
+    structure: dict[str, int | float | str] | None = Field(
+        default=None, description="structured pruning: parameters before and after, the new config values")
     export_format: str | None = None
     export_bytes: int | None = None
     plots: list[str] = Field(default_factory=list, description="PNG files, relative to the run folder")

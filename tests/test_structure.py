@@ -184,6 +184,10 @@ def test_width_heads_and_depth_run_to_complete_and_the_export_loads_in_transform
     manifest = RunStore(tmp_path / "run").read_manifest()
     assert [a.kind for a in manifest.artifacts.values()].count("structure") == 1
     verify_audit(tmp_path / "run" / "audit.jsonl", manifest.run_id, manifest.history)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "structured pruning" in report and "blocks kept" in report and "Achieved sparsity" not in report
+    card = (tmp_path / "run" / "export" / "README.md").read_text()
+    assert "- structured-pruning" in card and "3 kept" in card and "16 kept" not in card
     if arch == "llama":  # every remaining weight trained, with the dense copy as teacher
         ft = [r for r in result.results if r.stage == "fine_tuning"]
         assert sum(r.metrics["steps"] for r in ft) == 4
@@ -399,3 +403,11 @@ def test_structured_exports_in_every_format_reload_with_the_new_shapes(corpus, t
                                                             "key_length", "feed_forward_length"))}
         assert fields == {"llama.block_count": 3, "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1,
                           "llama.attention.key_length": 16, "llama.feed_forward_length": 96}
+
+
+def test_structure_on_an_offloaded_model_is_refused_before_any_work(corpus, tmp_path):
+    cfg = structure_config(corpus, depth=1)
+    cfg = cfg.with_runtime(cfg.runtime.model_copy(update={"offload": "blocks"}))
+    with pytest.raises(ConfigError, match="offloaded structured pruning is not built"):
+        Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run" / "manifest.json").exists()
