@@ -43,23 +43,34 @@ __all__ = ["Family", "WIDTH_FAMILIES", "Resolved", "resolve", "BatchSums", "coll
 @dataclass(frozen=True)
 class Family:
     """Where a block of an architecture keeps what width pruning slices (names relative to the block): the layers
-    whose output rows are the MLP's intermediate channels, the layer whose input columns they are, and the
-    attention's projections."""
+    whose output rows are the MLP's intermediate channels (``up``; ``fused_up``: one layer holding gate rows then up
+    rows), the layer whose input columns they are (``down``), and the attention's projections (``q``, ``k``, ``v``,
+    or ``qkv`` holding query, key then value rows; ``o``). ``o`` None: heads cannot be removed (``no_heads`` says
+    why). ``intermediate_key``: the config field of the MLP width."""
 
-    up: tuple[str, ...]
     down: str
-    q: str
-    k: str
-    v: str
-    o: str
     attention: str
     mlp: str
+    up: tuple[str, ...] = ()
+    fused_up: str | None = None
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    o: str | None = None
+    intermediate_key: str = "intermediate_size"
+    no_heads: str = ""
 
 
 _LLAMA = Family(up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj", q="self_attn.q_proj",
                 k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", attention="self_attn", mlp="mlp")
-# model_type → layout. Phi-3 (fused qkv / gate_up) and GPT-2 (fused c_attn, no per-layer head_dim) are not built.
-WIDTH_FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA}
+_PHI3 = Family(fused_up="mlp.gate_up_proj", down="mlp.down_proj", qkv="self_attn.qkv_proj", o="self_attn.o_proj",
+               attention="self_attn", mlp="mlp")
+_GPT2 = Family(up=("mlp.c_fc",), down="mlp.c_proj", attention="attn", mlp="mlp", intermediate_key="n_inner",
+               no_heads="GPT-2's head width is hidden_size / n_head by its config, so a head cannot go alone")
+# model_type → layout (GPT-2's Conv1D layers are run as nn.Linear, so rows are outputs here too)
+WIDTH_FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "phi3": _PHI3,
+                                     "gpt2": _GPT2}
 # Config lists with one entry per block, sliced with the blocks; another list of that length is refused.
 PER_LAYER_LISTS = ("layer_types",)
 
@@ -150,9 +161,12 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
         raise ConfigError(f"{what}: width and head pruning are built for {', '.join(sorted(WIDTH_FAMILIES))} "
                           f"(model_type '{getattr(config, 'model_type', None)}' is not: its projections are laid "
                           "out differently); depth works for every block-stacked model")
+    if s.heads and family is not None and family.o is None:
+        raise ConfigError(f"structure.heads: not for model_type '{config.model_type}': {family.no_heads}")
     channels_kept = intermediate = None
     if s.mlp:
-        intermediate = int(config.intermediate_size)
+        assert family is not None
+        intermediate = int(getattr(config, family.intermediate_key, None) or 4 * config.hidden_size)
         channels_kept = round(intermediate * (1.0 - s.mlp) / s.alignment) * s.alignment
         if channels_kept < 1:
             raise ConfigError(f"structure.mlp={s.mlp} keeps {intermediate * (1 - s.mlp):.0f} of {intermediate} "
@@ -228,7 +242,7 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
             handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
             if family is not None and width[0]:
                 handles.append(block.get_submodule(family.down).register_forward_pre_hook(on_input("channels", i)))
-            if family is not None and width[1]:
+            if family is not None and width[1] and family.o is not None:
                 handles.append(block.get_submodule(family.o).register_forward_pre_hook(on_input("heads", i)))
         yield
     finally:
@@ -355,10 +369,10 @@ def plan_structure(r: Resolved, influence: torch.Tensor, removal_order: list[int
     config: dict[str, Any] = {"num_hidden_layers": len(blocks)}
     plan = StructurePlan(blocks=blocks, head_dim=r.head_dim, config=config)
     if r.channels_kept is not None:
-        assert channels is not None
+        assert channels is not None and r.family is not None
         for i in blocks:
             plan.channels[i] = kept_channels(channels[i], r.channels_kept)
-        config["intermediate_size"] = r.channels_kept
+        config[r.family.intermediate_key] = r.channels_kept
     if r.q_kept is not None:
         assert heads is not None and r.n_kv is not None and r.kv_kept is not None
         for i in blocks:
@@ -405,15 +419,25 @@ def apply_plan(model: nn.Module, stack: BlockStack, family: Family | None, plan:
             keep = torch.tensor(plan.channels[i], dtype=torch.int64)
             for name in family.up:
                 _sliced(block.get_submodule(name), rows=keep)
+            if family.fused_up is not None:  # gate rows, then up rows
+                fused = block.get_submodule(family.fused_up)
+                _sliced(fused, rows=torch.cat([keep, keep + fused.out_features // 2]))
             _sliced(block.get_submodule(family.down), cols=keep)
             _set_if_present(block.get_submodule(family.mlp), intermediate_size=len(keep))
         if i in plan.q_heads:
-            assert family is not None and plan.head_dim is not None
+            assert family is not None and plan.head_dim is not None and family.o is not None
             q_rows = _head_rows(plan.q_heads[i], plan.head_dim)
             kv_rows = _head_rows(plan.kv_heads[i], plan.head_dim)
-            _sliced(block.get_submodule(family.q), rows=q_rows)
-            _sliced(block.get_submodule(family.k), rows=kv_rows)
-            _sliced(block.get_submodule(family.v), rows=kv_rows)
+            if family.qkv is not None:  # query rows, then key rows, then value rows
+                fused = block.get_submodule(family.qkv)
+                n_q_rows = block.get_submodule(family.o).in_features
+                n_kv_rows = (fused.out_features - n_q_rows) // 2
+                _sliced(fused, rows=torch.cat([q_rows, n_q_rows + kv_rows, n_q_rows + n_kv_rows + kv_rows]))
+            else:
+                assert family.q is not None and family.k is not None and family.v is not None
+                _sliced(block.get_submodule(family.q), rows=q_rows)
+                _sliced(block.get_submodule(family.k), rows=kv_rows)
+                _sliced(block.get_submodule(family.v), rows=kv_rows)
             _sliced(block.get_submodule(family.o), cols=q_rows)
             n_q, n_kv = len(plan.q_heads[i]), len(plan.kv_heads[i])
             attention = block.get_submodule(family.attention)

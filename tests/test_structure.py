@@ -85,14 +85,21 @@ def _tiny(arch, layers=3, **kw):
 
 def _zeroed(model, family, plan, n_q, head_dim):
     """The dense model with the plan's removed channels and heads zeroed and its removed blocks made identities."""
+    from podar.stages.blocks import find_blocks
+
     ref = copy.deepcopy(model)
-    layers = ref.model.layers
+    layers = find_blocks(ref).layers
     with torch.no_grad():
         for i, block in enumerate(layers):
             if i in plan.channels:
-                gone = [c for c in range(block.get_submodule(family.down).in_features) if c not in plan.channels[i]]
+                width = block.get_submodule(family.down).in_features
+                gone = [c for c in range(width) if c not in plan.channels[i]]
                 for name in family.up:
                     block.get_submodule(name).weight[gone] = 0
+                    if block.get_submodule(name).bias is not None:
+                        block.get_submodule(name).bias[gone] = 0
+                if family.fused_up:
+                    block.get_submodule(family.fused_up).weight[gone + [width + c for c in gone]] = 0
                 block.get_submodule(family.down).weight[:, gone] = 0
             if i in plan.q_heads:
                 gone = [h for h in range(n_q) if h not in plan.q_heads[i]]
@@ -107,28 +114,36 @@ def _zeroed(model, family, plan, n_q, head_dim):
 @pytest.mark.parametrize("arch", sorted(WIDTH_FAMILIES))
 @pytest.mark.parametrize("kv_groups", [True, False])
 def test_the_sliced_model_computes_what_the_dense_model_with_those_parts_zeroed_does(arch, kv_groups):
+    from podar.stages.blocks import find_blocks
+    from podar.stages.targets import linearize_conv1d
+
     model = _tiny(arch)
+    linearize_conv1d(model)  # as a run does: GPT-2's Conv1D as nn.Linear
     family = WIDTH_FAMILIES[arch]
+    width = model.config.n_inner or 4 * model.config.hidden_size if arch == "gpt2" else model.config.intermediate_size
     g = torch.Generator().manual_seed(2)
-    channels = {i: sorted(torch.randperm(96, generator=g)[:48].tolist()) for i in (0, 2)}
-    if kv_groups:
+    channels = {i: sorted(torch.randperm(width, generator=g)[:width // 2].tolist()) for i in (0, 2)}
+    if family.o is None:
+        heads = {}
+    elif kv_groups:
         heads = {i: ([0, 1, 6, 7], [0, 3]) for i in (0, 2)}
     else:
         heads = {0: ([1, 2, 5, 7], [0, 1, 2, 3]), 2: ([0, 3, 4, 6], [0, 1, 2, 3])}
+    config = {"num_hidden_layers": 2, family.intermediate_key: width // 2}
+    if heads:
+        config.update(num_attention_heads=4, num_key_value_heads=len(heads[0][1]), head_dim=8)
     plan = StructurePlan(blocks=[0, 2], channels=channels, q_heads={i: q for i, (q, _) in heads.items()},
-                         kv_heads={i: kv for i, (_, kv) in heads.items()}, head_dim=8,
-                         config={"num_hidden_layers": 2, "intermediate_size": 48, "num_attention_heads": 4,
-                                 "num_key_value_heads": len(heads[0][1]), "head_dim": 8})
+                         kv_heads={i: kv for i, (_, kv) in heads.items()}, head_dim=8 if heads else None,
+                         config=config)
     reference = _zeroed(model, family, plan, 8, 8)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
     with torch.no_grad():
         want = reference(input_ids=ids).logits
-    from podar.stages.blocks import find_blocks
-
     apply_plan(model, find_blocks(model), family, plan)
-    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
-    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
-    assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 48)
+    layers = find_blocks(model).layers
+    assert len(layers) == 2 and model.config.num_hidden_layers == 2
+    assert [layers[j].get_submodule(family.attention).layer_idx for j in range(2)] == [0, 1]
+    assert layers[1].get_submodule(family.down).weight.shape == (64, width // 2)
     with torch.no_grad():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -168,16 +183,20 @@ def _reloaded_equal(run_dir, model, arch):
     return reloaded
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3", "gpt2"])
 def test_width_heads_and_depth_run_to_complete_and_the_export_loads_in_transformers(corpus, tmp_path, arch):
-    cfg = structure_config(corpus, arch, depth=1, mlp=0.25, heads=2, finetune=arch == "llama")
+    heads = 0 if arch == "gpt2" else 2
+    cfg = structure_config(corpus, arch, depth=1, mlp=0.25, heads=heads, finetune=arch == "llama")
     pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
     result = pipe.run()
     assert result.ok, result.failure
     reloaded = _reloaded_equal(tmp_path / "run", pipe.context.model, arch)
     c = reloaded.config
-    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
-        3, 96, 2, 1, 16)
+    if arch == "gpt2":  # the MLP width is n_inner; 4 × 64 channels, a quarter gone
+        assert (c.num_hidden_layers, c.n_inner) == (3, 96)
+    else:
+        assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                c.head_dim) == (3, 96, 2, 1, 16)
     pruning = next(r for r in result.results if r.stage == "pruning").metrics
     assert pruning["parameters_after"] == sum(p.numel() for p in reloaded.parameters())
     assert pruning["parameters_after"] < pruning["parameters_before"]
@@ -309,8 +328,9 @@ def test_a_structured_run_killed_at_each_checkpoint_resumes_to_the_same_export(c
     ("llama", {"heads": 1, "heads_unit": "query_per_group"}, "each of the 2 KV groups"),
     ("llama", {"mlp": 0.2, "alignment": 64}, "rounds to no channel removed"),
     ("llama", {"mlp": 0.9, "alignment": 64}, "rounds to zero"),
-    ("gpt2", {"mlp": 0.25}, "model_type 'gpt2' is not"),
-    ("phi3", {"heads": 2}, "model_type 'phi3' is not"),
+    ("opt", {"mlp": 0.25}, "model_type 'opt' is not"),
+    ("bert", {"heads": 2}, "model_type 'bert' is not"),
+    ("gpt2", {"heads": 2}, "GPT-2's head width is hidden_size / n_head"),
 ])
 def test_bad_structure_is_refused_before_any_work(corpus, tmp_path, arch, structure, words):
     cfg = structure_config(corpus, arch, **structure)
