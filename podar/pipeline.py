@@ -308,7 +308,8 @@ class Pipeline:
         cfg = self.config
         ctx = together(dist, lambda: self._inputs(store, accelerator))
         files = model_file_reference(ctx)
-        ctx.state.dense_weights = self._dense_parts(ctx, dist, files)
+        # structured pruning keeps a dense copy of the model instead (stages.structure.restructure)
+        ctx.state.dense_weights = DenseReference({}) if cfg.structure.enabled else self._dense_parts(ctx, dist, files)
         now = utc_now()
         manifest = RunManifest(
             run_id=self.run_id, created_at=now, updated_at=now, config=cfg.model_dump(mode="json"),
@@ -397,5 +398,6 @@ class Pipeline:
         from_state, dangling = adopt_audit_tail(store, manifest, audit)
         ctx = self._inputs(store, accelerator)
         check_inputs(ctx, manifest, self._resume)
-        ctx.state.dense_weights = resumed_reference(ctx, manifest, model_file_reference(ctx))
+        if not self.config.structure.enabled:
+            ctx.state.dense_weights = resumed_reference(ctx, manifest, model_file_reference(ctx))
         return manifest, audit, from_state, dangling, ctx
