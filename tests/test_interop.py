@@ -87,8 +87,8 @@ def tiny_config_module(corpus):
     return make_tiny_config(corpus)
 
 
-def load_elsewhere(python: str, run: Path, gguf: bool) -> dict:
-    extra = ["--gguf", "model.gguf"] if gguf else []
+def load_elsewhere(python: str, run: Path, gguf: bool, encoder: bool = False) -> dict:
+    extra = (["--gguf", "model.gguf"] if gguf else []) + (["--encoder"] if encoder else [])
     proc = subprocess.run([python, str(LOADER), str(run / "export"), str(run / "reference.safetensors"), *extra],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -106,8 +106,13 @@ def test_each_loader_loads_equal_or_refuses(exports, fmt, quant):
             assert "podar-" in got["error"] or "PodarSparseExport" in got["error"], got["error"]
 
 
-# structured pruning (issue 30): fewer blocks, channels and heads in an ordinary config; every loader must load it
-STRUCTURED = [("dense", "none"), ("dense", "w8a16"), ("dense", "w4a16"), ("gguf", "f16")]
+# structured pruning (issue 30): fewer blocks, channels and heads in an ordinary config; every loader must load it.
+# (architecture, format, quantization); depth, MLP width and heads where the family has them, depth elsewhere
+STRUCTURED = [("llama", "dense", "none"), ("llama", "dense", "w8a16"), ("llama", "dense", "w4a16"),
+              ("llama", "gguf", "f16"), ("qwen2", "dense", "none"), ("mistral", "dense", "none"),
+              ("phi3", "dense", "none"), ("gpt2", "dense", "none"), ("opt", "dense", "none"),
+              ("gemma3", "dense", "none"), ("bert", "dense", "none")]
+_WIDTH = {"llama": (0.25, 2), "qwen2": (0.25, 2), "mistral": (0.25, 2), "phi3": (0.25, 2), "gpt2": (0.25, 0)}
 
 
 @pytest.fixture(scope="module")
@@ -116,28 +121,34 @@ def structured_exports(corpus, tmp_path_factory):
 
     from podar import StructureConfig
 
-    base = make_tiny_config(corpus, num_hidden_layers=4).with_target_sparsity(0.0)
-    base = base._with(structure=StructureConfig(depth=1, mlp=0.25, heads=2, alignment=8))
     root = tmp_path_factory.mktemp("interop-structure")
     out = {}
-    for fmt, quant in STRUCTURED:
-        cfg = base.with_export(ExportConfig(format=fmt, gguf_type=quant) if fmt == "gguf" else
-                               ExportConfig(format=fmt, quantization=quant, group_size=32, dtype="float32"))
-        run = root / f"{fmt}-{quant}"
+    for arch, fmt, quant in STRUCTURED:
+        mlp, heads = _WIDTH.get(arch, (0.0, 0))
+        cfg = make_tiny_config(corpus, arch=arch, num_hidden_layers=4).with_target_sparsity(0.0)
+        cfg = cfg._with(structure=StructureConfig(depth=1, mlp=mlp, heads=heads, alignment=8))
+        if arch == "bert":
+            cfg = cfg._with(evaluation=cfg.evaluation.model_copy(update={"enabled": False}))
+        cfg = cfg.with_export(ExportConfig(format=fmt, gguf_type=quant) if fmt == "gguf" else
+                              ExportConfig(format=fmt, quantization=quant, group_size=32, dtype="float32"))
+        run = root / f"{arch}-{fmt}-{quant}"
         pipe = Pipeline(cfg, run_dir=run, progress=False)
         assert pipe.run().ok
         vocab = pipe.context.model.config.vocab_size
-        ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logits = load_pretrained(run / "export", dtype=torch.float32)(input_ids=ids).logits.float()
+            if arch == "bert":  # the encoder's last hidden states stand for the logits
+                logits = pipe.context.model(input_ids=ids).last_hidden_state.float()
+            else:
+                logits = load_pretrained(run / "export", dtype=torch.float32)(input_ids=ids).logits.float()
         save_file({"input_ids": ids, "logits": logits.contiguous()}, str(run / "reference.safetensors"))
-        out[fmt, quant] = run
+        out[arch, fmt, quant] = run
     return out
 
 
-@pytest.mark.parametrize(("fmt", "quant"), STRUCTURED)
-def test_each_loader_loads_a_structurally_pruned_export(structured_exports, fmt, quant):
+@pytest.mark.parametrize(("arch", "fmt", "quant"), STRUCTURED)
+def test_each_loader_loads_a_structurally_pruned_export(structured_exports, arch, fmt, quant):
     envs = interop_envs()
     for name, python in envs.items():
-        got = load_elsewhere(python, structured_exports[fmt, quant], fmt == "gguf")
-        assert got["outcome"] == "equal", f"{name} with a structured {fmt}/{quant} export: {got}"
+        got = load_elsewhere(python, structured_exports[arch, fmt, quant], fmt == "gguf", encoder=arch == "bert")
+        assert got["outcome"] == "equal", f"{name} with a structured {arch} {fmt}/{quant} export: {got}"

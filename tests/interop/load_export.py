@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("export")
     parser.add_argument("reference")
     parser.add_argument("--gguf", default=None, help="the GGUF file name inside EXPORT (transformers' GGUF loader)")
+    parser.add_argument("--encoder", action="store_true", help="AutoModel; 'logits' are the last hidden states")
     args = parser.parse_args()
 
     import torch
@@ -39,9 +40,11 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             kwargs = {"gguf_file": args.gguf} if args.gguf else {}
-            model = transformers.AutoModelForCausalLM.from_pretrained(args.export, dtype=torch.float32, **kwargs)
+            auto = transformers.AutoModel if args.encoder else transformers.AutoModelForCausalLM
+            model = auto.from_pretrained(args.export, dtype=torch.float32, **kwargs)
             with torch.no_grad():
-                logits = model(input_ids=ref["input_ids"]).logits.float()
+                out_ = model(input_ids=ref["input_ids"])
+                logits = (out_.last_hidden_state if args.encoder else out_.logits).float()
         out["warnings"] = [str(w.message)[:200] for w in caught][:5]
     except Exception as e:  # a refusal is a correct outcome for a format the loader does not know
         out.update(outcome="refused", error=f"{type(e).__name__}: {str(e)[:400]}")
