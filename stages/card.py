@@ -37,8 +37,8 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
 
 def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: str, version: str,
                export: dict[str, Any]) -> str:
-    """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity:
-    two runs of one config on one model write the same card)."""
+    """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity
+    or of switches that change no weight: two runs that prune alike write the same card)."""
     pruning = next((r for r in reversed(results) if r.stage == "pruning"), None)
     tuned = [r for r in results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
     evaluating = next((r for r in reversed(results) if r.stage == "evaluating"), None)
@@ -65,6 +65,6 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
                          f"| {f(t.kl_mean)} |")
         lines.append("")
     lines += [f"Export: {export.get('format')}, {export.get('dtype')}, quantization {export.get('quantization')}.",
-              "", f"podar {version}; dense weights' fingerprint `{fingerprint[:16]}…`, config sha256 "
-              f"`{cfg.sha256()[:16]}…`. The run folder's audit log records every step.", ""]
+              "", f"podar {version}; the dense weights' fingerprint `{fingerprint[:16]}…`. The run folder's config and "
+              "audit log record every step.", ""]
     return "\n".join(lines)

@@ -108,3 +108,45 @@ def reference_sparsegpt(w, x, sparsity, n=None, m=None, block=128, damp=0.01, ma
             w[:, i] = q
     w[prune] = 0
     return w, ~prune
+
+
+def killed_run(cfg: PruningConfig, run_dir: Path, fault: str) -> None:
+    """Run ``cfg`` through the CLI into ``run_dir`` with the fault ``fault`` (``faults`` syntax) set: the process
+    must die by SIGKILL there, leaving a run folder to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from podar.engine import faults
+
+    path = run_dir.with_name(run_dir.name + ".yaml")
+    path.write_text(cfg.to_yaml())
+    env = {**os.environ, faults.ENV: fault, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "podar.cli", "run", str(path), "--run-dir", str(run_dir),
+                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def export_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a run's export, by path inside it."""
+    from podar.engine.store import sha256_file
+
+    export = run_dir / "export"
+    return {str(p.relative_to(export)): sha256_file(p) for p in sorted(export.rglob("*")) if p.is_file()}
+
+
+def killed_and_resumed(cfg: PruningConfig, root: Path, fault: str):
+    """Run ``cfg`` uninterrupted into ``root/ref``, then killed at ``fault`` into ``root/run`` and resumed: the two
+    exports must be equal file for file and the resumed run's audit must verify. Returns its manifest."""
+    from podar import Pipeline, verify_audit
+    from podar.engine.store import RunStore
+
+    assert Pipeline(cfg, run_dir=root / "ref", progress=False).run().ok
+    killed_run(cfg, root / "run", fault)
+    result = Pipeline.resume(root / "run", progress=False).run()
+    assert result.ok, result.failure
+    assert export_hashes(root / "run") == export_hashes(root / "ref")
+    manifest = RunStore(root / "run").read_manifest()
+    verify_audit(root / "run" / "audit.jsonl", manifest.run_id, manifest.history)
+    return manifest

@@ -13,10 +13,11 @@ import sys
 
 import pytest
 import torch
+from helpers import export_hashes, killed_and_resumed
 
-from podar import Pipeline, verify_audit
+from podar import Pipeline
 from podar.engine import faults
-from podar.engine.store import RunStore, sha256_file
+from podar.engine.store import RunStore
 from podar.schemas.errors import DataError, PodarError
 from podar.stages.finetune import kd_loss, lr_at
 
@@ -54,11 +55,6 @@ def ft_config(tiny_config, **update):
     return tiny_config.with_method("wanda").with_finetune(tiny_config.finetune.model_copy(update={**base, **update}))
 
 
-def export_hashes(run_dir):
-    export = run_dir / "export"
-    return {str(p.relative_to(export)): sha256_file(p) for p in sorted(export.rglob("*")) if p.is_file()}
-
-
 def test_fine_tuning_checkpoints_every_few_steps_and_reports_its_curves(tiny_config, tmp_path):
     result = Pipeline(ft_config(tiny_config), run_dir=tmp_path / "run", progress=False).run()
     assert result.ok, result.failure
@@ -82,19 +78,7 @@ FT_KILLS = ["kill@step:fine_tuning#1", "kill@step:fine_tuning#3", "kill@after:fi
 
 @pytest.mark.parametrize("fault", FT_KILLS)
 def test_a_fine_tune_killed_anywhere_resumes_to_the_same_weights(tiny_config, tmp_path, fault):
-    cfg = ft_config(tiny_config)
-    assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
-    path = tmp_path / "c.yaml"
-    path.write_text(cfg.to_yaml())
-    env = {**os.environ, faults.ENV: fault, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "podar.cli", "run", str(path), "--run-dir", str(tmp_path / "run"),
-                           "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    result = Pipeline.resume(tmp_path / "run", progress=False).run()
-    assert result.ok, result.failure
-    assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
-    manifest = RunStore(tmp_path / "run").read_manifest()
-    verify_audit(tmp_path / "run" / "audit.jsonl", manifest.run_id, manifest.history)
+    manifest = killed_and_resumed(ft_config(tiny_config), tmp_path, fault)
     steps = [r.metrics["first_step"] for r in manifest.results if r.stage == "fine_tuning"]
     assert steps == [0, 2, 4]  # no interval trained twice, none skipped
 
