@@ -178,6 +178,13 @@ def mask_artifact(store: RunStore, record: ArtifactRecord) -> dict[str, torch.Te
     return {name: unpack_bits(packed, shapes[name][1]) for name, packed in store.load_tensors(record).items()}
 
 
+def _with_metadata(store: RunStore, record: ArtifactRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors artifact, its sha256 checked."""
+    tensors = store.load_tensors(record)
+    with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
+        return tensors, f.metadata() or {}
+
+
 @torch.no_grad()
 def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
     """Replay the checkpointed results onto the freshly loaded model, in order: the structure plan applied (blocks,
@@ -190,9 +197,7 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
     for result in manifest.results:
         records = [manifest.artifacts[a] for a in result.artifacts if a in manifest.artifacts]
         for record in (r for r in records if r.kind == STRUCTURE_KIND):  # first: the names below are the new ones
-            tensors = store.load_tensors(record)
-            with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
-                restructure(ctx, StructurePlan.from_tensors(tensors, f.metadata() or {}))
+            restructure(ctx, StructurePlan.from_tensors(*_with_metadata(store, record)))
             modules = dict(ctx.model.named_modules())
             params = dict(ctx.model.named_parameters())
         weights = [r for r in records if r.kind == "weights"]
@@ -204,15 +209,12 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
         for record in (r for r in records if r.kind == "scales"):
             st.quant_scales.update(store.load_tensors(record))
         for record in (r for r in records if r.kind == STATE_KIND):  # where the next fine-tuning interval goes on
-            tensors = store.load_tensors(record)  # its sha256 checked
-            with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
-                st.finetune_session = Session.from_tensors(tensors, f.metadata() or {})
+            st.finetune_session = Session.from_tensors(*_with_metadata(store, record))
         for record in (r for r in records if r.kind == BEST_KIND):
             st.finetune_best = store.load_tensors(record)
         for record in (r for r in records if r.kind == CACHE_KIND):
-            tensors = store.load_tensors(record)
-            with safe_open(str(store.artifact_path(record.path)), framework="pt") as f:
-                st.teacher_cache = (int((f.metadata() or {})["round_index"]), tensors)
+            tensors, metadata = _with_metadata(store, record)
+            st.teacher_cache = (int(metadata["round_index"]), tensors)
         for record in weights:
             tensors = store.load_tensors(record)
             adopt_weights(record.path, tensors, {n: modules[n].weight if n in modules else params[n] for n in tensors})

@@ -275,17 +275,17 @@ def run(ctx: RunContext) -> StageResult:
         ctx.runtime.settle(ctx.model)
     staging = store.begin_export()
     metrics = {**checked, **_write(ctx, staging, dtype)}
-    (staging / "README.md").write_text(model_card(
-        ctx.config, store.read_manifest().results, fingerprint=ctx.state.model_fingerprint,
-        version=_version(), export={"format": cfg.format, "dtype": str(dtype).replace("torch.", ""),
-                                    "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization}))
+    written = {"format": cfg.format, "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization,
+               "dtype": str(dtype).replace("torch.", "")}
+    (staging / "README.md").write_text(model_card(ctx.config, store.read_manifest().results,
+                                                  fingerprint=ctx.state.model_fingerprint, version=_version(),
+                                                  export=written))
     ctx.runtime.settle(ctx.model)  # read whole by the writer
     metrics.update(verify_export(ctx, staging, dtype, reference))
     records = store.finish_export(staging, stage=STAGE.value)
     for record in records:
         ctx.adopt_artifact(record)
     return StageResult(stage=STAGE.value, metrics={
-        "format": cfg.format, "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization,
-        "dtype": str(dtype).replace("torch.", ""), "bytes": sum(r.bytes for r in records),
+        **written, "bytes": sum(r.bytes for r in records),
         "weight_bytes": sum(r.bytes for r in records if r.path.endswith((".safetensors", ".gguf"))),
         **metrics, "path": str(store.export_dir)})

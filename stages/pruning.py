@@ -193,7 +193,7 @@ def _structure(ctx: RunContext) -> StageResult:
     st.structure_sums = None
     return StageResult(stage=STAGE.value, metrics={
         "pattern": "structure", "parameters_before": before, "parameters_after": after,
-        "parameters_removed_frac": 1.0 - after / before, "blocks_kept": ",".join(map(str, plan.blocks)),
+        "parameters_removed_frac": 1.0 - after / before, "blocks_kept": structure.indices_text(plan.blocks),
         **plan.config,
         "round": st.round_index, "group": st.group_index})
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,9 @@ from podar.schemas.config import PruningConfig, StructureConfig
 from podar.schemas.errors import ConfigError
 
 from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, supported_kwargs
+from .walks import added_in_batch_order
 
-__all__ = ["Family", "WIDTH_FAMILIES", "Resolved", "resolve", "BatchSums", "collect_sums", "sum_in_order",
+__all__ = ["Family", "WIDTH_FAMILIES", "Resolved", "resolve", "BatchSums", "collect_sums",
            "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads", "apply_plan",
            "block_influence", "channel_sums", "head_sums"]
 
@@ -261,7 +262,7 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
     trunk = _trunk(model, stack)
     out = []
     replacement = nn.ModuleList([b for _, b in running])
-    with _swapped(model, stack.path, replacement) if len(kept) < n_blocks else _nothing():
+    with _swapped(model, stack.path, replacement) if len(kept) < n_blocks else nullcontext():
         for b in batches:
             check()
             batch = samples[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
@@ -277,21 +278,8 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
     return out
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def _stacked(by_block: dict[int, torch.Tensor], kept: list[int]) -> torch.Tensor:
     return torch.stack([by_block[i].cpu() for i in kept])
-
-
-def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Σ of ``parts`` added one after another from zero, in order (the additions one process makes)."""
-    total = torch.zeros_like(parts[0])
-    for p in parts:
-        total += p
-    return total
 
 
 # ---------------------------------------------------------------- ranking
@@ -485,10 +473,11 @@ class Sums:
 def _ordered(ctx: Any, rows: list[torch.Tensor], shape: tuple[int, ...], mine: list[int], n: int) -> torch.Tensor:
     """Every process's per-batch ``rows`` (each ``shape``) added in global batch order."""
     local = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=torch.float64)
-    return sum_in_order(list(ctx.dist.gather_rows(local, mine, n)))
+    return added_in_batch_order(local, mine, n, ctx.dist)
 
 
-def _indices(values: list[int]) -> str:
+def indices_text(values: list[int]) -> str:
+    """Indices as a metric value: '0,2,3'."""
     return ",".join(str(v) for v in values)
 
 
@@ -534,7 +523,7 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     st.structure_sums = out
     per_block = {f"{r.stack.path}.{i}": {"influence": float(influence[i]) / max(tokens, 1)} for i in range(L)}
     return {"structure_passes": out.passes, "tokens": tokens, "blocks": L,
-            **({"removal_order": _indices(out.removal_order)} if out.removal_order is not None else {})}, per_block
+            **({"removal_order": indices_text(out.removal_order)} if out.removal_order is not None else {})}, per_block
 
 
 def rank(ctx: Any) -> dict[str, Any]:
@@ -546,8 +535,8 @@ def rank(ctx: Any) -> dict[str, Any]:
         raise ConfigError("structure: no calibration statistics (Calibrating did not run)")
     plan = plan_structure(r, s.influence, s.removal_order, s.channels, s.heads)
     st.structure_plan = plan
-    return {"blocks_kept": _indices(plan.blocks),
-            "blocks_removed": _indices([i for i in range(r.n_blocks) if i not in plan.blocks]), **plan.config}
+    return {"blocks_kept": indices_text(plan.blocks),
+            "blocks_removed": indices_text([i for i in range(r.n_blocks) if i not in plan.blocks]), **plan.config}
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -49,7 +49,7 @@ from .methods import LayerStats, PruningMethod
 from .sublayer import SITE_NAMES, SublayerCursor, check_block, group_targets_by_site
 
 __all__ = ["LayerGroup", "Advanced", "CalibrationWalk", "BlockWalk", "SiteWalk", "OnePassWalk", "plan_walk",
-           "collect_stats", "reconstruction_hooks"]
+           "collect_stats", "reconstruction_hooks", "added_in_batch_order"]
 
 Scalar = float | int | str | bool | None
 Check = Callable[[], None]
@@ -332,6 +332,15 @@ def reduce_sums(stats: dict[str, LayerStats], dist: Dist) -> dict[str, LayerStat
     return stats
 
 
+def added_in_batch_order(rows: torch.Tensor, batch_ids: list[int], n_batches: int, dist: Dist) -> torch.Tensor:
+    """Σ over every process's batches of ``rows`` (len(batch_ids), ...) — this process's, one per batch it ran —
+    added from zero in global batch order: the very additions one process makes (bit for bit its sum)."""
+    total = torch.zeros(rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    for row in dist.gather_rows(rows, batch_ids, n_batches):  # (n_batches, ...) in batch order
+        total += row
+    return total
+
+
 def reduce_in_batch_order(by_batch: list[dict[str, LayerStats]], batch_ids: list[int], n_batches: int,
                           method: PruningMethod, dist: Dist) -> dict[str, LayerStats]:
     """The records of every process's batches added up in global batch order, from zero — the very additions one
@@ -346,10 +355,7 @@ def reduce_in_batch_order(by_batch: list[dict[str, LayerStats]], batch_ids: list
         record = copy.copy(first[names[0]])
         for field_name, value in parts[0].items():
             if isinstance(value, torch.Tensor):
-                rows = dist.gather_rows(torch.stack([p[field_name] for p in parts]), batch_ids, n_batches)
-                total = torch.zeros_like(value)
-                for row in rows:  # (n_batches, ...) in batch order
-                    total += row
+                total = added_in_batch_order(torch.stack([p[field_name] for p in parts]), batch_ids, n_batches, dist)
             else:
                 counts = dist.gather_rows(torch.tensor([p[field_name] for p in parts], dtype=torch.int64), batch_ids,
                                           n_batches)
