@@ -46,7 +46,7 @@ def config(*, sparsity: float, pattern: str, method: str, finetune: dict | None,
     return cfg
 
 
-def run_one(name: str, cfg, work: Path) -> dict:
+def run_one(name: str, cfg, work: Path, keep: bool = False) -> dict:
     from podar import Pipeline
 
     started = time.perf_counter()
@@ -65,6 +65,8 @@ def run_one(name: str, cfg, work: Path) -> dict:
                    val_loss=[x for r in parts for x in r.series.get("val_loss", [])],
                    val_kl=[x for r in parts for x in r.series.get("val_kl", [])],
                    first_loss=parts[0].metrics["first_loss"], last_loss=parts[-1].metrics["last_loss"])
+    if not keep:
+        common.tidy_run(work / name)
     print(json.dumps(row), flush=True)
     return row
 
@@ -129,6 +131,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-finetune"))
     ap.add_argument("--out", default="finetune")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (default: removed after)")
     ap.add_argument("--speed-pairs", type=int, default=0, help="only the step-time comparison, this many rounds")
     ap.add_argument("--speed-steps", type=int, default=4)
     args = ap.parse_args()
@@ -146,7 +149,7 @@ def main() -> None:
     }
     rows: list[dict] = []
     for name in args.variants:  # the files are rewritten after each variant (a long run's figures so far)
-        rows.append(run_one(name, variants[name], args.work))
+        rows.append(run_one(name, variants[name], args.work, args.keep_runs))
         write(rows, args)
 
 

@@ -62,7 +62,7 @@ def parameters(model) -> tuple[int, int]:
     return total, total - embedding
 
 
-def run_one(name: str, cfg, work: Path) -> dict:
+def run_one(name: str, cfg, work: Path, keep: bool = False) -> dict:
     from podar import Pipeline
 
     started = time.perf_counter()
@@ -84,6 +84,8 @@ def run_one(name: str, cfg, work: Path) -> dict:
         row.update(finetune_s=round(sum(r.duration_s for r in parts), 1),
                    steps=sum(r.metrics["steps"] for r in parts),
                    tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1))
+    if not keep:
+        common.tidy_run(work / name, keep=("export",))  # the export is timed afterwards
     print(json.dumps(row), flush=True)
     return row
 
@@ -186,17 +188,19 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-structure"))
     ap.add_argument("--out", default="structure")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run folder whole (default: only its export)")
     args = ap.parse_args()
     rows: list[dict] = []
     speeds: dict = {}
     ft = dict(steps=args.steps, batch_size=1, sequence_length=args.seq, learning_rate=args.lr, loss="kd",
               checkpoint_every=max(args.steps // 2, 1), eval_every=max(args.steps // 4, 1))
     for name in args.settings:
-        rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows), args.work))
+        rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows), args.work,
+                            args.keep_runs))
         write(rows, speeds, args)
         if args.steps:
             rows.append(run_one(f"{name}-recovered", config(SETTINGS[name], finetune=ft, windows=args.windows),
-                                args.work))
+                                args.work, args.keep_runs))
             write(rows, speeds, args)
     folders = {"dense": dense_folder(args.work)}
     for name in args.settings:

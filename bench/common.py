@@ -118,6 +118,18 @@ def eval_ids() -> torch.Tensor:
     return load_file(str(EVAL))["input_ids"]
 
 
+def tidy_run(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove a finished bench run's folder (checkpoints, dense parts: gigabytes a run) but the entries in ``keep``."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name in keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``fn`` after one warm-up call (this machine is noisy)."""
     fn()
