@@ -71,7 +71,8 @@ def checkpoint_digest(result: StageResult | None, artifacts: Mapping[str, Artifa
     stage (the dense reference), with the run's identity (when it was created, by which library versions, on how
     many processes, the model's description)."""
     if result is not None:
-        body: dict[str, Any] = {"result": result.model_dump(mode="json"),
+        # a result without task evaluations digests as before they existed (runs of podar 0.2 still audit)
+        body: dict[str, Any] = {"result": result.model_dump(mode="json", exclude=None if result.tasks else {"tasks"}),
                                 "artifacts": {p: artifacts[p].model_dump(mode="json") for p in result.artifacts
                                               if p in artifacts}}
     else:

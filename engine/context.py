@@ -76,6 +76,9 @@ class RunState:
     structure_sums: Any = None
     structure_plan: Any = None
     dense_model: Any = None
+    # task evaluation (stages.tasks): the tasks the config names, resolved; the dense model's results once known
+    task_specs: list[Any] = field(default_factory=list)
+    task_baseline: dict[str, Any] | None = None
 
     @property
     def group_index(self) -> int:

@@ -61,6 +61,7 @@ CONDITIONS: dict[str, str] = {
     "more_pruning_rounds": "the schedule has pruning rounds left (gradual / cubic)",
     "gate_passed": "every quality gate passed, or failures are set to warn",
     "more_finetune_steps": "fine-tuning has steps left in this round (it checkpoints every few steps)",
+    "more_evaluation": "Evaluating checkpointed the dense model's task results; the pruned model's come next",
 }
 
 
@@ -97,8 +98,10 @@ MOVES: tuple[Move, ...] = (
     Move("next_round", S.FINE_TUNING, S.COMPUTING_IMPORTANCE, conditions=("more_pruning_rounds",),
          unless=("needs_calibration", "more_finetune_steps"), effects=("next_pruning_round",)),
     Move("finetuned", S.FINE_TUNING, S.EVALUATING, unless=("more_pruning_rounds", "more_finetune_steps")),
-    Move("evaluated", S.EVALUATING, S.EXPORTING, conditions=("gate_passed",)),
-    Move("evaluated", S.EVALUATING, S.FAILED, unless=("gate_passed",)),
+    # task evaluation: the dense model's results are checkpointed first (a resume does not compute them again)
+    Move("next_part", S.EVALUATING, S.EVALUATING, conditions=("more_evaluation",)),
+    Move("evaluated", S.EVALUATING, S.EXPORTING, conditions=("gate_passed",), unless=("more_evaluation",)),
+    Move("evaluated", S.EVALUATING, S.FAILED, unless=("gate_passed", "more_evaluation")),
     Move("exported", S.EXPORTING, S.COMPLETE),
     *(Move("fail", s, S.FAILED, kind="fail") for s in [S.IDLE, *_ACTIVE]),
     # resume after a failure or a crash: a resumed run starts at Idle and moves to the stage to redo

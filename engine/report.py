@@ -61,6 +61,7 @@ def build_report(run_dir: str | Path) -> RunReport:
         pattern=cfg.pattern.label(), target_sparsity=cfg.target_sparsity, scope=cfg.resolved_scope(),
         schedule=cfg.schedule.kind, model=f"{cfg.model.kind}:{cfg.model.name}", failure=m.failure,
         achieved_sparsity=_achieved(m), layers=layers, texts=[] if evaluated is None else list(evaluated.texts),
+        tasks=[] if evaluated is None else list(evaluated.tasks),
         stage_durations_s=durations, pruning_time_s=sum(durations.get(s, 0.0) for s in PRUNING_STAGES),
         total_time_s=sum(durations.values()), schedule_points=points, finetune_losses=losses,
         finetune_validation=validation, structure=structure,
@@ -121,6 +122,24 @@ def _layer_bars(report: RunReport, save) -> None:
         save(fig, "layer_reconstruction_error.png")
 
 
+def _task_bars(report: RunReport, save) -> None:
+    """Dense and pruned figure of every task side by side, with lm-eval's standard errors."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 1.2 * len(report.tasks) + 2), 3))
+    ax = fig.add_subplot()
+    x = list(range(len(report.tasks)))
+    for shift, who, color in ((-0.2, "dense", "#888888"), (0.2, "pruned", "#1f77b4")):
+        values = [getattr(t, who) for t in report.tasks]
+        errors = [getattr(t, f"{who}_stderr") or 0.0 for t in report.tasks]
+        ax.bar([i + shift for i in x], values, width=0.4, yerr=errors, capsize=3, label=who, color=color)
+    ax.set_xticks(x, [t.task for t in report.tasks], rotation=20, ha="right")
+    ax.set_ylabel(report.tasks[0].metric)
+    ax.set_title("Tasks (lm-evaluation-harness)")
+    ax.legend()
+    save(fig, "tasks.png")
+
+
 def _plots(report: RunReport, folder: Path) -> list[str]:
     """Write the PNG plots (matplotlib's object API: no global pyplot state). Returns names relative to the run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -137,6 +156,8 @@ def _plots(report: RunReport, folder: Path) -> list[str]:
 
     if report.layers:
         _layer_bars(report, save)
+    if report.tasks:
+        _task_bars(report, save)
     if report.schedule_points:
         fig = Figure(figsize=(5, 3))
         ax = fig.add_subplot()
@@ -204,6 +225,14 @@ def _markdown(r: RunReport) -> str:
         lines += _text_table(r) + [""]
         for t in r.texts:
             lines += [f"- gate: {f}" for f in t.gate_failures]
+    if r.tasks:
+        lines += ["| task | metric | examples | dense | pruned | drop (points) | gates |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for k in r.tasks:
+            gate = "passed" if not k.gate_failures else f"FAILED ({k.on_fail})"
+            lines.append(f"| {k.task} | {k.metric} | {k.examples} | {_num(k.dense)} ± {_num(k.dense_stderr)} "
+                         f"| {_num(k.pruned)} ± {_num(k.pruned_stderr)} | {k.drop_points:+.2f} | {gate} |")
+        lines += [""] + [f"- gate: {f}" for k in r.tasks for f in k.gate_failures]
     if r.finetune_validation:
         best = min(r.finetune_validation, key=lambda v: v[1])
         lines += [f"Fine-tuning: {len(r.finetune_losses)} steps, training loss {r.finetune_losses[0]:.4f} → "
@@ -240,13 +269,14 @@ def report_files(report: RunReport) -> dict[str, str]:
 
 
 def compare_runs(run_dirs: list[str | Path]) -> str:
-    """Several runs side by side (method, pattern, sparsity, perplexity, KL, time) as a markdown table."""
+    """Several runs side by side (method, pattern, sparsity, perplexity, KL, time) as a markdown table, and their
+    task figures (pruned, the change in points, dense) when any run evaluated tasks."""
     rows = ["| run | state | method | pattern | sparsity | evaluation text | dense ppl | pruned ppl | KL | top-1 | "
             "pruning s | total s |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     texts = set()
-    for d in run_dirs:
-        r = build_report(d)
+    reports = [build_report(d) for d in run_dirs]
+    for d, r in zip(run_dirs, reports, strict=True):
         t = r.texts[0] if r.texts else None
         text = "—" if t is None else f"{Path(t.dataset).name} ({t.windows} × {t.seq_len})"
         if t is not None:
@@ -262,4 +292,12 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
     if len(texts) > 1:
         rows += ["", f"Note: these runs were evaluated on {len(texts)} different texts or window counts; their "
                      "perplexities are not comparable."]
+    names = list(dict.fromkeys(k.task for r in reports for k in r.tasks))
+    if names:  # one column per task: pruned figure (drop in points)
+        rows += ["", "| run | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+        for d, r in zip(run_dirs, reports, strict=True):
+            by = {k.task: k for k in r.tasks}
+            cells = [f"{by[n].pruned:.4f} ({-by[n].drop_points:+.2f}; dense {by[n].dense:.4f})" if n in by else "—"
+                     for n in names]
+            rows.append(f"| {Path(d).name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)

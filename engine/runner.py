@@ -88,6 +88,9 @@ class Runner:
             return st.round_index + 1 < cfg.schedule.num_pruning_steps()
         if name == "more_finetune_steps":
             return st.counters.step < cfg.finetune_round_end(st.round_index)
+        if name == "more_evaluation":
+            r = self.last_result
+            return r is not None and r.stage == PruningStage.EVALUATING.value and r.metrics.get("part") == "dense_tasks"
         if name == "gate_passed":
             return self.last_result is None or self.last_result.outcome != "gate_failed"
         raise KeyError(f"unknown condition {name!r}")

@@ -24,6 +24,7 @@ from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, Histo
 from podar.schemas.stage import PruningStage
 from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
+from podar.stages.evaluate import TASK_BASELINE_KIND, restore_task_baseline
 from podar.stages.finetune import BEST_KIND, CACHE_KIND, STATE_KIND, Session
 from podar.stages.structure import STRUCTURE_KIND, StructurePlan, restructure
 
@@ -212,6 +213,8 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
             st.finetune_session = Session.from_tensors(*_with_metadata(store, record))
         for record in (r for r in records if r.kind == BEST_KIND):
             st.finetune_best = store.load_tensors(record)
+        for record in (r for r in records if r.kind == TASK_BASELINE_KIND):
+            restore_task_baseline(ctx, *_with_metadata(store, record))
         for record in (r for r in records if r.kind == CACHE_KIND):
             tensors, metadata = _with_metadata(store, record)
             st.teacher_cache = (int(metadata["round_index"]), tensors)

@@ -37,6 +37,7 @@ from podar.stages.common import PackedMasks
 from podar.stages.finetune import training_texts
 from podar.stages.methods import get_method
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
+from podar.stages.tasks import resolve_tasks
 from podar.stages.walks import plan_walk
 
 __all__ = ["load_inputs", "fingerprint", "model_file_reference", "write_dense_parts", "library_versions",
@@ -97,6 +98,10 @@ def _load(cfg: PruningConfig, model: Any, tokenizer: Any, progress: bool) -> tup
     if cfg.finetune.enabled and task != "causal-lm":
         raise ConfigError(f"finetune.enabled: masked fine-tuning trains on next-token loss, which a {task} model "
                           f"({type(model).__name__}) does not have; set finetune.enabled: false")
+    if cfg.evaluation.enabled and cfg.evaluation.tasks.names and task != "causal-lm":
+        raise ConfigError(f"evaluation.tasks: task evaluation (lm-evaluation-harness) scores a causal LM's next-token "
+                          f"predictions, which a {task} model ({type(model).__name__}) does not make; remove "
+                          "evaluation.tasks")
     needs_text = cfg.needs_calibration or cfg.evaluation.enabled or cfg.finetune.enabled
     if tokenizer is None and needs_text:
         raise ConfigError("a model was passed without a tokenizer; calibration, evaluation and fine-tuning need one: "
@@ -156,6 +161,9 @@ def _texts(ctx: RunContext) -> None:
                 raise DataError(f"evaluation text '{dataset}' has {len(text)} characters, fewer than one window of "
                                 f"evaluation.sequence_length={cfg.evaluation.sequence_length} tokens")
             st.data_sha256["evaluation" if i == 0 else f"evaluation:{dataset}"] = text_sha256(text)
+        st.task_specs = resolve_tasks(cfg.evaluation.tasks, data_dir)
+        for spec in st.task_specs:
+            st.data_sha256[f"task:{spec.name}"] = spec.sha256
     if cfg.finetune.enabled:
         ft = cfg.finetune
         evaluated = {sha: name for name, sha in st.data_sha256.items() if name.startswith("evaluation")}
@@ -290,6 +298,10 @@ def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Ru
             raise ConfigError("finetune.enabled: masked fine-tuning trains the model on the device, and this model's "
                               f"blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); set "
                               "finetune.enabled: false, or runtime.offload: off on a device it fits")
+        if cfg.evaluation.enabled and cfg.evaluation.tasks.names:
+            raise ConfigError("evaluation.tasks: lm-evaluation-harness runs the whole model on the device, and this "
+                              f"model's blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); "
+                              "remove evaluation.tasks, or set runtime.offload: off on a device it fits")
         if cfg.structure.enabled:
             raise ConfigError("structure: structured pruning keeps the model whole on the device, and this model's "
                               f"blocks are offloaded (runtime.offload={cfg.runtime.offload!r}, {device}); set "

@@ -43,6 +43,8 @@ __all__ = [
     "FineTuneConfig",
     "StructureConfig",
     "QualityGates",
+    "TaskGates",
+    "TaskEvaluationConfig",
     "EvaluationConfig",
     "ExportConfig",
     "TinyModelConfig",
@@ -214,6 +216,53 @@ class QualityGates(Frozen):
     on_fail: Literal["fail", "warn"] = Field(default="fail", description="fail: end in Failed; warn: record, export")
 
 
+class TaskGates(Frozen):
+    """Limits on a task's accuracy (lm-evaluation-harness) for Exporting to run. None switches a gate off."""
+
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="largest dense − pruned accuracy, points (1 = 0.01), 0–100")
+    min_accuracy: float | None = Field(default=None, ge=0.0, le=1.0, description="smallest pruned accuracy, 0–1")
+    on_fail: Literal["fail", "warn"] = Field(default="fail", description="fail: end in Failed; warn: record, export")
+
+
+def _is_task_path(name: str) -> bool:
+    """A task entry naming a local file or folder (a YAML file, or a path) rather than a registered task."""
+    return name.endswith((".yaml", ".yml")) or "/" in name or os.sep in name
+
+
+class TaskEvaluationConfig(Frozen):
+    """Task accuracy of the dense and the pruned model through lm-evaluation-harness (the optional extra
+    ``podar[eval]``): registered lm-eval tasks (their datasets online), local task YAML files or folders, or
+    ``podar_lastword`` (shipped: the last word of WikiText-2 test paragraphs; offline)."""
+
+    names: tuple[str, ...] = Field(default=(), description="tasks: lm-eval names, YAML files/folders, podar_lastword")
+    num_fewshot: int = Field(default=0, ge=0, description="examples shown before each question, >= 0")
+    limit: int | None = Field(default=None, ge=1, description="the first N examples of each task; None: all")
+    batch_size: int = Field(default=8, ge=1, description="requests per forward pass, >= 1")
+    metric: str = Field(default="acc", min_length=1, description="the metric compared and gated (acc, acc_norm, …)")
+    gates: TaskGates = TaskGates()
+    gates_per_task: dict[str, TaskGates] = Field(
+        default_factory=dict, description="gates for one task by its lm-eval task name, replacing 'gates' there")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_only(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `tasks: podar_lastword`
+            return {"names": [value]}
+        if isinstance(value, list | tuple):  # `tasks: [a, b]`
+            return {"names": list(value)}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskEvaluationConfig:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"evaluation.tasks.names lists a task twice: {list(self.names)}")
+        return self  # gates_per_task's names are checked against the tasks the names resolve to, before any work
+
+    def gates_for(self, task: str) -> TaskGates:
+        return self.gates_per_task.get(task, self.gates)
+
+
 class EvaluationConfig(Frozen):
     """Perplexity by the Wanda/SparseGPT protocol (non-overlapping windows, remainder dropped), plus KL and
     top-1 agreement against the dense model on the same windows, on one or more texts."""
@@ -228,6 +277,7 @@ class EvaluationConfig(Frozen):
     gates: QualityGates = QualityGates()
     gates_per_dataset: dict[str, QualityGates] = Field(
         default_factory=dict, description="gates for one text by its dataset name, replacing 'gates' there")
+    tasks: TaskEvaluationConfig = TaskEvaluationConfig()
 
     @model_validator(mode="after")
     def _check_gate_names(self) -> EvaluationConfig:
@@ -575,6 +625,8 @@ class PruningConfig(Frozen):
             holder[key] = _resolve(holder[key], bases, named=key == "dataset")
         ev = data["evaluation"]
         ev["extra_datasets"] = [_resolve(d, bases, named=True) for d in ev["extra_datasets"]]
+        ev["tasks"]["names"] = [_resolve(t, bases, named=False) if _is_task_path(t) else t
+                                for t in ev["tasks"]["names"]]
         if data["model"]["kind"] in ("hf", "gguf"):
             data["model"]["name"] = _resolve(data["model"]["name"], bases, named=False)
         return type(self).model_validate(data)

@@ -12,6 +12,7 @@ __all__ = [
     "ResumePoint",
     "ExpectedMove",
     "TextEvaluation",
+    "TaskEvaluation",
     "ArtifactRecord",
     "FailureInfo",
     "StageResult",
@@ -78,6 +79,21 @@ class TextEvaluation(_Record):
         return not self.gate_failures
 
 
+class TaskEvaluation(_Record):
+    """One lm-evaluation-harness task: its metric for the dense and the pruned model, and its gate outcome."""
+
+    task: str
+    metric: str = Field(description="the metric compared (acc: share of examples right, 0–1)")
+    examples: int = Field(ge=0, description="examples scored")
+    dense: float
+    pruned: float
+    dense_stderr: float | None = Field(default=None, description="lm-eval's standard error of the dense figure")
+    pruned_stderr: float | None = None
+    drop_points: float = Field(description="(dense − pruned) × 100: accuracy points lost")
+    gate_failures: list[str] = Field(default_factory=list)
+    on_fail: str = "fail"
+
+
 class ArtifactRecord(_Record):
     """One file in the run folder: path relative to the run folder, sha256 of its bytes, size in bytes, and the
     stage, round and layer group that wrote it."""
@@ -117,6 +133,7 @@ class StageResult(_Record):
     progress: Counters = Field(default_factory=Counters, description="loop counters when the stage finished")
     series: dict[str, list[float]] = Field(default_factory=dict, description="per-step values (fine-tuning)")
     texts: list[TextEvaluation] = Field(default_factory=list, description="per evaluation text (Evaluating)")
+    tasks: list[TaskEvaluation] = Field(default_factory=list, description="per lm-eval task (Evaluating)")
     checkpoint_s: float = Field(default=0.0, description="seconds spent writing this stage's artifacts")
     checkpoint_bytes: int = Field(default=0, description="bytes of this stage's artifacts")
     notes: list[str] = Field(default_factory=list)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .records import FailureInfo, TextEvaluation
+from .records import FailureInfo, TaskEvaluation, TextEvaluation
 
 __all__ = ["REPORT_SCHEMA_VERSION", "LayerReport", "TextReport", "RunReport"]
 
@@ -45,6 +45,7 @@ class RunReport(_Report):
     achieved_sparsity: float | None = Field(default=None, description="zeros / weights over all pruned layers")
     layers: list[LayerReport] = Field(default_factory=list)
     texts: list[TextReport] = Field(default_factory=list)
+    tasks: list[TaskEvaluation] = Field(default_factory=list, description="lm-eval tasks, dense against pruned")
     stage_durations_s: dict[str, float] = Field(default_factory=dict, description="summed over visits, seconds")
     pruning_time_s: float = Field(default=0.0, description="Calibrating + Computing Importance + Pruning, seconds")
     total_time_s: float = 0.0

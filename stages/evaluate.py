@@ -6,10 +6,15 @@ does not apply: the fidelity of its last hidden states to the dense model's on t
 cosine, relative MSE, cosine of the mean-pooled embeddings). The dense reference runs with the dense weights
 swapped back in (restored on any exit) and is checkpointed (``baseline``) with the model fingerprint, the text's
 sha256 and the protocol, so an auditor can check the dense side of every gate.
+
+With ``evaluation.tasks`` (``stages.tasks``: lm-evaluation-harness), Evaluating runs in two parts: first the dense
+model's task results, checkpointed (``task_baseline``) so a resumed run reads them back; then everything else —
+the texts, the pruned model's tasks, every gate.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -18,10 +23,11 @@ from podar.engine.context import RunContext
 from podar.engine.data import eval_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
 from podar.engine.distributed import together
 from podar.schemas.config import QualityGates
-from podar.schemas.errors import DataError
-from podar.schemas.records import StageResult, TextEvaluation
+from podar.schemas.errors import CheckpointError, DataError
+from podar.schemas.records import StageResult, TaskEvaluation, TextEvaluation
 from podar.schemas.stage import PruningStage
 
+from . import tasks as task_eval
 from .common import dense_model
 from .quality import (
     Fidelity,
@@ -159,26 +165,76 @@ def evaluate_text(ctx: RunContext, dataset: str) -> TextEvaluation:
                           on_fail=gates.on_fail)
 
 
+TASK_BASELINE_KIND = "task_baseline"  # the dense model's lm-eval results (JSON in the safetensors metadata)
+
+
+def dense_tasks(ctx: RunContext) -> StageResult:
+    """The first part of Evaluating with tasks: the dense model's results, checkpointed."""
+    st, opts = ctx.state, ctx.config.evaluation.tasks
+
+    def work() -> dict:
+        with dense_model(ctx) as model:
+            return task_eval.run_tasks(model, ctx.tokenizer, st.task_specs, opts, progress=ctx.progress)
+
+    results = task_eval.on_main(ctx, work)
+    st.task_baseline = results
+    metadata = {"results": json.dumps(results, sort_keys=True), "model_fingerprint": st.model_fingerprint,
+                "tasks_sha256": task_eval.specs_sha256(st.task_specs, opts), "protocol": task_eval.PROTOCOL,
+                "lm_eval": task_eval.require_lm_eval()}
+    ctx.save_tensors(TASK_BASELINE_KIND, {"tasks": torch.tensor([len(results)])}, name="dense", group=False,
+                     metadata=metadata)
+    scores = task_eval.task_scores(results, opts.metric)
+    return StageResult(stage=STAGE.value, metrics={"part": "dense_tasks", **{
+        f"task.{name}.dense_{opts.metric}": s.value for name, s in scores.items()}})
+
+
+def restore_task_baseline(ctx: RunContext, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A resumed run's dense task results from their checkpoint (CheckpointError when they are another model's or
+    other tasks')."""
+    st = ctx.state
+    expected = task_eval.specs_sha256(st.task_specs, ctx.config.evaluation.tasks)
+    if metadata.get("model_fingerprint") != st.model_fingerprint or metadata.get("tasks_sha256") != expected:
+        raise CheckpointError("the checkpointed dense task results are of another model or other tasks than this "
+                              "run's; they cannot be reused")
+    st.task_baseline = json.loads(metadata["results"])
+
+
+def pruned_tasks(ctx: RunContext) -> list[TaskEvaluation]:
+    """The pruned model's task results against the checkpointed dense ones, and their gates."""
+    st, opts = ctx.state, ctx.config.evaluation.tasks
+    assert st.task_baseline is not None
+    results = task_eval.on_main(ctx, lambda: task_eval.run_tasks(ctx.model, ctx.tokenizer, st.task_specs, opts,
+                                                                 progress=ctx.progress))
+    return task_eval.compare(st.task_specs, opts, st.task_baseline, results)
+
+
 def run(ctx: RunContext) -> StageResult:
     ev = ctx.config.evaluation
     if not ev.enabled:
         return StageResult(stage=STAGE.value, metrics={"skipped": True}, outcome="gate_passed",
                            notes=["evaluation disabled: no quality gate was applied"])
+    if ctx.state.task_specs and ctx.state.task_baseline is None:
+        return dense_tasks(ctx)
     one = evaluate_text if ctx.state.task == "causal-lm" else evaluate_fidelity
     texts = [one(ctx, dataset) for dataset in ev.datasets()]
+    tasks = pruned_tasks(ctx) if ctx.state.task_specs else []
     metrics: dict = {"dataset": texts[0].dataset}
     for i, t in enumerate(texts):
         prefix = "" if i == 0 else f"{t.dataset}."
         values = t.model_dump(exclude={"dataset", "gate_failures", "on_fail"}, exclude_none=True)
         metrics.update({f"{prefix}{k}": v for k, v in values.items()})
         metrics[f"{prefix}gates_failed"] = len(t.gate_failures)
+    for t in tasks:
+        key = f"task.{t.task}."
+        metrics.update({f"{key}dense_{t.metric}": t.dense, f"{key}{t.metric}": t.pruned,
+                        f"{key}drop_points": t.drop_points, f"{key}gates_failed": len(t.gate_failures)})
     n_zero = sum(int((m.weight == 0).sum()) for m in ctx.state.targets.values())
     n_total = sum(m.weight.numel() for m in ctx.state.targets.values())
-    failures = [f for t in texts for f in t.gate_failures]
-    fail_hard = any(t.gate_failures and t.on_fail == "fail" for t in texts)
+    failures = [f for t in [*texts, *tasks] for f in t.gate_failures]
+    fail_hard = any(t.gate_failures and t.on_fail == "fail" for t in [*texts, *tasks])
     metrics.update({"pruned_layers_sparsity": n_zero / n_total, "pruned_layers": len(ctx.state.targets),
                     "texts": len(texts), "gates_failed_total": len(failures)})
     if failures:
         ctx.log.warning("quality_gate_failed", failures=failures, outcome="fail" if fail_hard else "warn")
-    return StageResult(stage=STAGE.value, metrics=metrics, texts=texts, notes=failures,
+    return StageResult(stage=STAGE.value, metrics=metrics, texts=texts, tasks=tasks, notes=failures,
                        outcome="gate_failed" if fail_hard else "gate_passed")
