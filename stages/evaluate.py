@@ -189,13 +189,15 @@ def dense_tasks(ctx: RunContext) -> StageResult:
 
 
 def restore_task_baseline(ctx: RunContext, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A resumed run's dense task results from their checkpoint (CheckpointError when they are another model's or
-    other tasks')."""
+    """A resumed run's dense task results from their checkpoint. Results of other tasks or settings (changed on
+    resume) are not adopted: Evaluating computes them again. CheckpointError when they are another model's."""
     st = ctx.state
-    expected = task_eval.specs_sha256(st.task_specs, ctx.config.evaluation.tasks)
-    if metadata.get("model_fingerprint") != st.model_fingerprint or metadata.get("tasks_sha256") != expected:
-        raise CheckpointError("the checkpointed dense task results are of another model or other tasks than this "
-                              "run's; they cannot be reused")
+    if metadata.get("model_fingerprint") != st.model_fingerprint:
+        raise CheckpointError("the checkpointed dense task results are of another model than this run's")
+    if metadata.get("tasks_sha256") != task_eval.specs_sha256(st.task_specs, ctx.config.evaluation.tasks):
+        ctx.log.info("task_baseline_not_adopted", reason="the tasks or their settings changed on resume")
+        st.task_baseline = None
+        return
     st.task_baseline = json.loads(metadata["results"])
 
 

@@ -12,7 +12,7 @@ class Model:
 
 def make(initial=S.IDLE, **conds):
     values = {"needs_calibration": False, "more_layer_groups": False, "more_pruning_rounds": False,
-              "gate_passed": True, "more_finetune_steps": False, **conds}
+              "gate_passed": True, "more_finetune_steps": False, "more_evaluation": False, **conds}
     m = Model()
     build_machine(m, condition=lambda name: values[name], initial=initial)
     return m
@@ -52,6 +52,7 @@ CASES = [
     (S.FINE_TUNING, "next_round", {"more_pruning_rounds": True, "needs_calibration": True}, S.CALIBRATING),
     (S.FINE_TUNING, "next_round", {"more_pruning_rounds": True}, S.COMPUTING_IMPORTANCE),
     (S.FINE_TUNING, "finetuned", {}, S.EVALUATING),
+    (S.EVALUATING, "next_part", {"more_evaluation": True}, S.EVALUATING),
     (S.EVALUATING, "evaluated", {"gate_passed": True}, S.EXPORTING),
     (S.EVALUATING, "evaluated", {"gate_passed": False}, S.FAILED),
     (S.EXPORTING, "exported", {}, S.COMPLETE),

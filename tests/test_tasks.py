@@ -131,7 +131,12 @@ def test_the_shipped_task_runs_end_to_end_and_a_passing_gate_exports(corpus, tmp
     assert task.task == "podar_lastword" and task.examples == 6 and task.gate_failures == []
     assert task.drop_points == pytest.approx((task.dense - task.pruned) * 100)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "podar_lastword" in report
+    assert f"| podar_lastword | acc | 6 | {task.dense:.4f} ± " in report
+    assert (tmp_path / "run" / "plots" / "tasks.png").is_file()
+    from podar.engine.report import compare_runs
+
+    table = compare_runs([tmp_path / "run"])
+    assert "| run | podar_lastword |" in table and f"{task.pruned:.4f} ({-task.drop_points:+.2f}; dense" in table
 
 
 def test_a_failing_task_gate_ends_in_failed_before_exporting_naming_the_task(corpus, tmp_path):
@@ -203,3 +208,16 @@ def test_two_processes_give_the_task_results_of_one(corpus, tmp_path):
     one, two = (RunStore(tmp_path / d).read_manifest() for d in ("one", "two"))
     assert two.world_size == 2 and two.state == "complete"
     assert one.results[-2].tasks == two.results[-2].tasks and one.results[-2].tasks
+
+
+def test_a_failed_task_gate_resumes_with_a_changed_gate_without_scoring_the_dense_model_again(
+        corpus, tmp_path, monkeypatch):
+    cfg = with_tasks(make_tiny_config(corpus), gates={"min_accuracy": 0.99})
+    assert not Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run().ok
+    calls: list[int] = []
+    original = task_eval.run_tasks
+    monkeypatch.setattr(task_eval, "run_tasks", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = Pipeline.resume(tmp_path / "run", overrides={"evaluation.tasks.gates.min_accuracy": None},
+                              progress=False).run()
+    assert resumed.ok, resumed.failure
+    assert len(calls) == 1  # the pruned model only
