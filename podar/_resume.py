@@ -93,6 +93,8 @@ def check_config_change(fields: list[str], manifest: RunManifest) -> None:
     kept = [r.stage for r in manifest.results if PruningStage(r.stage) not in VOLATILE]
     if point is not None and kept and kept[-1] == point.dest:
         kept.pop()  # redone by the resume
+        while point.dest == S.EVALUATING.value and kept and kept[-1] == point.dest:
+            kept.pop()  # Evaluating's first part (the dense task results) is computed again when its settings change
     late = [(path, stage) for path in fields if (stage := consumer(path)) is not None and stage.value in kept]
     if late:
         names = ", ".join(f"'{p}'" for p, _ in late)

@@ -221,3 +221,17 @@ def test_a_failed_task_gate_resumes_with_a_changed_gate_without_scoring_the_dens
                               progress=False).run()
     assert resumed.ok, resumed.failure
     assert len(calls) == 1  # the pruned model only
+
+
+def test_a_changed_task_limit_on_resume_scores_the_dense_model_again(corpus, tmp_path, monkeypatch):
+    cfg = with_tasks(make_tiny_config(corpus), gates={"min_accuracy": 0.99})
+    assert not Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run().ok
+    calls: list[int] = []
+    original = task_eval.run_tasks
+    monkeypatch.setattr(task_eval, "run_tasks", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = Pipeline.resume(tmp_path / "run", overrides={"evaluation.tasks.limit": 4,
+                                                           "evaluation.tasks.gates.min_accuracy": None},
+                              progress=False).run()
+    assert resumed.ok, resumed.failure
+    assert len(calls) == 2  # the dense results of 6 examples are not those of 4: both models scored
+    assert [t.examples for t in resumed.results[-2].tasks] == [4]
