@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import sys
@@ -193,7 +194,8 @@ def resolve_tasks(opts: TaskEvaluationConfig, data_dir: Path | None) -> list[Tas
 def _isolated() -> Iterator[None]:
     """lm-eval seeds Python's, NumPy's and torch's generators, logs (its warnings about a model handed in memory
     are expected here) and shows the datasets library's bars: all undone on exit, so the run's own random streams,
-    logs and bars are what they were."""
+    logs and bars are what they were. Its bootstrapped standard errors run in this process (``DISABLE_MULTIPROC``):
+    a process pool would fork the whole run, model included, and its workers would take the run's signal handlers."""
     import datasets
     import numpy as np
 
@@ -201,7 +203,9 @@ def _isolated() -> Iterator[None]:
     quiet = logging.getLogger("lm-eval"), logging.getLogger("lm_eval")
     levels = [q.level for q in quiet]
     bars = datasets.is_progress_bar_enabled()
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
     try:
+        os.environ["DISABLE_MULTIPROC"] = "1"
         stack = contextlib.ExitStack()
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # lm-eval prints; podar's stdout is its own
         for q in quiet:
@@ -216,6 +220,10 @@ def _isolated() -> Iterator[None]:
             q.setLevel(level)
         if bars:
             datasets.enable_progress_bars()
+        if multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def run_tasks(model: torch.nn.Module, tokenizer: Any, specs: Sequence[TaskSpec], opts: TaskEvaluationConfig, *,

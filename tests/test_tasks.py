@@ -85,7 +85,8 @@ def _local_task(tmp_path, model, n=12):
         "task: nextbyte\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'data.jsonl'}\ntest_split: test\noutput_type: loglikelihood\n"
         "doc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\ntarget_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")
     return folder, rows, tok
 
 
@@ -101,7 +102,11 @@ def direct_accuracy(model, tok, rows) -> float:
     return right / len(rows)
 
 
-def test_a_local_task_scores_what_a_direct_computation_scores(tmp_path):
+def test_a_local_task_scores_what_a_direct_computation_scores(tmp_path, monkeypatch):
+    """lm-eval's accuracy of a local task equals a plain loop's; its bootstrapped standard error (perplexity) runs
+    without forking the process (a pool's workers would inherit the model and the CLI's signal handlers)."""
+    import multiprocessing
+
     from podar.engine.models import tiny_model
     from podar.schemas.config import TinyModelConfig
 
@@ -110,14 +115,16 @@ def test_a_local_task_scores_what_a_direct_computation_scores(tmp_path):
     opts = TaskEvaluationConfig(names=(str(folder / "nextbyte.yaml"),), batch_size=3)
     specs = task_eval.resolve_tasks(opts, None)
     assert [s.name for s in specs] == ["nextbyte"]
+    monkeypatch.setattr(multiprocessing, "Pool", lambda *a, **k: pytest.fail("lm-eval forked a process pool"))
     results = task_eval.run_tasks(model, tok, specs, opts)
+    assert "perplexity,none" in results["nextbyte"]
     expected = direct_accuracy(model, tok, rows)
     assert 0.0 < expected < 1.0
     score = task_eval.task_scores(results, "acc")["nextbyte"]
     assert score.value == pytest.approx(expected) and score.examples == len(rows)
     folder_specs = task_eval.resolve_tasks(TaskEvaluationConfig(names=(str(folder),)), None)
     assert [s.name for s in folder_specs] == ["nextbyte"]  # a folder: every task defined in it
-    with pytest.raises(Exception, match="no metric 'acc_norm'.*reports \\['acc'\\]"):
+    with pytest.raises(Exception, match="no metric 'acc_norm'.*reports \\['acc', 'perplexity'\\]"):
         task_eval.task_scores(results, "acc_norm")
 
 
