@@ -242,3 +242,17 @@ def test_a_changed_task_limit_on_resume_scores_the_dense_model_again(corpus, tmp
     assert resumed.ok, resumed.failure
     assert len(calls) == 2  # the dense results of 6 examples are not those of 4: both models scored
     assert [t.examples for t in resumed.results[-2].tasks] == [4]
+
+
+def test_the_command_line_prints_each_tasks_figures(corpus, tmp_path):
+    import subprocess
+
+    path = tmp_path / "tasks.yaml"
+    path.write_text(with_tasks(make_tiny_config(corpus)).to_yaml())
+    proc = subprocess.run([sys.executable, "-m", "podar.cli", "run", str(path), "--run-dir", str(tmp_path / "run"),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    task = json.loads((tmp_path / "run" / "report.json").read_text())["tasks"][0]
+    assert (f"task podar_lastword: acc dense {task['dense']:.4f} → pruned {task['pruned']:.4f} "
+            f"({-task['drop_points']:+.2f} points)") in proc.stdout
+    assert "bootstrapping" not in proc.stdout and "Traceback" not in proc.stderr
