@@ -3,7 +3,6 @@ walk, the weights' fingerprint and the dense reference."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from podar.engine.logs import brief
 from podar.engine.models import load_model, model_task, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
+from podar.engine.versions import library_versions
 from podar.schemas.config import PruningConfig
 from podar.schemas.errors import CheckpointError, ConfigError, DataError
 from podar.schemas.records import ArtifactRecord
@@ -42,18 +42,6 @@ from podar.stages.walks import plan_walk
 
 __all__ = ["load_inputs", "fingerprint", "model_file_reference", "write_dense_parts", "library_versions",
            "dense_reference_records"]
-
-_VERSIONED = ("podar", "torch", "transformers", "accelerate", "safetensors", "transitions", "pydantic", "structlog")
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _check_lengths(cfg: PruningConfig, model: Any) -> None:

@@ -64,6 +64,13 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
             lines.append(f"| {t.dataset} | {t.windows} × {t.seq_len} | {f(t.dense_ppl)} | {f(t.pruned_ppl)} "
                          f"| {f(t.kl_mean)} |")
         lines.append("")
+    if evaluating is not None and evaluating.tasks:
+        lines += ["Tasks (lm-evaluation-harness, in podar's Evaluating stage; `podar_lastword` is podar's own "
+                  "offline check, not a standard benchmark):", "",
+                  "| task | metric | examples | dense | pruned |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {k.task} | {k.metric} | {k.examples} | {k.dense:.4f} | {k.pruned:.4f} |"
+                  for k in evaluating.tasks]
+        lines.append("")
     lines += [f"Export: {export.get('format')}, {export.get('dtype')}, quantization {export.get('quantization')}.",
               "", f"podar {version}; the dense weights' fingerprint `{fingerprint[:16]}…`. The run folder's config and "
               "audit log record every step.", ""]

@@ -19,6 +19,7 @@ import torch
 from podar.engine.compute import computing_in
 from podar.engine.context import RunContext
 from podar.engine.models import DTYPES, strip_quantizer
+from podar.engine.versions import package_version
 from podar.schemas.config import ExportConfig, parse_size
 from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
@@ -245,15 +246,6 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
             "shards": sum(1 for f in summary.files if f.endswith(".safetensors"))}
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("podar")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def run(ctx: RunContext) -> StageResult:
     cfg, store = ctx.config.export, ctx.store
     model = ctx.model
@@ -278,8 +270,8 @@ def run(ctx: RunContext) -> StageResult:
     written = {"format": cfg.format, "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization,
                "dtype": str(dtype).replace("torch.", "")}
     (staging / "README.md").write_text(model_card(ctx.config, store.read_manifest().results,
-                                                  fingerprint=ctx.state.model_fingerprint, version=_version(),
-                                                  export=written))
+                                                  fingerprint=ctx.state.model_fingerprint,
+                                                  version=package_version("podar"), export=written))
     ctx.runtime.settle(ctx.model)  # read whole by the writer
     metrics.update(verify_export(ctx, staging, dtype, reference))
     records = store.finish_export(staging, stage=STAGE.value)

@@ -33,6 +33,7 @@ import torch
 
 from podar.engine.data import load_text
 from podar.engine.distributed import together
+from podar.engine.versions import package_version
 from podar.schemas.config import TaskEvaluationConfig, TaskGates
 from podar.schemas.errors import ConfigError, StageError
 from podar.schemas.records import TaskEvaluation
@@ -89,6 +90,7 @@ def require_lm_eval(field: str = "evaluation.tasks.names") -> str:
     except ImportError as e:
         raise ConfigError(f"{field} names tasks, and task evaluation needs lm-evaluation-harness, which is not "
                           f"installed: {EXTRA}") from e
+    return package_version("lm_eval")
 
 
 def lastword_examples(text: str, *, max_context_words: int = 96, min_context_words: int = 16

@@ -140,6 +140,8 @@ def test_the_shipped_task_runs_end_to_end_and_a_passing_gate_exports(corpus, tmp
     report = (tmp_path / "run" / "report.md").read_text()
     assert f"| podar_lastword | acc | 6 | {task.dense:.4f} ± " in report
     assert (tmp_path / "run" / "plots" / "tasks.png").is_file()
+    card = (tmp_path / "run" / "export" / "README.md").read_text()
+    assert f"| podar_lastword | acc | 6 | {task.dense:.4f} | {task.pruned:.4f} |" in card
     from podar.engine.report import compare_runs
 
     table = compare_runs([tmp_path / "run"])
