@@ -48,16 +48,35 @@ def _head_seconds_per_token(ctx: RunContext) -> float:
     return (time.perf_counter() - started) / _HEAD_POSITIONS
 
 
+def task_tokens(ctx: RunContext) -> tuple[int, list[str]]:
+    """(tokens both models score on the tasks whose examples podar holds — the shipped ones —, the names of tasks
+    it cannot count: lm-eval builds their requests when it runs). Few-shot examples multiply each context."""
+    opts = ctx.config.evaluation.tasks
+    counted, unknown = 0, []
+    for spec in ctx.state.task_specs if ctx.config.evaluation.enabled else []:
+        if spec.examples is None:
+            unknown.append(spec.name)
+            continue
+        texts = [e["context"] + e["target"] for e in spec.examples[:opts.limit]]
+        counted += sum(len(ids) for ids in ctx.tokenizer(texts)["input_ids"]) * (1 + opts.num_fewshot)
+    return 2 * counted, unknown  # the dense and the pruned model
+
+
 def estimate_cost(ctx: RunContext) -> dict[str, Any]:
-    """The planned tokens and forward passes of calibration and evaluation, and their estimated seconds."""
+    """The planned tokens and forward passes of calibration and evaluation (perplexity windows and the shipped
+    tasks' examples), and their estimated seconds."""
     cfg, st = ctx.config, ctx.state
     stack = find_blocks(ctx.model, cfg.calibration.blocks)
     cal, ev = cfg.calibration, cfg.evaluation
     cost: dict[str, Any] = {"calibration_tokens": 0, "calibration_block_forwards": 0}
     n_eval = (ev.max_windows or 0) * len(ev.datasets()) if ev.enabled else 0
     cost["evaluation_tokens"] = 2 * n_eval * ev.sequence_length  # the dense and the pruned model
+    tasks, uncounted = task_tokens(ctx)
+    if tasks:
+        cost["task_tokens"] = tasks
+    notes = [f"task(s) {uncounted} not counted (lm-eval builds their requests)"] if uncounted else []
     if stack is None:
-        cost["note"] = "no block stack: no time estimate"
+        cost["note"] = "; ".join(["no block stack: no time estimate", *notes])
         return cost
     blocks = len(stack.layers)
     walk = getattr(st.walk, "kind", None)
@@ -72,7 +91,9 @@ def estimate_cost(ctx: RunContext) -> dict[str, Any]:
     cost["block0_ms"] = round(block_s * 1e3, 2)
     cost["block0_tokens"] = tokens
     cost["est_calibration_s"] = round(cost["calibration_block_forwards"] * cal.sequence_length * per_token, 1)
-    cost["est_evaluation_s"] = round(cost["evaluation_tokens"] * (blocks * per_token + head), 1)
+    cost["est_evaluation_s"] = round((cost["evaluation_tokens"] + tasks) * (blocks * per_token + head), 1)
     if n_eval and ev.max_windows is None:
-        cost["note"] = "evaluation.max_windows is None: every window of the text, not counted here"
+        notes.insert(0, "evaluation.max_windows is None: every window of the text, not counted here")
+    if notes:
+        cost["note"] = "; ".join(notes)
     return cost

@@ -267,7 +267,8 @@ def _planned_cost(store: Any) -> str | None:
     if "evaluation_tokens" not in m:
         return None
     text = (f"{m['calibration_tokens']:,} calibration tokens ({m['calibration_block_forwards']:,} block forwards), "
-            f"{m['evaluation_tokens']:,} evaluation tokens")
+            f"{m['evaluation_tokens']:,} evaluation tokens"
+            + (f" and {m['task_tokens']:,} task tokens" if "task_tokens" in m else ""))
     if "est_calibration_s" in m:
         text += (f"; estimated calibration {m['est_calibration_s']:.0f} s, evaluation {m['est_evaluation_s']:.0f} s "
                  f"(from block 0: {m['block0_ms']:.1f} ms for {m['block0_tokens']} tokens; solvers, fine-tuning and "

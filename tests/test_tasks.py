@@ -258,3 +258,15 @@ def test_the_command_line_prints_each_tasks_figures(corpus, tmp_path):
     assert (f"task podar_lastword: acc dense {task['dense']:.4f} → pruned {task['pruned']:.4f} "
             f"({-task['drop_points']:+.2f} points)") in proc.stdout
     assert "bootstrapping" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_the_cost_estimate_counts_the_shipped_tasks_tokens(corpus, tmp_path):
+    from podar._cost import task_tokens
+
+    pipe = Pipeline(with_tasks(make_tiny_config(corpus), num_fewshot=1), run_dir=tmp_path / "run", progress=False)
+    pipe.step()  # Idle → the first stage: inputs loaded, the cost estimated
+    ctx = pipe.context
+    examples = ctx.state.task_specs[0].examples[:6]
+    direct = sum(len(ctx.tokenizer(e["context"] + e["target"])["input_ids"]) for e in examples)
+    assert task_tokens(ctx) == (2 * 2 * direct, [])  # both models, each context with one example before it
+    assert ctx.state.cost["task_tokens"] == 4 * direct
