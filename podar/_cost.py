@@ -53,7 +53,7 @@ def task_tokens(ctx: RunContext) -> tuple[int, list[str]]:
     it cannot count: lm-eval builds their requests when it runs). Few-shot examples multiply each context."""
     opts = ctx.config.evaluation.tasks
     counted, unknown = 0, []
-    for spec in ctx.state.task_specs if ctx.config.evaluation.enabled else []:
+    for spec in ctx.state.task_specs:  # resolved only when evaluation is enabled
         if spec.examples is None:
             unknown.append(spec.name)
             continue

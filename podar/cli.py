@@ -153,11 +153,10 @@ def _summary(result: Any, elapsed: float) -> list[str]:
         lines.append(f"fidelity ({ev['dataset']}, {ev['windows']} windows × {ev['seq_len']} tokens): hidden-state "
                      f"cosine {ev['hidden_cosine']:.4f}, relative MSE {ev['hidden_rel_mse']:.4f}, embedding cosine "
                      f"{ev['embedding_cosine']:.4f}")
-    tasks = [k.removesuffix(".drop_points") for k in ev if k.startswith("task.") and k.endswith(".drop_points")]
-    for key in tasks:  # "task.NAME": its metric dense and pruned (lm-evaluation-harness)
-        metric = next(k.removeprefix(f"{key}.dense_") for k in ev if k.startswith(f"{key}.dense_"))
-        lines.append(f"task {key.removeprefix('task.')}: {metric} dense {ev[f'{key}.dense_{metric}']:.4f} → pruned "
-                     f"{ev[f'{key}.{metric}']:.4f} ({-ev[f'{key}.drop_points']:+.2f} points)")
+    evaluated = next((r for r in reversed(result.results) if r.stage == "evaluating"), None)
+    for k in evaluated.tasks if evaluated is not None else []:  # lm-evaluation-harness: dense and pruned
+        lines.append(f"task {k.task}: {k.metric} dense {k.dense:.4f} → pruned {k.pruned:.4f} "
+                     f"({-k.drop_points:+.2f} points)")
     pr = result.metrics.get("pruning", {})
     if pr and result.achieved_sparsity is not None:
         lines.append(f"sparsity: target {pr['target_sparsity']:.3f}, achieved {result.achieved_sparsity:.4f} over "

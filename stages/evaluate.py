@@ -22,6 +22,7 @@ import torch
 from podar.engine.context import RunContext
 from podar.engine.data import eval_windows, load_text, resolve_data_dir, text_sha256, tokenize_text
 from podar.engine.distributed import together
+from podar.engine.versions import package_version
 from podar.schemas.config import QualityGates
 from podar.schemas.errors import CheckpointError, DataError
 from podar.schemas.records import StageResult, TaskEvaluation, TextEvaluation
@@ -180,7 +181,7 @@ def dense_tasks(ctx: RunContext) -> StageResult:
     st.task_baseline = results
     metadata = {"results": json.dumps(results, sort_keys=True), "model_fingerprint": st.model_fingerprint,
                 "tasks_sha256": task_eval.specs_sha256(st.task_specs, opts), "protocol": task_eval.PROTOCOL,
-                "lm_eval": task_eval.require_lm_eval()}
+                "lm_eval": package_version("lm_eval")}
     ctx.save_tensors(TASK_BASELINE_KIND, {"tasks": torch.tensor([len(results)])}, name="dense", group=False,
                      metadata=metadata)
     scores = task_eval.task_scores(results, opts.metric)

@@ -208,12 +208,11 @@ def _isolated() -> Iterator[None]:
     multiproc = os.environ.get("DISABLE_MULTIPROC")
     try:
         os.environ["DISABLE_MULTIPROC"] = "1"
-        stack = contextlib.ExitStack()
-        stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # lm-eval prints; podar's stdout is its own
         for q in quiet:
             q.setLevel(logging.ERROR)
         datasets.disable_progress_bars()
-        with stack, torch.random.fork_rng(devices=[]):
+        # lm-eval prints; podar's stdout is its own
+        with contextlib.redirect_stdout(sys.stderr), torch.random.fork_rng(devices=[]):
             yield
     finally:
         random.setstate(py)
