@@ -79,6 +79,7 @@ class RunState:
     # task evaluation (stages.tasks): the tasks the config names, resolved; the dense model's results once known
     task_specs: list[Any] = field(default_factory=list)
     task_baseline: dict[str, Any] | None = None
+    allocation: Any = None  # the round's per-layer sparsity (stages.allocation.Allocation); None: uniform
 
     @property
     def group_index(self) -> int:

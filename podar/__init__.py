@@ -13,6 +13,7 @@ from podar.engine.models import load_model, tiny_llama
 from podar.engine.runner import Runner
 from podar.engine.store import RunStore
 from podar.schemas import (
+    AllocationConfig,
     AuditError,
     AuditEvent,
     CalibrationConfig,
@@ -63,7 +64,8 @@ __all__ = [
     "load_model", "load_pretrained", "tiny_llama", "perplexity", "PerplexityResult", "evaluate", "TextMetrics",
     "PruningConfig", "PruneMethod", "SparsityPatternConfig", "OneShot", "Gradual", "Cubic", "CalibrationConfig",
     "RuntimeConfig", "FineTuneConfig", "EvaluationConfig", "QualityGates", "ExportConfig", "ModelSourceConfig",
-    "StructureConfig", "TinyModelConfig", "MethodParams", "MagnitudeParams", "WandaParams", "SparseGPTParams",
+    "AllocationConfig", "StructureConfig", "TinyModelConfig", "MethodParams", "MagnitudeParams", "WandaParams",
+    "SparseGPTParams",
     "PruningMethod", "LayerStats", "PruneSpec", "Pruned", "register_method",
     "StageResult", "AuditEvent", "RunManifest", "FailureInfo",
     "PodarError", "ConfigError", "DataError", "ModelLoadError", "StageError", "QualityGateError",

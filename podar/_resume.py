@@ -22,6 +22,7 @@ from podar.schemas.config import PruningConfig
 from podar.schemas.errors import AuditError, CheckpointError
 from podar.schemas.records import MANIFEST_SCHEMA_VERSION, ArtifactRecord, HistoryEntry, RunManifest
 from podar.schemas.stage import PruningStage
+from podar.stages.allocation import ALLOCATION_KIND, Allocation
 from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
 from podar.stages.evaluate import TASK_BASELINE_KIND, restore_task_baseline
@@ -209,6 +210,8 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
                 st.masks[name] = mask
                 if not weights:
                     apply_mask(modules[name], mask, ctx.runtime, ranges)
+        for record in (r for r in records if r.kind == ALLOCATION_KIND):  # the round's per-layer sparsity (OWL)
+            st.allocation = Allocation.from_tensors(*_with_metadata(store, record))
         for record in (r for r in records if r.kind == "scales"):
             st.quant_scales.update(store.load_tensors(record))
         for record in (r for r in records if r.kind == STATE_KIND):  # where the next fine-tuning interval goes on

@@ -49,7 +49,7 @@ def _check_lengths(cfg: PruningConfig, model: Any) -> None:
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(limit, int) or limit <= 0:
         return
-    for name, used, value in (("calibration.sequence_length", cfg.needs_calibration, cfg.calibration.sequence_length),
+    for name, used, value in (("calibration.sequence_length", cfg.needs_samples, cfg.calibration.sequence_length),
                               ("evaluation.sequence_length", cfg.evaluation.enabled, cfg.evaluation.sequence_length),
                               ("finetune.sequence_length", cfg.finetune.enabled, cfg.finetune.sequence_length)):
         if used and value > limit:
@@ -90,7 +90,7 @@ def _load(cfg: PruningConfig, model: Any, tokenizer: Any, progress: bool) -> tup
         raise ConfigError(f"evaluation.tasks: task evaluation (lm-evaluation-harness) scores a causal LM's next-token "
                           f"predictions, which a {task} model ({type(model).__name__}) does not make; remove "
                           "evaluation.tasks")
-    needs_text = cfg.needs_calibration or cfg.evaluation.enabled or cfg.finetune.enabled
+    needs_text = cfg.needs_samples or cfg.evaluation.enabled or cfg.finetune.enabled
     if tokenizer is None and needs_text:
         raise ConfigError("a model was passed without a tokenizer; calibration, evaluation and fine-tuning need one: "
                           "Pipeline(config, model=model, tokenizer=tokenizer)")
@@ -134,7 +134,7 @@ def _texts(ctx: RunContext) -> None:
     """Calibration samples tokenized; the other texts present, not obviously too short, and hashed."""
     cfg, st = ctx.config, ctx.state
     data_dir = resolve_data_dir(cfg.data_dir)
-    if cfg.needs_calibration:
+    if cfg.needs_samples:
         cal = cfg.calibration
         check_calibration_memory(cfg, ctx.model)
         text = load_text(cal.dataset, data_dir, field="calibration.dataset")

@@ -2,6 +2,7 @@
 podar."""
 
 from .config import (
+    AllocationConfig,
     CalibrationConfig,
     EvaluationConfig,
     ExportConfig,
@@ -56,7 +57,7 @@ from .stage import PruningStage
 
 __all__ = [
     "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
-    "QualityGates", "RuntimeConfig", "StructureConfig", "TinyModelConfig", "parse_size",
+    "QualityGates", "RuntimeConfig", "AllocationConfig", "StructureConfig", "TinyModelConfig", "parse_size",
     "NAMED_DATASETS", "NamedDataset",
     "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",
     "StageError", "TransitionError",

@@ -38,6 +38,7 @@ from .schedule import Cubic, Gradual, OneShot, PruningSchedule, Sparsity
 
 __all__ = [
     "config_yaml",
+    "AllocationConfig",
     "CalibrationConfig",
     "RuntimeConfig",
     "FineTuneConfig",
@@ -107,6 +108,17 @@ class RuntimeConfig(Frozen):
     trim_memory: bool = Field(default=True, description="return freed heap pages between passes (glibc)")
     offload: Literal["auto", "off", "blocks"] = Field(
         default="auto", description="blocks: on the CPU, one on the device at a time; auto: if > 1/2 free GPU memory")
+
+
+class AllocationConfig(Frozen):
+    """How a round's sparsity is shared among the blocks: the same in every layer (uniform), or OWL's
+    outlier-weighted layerwise sparsity (Yin et al. 2024): blocks with more outlier scores keep more weights, the
+    target re-centred so the pruned layers' total stays the round's sparsity. docs/allocation.md."""
+
+    kind: Literal["uniform", "owl"] = Field(default="uniform", description="uniform, or owl (outlier-weighted)")
+    owl_m: float = Field(default=5.0, gt=0.0, description="OWL's M: a score > M × its block's mean is an outlier, > 0")
+    owl_lambda: float = Field(
+        default=0.08, gt=0.0, le=0.25, description="OWL's λ: each block's sparsity within target ± 2λ, in (0, 0.25]")
 
 
 class StructureConfig(Frozen):
@@ -418,6 +430,7 @@ class PruningConfig(Frozen):
     model: ModelSourceConfig = ModelSourceConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    allocation: AllocationConfig = AllocationConfig()
     structure: StructureConfig = StructureConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -483,6 +496,22 @@ class PruningConfig(Frozen):
         return self
 
     @model_validator(mode="after")
+    def _check_allocation(self) -> PruningConfig:
+        if self.allocation.kind == "uniform":
+            return self
+        if self.pattern.kind != "unstructured":
+            raise ValueError(f"allocation.kind 'owl' shares an unstructured sparsity among blocks; pattern "
+                             f"'{self.pattern.label()}' fixes each layer's own: use pattern unstructured, or "
+                             "allocation.kind 'uniform'")
+        if self.resolved_scope() == "global":
+            raise ValueError("allocation.kind 'owl' sets each block's sparsity; scope 'global' compares every layer "
+                             "at once and has none: use scope per_row or per_layer, or allocation.kind 'uniform'")
+        if self.structure.enabled:
+            raise ValueError("allocation.kind 'owl' shares a mask sparsity among blocks; structure.enabled prunes no "
+                             "masks: set allocation.kind 'uniform'")
+        return self
+
+    @model_validator(mode="after")
     def _check_structure(self) -> PruningConfig:
         if self.structure.enabled and self.target_sparsity > 0.0:
             raise ValueError(f"structure removes blocks, channels or heads, and target_sparsity="
@@ -497,6 +526,11 @@ class PruningConfig(Frozen):
     def needs_calibration(self) -> bool:
         """True when the method collects activation statistics before scoring (structure always does)."""
         return self.method.needs_calibration or self.structure.enabled
+
+    @property
+    def needs_samples(self) -> bool:
+        """True when the run reads calibration samples: for statistics, or for OWL's outlier ratios."""
+        return self.needs_calibration or self.allocation.kind == "owl"
 
     def resolved_scope(self) -> str:
         """The comparison group the masks use, spelled out (house rule: never implied)."""
@@ -560,6 +594,9 @@ class PruningConfig(Frozen):
 
     def with_calibration(self, calibration: CalibrationConfig) -> PruningConfig:
         return self._with(calibration=calibration)
+
+    def with_allocation(self, allocation: AllocationConfig) -> PruningConfig:
+        return self._with(allocation=allocation)
 
     def with_runtime(self, runtime: RuntimeConfig) -> PruningConfig:
         return self._with(runtime=runtime)

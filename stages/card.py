@@ -31,7 +31,9 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
             lines.append(f"- parameters: {int(m['parameters_before']):,} → {int(m['parameters_after']):,} "
                          f"({100 * float(m['parameters_removed_frac']):.1f}% removed)")
         return lines
-    return [f"Masked pruning: {cfg.method.name}, {cfg.target_sparsity:.0%} of the pruned layers' weights zero, "
+    shared = (f", shared among the blocks by OWL (M={cfg.allocation.owl_m:g}, λ={cfg.allocation.owl_lambda:g})"
+              if cfg.allocation.kind == "owl" else "")
+    return [f"Masked pruning: {cfg.method.name}, {cfg.target_sparsity:.0%} of the pruned layers' weights zero{shared}, "
             f"pattern {cfg.pattern.label()} (the weights are stored dense unless the export format says otherwise)."]
 
 

@@ -9,6 +9,7 @@ changed. The reconstruction error ‖WX − ŴX‖² / ‖WX‖² of each layer 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from podar.schemas.records import ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
 
 from . import structure
+from .allocation import ALLOCATION_KIND, owl_allocation
 from .bitpack import pack_bits
 from .common import apply_mask, input_groups
 from .masks import global_unstructured_masks
@@ -42,6 +44,25 @@ def prune_spec(ctx: RunContext) -> PruneSpec:
     return PruneSpec(sparsity_frac=cfg.sparsity_at_round(ctx.state.round_index), kind=p.kind,
                      scope=cfg.resolved_scope(), n=p.n, m=p.m, block_height=p.block_height, block_width=p.block_width,
                      quant=quant, quant_dtype=quant_dtype)
+
+
+def layer_specs(ctx: RunContext, names: list[str], spec: PruneSpec) -> tuple[dict[str, PruneSpec], dict[str, str]]:
+    """Each layer's spec: the round's, or with allocation.kind 'owl' its block's sparsity (computed at the round's
+    first group, on the model as it is then, checkpointed); and the metrics that say which."""
+    cfg, st = ctx.config, ctx.state
+    if cfg.allocation.kind == "uniform":
+        return dict.fromkeys(names, spec), {}
+    if st.allocation is None or st.allocation.round_index != st.round_index:
+        allocation = owl_allocation(ctx, spec.sparsity_frac)
+        tensors, metadata = allocation.to_tensors()
+        ctx.save_tensors(ALLOCATION_KIND, tensors, metadata=metadata)
+        st.allocation = allocation
+        ctx.log.info("owl_allocation", round=st.round_index, lambda_used=allocation.lambda_used,
+                     block_sparsity=[round(s, 4) for s in allocation.block_sparsity],
+                     block_outlier_ratio=[round(r, 5) for r in allocation.block_outlier_ratio])
+    layer = st.allocation.layer_sparsity
+    return ({n: replace(spec, sparsity_frac=layer[n]) for n in names},
+            {"allocation": "owl", "owl_lambda_used": st.allocation.lambda_used})
 
 
 def _score(ctx: RunContext, name: str) -> torch.Tensor:
@@ -77,7 +98,8 @@ def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, An
     return out
 
 
-def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec) -> dict[str, Pruned]:
+def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec, specs: dict[str, PruneSpec]
+           ) -> dict[str, Pruned]:
     st = ctx.state
     if spec.scope == "global":  # one comparison group over every layer: the masks from all scores at once
         scores = {n: with_prior(_score(ctx, n), st.masks.get(n)) for n in targets}
@@ -91,8 +113,9 @@ def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec) -> dict[st
         def solve(names: list[str] = names, owner: int = owner) -> list[Pruned] | None:
             if owner != ctx.dist.rank:
                 return None
+            # layers reading one input sit in one block: one spec (OWL's sparsity is per block)
             return ctx.method.prune([targets[n].weight for n in names], [_score(ctx, n) for n in names],
-                                    [st.masks.get(n) for n in names], spec, st.stats.get(names[0]),
+                                    [st.masks.get(n) for n in names], specs[names[0]], st.stats.get(names[0]),
                                     st.prepared.get(names[0]), ctx.config.method)
 
         results = together(ctx.dist, solve) if st.owners else solve()
@@ -115,8 +138,8 @@ def _apply(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned]) 
             ctx.runtime.replace(targets[name].weight, result.weight, ranges)
 
 
-def _verify(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned], spec: PruneSpec
-            ) -> tuple[dict[str, dict], int, int]:
+def _verify(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned], spec: PruneSpec,
+            specs: dict[str, PruneSpec]) -> tuple[dict[str, dict], int, int]:
     """Per-layer metrics; exact pruned counts (global: in total) and pruned weights exactly zero, else StageError."""
     layer_metrics: dict[str, dict] = {}
     total_pruned = total_expected = total = 0
@@ -124,17 +147,19 @@ def _verify(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned],
         ctx.current_layer = name
         mask, weight = pruned[name].mask, module.weight.detach()
         n_pruned = int((~mask).sum())
-        expected = ctx.method.expected_pruned(tuple(weight.shape), spec, ctx.config.method)
+        layer_spec = specs[name]
+        expected = ctx.method.expected_pruned(tuple(weight.shape), layer_spec, ctx.config.method)
         total_pruned, total_expected, total = total_pruned + n_pruned, total_expected + expected, total + mask.numel()
         if spec.scope != "global" and n_pruned != expected:
-            raise StageError(f"layer '{name}': pruned {n_pruned} weights, the target {spec.sparsity_frac:.4f} "
+            raise StageError(f"layer '{name}': pruned {n_pruned} weights, the target {layer_spec.sparsity_frac:.4f} "
                              f"({ctx.config.pattern.label()}) needs exactly {expected}", stage=STAGE.display_name(),
                              layer=name)
         nonzero_pruned = int((weight[~mask.to(weight.device)] != 0).sum())
         if nonzero_pruned:
             raise StageError(f"layer '{name}': {nonzero_pruned} pruned weights are not zero after pruning",
                              stage=STAGE.display_name(), layer=name)
-        layer_metrics[name] = {**pruned[name].metrics, "sparsity": int((weight == 0).sum()) / weight.numel(),
+        layer_metrics[name] = {**pruned[name].metrics, "target_sparsity": layer_spec.sparsity_frac,
+                               "sparsity": int((weight == 0).sum()) / weight.numel(),
                                "mask_sparsity": n_pruned / mask.numel(), "pruned": n_pruned, "numel": mask.numel()}
     if spec.scope == "global" and total_pruned != total_expected:
         raise StageError(f"global mask pruned {total_pruned} weights, the target needs {total_expected}",
@@ -205,9 +230,10 @@ def run(ctx: RunContext) -> StageResult:
         return _structure(ctx)
     spec = prune_spec(ctx)
     targets = st.group_targets()
-    pruned = _prune(ctx, targets, spec)
+    specs, allocation_metrics = layer_specs(ctx, list(targets), spec)
+    pruned = _prune(ctx, targets, spec, specs)
     _apply(ctx, targets, pruned)
-    layer_metrics, total_pruned, total = _verify(ctx, targets, pruned, spec)
+    layer_metrics, total_pruned, total = _verify(ctx, targets, pruned, spec, specs)
     weights_record = _checkpoint(ctx, targets, pruned, spec)
     advanced = _advance(ctx, pruned)
     ctx.runtime.release()  # offloaded: the pruned weights back to the CPU, where they live
@@ -225,5 +251,5 @@ def run(ctx: RunContext) -> StageResult:
                  "layers_pruned": len(targets), "round": st.round_index, "group": st.group_index,
                  "pattern": ctx.config.pattern.label(), "scope": spec.scope,
                  "mean_reconstruction_error": (sum(errors) / len(errors)) if errors else None,
-                 "block_forwards": advanced.forwards},
+                 "block_forwards": advanced.forwards, **allocation_metrics},
     )

@@ -1,0 +1,139 @@
+"""OWL's outlier-weighted layerwise sparsity (issue 31) against the uniform allocation, on SmolLM2-135M.
+
+Each run is a subprocess (its peak memory its own): the bench's calibration windows of a seed (64 × 512 tokens of
+WikiText-2 validation, those llm-compressor gets in bench_methods.py), the method at the sparsity, then perplexity
+on WikiText-2 test and on a text of another domain (``bench/other_text.py``), 32 windows of 512 tokens each.
+Settings are run interleaved: uniform then OWL for each (method, sparsity, seed), so their times compare.
+
+    python bench/bench_allocation.py [--methods wanda sparsegpt magnitude] [--sparsities 0.6 0.7]
+                                     [--seeds 0 1 2] [--owl-m 5] [--owl-lambda 0.08] [--out allocation]
+
+Writes bench/results/NAME.json and .md after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+OTHER = HERE / "data" / "stdlib-docstrings.txt"
+
+
+def one(args: argparse.Namespace) -> None:
+    """One run in this process; prints one JSON line."""
+    import torch
+
+    from podar import EvaluationConfig, Pipeline, PruningStage, QualityGates
+
+    common.prepare(args.seed)
+    cfg = common.podar_config(args.method, "unstructured", seed=args.seed)
+    overrides = {"target_sparsity": args.sparsity, "allocation.kind": args.allocation}
+    if args.allocation == "owl":
+        overrides.update({"allocation.owl_m": args.owl_m, "allocation.owl_lambda": args.owl_lambda})
+    cfg = cfg.with_overrides(overrides).with_evaluation(EvaluationConfig(
+        dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=common.SEQ_LEN,
+        max_windows=common.EVAL_WINDOWS, gates=QualityGates(max_perplexity_increase_pct=None)))
+    run_dir = Path(args.run_dir)
+    started = time.perf_counter()
+    pipe = Pipeline(cfg, run_dir=run_dir, progress=False)
+    while pipe.stage is not PruningStage.FINE_TUNING and not pipe.stage.is_terminal():
+        pipe.step()
+    prune_s = time.perf_counter() - started
+    peak = common.peak_rss_mb()
+    if args.method != "magnitude" or args.allocation == "owl":
+        assert torch.equal(pipe.context.state.calibration_samples, common.calibration_ids(args.seed))
+    result = pipe.run()
+    if not result.ok:
+        raise SystemExit(f"run failed: {result.failure}")
+    ev = result.metrics["evaluating"]
+    alloc = pipe.context.state.allocation
+    print(json.dumps({
+        "method": args.method, "sparsity": args.sparsity, "allocation": args.allocation, "seed": args.seed,
+        "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak),
+        "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
+        "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"],
+        "achieved_sparsity": ev["pruned_layers_sparsity"],
+        "block_sparsity": None if alloc is None else [round(s, 4) for s in alloc.block_sparsity],
+    }))
+    common.tidy_run(run_dir)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | sparsity | allocation | seeds | WikiText-2 ppl (mean) | other-domain ppl (mean) | "
+             "WikiText-2 vs uniform | other vs uniform | prune time (s) | time vs uniform | peak RSS (MB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["sparsity"], r["allocation"]), []).append(r)
+    for (method, sparsity, allocation), rs in groups.items():
+        base = groups.get((method, sparsity, "uniform"), [])
+        seeds = sorted(r["seed"] for r in rs)
+        wt = statistics.mean(r["ppl_wikitext2"] for r in rs)
+        ot = statistics.mean(r["ppl_other"] for r in rs)
+        t = statistics.mean(r["prune_s"] for r in rs)
+        peak = max(r["peak_rss_mb"] for r in rs)
+        rel = ["—", "—", "—"]
+        same = [b for b in base if b["seed"] in seeds]
+        if allocation != "uniform" and same:
+            rel = [f"{wt / statistics.mean(b['ppl_wikitext2'] for b in same):.3f}×",
+                   f"{ot / statistics.mean(b['ppl_other'] for b in same):.3f}×",
+                   f"{t / statistics.mean(b['prune_s'] for b in same):.2f}×"]
+        lines.append(f"| {method} | {sparsity:g} | {allocation} | {','.join(map(str, seeds))} | {wt:.2f} | {ot:.2f} | "
+                     f"{rel[0]} | {rel[1]} | {t:.1f} | {rel[2]} | {peak} |")
+    if rows:
+        lines.append(f"\nDense perplexity: WikiText-2 {rows[0]['dense_ppl_wikitext2']:.2f}, other domain "
+                     f"{rows[0]['dense_ppl_other']:.2f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="wanda")
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--allocation", default="uniform")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run-dir", default="/tmp/podar-bench-allocation/run")
+    ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "magnitude"])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--owl-m", type=float, default=5.0)
+    ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--out", default="allocation")
+    args = ap.parse_args()
+    if args.one:
+        one(args)
+        return
+    out_json, out_md = common.RESULTS / f"{args.out}.json", common.RESULTS / f"{args.out}.md"
+    rows: list[dict] = []
+    for method in args.methods:
+        for sparsity in args.sparsities:
+            for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
+                for allocation in ("uniform", "owl"):
+                    cmd = [sys.executable, __file__, "--one", "--method", method, "--sparsity", str(sparsity),
+                           "--allocation", allocation, "--seed", str(seed), "--owl-m", str(args.owl_m),
+                           "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    out_json.write_text(json.dumps({"owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
+                                                    "rows": rows}, indent=1))
+                    out_md.write_text(f"# Sparsity allocation: OWL (M={args.owl_m:g}, λ={args.owl_lambda:g}) vs "
+                                      f"uniform\n\n`python bench/bench_allocation.py --out {args.out}`\n\n"
+                                      + table(rows))
+
+
+if __name__ == "__main__":
+    main()
