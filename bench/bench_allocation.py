@@ -55,10 +55,14 @@ def one(args: argparse.Namespace) -> None:
     if not result.ok:
         raise SystemExit(f"run failed: {result.failure}")
     ev = result.metrics["evaluating"]
+    stage_s: dict[str, float] = {}
+    for r in result.results:
+        stage_s[r.stage] = round(stage_s.get(r.stage, 0.0) + r.duration_s, 1)
     alloc = pipe.context.state.allocation
     print(json.dumps({
-        "method": args.method, "sparsity": args.sparsity, "allocation": args.allocation, "seed": args.seed,
-        "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak),
+        "method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+        "allocation": "uniform" if args.allocation == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}",
+        "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
         "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"],
         "achieved_sparsity": ev["pruned_layers_sparsity"],
@@ -83,6 +87,8 @@ def table(rows: list[dict]) -> str:
         peak = max(r["peak_rss_mb"] for r in rs)
         rel = ["—", "—", "—"]
         same = [b for b in base if b["seed"] in seeds]
+        if allocation != "uniform" and sorted(b["seed"] for b in same) != seeds:
+            same = []  # compared only over the same draws
         if allocation != "uniform" and same:
             rel = [f"{wt / statistics.mean(b['ppl_wikitext2'] for b in same):.3f}×",
                    f"{ot / statistics.mean(b['ppl_other'] for b in same):.3f}×",
@@ -108,17 +114,19 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"], choices=["uniform", "owl"])
     ap.add_argument("--out", default="allocation")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in bench/results/OUT.json")
     args = ap.parse_args()
     if args.one:
         one(args)
         return
     out_json, out_md = common.RESULTS / f"{args.out}.json", common.RESULTS / f"{args.out}.md"
-    rows: list[dict] = []
+    rows: list[dict] = json.loads(out_json.read_text())["rows"] if args.append and out_json.is_file() else []
     for method in args.methods:
         for sparsity in args.sparsities:
             for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
-                for allocation in ("uniform", "owl"):
+                for allocation in args.allocations:
                     cmd = [sys.executable, __file__, "--one", "--method", method, "--sparsity", str(sparsity),
                            "--allocation", allocation, "--seed", str(seed), "--owl-m", str(args.owl_m),
                            "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir]
@@ -128,11 +136,10 @@ def main() -> None:
                     row = json.loads(proc.stdout.strip().splitlines()[-1])
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-                    out_json.write_text(json.dumps({"owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
-                                                    "rows": rows}, indent=1))
-                    out_md.write_text(f"# Sparsity allocation: OWL (M={args.owl_m:g}, λ={args.owl_lambda:g}) vs "
-                                      f"uniform\n\n`python bench/bench_allocation.py --out {args.out}`\n\n"
-                                      + table(rows))
+                    out_json.write_text(json.dumps({"rows": rows}, indent=1))
+                    out_md.write_text("# Sparsity allocation: OWL vs uniform\n\n`python bench/bench_allocation.py "
+                                      "[--methods ...] [--sparsities ...] [--seeds ...] [--owl-m M] [--owl-lambda λ] "
+                                      f"[--allocations ...] --append --out {args.out}`\n\n" + table(rows))
 
 
 if __name__ == "__main__":

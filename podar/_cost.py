@@ -80,11 +80,14 @@ def estimate_cost(ctx: RunContext) -> dict[str, Any]:
         return cost
     blocks = len(stack.layers)
     walk = getattr(st.walk, "kind", None)
+    n = int(st.calibration_samples.shape[0]) if st.calibration_samples is not None else cal.num_samples
     if walk is not None:
-        n = int(st.calibration_samples.shape[0]) if st.calibration_samples is not None else cal.num_samples
         cost["calibration_tokens"] = n * cal.sequence_length
         cost["calibration_block_forwards"] = n * blocks * _PASSES[walk]
-    tokens = cal.sequence_length if walk is not None else min(ev.sequence_length, 512)
+    if cfg.allocation.kind == "owl":  # OWL's dense pass of the blocks, once per pruning round
+        cost["calibration_tokens"] = n * cal.sequence_length
+        cost["calibration_block_forwards"] += n * blocks * cfg.schedule.num_pruning_steps()
+    tokens = cal.sequence_length if cfg.needs_samples else min(ev.sequence_length, 512)
     block_s = _block_seconds(ctx, stack, tokens)
     per_token = block_s / tokens
     head = _head_seconds_per_token(ctx) if st.task == "causal-lm" else 0.0

@@ -118,3 +118,14 @@ def test_a_run_killed_after_its_first_group_resumes_with_the_recorded_allocation
     assert pipe.run().ok
     assert pipe.context.state.allocation.layer_sparsity == ref.context.state.allocation.layer_sparsity
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize(("method", "per_block"), [("magnitude", 1), ("wanda", 2 + 1)])
+def test_the_cost_counts_owls_dense_pass(corpus, tmp_path, method, per_block):
+    """4 windows × 4 blocks: the walk's forwards (Wanda's block walk: 2 per block) and OWL's one dense pass."""
+    pipe = Pipeline(owl_config(corpus, method), run_dir=tmp_path / "run", progress=False)
+    pipe.step()
+    cost = pipe.context.state.cost
+    assert cost["calibration_tokens"] == 4 * 64
+    assert cost["calibration_block_forwards"] == 4 * 4 * per_block
+    assert cost["est_calibration_s"] >= 0

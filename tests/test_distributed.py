@@ -57,6 +57,26 @@ def test_two_processes_give_the_masks_of_one(corpus, tmp_path, method, walk):
             tmp_path / "two/export/model.safetensors")
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_two_processes_give_the_owl_allocation_and_masks_of_one(corpus, tmp_path, method):
+    """OWL's dense pass adds each process's statistics in batch order: the same per-block sparsity, the same
+    masks (magnitude reads calibration samples for it only)."""
+    cfg, _ = config(corpus, tmp_path, method)
+    cfg = cfg.with_overrides({"allocation.kind": "owl", "allocation.owl_m": 3.0, "target_sparsity": 0.6})
+    path = tmp_path / "owl.yaml"
+    path.write_text(cfg.to_yaml())
+    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert masks_equal(tmp_path / "one", tmp_path / "two")
+    one, two = (RunStore(tmp_path / d) for d in ("one", "two"))
+    allocations = [[store.load_tensors(r) for r in store.read_manifest().artifacts.values()
+                    if r.kind == "allocation"] for store in (one, two)]
+    assert len(allocations[0]) == 1 and torch.equal(allocations[0][0]["block_sparsity"],
+                                                    allocations[1][0]["block_sparsity"])
+    assert len(set(allocations[0][0]["block_sparsity"].tolist())) == 2  # the tiny model's two blocks differ
+
+
 def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path):
     """Distillation with the teacher on the fly, two checkpointed intervals, validation: two processes (one
     window each of every step's two) train to the weights of one process (two windows a step), up to rounding."""
