@@ -113,7 +113,7 @@ def _config(args: argparse.Namespace):
 
     if args.config is None and getattr(args, "model", None) and not getattr(args, "method", None) and not any(
             item.partition("=")[0].strip().split(".")[0] == "method" for item in args.set or []):
-        raise SystemExit(_usage("--model without a config needs --method (magnitude, wanda or sparsegpt): podar "
+        raise SystemExit(_usage("--model without a config needs --method (magnitude, wanda, ria or sparsegpt): podar "
                                 "does not choose one for you"))
     base = PruningConfig.from_file(args.config) if args.config is not None else PruningConfig()
     overrides = _overrides(args)
@@ -359,8 +359,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--set", action="append", metavar="PATH=VALUE",
                    help="change one config field by dotted path, e.g. --set calibration.num_samples=32 (repeatable)")
     p.add_argument("--model", help="a Hugging Face id, a save_pretrained folder, or a .gguf file")
-    p.add_argument("--method", help="pruning method: magnitude, wanda, sparsegpt (or a registered plugin); required "
-                                    "with --model when no config names one")
+    p.add_argument("--method", help="pruning method: magnitude, wanda, ria, sparsegpt (or a registered plugin); "
+                                    "required with --model when no config names one")
     p.add_argument("--sparsity", type=float, help="target sparsity, a fraction in [0, 1)")
     p.add_argument("--pattern", help="unstructured, N:M (e.g. 2:4), block, row or column")
     p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<run id>)")

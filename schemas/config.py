@@ -403,12 +403,14 @@ class ModelSourceConfig(Frozen):
 
 # ---------------------------------------------------------------- the whole config
 
-_METHOD_SCHEMA = {"anyOf": [{"type": "string", "enum": ["magnitude", "wanda", "sparsegpt"]},
+_METHOD_SCHEMA = {"anyOf": [{"type": "string", "enum": ["magnitude", "wanda", "ria", "sparsegpt"]},
                             {"type": "object", "required": ["name"], "properties": {
                                 "name": {"type": "string"},
                                 "dampening_frac": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-                                "block_size": {"type": "integer", "minimum": 1}}}],
-                  "description": "method name, or {name, ...its parameters} (sparsegpt: dampening_frac, block_size)"}
+                                "block_size": {"type": "integer", "minimum": 1},
+                                "a": {"type": "number", "minimum": 0, "maximum": 2}}}],
+                  "description": "method name, or {name, ...its parameters} (sparsegpt: dampening_frac, block_size; "
+                                 "ria: a)"}
 Method = Annotated[SerializeAsAny[MethodParams], BeforeValidator(parse_method), WithJsonSchema(_METHOD_SCHEMA)]
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "MethodParams",
     "MagnitudeParams",
     "WandaParams",
+    "RIAParams",
     "SparseGPTParams",
     "PruneMethod",
     "register_method_params",
@@ -67,6 +68,15 @@ class WandaParams(MethodParams):
     default_walk: ClassVar[str] = "block"
 
 
+class RIAParams(MethodParams):
+    """RIA (Zhang et al. 2024): relative importance (|W| over its row's and its column's Σ|W|) × ‖X_j‖₂^a."""
+
+    name: Literal["ria"] = "ria"
+    a: float = Field(default=0.5, ge=0.0, le=2.0, description="exponent of the activation norm, in [0, 2]")
+    default_scope: ClassVar[str] = "per_layer"
+    default_walk: ClassVar[str] = "block"
+
+
 class SparseGPTParams(MethodParams):
     """SparseGPT (Frantar & Alistarh 2023): OBS pruning with the inverse Hessian of calibration inputs."""
 
@@ -90,6 +100,7 @@ class SparseGPTParams(MethodParams):
 _PARAMS: dict[str, type[MethodParams]] = {
     "magnitude": MagnitudeParams,
     "wanda": WandaParams,
+    "ria": RIAParams,
     "sparsegpt": SparseGPTParams,
 }
 
@@ -99,6 +110,7 @@ class PruneMethod(str, Enum):
 
     MAGNITUDE = "magnitude"
     WANDA = "wanda"
+    RIA = "ria"
     SPARSEGPT = "sparsegpt"
 
     def requires_calibration(self) -> bool:

@@ -11,13 +11,14 @@ from podar.schemas.methods import register_method_params
 
 from .base import LayerStats, Pruned, PruneSpec, PruningMethod, with_prior
 from .magnitude import Magnitude
+from .ria import RIA
 from .sparsegpt import SparseGPT
 from .wanda import Wanda
 
 __all__ = ["LayerStats", "PruneSpec", "Pruned", "PruningMethod", "with_prior", "get_method", "register_method",
            "registered_methods"]
 
-_METHODS: dict[str, PruningMethod] = {m.name: m for m in (Magnitude(), Wanda(), SparseGPT())}
+_METHODS: dict[str, PruningMethod] = {m.name: m for m in (Magnitude(), Wanda(), RIA(), SparseGPT())}
 
 
 def register_method(method: PruningMethod) -> PruningMethod:
