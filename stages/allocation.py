@@ -7,7 +7,8 @@ its weights, re-centred so that the pruned layers' weights, counted, average to 
 reference subtracts the plain mean, the same when every block has the same size). Targets outside the blocks keep
 the round's sparsity.
 
-The pure functions take tensors; ``owl_allocation`` runs the dense pass over the calibration samples.
+The pure functions take tensors; ``owl_allocation`` runs the dense pass over the calibration samples, block by
+block like the calibration walks (one forward per block and batch, the head never run).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from podar.engine.context import RunContext
 from podar.schemas.errors import StageError
 from podar.schemas.stage import PruningStage
 
-from .blocks import _trunk, find_blocks
+from .blocks import block_output, capture_first_block_inputs, find_blocks
 from .methods.wanda import Wanda, wanda_score
-from .walks import LayerGroup, OnePassWalk
+from .walks import collect_stats, reduce_in_batch_order
 
 __all__ = ["Allocation", "outlier_ratio", "owl_sparsities", "owl_allocation", "ALLOCATION_KIND"]
 
@@ -92,9 +93,10 @@ def _lambda_for(target: float, lam: float) -> float:
 
 @torch.no_grad()
 def owl_allocation(ctx: RunContext, target: float) -> Allocation:
-    """OWL's per-layer sparsity of this round: a dense pass of the calibration samples through the model as it is
-    (Wanda's statistics, on every process's batches, added in batch order), then each block's outlier ratio."""
-    cfg, st = ctx.config, ctx.state
+    """OWL's per-layer sparsity of this round: a dense pass of the calibration samples through the blocks of the
+    model as it is, one block at a time (its weights paged in, and out, as the walks do; no head), Wanda's
+    statistics added in batch order over every process's batches, then each block's outlier ratio."""
+    cfg, st, dist = ctx.config, ctx.state, ctx.dist
     alloc = cfg.allocation
     stack = find_blocks(ctx.model, cfg.calibration.blocks)
     if stack is None:
@@ -102,29 +104,44 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
                          "no stack of repeated blocks (calibration.blocks names one)",
                          stage=PruningStage.PRUNING.display_name())
     owner, _outside = stack.owner_of(st.targets)
-    inside = {n: st.targets[n] for n in owner}
-    assert st.calibration_samples is not None
-    # the blocks' trunk only: no head, whose logits (tokens × vocabulary) no statistic here needs
-    walk = OnePassWalk(_trunk(ctx.model, stack), inside, [LayerGroup(names=list(inside))], st.calibration_samples,
-                       cfg.calibration.batch_size, ctx.device, ctx.runtime, progress=ctx.progress, dist=ctx.dist)
-    stats, _ = walk.statistics(0, Wanda(), ctx.check_cancelled)
-    blocks = sorted(set(owner.values()))
-    ratios, sizes = [], []
-    for b in blocks:
-        names = [n for n in st.targets if owner.get(n) == b]
-        scores = []
-        for n in names:
-            record = stats.get(n)
-            if record is None or record.n_samples == 0:
-                raise StageError(f"layer '{n}' received no input in OWL's dense pass (is it used in forward?)",
-                                 stage=PruningStage.PRUNING.display_name(), layer=n)
-            scores.append(wanda_score(st.targets[n].weight.detach(), record.sq_norm_sum, record.n_samples))
-        ratios.append(outlier_ratio(scores, alloc.owl_m))
-        sizes.append(sum(s.numel() for s in scores))
-        del scores
+    samples = st.calibration_samples
+    assert samples is not None
+    size = cfg.calibration.batch_size
+    n_batches = -(-samples.shape[0] // size)
+    batch_ids = dist.shares(n_batches)
+    mine = torch.cat([samples[b * size:(b + 1) * size] for b in batch_ids])
+    inputs = capture_first_block_inputs(ctx.model, stack, mine, size, ctx.device, ctx.runtime)
+    method = Wanda()
+    ratios, sizes, blocks = [], [], []
+    with ctx.runtime.block_forwards(ctx.model, stack.layers) as view:
+        for b in range(len(stack.layers)):
+            names = [n for n in st.targets if owner.get(n) == b]
+            by_batch = []
+            for i, call in enumerate(inputs.calls):  # one record per batch: added in batch order below
+                ctx.check_cancelled()
+                with collect_stats({n: st.targets[n] for n in names}, method) as stats:
+                    out = view[b](inputs.hidden[i], *call.args, **call.kwargs)
+                inputs.hidden[i] = block_output(out)
+                by_batch.append(stats)
+            if not names:
+                continue
+            stats = reduce_in_batch_order(by_batch, batch_ids, n_batches, method, dist)
+            scores = []
+            for n in names:
+                record = stats.get(n)
+                if record is None or record.n_samples == 0:
+                    raise StageError(f"layer '{n}' received no input in OWL's dense pass (is it used in forward?)",
+                                     stage=PruningStage.PRUNING.display_name(), layer=n)
+                scores.append(wanda_score(st.targets[n].weight.detach(), record.sq_norm_sum, record.n_samples))
+            ratios.append(outlier_ratio(scores, alloc.owl_m))
+            sizes.append(sum(s.numel() for s in scores))
+            blocks.append(b)
+            del scores, stats, by_batch
+    del inputs
     lam = _lambda_for(target, alloc.owl_lambda)
-    per_block = owl_sparsities(torch.tensor(ratios), torch.tensor(sizes), target, lam).tolist()
+    per_block = owl_sparsities(torch.tensor(ratios, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64),
+                               target, lam).tolist()
     by_block = dict(zip(blocks, per_block, strict=True))
-    layer = {n: by_block.get(owner[n], target) if n in owner else target for n in st.targets}
+    layer = {n: by_block[owner[n]] if n in owner else target for n in st.targets}
     return Allocation(round_index=st.round_index, layer_sparsity=layer, block_outlier_ratio=ratios,
                       block_sparsity=per_block, lambda_used=lam)

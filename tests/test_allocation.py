@@ -17,7 +17,7 @@ from podar.stages.allocation import ALLOCATION_KIND, outlier_ratio, owl_sparsiti
 
 def reference_outlier_ratio(scores, m):
     """Plain loops in float64: the entries above m × the mean of every entry of the block."""
-    values = [float(v) for s in scores for v in s.double().reshape(-1)]
+    values = [float(v) for s in scores for v in s.detach().double().reshape(-1)]
     mean = sum(values) / len(values)
     return sum(1 for v in values if v > m * mean) / len(values)
 
@@ -129,3 +129,28 @@ def test_the_cost_counts_owls_dense_pass(corpus, tmp_path, method, per_block):
     assert cost["calibration_tokens"] == 4 * 64
     assert cost["calibration_block_forwards"] == 4 * 4 * per_block
     assert cost["est_calibration_s"] >= 0
+
+
+def test_the_allocation_matches_a_plain_whole_model_reference(corpus, tmp_path):
+    """Σ x² of every layer from hooks on one plain forward of the whole dense model (float64 sums), each block's
+    outlier ratio and the OWL formula in plain Python: the run's block sparsities."""
+    cfg = owl_config(corpus, owl_m=3.0)
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    pipe.step()  # set up: the dense model and its calibration samples
+    model, samples = pipe.context.model, pipe.context.state.calibration_samples
+    sq: dict[str, torch.Tensor] = {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: sq.__setitem__(
+        n, sq.get(n, 0) + args[0].double().reshape(-1, args[0].shape[-1]).pow(2).sum(0))) for n, m in layers.items()]
+    with torch.no_grad():
+        model(input_ids=samples)
+    for h in hooks:
+        h.remove()
+    ratios = []
+    for b in range(4):
+        names = [n for n in layers if f".layers.{b}." in n]
+        scores = [layers[n].weight.double().abs() * (sq[n] / samples.shape[0]).sqrt()[None, :] for n in names]
+        ratios.append(reference_outlier_ratio(scores, 3.0))
+    expected = reference_owl(ratios, 0.6, 0.08)
+    assert pipe.run().ok
+    assert pipe.context.state.allocation.block_sparsity == pytest.approx(expected, abs=1e-9)
