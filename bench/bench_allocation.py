@@ -35,8 +35,10 @@ def one(args: argparse.Namespace) -> None:
     from podar import EvaluationConfig, Pipeline, PruningStage, QualityGates
 
     common.prepare(args.seed)
-    cfg = common.podar_config(args.method, "unstructured", seed=args.seed)
-    overrides = {"target_sparsity": args.sparsity, "allocation.kind": args.allocation}
+    cfg = common.podar_config(args.method, args.pattern, seed=args.seed)
+    overrides = {"allocation.kind": args.allocation}
+    if args.pattern == "unstructured":
+        overrides["target_sparsity"] = args.sparsity
     if args.allocation == "owl":
         overrides.update({"allocation.owl_m": args.owl_m, "allocation.owl_lambda": args.owl_lambda})
     cfg = cfg.with_overrides(overrides).with_evaluation(EvaluationConfig(
@@ -60,7 +62,8 @@ def one(args: argparse.Namespace) -> None:
         stage_s[r.stage] = round(stage_s.get(r.stage, 0.0) + r.duration_s, 1)
     alloc = pipe.context.state.allocation
     print(json.dumps({
-        "method": args.method, "sparsity": args.sparsity, "seed": args.seed,
+        "method": args.method, "sparsity": args.sparsity if args.pattern == "unstructured" else args.pattern,
+        "seed": args.seed,
         "allocation": "uniform" if args.allocation == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}",
         "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
@@ -93,7 +96,7 @@ def table(rows: list[dict]) -> str:
             rel = [f"{wt / statistics.mean(b['ppl_wikitext2'] for b in same):.3f}×",
                    f"{ot / statistics.mean(b['ppl_other'] for b in same):.3f}×",
                    f"{t / statistics.mean(b['prune_s'] for b in same):.2f}×"]
-        lines.append(f"| {method} | {sparsity:g} | {allocation} | {','.join(map(str, seeds))} | {wt:.2f} | {ot:.2f} | "
+        lines.append(f"| {method} | {sparsity} | {allocation} | {','.join(map(str, seeds))} | {wt:.2f} | {ot:.2f} | "
                      f"{rel[0]} | {rel[1]} | {t:.1f} | {rel[2]} | {peak} |")
     if rows:
         lines.append(f"\nDense perplexity: WikiText-2 {rows[0]['dense_ppl_wikitext2']:.2f}, other domain "
@@ -106,11 +109,13 @@ def main() -> None:
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--pattern", default="unstructured", choices=["unstructured", "2:4"],
+                    help="2:4: the sparsity is the pattern's, allocation uniform only")
     ap.add_argument("--allocation", default="uniform")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default="/tmp/podar-bench-allocation/run")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "magnitude"])
-    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
+    ap.add_argument("--sparsities", nargs="+", default=["0.6", "0.7"], help="fractions, or 2:4")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
@@ -127,7 +132,11 @@ def main() -> None:
         for sparsity in args.sparsities:
             for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
                 for allocation in args.allocations:
-                    cmd = [sys.executable, __file__, "--one", "--method", method, "--sparsity", str(sparsity),
+                    pattern = "2:4" if sparsity == "2:4" else "unstructured"
+                    if pattern == "2:4" and allocation != "uniform":
+                        continue  # OWL shares an unstructured sparsity only
+                    cmd = [sys.executable, __file__, "--one", "--method", method, "--pattern", pattern,
+                           "--sparsity", "0.5" if pattern == "2:4" else str(sparsity),
                            "--allocation", allocation, "--seed", str(seed), "--owl-m", str(args.owl_m),
                            "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir]
                     proc = subprocess.run(cmd, capture_output=True, text=True)

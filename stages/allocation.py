@@ -113,8 +113,11 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
     inputs = capture_first_block_inputs(ctx.model, stack, mine, size, ctx.device, ctx.runtime)
     method = Wanda()
     ratios, sizes, blocks = [], [], []
+    ranges = ctx.runtime.file_ranges()
     with ctx.runtime.block_forwards(ctx.model, stack.layers) as view:
         for b in range(len(stack.layers)):
+            if b > 0:  # the block before is read whole: its pages mapped from the model's file may go
+                ctx.runtime.page_out([p.detach() for p in stack.layers[b - 1].parameters()], ranges)
             names = [n for n in st.targets if owner.get(n) == b]
             by_batch = []
             for i, call in enumerate(inputs.calls):  # one record per batch: added in batch order below
@@ -137,6 +140,7 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
             sizes.append(sum(s.numel() for s in scores))
             blocks.append(b)
             del scores, stats, by_batch
+    ctx.runtime.page_out([p.detach() for p in stack.layers[-1].parameters()], ranges)
     del inputs
     lam = _lambda_for(target, alloc.owl_lambda)
     per_block = owl_sparsities(torch.tensor(ratios, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64),
