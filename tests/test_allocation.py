@@ -3,12 +3,10 @@ references, the pipeline's per-block masks, the refusals, and a resume that rest
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from helpers import make_tiny_config
-from test_resume import export_hashes, run_cli
+from test_resume import export_hashes, reference_and_killed
 
 from podar import ConfigError, Pipeline, run_masks
 from podar.engine.store import RunStore
@@ -107,13 +105,7 @@ def test_owl_refuses_what_it_cannot_share(corpus, changes, words):
 def test_a_run_killed_after_its_first_group_resumes_with_the_recorded_allocation(corpus, tmp_path):
     """The allocation is computed once per round on the model as it was then; a resume restores it (recomputing
     on the partly pruned model would change it) and ends with the export of a run never interrupted."""
-    cfg = owl_config(corpus, owl_m=3.0)
-    ref = Pipeline(cfg, run_dir=tmp_path / "ref", progress=False)
-    assert ref.run().ok
-    config_path = tmp_path / "c.yaml"
-    config_path.write_text(cfg.to_yaml())
-    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#2")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ref = reference_and_killed(owl_config(corpus, owl_m=3.0), tmp_path, "kill@after:pruning#2")
     pipe = Pipeline.resume(tmp_path / "run", progress=False)
     assert pipe.run().ok
     assert pipe.context.state.allocation.layer_sparsity == ref.context.state.allocation.layer_sparsity

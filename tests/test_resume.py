@@ -49,6 +49,18 @@ def run_cli(config_path, run_dir, fault):
                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
 
 
+def reference_and_killed(cfg, tmp_path, fault):
+    """The run of ``cfg`` never interrupted (tmp_path/ref, its pipeline returned), and the same run from the
+    command line killed by ``fault`` (tmp_path/run)."""
+    ref = Pipeline(cfg, run_dir=tmp_path / "ref", progress=False)
+    assert ref.run().ok
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(cfg.to_yaml())
+    proc = run_cli(config_path, tmp_path / "run", fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return ref
+
+
 KILL_POINTS = [
     "kill@after:calibrating#1", "kill@after:computing_importance#1", "kill@after:pruning#1",  # layer group 0
     "kill@after:calibrating#2", "kill@after:pruning#2",  # inside Calibrating's loop, after group 1
@@ -409,12 +421,7 @@ def test_joint_quantization_resumes_on_its_recorded_grid(tiny_config, tmp_path):
     walk = tiny_config.calibration.model_copy(update={"walk": "block"})
     cfg = tiny_config.with_export(ExportConfig(quantization="w4a16", group_size=32)).with_calibration(walk)
     cfg = cfg.with_method({"name": "sparsegpt", "joint_quantization": True})
-    ref = Pipeline(cfg, run_dir=tmp_path / "ref", progress=False)
-    assert ref.run().ok
-    config_path = tmp_path / "c.yaml"
-    config_path.write_text(cfg.to_yaml())
-    proc = run_cli(config_path, tmp_path / "run", "kill@after:pruning#1")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ref = reference_and_killed(cfg, tmp_path, "kill@after:pruning#1")
     kinds = sorted(r.kind for r in RunStore(tmp_path / "run").read_manifest().artifacts.values()
                    if r.stage == "pruning")
     assert kinds == ["masks", "scales", "weights"]
