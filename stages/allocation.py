@@ -25,7 +25,7 @@ from podar.schemas.stage import PruningStage
 
 from .blocks import block_output, capture_first_block_inputs, find_blocks
 from .methods.wanda import Wanda, wanda_score
-from .walks import collect_stats, reduce_in_batch_order
+from .walks import collect_stats, local_batches, reduce_in_batch_order, require_inputs
 
 __all__ = ["Allocation", "outlier_ratio", "owl_sparsities", "owl_allocation", "ALLOCATION_KIND"]
 
@@ -97,27 +97,21 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
     model as it is, one block at a time (its weights paged in, and out, as the walks do; no head), Wanda's
     statistics added in batch order over every process's batches, then each block's outlier ratio."""
     cfg, st, dist = ctx.config, ctx.state, ctx.dist
-    alloc = cfg.allocation
+    alloc, stage = cfg.allocation, PruningStage.PRUNING.display_name()
     stack = find_blocks(ctx.model, cfg.calibration.blocks)
     if stack is None:
         raise StageError(f"allocation.kind 'owl' shares the sparsity among blocks, and {type(ctx.model).__name__} has "
-                         "no stack of repeated blocks (calibration.blocks names one)",
-                         stage=PruningStage.PRUNING.display_name())
+                         "no stack of repeated blocks (calibration.blocks names one)", stage=stage)
     owner, _outside = stack.owner_of(st.targets)
-    samples = st.calibration_samples
-    assert samples is not None
+    assert st.calibration_samples is not None
     size = cfg.calibration.batch_size
-    n_batches = -(-samples.shape[0] // size)
-    batch_ids = dist.shares(n_batches)
-    mine = torch.cat([samples[b * size:(b + 1) * size] for b in batch_ids])
+    batch_ids, n_batches, mine = local_batches(st.calibration_samples, size, dist)
     inputs = capture_first_block_inputs(ctx.model, stack, mine, size, ctx.device, ctx.runtime)
     method = Wanda()
     ratios, sizes, blocks = [], [], []
     ranges = ctx.runtime.file_ranges()
     with ctx.runtime.block_forwards(ctx.model, stack.layers) as view:
         for b in range(len(stack.layers)):
-            if b > 0:  # the block before is read whole: its pages mapped from the model's file may go
-                ctx.runtime.page_out([p.detach() for p in stack.layers[b - 1].parameters()], ranges)
             names = [n for n in st.targets if owner.get(n) == b]
             by_batch = []
             for i, call in enumerate(inputs.calls):  # one record per batch: added in batch order below
@@ -126,21 +120,17 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
                     out = view[b](inputs.hidden[i], *call.args, **call.kwargs)
                 inputs.hidden[i] = block_output(out)
                 by_batch.append(stats)
-            if not names:
-                continue
-            stats = reduce_in_batch_order(by_batch, batch_ids, n_batches, method, dist)
-            scores = []
-            for n in names:
-                record = stats.get(n)
-                if record is None or record.n_samples == 0:
-                    raise StageError(f"layer '{n}' received no input in OWL's dense pass (is it used in forward?)",
-                                     stage=PruningStage.PRUNING.display_name(), layer=n)
-                scores.append(wanda_score(st.targets[n].weight.detach(), record.sq_norm_sum, record.n_samples))
-            ratios.append(outlier_ratio(scores, alloc.owl_m))
-            sizes.append(sum(s.numel() for s in scores))
-            blocks.append(b)
-            del scores, stats, by_batch
-    ctx.runtime.page_out([p.detach() for p in stack.layers[-1].parameters()], ranges)
+            if names:
+                stats = reduce_in_batch_order(by_batch, batch_ids, n_batches, method, dist)
+                require_inputs(stats, names, "in OWL's dense pass", stage)
+                scores = [wanda_score(st.targets[n].weight.detach(), stats[n].sq_norm_sum, stats[n].n_samples)
+                          for n in names]
+                ratios.append(outlier_ratio(scores, alloc.owl_m))
+                sizes.append(sum(s.numel() for s in scores))
+                blocks.append(b)
+                del scores, stats
+            # the block is read whole: its pages mapped from the model's file may go
+            ctx.runtime.page_out([p.detach() for p in stack.layers[b].parameters()], ranges)
     del inputs
     lam = _lambda_for(target, alloc.owl_lambda)
     per_block = owl_sparsities(torch.tensor(ratios, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64),

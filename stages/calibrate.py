@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from podar.engine.context import RunContext
-from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
 from . import structure
+from .walks import require_inputs
 
 STAGE = PruningStage.CALIBRATING
 
@@ -30,11 +30,7 @@ def run(ctx: RunContext) -> StageResult:
     # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)
     ctx.runtime.hold([st.targets[n] for n in names])
     stats, metrics = st.walk.statistics(index, ctx.method, ctx.check_cancelled)
-    for name in names:
-        entry = stats.get(name)
-        if entry is None or entry.n_samples == 0:
-            raise StageError(f"layer '{name}' received no input during calibration (is it used in forward?)",
-                             stage=STAGE.display_name(), layer=name)
+    require_inputs(stats, names, "during calibration", STAGE.display_name())
     st.stats = stats
     samples = st.calibration_samples
     assert samples is not None

@@ -46,7 +46,8 @@ def prune_spec(ctx: RunContext) -> PruneSpec:
                      quant=quant, quant_dtype=quant_dtype)
 
 
-def layer_specs(ctx: RunContext, names: list[str], spec: PruneSpec) -> tuple[dict[str, PruneSpec], dict[str, str]]:
+def layer_specs(ctx: RunContext, names: list[str], spec: PruneSpec
+                ) -> tuple[dict[str, PruneSpec], dict[str, str | float]]:
     """Each layer's spec: the round's, or with allocation.kind 'owl' its block's sparsity (computed at the round's
     first group, on the model as it is then, checkpointed); and the metrics that say which."""
     cfg, st = ctx.config, ctx.state

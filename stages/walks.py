@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from podar.engine.distributed import Dist, together
 from podar.engine.runtime import Runtime
-from podar.schemas.errors import ConfigError
+from podar.schemas.errors import ConfigError, StageError
 
 from .blocks import (
     BlockInputs,
@@ -49,7 +49,8 @@ from .methods import LayerStats, PruningMethod
 from .sublayer import SITE_NAMES, SublayerCursor, check_block, group_targets_by_site
 
 __all__ = ["LayerGroup", "Advanced", "CalibrationWalk", "BlockWalk", "SiteWalk", "OnePassWalk", "plan_walk",
-           "collect_stats", "reconstruction_hooks", "added_in_batch_order"]
+           "collect_stats", "reconstruction_hooks", "added_in_batch_order", "local_batches", "require_inputs",
+           "reduce_in_batch_order"]
 
 Scalar = float | int | str | bool | None
 Check = Callable[[], None]
@@ -94,16 +95,9 @@ class CalibrationWalk(ABC):
         self.model, self.targets, self.groups, self.stack = model, targets, groups, stack
         self.batch_size, self.device, self.runtime, self.progress = batch_size, device, runtime, progress
         self.dist = dist or Dist()
-        n_batches = -(-samples.shape[0] // batch_size)
-        self.batch_ids = self.dist.shares(n_batches)  # the global batches this process runs, in order
-        if not self.batch_ids:
-            raise ConfigError(f"calibration: {samples.shape[0]} samples in batches of {batch_size} make {n_batches} "
-                              f"batch(es), fewer than the {self.dist.world} processes: each needs one; raise "
-                              "calibration.num_samples or lower calibration.batch_size")
-        self.n_batches = n_batches
-        self.batch_sizes = [min(batch_size, samples.shape[0] - b * batch_size) for b in range(n_batches)]
-        self.samples = samples if self.dist.world == 1 else torch.cat(
-            [samples[b * batch_size:(b + 1) * batch_size] for b in self.batch_ids])
+        # the global batches this process runs, in order, and their samples
+        self.batch_ids, self.n_batches, self.samples = local_batches(samples, batch_size, self.dist)
+        self.batch_sizes = [min(batch_size, samples.shape[0] - b * batch_size) for b in range(self.n_batches)]
 
     def statistics(self, index: int, method: PruningMethod, check: Check
                    ) -> tuple[dict[str, LayerStats], dict[str, Scalar]]:
@@ -319,6 +313,30 @@ class SiteWalk(CalibrationWalk):
 
     def close(self) -> None:
         self.cursor = None
+
+
+def local_batches(samples: torch.Tensor, batch_size: int, dist: Dist) -> tuple[list[int], int, torch.Tensor]:
+    """(the global batches this process runs, in order; how many there are; their samples (n, T), in that order)
+    of ``samples`` (N, T) in batches of ``batch_size``. ConfigError when a process would get none."""
+    n_batches = -(-samples.shape[0] // batch_size)
+    batch_ids = dist.shares(n_batches)
+    if not batch_ids:
+        raise ConfigError(f"calibration: {samples.shape[0]} samples in batches of {batch_size} make {n_batches} "
+                          f"batch(es), fewer than the {dist.world} processes: each needs one; raise "
+                          "calibration.num_samples or lower calibration.batch_size")
+    mine = samples if dist.world == 1 else torch.cat([samples[b * batch_size:(b + 1) * batch_size]
+                                                      for b in batch_ids])
+    return batch_ids, n_batches, mine
+
+
+def require_inputs(stats: Mapping[str, LayerStats], names: list[str], where: str, stage: str) -> None:
+    """StageError naming the first of ``names`` whose statistics saw no input ``where`` (e.g. 'during
+    calibration')."""
+    for name in names:
+        entry = stats.get(name)
+        if entry is None or entry.n_samples == 0:
+            raise StageError(f"layer '{name}' received no input {where} (is it used in forward?)", stage=stage,
+                             layer=name)
 
 
 def reduce_sums(stats: dict[str, LayerStats], dist: Dist) -> dict[str, LayerStats]:
