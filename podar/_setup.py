@@ -171,6 +171,10 @@ def _texts(ctx: RunContext) -> None:
 def _plan(ctx: RunContext) -> None:
     """The layer groups: the calibration walk's, or one group of every target without calibration."""
     cfg, st, log = ctx.config, ctx.state, ctx.log
+    if cfg.allocation.kind == "owl" and find_blocks(ctx.model, cfg.calibration.blocks) is None:
+        raise ConfigError(f"allocation.kind 'owl' shares the sparsity among blocks, and {type(ctx.model).__name__} "
+                          "has no stack of repeated blocks: name it in calibration.blocks, or set allocation.kind "
+                          "'uniform'")
     if cfg.structure.enabled:  # one pass over the whole model; what it comes to is checked before any work
         resolved = structure.resolve(cfg, ctx.model)
         st.layer_groups = [list(st.targets)]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from podar.engine.context import RunContext
-from podar.schemas.errors import StageError
 from podar.schemas.stage import PruningStage
 
 from .blocks import block_output, capture_first_block_inputs, find_blocks
@@ -99,9 +98,7 @@ def owl_allocation(ctx: RunContext, target: float) -> Allocation:
     cfg, st, dist = ctx.config, ctx.state, ctx.dist
     alloc, stage = cfg.allocation, PruningStage.PRUNING.display_name()
     stack = find_blocks(ctx.model, cfg.calibration.blocks)
-    if stack is None:
-        raise StageError(f"allocation.kind 'owl' shares the sparsity among blocks, and {type(ctx.model).__name__} has "
-                         "no stack of repeated blocks (calibration.blocks names one)", stage=stage)
+    assert stack is not None, "a model without a block stack is refused before any work (podar._setup)"
     owner, _outside = stack.owner_of(st.targets)
     assert st.calibration_samples is not None
     size = cfg.calibration.batch_size

@@ -209,6 +209,11 @@ def test_a_model_without_a_block_stack_calibrates_in_one_pass_with_a_warning(cor
     warned = [e for e in logs if e["event"] == "calibration_walk_fallback"]
     assert warned and warned[0]["walk"] == "one_pass" and "no stack of repeated blocks" in warned[0]["reason"]
     assert warned[0]["log_level"] == "warning"
+    # OWL shares the sparsity among blocks: refused before any work (no checkpoint, no manifest)
+    owl = cfg.with_overrides({"allocation.kind": "owl"})
+    with pytest.raises(ConfigError, match="allocation.kind 'owl'.*no stack of repeated blocks"):
+        Pipeline(owl, run_dir=tmp_path / "owl", model=model, tokenizer=byte_tokenizer(), progress=False).step()
+    assert not (tmp_path / "owl" / "manifest.json").exists()
 
 
 def test_a_block_the_site_walk_cannot_reproduce_falls_back_naming_the_quantity(corpus, tmp_path, monkeypatch):
