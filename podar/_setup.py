@@ -35,7 +35,8 @@ from podar.stages import structure
 from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
 from podar.stages.finetune import training_texts
-from podar.stages.methods import get_method
+from podar.stages.methods import PruningMethod, get_method
+from podar.stages.reconstruction import Reconstructed
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.tasks import resolve_tasks
 from podar.stages.walks import plan_walk
@@ -302,6 +303,12 @@ def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Ru
     return runtime
 
 
+def _method(cfg: PruningConfig) -> PruningMethod:
+    """The configured method, wrapped by the least-squares refit of the kept weights when reconstruction is on."""
+    method = get_method(cfg.method.name)
+    return Reconstructed(method, cfg.reconstruction.dampening_frac) if cfg.reconstruction.enabled else method
+
+
 def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any, *, accelerator: Any, log: Any,
                 run_id: str, progress: bool) -> RunContext:
     """The run context with every input loaded and checked (model, tokenizer, targets, texts, the calibration
@@ -317,7 +324,7 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
     runtime = _place(cfg, model, accelerator.device, log)
     model.eval()
     ctx = RunContext(config=cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, store=store, log=log,
-                     run_id=run_id, method=get_method(cfg.method.name), runtime=runtime,
+                     run_id=run_id, method=_method(cfg), runtime=runtime,
                      dist=Dist(accelerator),
                      state=RunState(targets=targets, masks=PackedMasks(), task=model_task(model),
                                     converted=converted), progress=progress)

@@ -204,7 +204,8 @@ def stage_rows(manifest: Any) -> list[tuple[str, str, str]]:
     from podar.engine.machine import PruningStage
     from podar.schemas.methods import parse_method
 
-    needs_calibration = parse_method(manifest.config.get("method", "magnitude")).needs_calibration
+    needs_calibration = (parse_method(manifest.config.get("method", "magnitude")).needs_calibration
+                         or bool(manifest.config.get("reconstruction", {}).get("enabled")))
     left = {h.source for h in manifest.history}
     current = manifest.state
     failed_in = next((h.source for h in reversed(manifest.history) if h.dest == PruningStage.FAILED.value), None) \

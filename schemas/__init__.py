@@ -10,6 +10,7 @@ from .config import (
     ModelSourceConfig,
     PruningConfig,
     QualityGates,
+    ReconstructionConfig,
     RuntimeConfig,
     StructureConfig,
     TinyModelConfig,
@@ -58,7 +59,8 @@ from .stage import PruningStage
 
 __all__ = [
     "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
-    "QualityGates", "RuntimeConfig", "AllocationConfig", "StructureConfig", "TinyModelConfig", "parse_size",
+    "QualityGates", "RuntimeConfig", "AllocationConfig", "ReconstructionConfig", "StructureConfig", "TinyModelConfig",
+    "parse_size",
     "NAMED_DATASETS", "NamedDataset",
     "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",
     "StageError", "TransitionError",

@@ -121,6 +121,17 @@ class AllocationConfig(Frozen):
         default=0.08, gt=0.0, le=0.25, description="OWL's λ: each block's sparsity within target ± 2λ, in (0, 0.25]")
 
 
+class ReconstructionConfig(Frozen):
+    """After each layer group's masks, every layer's kept weights refit by least squares so its outputs on the
+    calibration inputs match those before pruning (masks held; Σ x xᵀ collected in calibration). Works with every
+    method; docs/reconstruction.md."""
+
+    enabled: bool = Field(default=False, description="refit the kept weights after masking, true or false")
+    dampening_frac: float = Field(
+        default=0.01, gt=0.0, le=1.0, description="ridge toward the unpruned weights, a fraction of mean diag(Σ x xᵀ), "
+                                                  "in (0, 1]")
+
+
 class StructureConfig(Frozen):
     """Structured pruning: whole blocks, MLP channels and attention heads removed for real, the same count in every
     layer, so the result is an ordinary model of its family (a smaller config) that every engine runs faster.
@@ -433,6 +444,7 @@ class PruningConfig(Frozen):
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     allocation: AllocationConfig = AllocationConfig()
+    reconstruction: ReconstructionConfig = ReconstructionConfig()
     structure: StructureConfig = StructureConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -498,6 +510,21 @@ class PruningConfig(Frozen):
         return self
 
     @model_validator(mode="after")
+    def _check_reconstruction(self) -> PruningConfig:
+        if not self.reconstruction.enabled:
+            return self
+        if self.structure.enabled:
+            raise ValueError("reconstruction.enabled refits the weights a mask keeps; structure.enabled prunes no "
+                             "masks: set reconstruction.enabled false")
+        if self.resolved_scope() == "global":
+            raise ValueError("reconstruction.enabled refits each layer group as it is pruned; scope 'global' chooses "
+                             "every layer's mask at once, after calibration: use scope per_row or per_layer")
+        if getattr(self.method, "joint_quantization", False):
+            raise ValueError("reconstruction.enabled would move the weights off the grid that "
+                             "method.joint_quantization put them on: enable one of the two")
+        return self
+
+    @model_validator(mode="after")
     def _check_allocation(self) -> PruningConfig:
         if self.allocation.kind == "uniform":
             return self
@@ -526,8 +553,9 @@ class PruningConfig(Frozen):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when the method collects activation statistics before scoring (structure always does)."""
-        return self.method.needs_calibration or self.structure.enabled
+        """True when activation statistics are collected before scoring: the method's, structure's or
+        reconstruction's."""
+        return self.method.needs_calibration or self.structure.enabled or self.reconstruction.enabled
 
     @property
     def needs_samples(self) -> bool:

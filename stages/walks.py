@@ -160,7 +160,7 @@ class OnePassWalk(CalibrationWalk):
         out = []
         with self.runtime.model_forwards(self.model):
             for run in runs:
-                with collect_stats(self.targets, method) as stats:
+                with collect_stats(self.targets, method, share=out[0] if out else None) as stats:
                     for start in tqdm(run, desc="calibrating", leave=False, disable=None if self.progress else True):
                         check()
                         batch = self.samples[start:start + self.batch_size].to(self.device)  # (B, T)
@@ -207,7 +207,7 @@ class BlockWalk(CalibrationWalk):
             skip = skipped_module(in_last[order[-1]]) if order else nullcontext()
             with skip:
                 for run in runs:
-                    with collect_stats(targets, method) as stats:
+                    with collect_stats(targets, method, share=out[0] if out else None) as stats:
                         forwards += self._run_group(view, group, inputs, run, check)
                     out.append(stats)
         return (out if per_batch else out[0]), {"block_forwards": forwards}
@@ -276,6 +276,8 @@ class SiteWalk(CalibrationWalk):
                 check()
                 if not entries or per_batch:
                     entries.append(method.new_stats(x.shape[-1], x.device))
+                    if len(entries) > 1:
+                        entries[-1].share_summed(entries[0])
                 method.accumulate(entries[-1], x)
         assert entries
         for entry in entries:
@@ -344,9 +346,9 @@ def reduce_sums(stats: dict[str, LayerStats], dist: Dist) -> dict[str, LayerStat
     for record in {id(r): r for r in stats.values()}.values():
         for name, value in record.parts().items():
             if isinstance(value, torch.Tensor):
-                setattr(record, name, dist.sum(value))
+                record.set_part(name, dist.sum(value))
             else:
-                setattr(record, name, int(dist.sum(torch.tensor([value], dtype=torch.int64)).item()))
+                record.set_part(name, int(dist.sum(torch.tensor([value], dtype=torch.int64)).item()))
     return stats
 
 
@@ -372,13 +374,15 @@ def reduce_in_batch_order(by_batch: list[dict[str, LayerStats]], batch_ids: list
         parts = [batch[names[0]].parts() for batch in by_batch]
         record = copy.copy(first[names[0]])
         for field_name, value in parts[0].items():
-            if isinstance(value, torch.Tensor):
+            if field_name in record.summed_parts:  # one tensor shared by this process's batches: its sum
+                total = dist.sum(value)
+            elif isinstance(value, torch.Tensor):
                 total = added_in_batch_order(torch.stack([p[field_name] for p in parts]), batch_ids, n_batches, dist)
             else:
                 counts = dist.gather_rows(torch.tensor([p[field_name] for p in parts], dtype=torch.int64), batch_ids,
                                           n_batches)
                 total = int(counts.sum())
-            setattr(record, field_name, total)
+            record.set_part(field_name, total)
         out.update({n: record for n in names})
     return out
 
@@ -476,9 +480,11 @@ def _forward_hooks(modules: dict[str, nn.Module], make_hook: Callable[[str], Cal
 
 
 @contextmanager
-def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Iterator[dict[str, LayerStats]]:
+def collect_stats(modules: dict[str, nn.Module], method: PruningMethod,
+                  share: Mapping[str, LayerStats] | None = None) -> Iterator[dict[str, LayerStats]]:
     """Forward hooks that add each module's inputs to its statistics (``method.accumulate``) while the context is
-    open; ``method.finish`` makes them whole on exit. Modules that receive the very same input tensor one after
+    open; ``method.finish`` makes them whole on exit. ``share``: an earlier batch's records of this process, whose
+    ``summed_parts`` the new records accumulate into. Modules that receive the very same input tensor one after
     the other (q/k/v after one norm, gate/up after another) share one record, so each statistic is computed once
     per input."""
     stats: dict[str, LayerStats] = {}
@@ -496,6 +502,8 @@ def collect_stats(modules: dict[str, nn.Module], method: PruningMethod) -> Itera
             entry = stats.get(name)
             if entry is None:
                 entry = stats[name] = method.new_stats(x.shape[-1], module.weight.device)
+                if share is not None and name in share:
+                    entry.share_summed(share[name])
             method.accumulate(entry, x)
 
         return hook

@@ -38,10 +38,22 @@ class LayerStats:
     several processes add up to the statistics of all their samples. ``n_samples`` counts sequences."""
 
     n_samples: int = 0
+    # parts added over processes as one sum per process even where the others are added batch by batch: the
+    # records of one process's batches share these tensors (``share_summed``), too large for one per batch
+    summed_parts: ClassVar[frozenset[str]] = frozenset()
 
     def parts(self) -> dict[str, torch.Tensor | int]:
         """The summable fields by name (what a reduction across processes adds up)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def set_part(self, name: str, value: torch.Tensor | int) -> None:
+        """Set the part ``name`` of ``parts()`` (a reduction's total)."""
+        setattr(self, name, value)
+
+    def share_summed(self, first: LayerStats) -> None:
+        """This record (of a later batch of one process) accumulates its ``summed_parts`` into ``first``'s."""
+        for name in self.summed_parts:
+            setattr(self, name, getattr(first, name))
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,10 @@ class PruningMethod(ABC):
 
     def finish(self, stats: LayerStats) -> None:
         """Make ``stats`` whole after the last ``accumulate`` (default: nothing to do)."""
+        return None
+
+    def gram(self, stats: LayerStats) -> torch.Tensor | None:
+        """(in, in) Σ x xᵀ when the method's statistics hold it (after ``finish``), else None."""
         return None
 
     def prepare(self, stats: LayerStats | None, params: MethodParams, *, layer: str,

@@ -369,6 +369,10 @@ class SparseGPT(PruningMethod):
             h.copy_(torch.triu(h) + torch.triu(h, diagonal=1).t())
             stats.upper_only = False
 
+    def gram(self, stats: LayerStats) -> torch.Tensor | None:
+        assert isinstance(stats, SparseGPTStats)
+        return stats.gram_sum
+
     def prepare(self, stats: LayerStats | None, params: MethodParams, *, layer: str,
                 on_retry: Callable[[float], None] | None = None) -> Factor:
         assert isinstance(stats, SparseGPTStats) and isinstance(params, SparseGPTParams)
