@@ -1,4 +1,5 @@
-"""OWL's outlier-weighted layerwise sparsity (issue 31) against the uniform allocation, on SmolLM2-135M.
+"""OWL's outlier-weighted layerwise sparsity and the least-squares refit of the kept weights (issue 31) against
+the uniform allocation, on SmolLM2-135M.
 
 Each run is a subprocess (its peak memory its own): the bench's calibration windows of a seed (64 × 512 tokens of
 WikiText-2 validation, those llm-compressor gets in bench_methods.py), the method at the sparsity, then perplexity
@@ -6,7 +7,8 @@ on WikiText-2 test and on a text of another domain (``bench/other_text.py``), 32
 Settings are run interleaved: uniform then OWL for each (method, sparsity, seed), so their times compare.
 
     python bench/bench_allocation.py [--methods wanda sparsegpt magnitude] [--sparsities 0.6 0.7]
-                                     [--seeds 0 1 2] [--owl-m 5] [--owl-lambda 0.08] [--out allocation]
+                                     [--seeds 0 1 2] [--owl-m 5] [--owl-lambda 0.08]
+                                     [--allocations uniform owl uniform+refit owl+refit] [--out allocation]
 
 Writes bench/results/NAME.json and .md after every run.
 """
@@ -28,22 +30,75 @@ import common  # noqa: E402
 OTHER = HERE / "data" / "stdlib-docstrings.txt"
 
 
+def evaluation():
+    from podar import EvaluationConfig, QualityGates
+
+    return EvaluationConfig(dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=common.SEQ_LEN,
+                            max_windows=common.EVAL_WINDOWS, gates=QualityGates(max_perplexity_increase_pct=None))
+
+
+def one_llmc(args: argparse.Namespace) -> None:
+    """llm-compressor (its own environment, bench/llmc_one.py) on the same calibration windows; its pruned weights
+    evaluated by podar's Evaluating on the same windows as podar's runs (a run that prunes nothing more)."""
+    import torch
+    from bench_methods import ensure_llmc_venv
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from podar import Pipeline
+
+    out = Path(args.run_dir).parent / "llmc.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(ensure_llmc_venv()), str(HERE / "llmc_one.py"), "--method", args.method, "--pattern", args.pattern,
+           "--sparsity", str(args.sparsity), "--model", str(common.MODEL_DIR), "--calibration",
+           str(common.calib_path(args.seed)), "--out", str(out), "--batch-size", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    llmc = json.loads(lines[-1])
+    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    zeros = total = 0
+    with torch.no_grad():
+        for name, w in load_file(str(out)).items():
+            modules[name].weight.copy_(w)
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    out.unlink()
+    dense = common.podar_config("magnitude", "unstructured", seed=args.seed)
+    cfg = dense.with_overrides({"target_sparsity": 0.0}).with_evaluation(evaluation())
+    result = Pipeline(cfg, Path(args.run_dir), model=model, tokenizer=AutoTokenizer.from_pretrained(
+        str(common.MODEL_DIR)), progress=False).run()
+    if not result.ok:
+        raise SystemExit(f"evaluation failed: {result.failure}")
+    ev = result.metrics["evaluating"]
+    print(json.dumps({
+        "method": args.method, "sparsity": args.sparsity if args.pattern == "unstructured" else args.pattern,
+        "seed": args.seed, "allocation": "llm-compressor", "prune_s": round(llmc["prune_s"], 1),
+        "peak_rss_mb": round(llmc["peak_rss_mb"]), "stage_s": {},
+        "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": None, "ppl_other": ev[f"{OTHER}.pruned_ppl"],
+        "dense_ppl_other": None, "achieved_sparsity": zeros / total, "block_sparsity": None}))
+    common.tidy_run(Path(args.run_dir))
+
+
 def one(args: argparse.Namespace) -> None:
     """One run in this process; prints one JSON line."""
     import torch
 
-    from podar import EvaluationConfig, Pipeline, PruningStage, QualityGates
+    from podar import Pipeline, PruningStage
 
     common.prepare(args.seed)
+    if args.allocation == "llm-compressor":
+        one_llmc(args)
+        return
     cfg = common.podar_config(args.method, args.pattern, seed=args.seed)
-    overrides = {"allocation.kind": args.allocation}
+    kind, refit = args.allocation.split("+")[0], args.allocation.endswith("+refit")
+    overrides = {"allocation.kind": kind, "reconstruction.enabled": refit}
     if args.pattern == "unstructured":
         overrides["target_sparsity"] = args.sparsity
-    if args.allocation == "owl":
+    if kind == "owl":
         overrides.update({"allocation.owl_m": args.owl_m, "allocation.owl_lambda": args.owl_lambda})
-    cfg = cfg.with_overrides(overrides).with_evaluation(EvaluationConfig(
-        dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=common.SEQ_LEN,
-        max_windows=common.EVAL_WINDOWS, gates=QualityGates(max_perplexity_increase_pct=None)))
+    cfg = cfg.with_overrides(overrides).with_evaluation(evaluation())
     run_dir = Path(args.run_dir)
     started = time.perf_counter()
     pipe = Pipeline(cfg, run_dir=run_dir, progress=False)
@@ -51,7 +106,7 @@ def one(args: argparse.Namespace) -> None:
         pipe.step()
     prune_s = time.perf_counter() - started
     peak = common.peak_rss_mb()
-    if args.method != "magnitude" or args.allocation == "owl":
+    if args.method != "magnitude" or kind == "owl" or refit:
         assert torch.equal(pipe.context.state.calibration_samples, common.calibration_ids(args.seed))
     result = pipe.run()
     if not result.ok:
@@ -64,7 +119,8 @@ def one(args: argparse.Namespace) -> None:
     print(json.dumps({
         "method": args.method, "sparsity": args.sparsity if args.pattern == "unstructured" else args.pattern,
         "seed": args.seed,
-        "allocation": "uniform" if args.allocation == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}",
+        "allocation": ("uniform" if kind == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}")
+        + (" + refit" if refit else ""),
         "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
         "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"],
@@ -99,8 +155,9 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {method} | {sparsity} | {allocation} | {','.join(map(str, seeds))} | {wt:.2f} | {ot:.2f} | "
                      f"{rel[0]} | {rel[1]} | {t:.1f} | {rel[2]} | {peak} |")
     if rows:
-        lines.append(f"\nDense perplexity: WikiText-2 {rows[0]['dense_ppl_wikitext2']:.2f}, other domain "
-                     f"{rows[0]['dense_ppl_other']:.2f}.")
+        dense = next(r for r in rows if r["dense_ppl_wikitext2"] is not None)
+        lines.append(f"\nDense perplexity: WikiText-2 {dense['dense_ppl_wikitext2']:.2f}, other domain "
+                     f"{dense['dense_ppl_other']:.2f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +176,10 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
-    ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"], choices=["uniform", "owl"])
+    ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"],
+                    choices=["uniform", "owl", "uniform+refit", "owl+refit", "llm-compressor"],
+                    help="+refit: with reconstruction.enabled (the least-squares refit of the kept weights); "
+                         "llm-compressor: its plain method on the same windows")
     ap.add_argument("--out", default="allocation")
     ap.add_argument("--append", action="store_true", help="add to the rows already in bench/results/OUT.json")
     args = ap.parse_args()
@@ -133,7 +193,8 @@ def main() -> None:
             for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
                 for allocation in args.allocations:
                     pattern = "2:4" if sparsity == "2:4" else "unstructured"
-                    if pattern == "2:4" and allocation != "uniform":
+                    if (pattern == "2:4" and allocation.startswith("owl")) or (
+                            allocation == "llm-compressor" and method not in ("wanda", "sparsegpt")):
                         continue  # OWL shares an unstructured sparsity only
                     cmd = [sys.executable, __file__, "--one", "--method", method, "--pattern", pattern,
                            "--sparsity", "0.5" if pattern == "2:4" else str(sparsity),
@@ -146,7 +207,8 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
                     out_json.write_text(json.dumps({"rows": rows}, indent=1))
-                    out_md.write_text("# Sparsity allocation: OWL vs uniform\n\n`python bench/bench_allocation.py "
+                    out_md.write_text("# Sparsity allocation (OWL vs uniform) and the refit\n\n"
+                                      "`python bench/bench_allocation.py "
                                       "[--methods ...] [--sparsities ...] [--seeds ...] [--owl-m M] [--owl-lambda λ] "
                                       f"[--allocations ...] --append --out {args.out}`\n\n" + table(rows))
 

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--sparsity", type=float, default=0.5, help="unstructured: the fraction pruned")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype the dense model is loaded in (its forwards run in it)")
     args = ap.parse_args()
@@ -45,7 +46,8 @@ def main() -> None:
     ids = load_file(args.calibration)["input_ids"]  # (N, T)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     structure = "2:4" if args.pattern == "2:4" else "0:0"
-    common = {"sparsity": 0.5, "mask_structure": structure, "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
+    sparsity = 0.5 if args.pattern == "2:4" else args.sparsity
+    common = {"sparsity": sparsity, "mask_structure": structure, "targets": ["Linear"], "ignore": ["re:.*lm_head"]}
     recipe = WandaPruningModifier(**common) if args.method == "wanda" else SparseGPTModifier(**common)
     started = time.perf_counter()
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],

@@ -36,7 +36,7 @@ from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
 from podar.stages.finetune import training_texts
 from podar.stages.methods import PruningMethod, get_method
-from podar.stages.reconstruction import Reconstructed
+from podar.stages.refine import Refined
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.tasks import resolve_tasks
 from podar.stages.walks import plan_walk
@@ -304,9 +304,18 @@ def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Ru
 
 
 def _method(cfg: PruningConfig) -> PruningMethod:
-    """The configured method, wrapped by the least-squares refit of the kept weights when reconstruction is on."""
+    """The configured method, wrapped by DSnoT's mask swaps and the least-squares refit of the kept weights when
+    they are on. ConfigError: DSnoT after a method that updates its kept weights, without the refit (the update
+    belongs to the method's own mask)."""
     method = get_method(cfg.method.name)
-    return Reconstructed(method, cfg.reconstruction.dampening_frac) if cfg.reconstruction.enabled else method
+    if not (cfg.dsnot.enabled or cfg.reconstruction.enabled):
+        return method
+    if cfg.dsnot.enabled and method.changes_kept_weights and not cfg.reconstruction.enabled:
+        raise ConfigError(f"dsnot.enabled: method {method.name} updates the weights it keeps for its own mask, "
+                          "which DSnoT changes; set reconstruction.enabled true (the kept weights are then solved "
+                          "for the refined mask)")
+    return Refined(method, dsnot=cfg.dsnot if cfg.dsnot.enabled else None,
+                   refit_frac=cfg.reconstruction.dampening_frac if cfg.reconstruction.enabled else None)
 
 
 def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any, *, accelerator: Any, log: Any,

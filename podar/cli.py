@@ -205,7 +205,7 @@ def stage_rows(manifest: Any) -> list[tuple[str, str, str]]:
     from podar.schemas.methods import parse_method
 
     needs_calibration = (parse_method(manifest.config.get("method", "magnitude")).needs_calibration
-                         or bool(manifest.config.get("reconstruction", {}).get("enabled")))
+                         or any(bool(manifest.config.get(k, {}).get("enabled")) for k in ("reconstruction", "dsnot")))
     left = {h.source for h in manifest.history}
     current = manifest.state
     failed_in = next((h.source for h in reversed(manifest.history) if h.dest == PruningStage.FAILED.value), None) \

@@ -4,6 +4,7 @@ podar."""
 from .config import (
     AllocationConfig,
     CalibrationConfig,
+    DSnoTConfig,
     EvaluationConfig,
     ExportConfig,
     FineTuneConfig,
@@ -59,8 +60,8 @@ from .stage import PruningStage
 
 __all__ = [
     "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
-    "QualityGates", "RuntimeConfig", "AllocationConfig", "ReconstructionConfig", "StructureConfig", "TinyModelConfig",
-    "parse_size",
+    "QualityGates", "RuntimeConfig", "AllocationConfig", "ReconstructionConfig", "DSnoTConfig", "StructureConfig",
+    "TinyModelConfig", "parse_size",
     "NAMED_DATASETS", "NamedDataset",
     "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",
     "StageError", "TransitionError",

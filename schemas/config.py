@@ -132,6 +132,19 @@ class ReconstructionConfig(Frozen):
                                                   "in (0, 1]")
 
 
+class DSnoTConfig(Frozen):
+    """DSnoT (Zhang et al. 2024): after each layer group's masks, every row swaps pruned and kept weights, one
+    pair per cycle, to drive the expected error of its output toward zero; no weight changes. Unstructured masks;
+    docs/reconstruction.md."""
+
+    enabled: bool = Field(default=False, description="refine the masks after the method, true or false")
+    max_cycles: int = Field(default=50, ge=1, le=100_000, description="swaps per row at most, in [1, 100000]")
+    update_threshold: float = Field(
+        default=0.1, ge=0.0, description="a row stops once |its expected output error| is at most this, >= 0")
+    var_power: float = Field(
+        default=1.0, ge=0.0, le=4.0, description="regrowth ranks D_j / var_j^p: the power p, in [0, 4]")
+
+
 class StructureConfig(Frozen):
     """Structured pruning: whole blocks, MLP channels and attention heads removed for real, the same count in every
     layer, so the result is an ordinary model of its family (a smaller config) that every engine runs faster.
@@ -445,6 +458,7 @@ class PruningConfig(Frozen):
     runtime: RuntimeConfig = RuntimeConfig()
     allocation: AllocationConfig = AllocationConfig()
     reconstruction: ReconstructionConfig = ReconstructionConfig()
+    dsnot: DSnoTConfig = DSnoTConfig()
     structure: StructureConfig = StructureConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -510,6 +524,20 @@ class PruningConfig(Frozen):
         return self
 
     @model_validator(mode="after")
+    def _check_dsnot(self) -> PruningConfig:
+        if not self.dsnot.enabled:
+            return self
+        if self.pattern.kind != "unstructured":
+            raise ValueError(f"dsnot.enabled swaps weights within a row freely; pattern '{self.pattern.label()}' fixes "
+                             "where they may be (DSnoT for N:M is not built): use pattern unstructured")
+        if self.structure.enabled:
+            raise ValueError("dsnot.enabled refines masks; structure.enabled prunes no masks: set dsnot.enabled false")
+        if self.resolved_scope() == "global":
+            raise ValueError("dsnot.enabled refines each layer group as it is pruned; scope 'global' chooses every "
+                             "layer's mask at once, after calibration: use scope per_row or per_layer")
+        return self
+
+    @model_validator(mode="after")
     def _check_reconstruction(self) -> PruningConfig:
         if not self.reconstruction.enabled:
             return self
@@ -553,9 +581,10 @@ class PruningConfig(Frozen):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when activation statistics are collected before scoring: the method's, structure's or
+        """True when activation statistics are collected before scoring: the method's, structure's, DSnoT's or
         reconstruction's."""
-        return self.method.needs_calibration or self.structure.enabled or self.reconstruction.enabled
+        return (self.method.needs_calibration or self.structure.enabled or self.reconstruction.enabled
+                or self.dsnot.enabled)
 
     @property
     def needs_samples(self) -> bool:

@@ -33,8 +33,12 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
         return lines
     shared = (f", shared among the blocks by OWL (M={cfg.allocation.owl_m:g}, λ={cfg.allocation.owl_lambda:g})"
               if cfg.allocation.kind == "owl" else "")
+    refit = (", the masks refined by DSnoT's swaps" if cfg.dsnot.enabled else "") + (
+        ", the kept weights then refit by least squares on the calibration inputs" if cfg.reconstruction.enabled
+        else "")
     return [f"Masked pruning: {cfg.method.name}, {cfg.target_sparsity:.0%} of the pruned layers' weights zero{shared}, "
-            f"pattern {cfg.pattern.label()} (the weights are stored dense unless the export format says otherwise)."]
+            f"pattern {cfg.pattern.label()}{refit} (the weights are stored dense unless the export format says "
+            "otherwise)."]
 
 
 def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: str, version: str,

@@ -10,7 +10,8 @@ from test_resume import export_hashes, reference_and_killed
 
 from podar import ConfigError, Pipeline, run_masks
 from podar.engine.machine import PruningStage
-from podar.stages.reconstruction import ReconstructionStats, refit_kept
+from podar.stages.reconstruction import refit_kept
+from podar.stages.refine import RefinedStats
 
 
 def reference_refit(weight, keep, gram, frac):
@@ -107,7 +108,7 @@ def test_the_first_group_is_refit_on_its_dense_inputs(corpus, tmp_path):
         h.remove()
     for n in names:
         stats = st.stats[n]
-        assert isinstance(stats, ReconstructionStats)
+        assert isinstance(stats, RefinedStats)
         assert torch.allclose(stats.gram_sum.double(), grams[n], rtol=1e-4, atol=1e-3 * float(grams[n].abs().max()))
     pipe.step()  # Pruning
     masks = st.masks
