@@ -8,7 +8,8 @@ Settings are run interleaved: uniform then OWL for each (method, sparsity, seed)
 
     python bench/bench_allocation.py [--methods wanda sparsegpt magnitude] [--sparsities 0.6 0.7]
                                      [--seeds 0 1 2] [--owl-m 5] [--owl-lambda 0.08]
-                                     [--allocations uniform owl uniform+refit owl+refit] [--out allocation]
+                                     [--allocations uniform owl uniform+dsnot uniform+refit owl+dsnot+refit
+                                     llm-compressor ...] [--out allocation]
 
 Writes bench/results/NAME.json and .md after every run.
 """
@@ -91,9 +92,10 @@ def one(args: argparse.Namespace) -> None:
     if args.allocation == "llm-compressor":
         one_llmc(args)
         return
-    cfg = common.podar_config(args.method, args.pattern, seed=args.seed)
-    kind, refit = args.allocation.split("+")[0], args.allocation.endswith("+refit")
-    overrides = {"allocation.kind": kind, "reconstruction.enabled": refit}
+    cfg = common.podar_config(args.method, args.pattern, seed=args.seed, walk=args.walk)
+    kind, extras = args.allocation.split("+")[0], args.allocation.split("+")[1:]
+    refit, dsnot = "refit" in extras, "dsnot" in extras
+    overrides = {"allocation.kind": kind, "reconstruction.enabled": refit, "dsnot.enabled": dsnot}
     if args.pattern == "unstructured":
         overrides["target_sparsity"] = args.sparsity
     if kind == "owl":
@@ -106,7 +108,7 @@ def one(args: argparse.Namespace) -> None:
         pipe.step()
     prune_s = time.perf_counter() - started
     peak = common.peak_rss_mb()
-    if args.method != "magnitude" or kind == "owl" or refit:
+    if args.method != "magnitude" or kind == "owl" or extras:
         assert torch.equal(pipe.context.state.calibration_samples, common.calibration_ids(args.seed))
     result = pipe.run()
     if not result.ok:
@@ -120,7 +122,8 @@ def one(args: argparse.Namespace) -> None:
         "method": args.method, "sparsity": args.sparsity if args.pattern == "unstructured" else args.pattern,
         "seed": args.seed,
         "allocation": ("uniform" if kind == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}")
-        + (" + refit" if refit else ""),
+        + (" + DSnoT" if dsnot else "") + (" + refit" if refit else "")
+        + (f" ({args.walk} walk)" if args.walk != "auto" else ""),
         "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
         "ppl_other": ev[f"{OTHER}.pruned_ppl"], "dense_ppl_other": ev[f"{OTHER}.dense_ppl"],
@@ -177,9 +180,11 @@ def main() -> None:
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"],
-                    choices=["uniform", "owl", "uniform+refit", "owl+refit", "llm-compressor"],
-                    help="+refit: with reconstruction.enabled (the least-squares refit of the kept weights); "
-                         "llm-compressor: its plain method on the same windows")
+                    choices=[f"{a}{x}" for a in ("uniform", "owl") for x in ("", "+dsnot", "+refit", "+dsnot+refit")]
+                    + ["llm-compressor"],
+                    help="+dsnot: with dsnot.enabled; +refit: with reconstruction.enabled (the least-squares refit of "
+                         "the kept weights); llm-compressor: its plain method on the same windows")
+    ap.add_argument("--walk", default="auto", choices=["auto", "block", "site"], help="calibration.walk")
     ap.add_argument("--out", default="allocation")
     ap.add_argument("--append", action="store_true", help="add to the rows already in bench/results/OUT.json")
     args = ap.parse_args()
@@ -193,13 +198,13 @@ def main() -> None:
             for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
                 for allocation in args.allocations:
                     pattern = "2:4" if sparsity == "2:4" else "unstructured"
-                    if (pattern == "2:4" and allocation.startswith("owl")) or (
+                    if (pattern == "2:4" and (allocation.startswith("owl") or "dsnot" in allocation)) or (
                             allocation == "llm-compressor" and method not in ("wanda", "sparsegpt")):
                         continue  # OWL shares an unstructured sparsity only
                     cmd = [sys.executable, __file__, "--one", "--method", method, "--pattern", pattern,
                            "--sparsity", "0.5" if pattern == "2:4" else str(sparsity),
                            "--allocation", allocation, "--seed", str(seed), "--owl-m", str(args.owl_m),
-                           "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir]
+                           "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir, "--walk", args.walk]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
                         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -124,7 +124,7 @@ class AllocationConfig(Frozen):
 class ReconstructionConfig(Frozen):
     """After each layer group's masks, every layer's kept weights refit by least squares so its outputs on the
     calibration inputs match those before pruning (masks held; Σ x xᵀ collected in calibration). Works with every
-    method; docs/reconstruction.md."""
+    method; docs/refine.md."""
 
     enabled: bool = Field(default=False, description="refit the kept weights after masking, true or false")
     dampening_frac: float = Field(
@@ -135,7 +135,7 @@ class ReconstructionConfig(Frozen):
 class DSnoTConfig(Frozen):
     """DSnoT (Zhang et al. 2024): after each layer group's masks, every row swaps pruned and kept weights, one
     pair per cycle, to drive the expected error of its output toward zero; no weight changes. Unstructured masks;
-    docs/reconstruction.md."""
+    docs/refine.md."""
 
     enabled: bool = Field(default=False, description="refine the masks after the method, true or false")
     max_cycles: int = Field(default=50, ge=1, le=100_000, description="swaps per row at most, in [1, 100000]")

@@ -78,12 +78,15 @@ def test_two_processes_give_the_owl_allocation_and_masks_of_one(corpus, tmp_path
     assert len(set(allocations[0][0]["block_sparsity"].tolist())) == 2  # the tiny model's two blocks differ
 
 
-@pytest.mark.parametrize(("method", "walk"), [("wanda", "block"), ("wanda", "site"), ("magnitude", "auto")])
-def test_two_processes_refit_like_one(corpus, tmp_path, method, walk):
-    """Reconstruction: the method's statistics added in batch order (the masks of one process, bit for bit),
-    Σ x xᵀ added as one sum per process (the refit weights of one process up to rounding)."""
+@pytest.mark.parametrize(("method", "walk", "dsnot"), [("wanda", "block", False), ("wanda", "site", True),
+                                                       ("sparsegpt", "site", True),
+                                                       ("magnitude", "auto", True)])
+def test_two_processes_refine_like_one(corpus, tmp_path, method, walk, dsnot):
+    """DSnoT and the refit: the method's and DSnoT's statistics added in batch order (the masks of one process,
+    bit for bit), Σ x xᵀ added as one sum per process (the refit weights of one process up to rounding)."""
     cfg, _ = config(corpus, tmp_path, method, walk)
-    cfg = cfg.with_overrides({"reconstruction.enabled": True, "target_sparsity": 0.6})
+    cfg = cfg.with_overrides({"reconstruction.enabled": True, "dsnot.enabled": dsnot, "dsnot.update_threshold": 0.0,
+                              "target_sparsity": 0.6})
     path = tmp_path / "refit.yaml"
     path.write_text(cfg.to_yaml())
     assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok

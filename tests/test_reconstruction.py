@@ -173,7 +173,9 @@ def test_magnitude_with_reconstruction_calibrates():
 
 
 def test_a_run_killed_mid_reconstruction_resumes_to_the_same_export(corpus, tmp_path):
-    cfg = reconstruction_config(corpus, **{"calibration.walk": "site"})
+    """DSnoT and the refit, killed after the third of eight layer groups (site walk)."""
+    cfg = reconstruction_config(corpus, **{"calibration.walk": "site", "dsnot.enabled": True,
+                                           "dsnot.update_threshold": 0.0})
     ref = reference_and_killed(cfg, tmp_path, "kill@after:pruning#3")
     pipe = Pipeline.resume(tmp_path / "run", progress=False)
     assert pipe.run().ok
