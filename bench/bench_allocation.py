@@ -95,7 +95,8 @@ def one(args: argparse.Namespace) -> None:
     cfg = common.podar_config(args.method, args.pattern, seed=args.seed, walk=args.walk)
     kind, extras = args.allocation.split("+")[0], args.allocation.split("+")[1:]
     refit, dsnot = "refit" in extras, "dsnot" in extras
-    overrides = {"allocation.kind": kind, "reconstruction.enabled": refit, "dsnot.enabled": dsnot}
+    overrides = {"allocation.kind": kind, "reconstruction.enabled": refit, "dsnot.enabled": dsnot,
+                 "reconstruction.dampening_frac": args.refit_dampening}
     if args.pattern == "unstructured":
         overrides["target_sparsity"] = args.sparsity
     if kind == "owl":
@@ -123,6 +124,7 @@ def one(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "allocation": ("uniform" if kind == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}")
         + (" + DSnoT" if dsnot else "") + (" + refit" if refit else "")
+        + (f" (λ={args.refit_dampening:g})" if refit and args.refit_dampening != 0.01 else "")
         + (f" ({args.walk} walk)" if args.walk != "auto" else ""),
         "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": ev["dense_ppl"],
@@ -184,6 +186,7 @@ def main() -> None:
                     + ["llm-compressor"],
                     help="+dsnot: with dsnot.enabled; +refit: with reconstruction.enabled (the least-squares refit of "
                          "the kept weights); llm-compressor: its plain method on the same windows")
+    ap.add_argument("--refit-dampening", type=float, default=0.01, help="reconstruction.dampening_frac")
     ap.add_argument("--walk", default="auto", choices=["auto", "block", "site"], help="calibration.walk")
     ap.add_argument("--out", default="allocation")
     ap.add_argument("--append", action="store_true", help="add to the rows already in bench/results/OUT.json")
@@ -204,7 +207,8 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--one", "--method", method, "--pattern", pattern,
                            "--sparsity", "0.5" if pattern == "2:4" else str(sparsity),
                            "--allocation", allocation, "--seed", str(seed), "--owl-m", str(args.owl_m),
-                           "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir, "--walk", args.walk]
+                           "--owl-lambda", str(args.owl_lambda), "--run-dir", args.run_dir, "--walk", args.walk,
+                           "--refit-dampening", str(args.refit_dampening)]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
                         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -24,7 +24,7 @@ from podar.schemas.errors import StageError
 
 __all__ = ["refit_kept"]
 
-_MAX_SYSTEM_ELEMENTS = 1 << 24  # float64 entries of the row systems solved at once (128 MiB)
+_MAX_SYSTEM_ELEMENTS = 1 << 22  # float64 entries of the row systems solved at once (32 MiB; a few such alive)
 _MAX_RETRIES = 8  # the dampening of rows whose system is not positive definite doubles, at most this often
 
 
@@ -58,7 +58,7 @@ def refit_kept(weight: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, dam
         valid = slots[None, :] < counts[r0:r1, None]  # (c, kmax)
         idx = torch.where(valid, order, 0)
         system = h[idx[:, :, None], idx[:, None, :]]  # (c, kmax, kmax) H_SS per row
-        system.mul_((valid[:, :, None] & valid[:, None, :]).double())
+        system.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
         rhs = (target[r0:r1].gather(1, idx) + lam * w[r0:r1].gather(1, idx)) * valid  # (c, kmax)
         damp = torch.full((r1 - r0,), lam, dtype=torch.float64, device=w.device)
         solution = _solve_rows(system, rhs, valid, damp, layer)  # (c, kmax), 0 at padding
@@ -74,12 +74,14 @@ def _solve_rows(system: torch.Tensor, rhs: torch.Tensor, valid: torch.Tensor, da
     base = diag.clone()
     pending = torch.ones(system.shape[0], dtype=torch.bool, device=system.device)
     solution = torch.zeros_like(rhs)
-    for _ in range(_MAX_RETRIES + 1):
+    for attempt in range(_MAX_RETRIES + 1):
         rows = pending.nonzero().squeeze(1)
         diag[rows] = torch.where(valid[rows], base[rows] + damp[rows, None], 1.0)
-        lower, info = torch.linalg.cholesky_ex(system[rows])
+        lower, info = torch.linalg.cholesky_ex(system if attempt == 0 else system[rows])  # first: every row
         ok = info == 0
-        if ok.any():
+        if bool(ok.all()):
+            solution[rows] = torch.cholesky_solve(rhs[rows, :, None], lower)[..., 0] * valid[rows]
+        elif ok.any():
             solved = torch.cholesky_solve(rhs[rows[ok], :, None], lower[ok])[..., 0]
             solution[rows[ok]] = solved * valid[rows[ok]]
         pending[rows[ok]] = False
