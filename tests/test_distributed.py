@@ -37,6 +37,16 @@ def config(corpus, tmp_path, method, walk="auto", **changes):
     return cfg, path
 
 
+def one_and_two_with_equal_masks(cfg, tmp_path):
+    """Run ``cfg`` on one process (tmp_path/one) and on two (tmp_path/two); assert both finish with equal masks."""
+    path = tmp_path / "two.yaml"
+    path.write_text(cfg.to_yaml())
+    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert masks_equal(tmp_path / "one", tmp_path / "two")
+
+
 def masks_equal(a, b):
     ma, mb = run_masks(a), run_masks(b)
     return sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
@@ -63,13 +73,8 @@ def test_two_processes_give_the_owl_allocation_and_masks_of_one(corpus, tmp_path
     """OWL's dense pass adds each process's statistics in batch order: the same per-block sparsity, the same
     masks (magnitude reads calibration samples for it only)."""
     cfg, _ = config(corpus, tmp_path, method)
-    cfg = cfg.with_overrides({"allocation.kind": "owl", "allocation.owl_m": 3.0, "target_sparsity": 0.6})
-    path = tmp_path / "owl.yaml"
-    path.write_text(cfg.to_yaml())
-    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
-    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert masks_equal(tmp_path / "one", tmp_path / "two")
+    one_and_two_with_equal_masks(cfg.with_overrides({"allocation.kind": "owl", "allocation.owl_m": 3.0,
+                                                     "target_sparsity": 0.6}), tmp_path)
     one, two = (RunStore(tmp_path / d) for d in ("one", "two"))
     allocations = [[store.load_tensors(r) for r in store.read_manifest().artifacts.values()
                     if r.kind == "allocation"] for store in (one, two)]
@@ -85,14 +90,8 @@ def test_two_processes_refine_like_one(corpus, tmp_path, method, walk, dsnot):
     """DSnoT and the refit: the method's and DSnoT's statistics added in batch order (the masks of one process,
     bit for bit), Σ x xᵀ added as one sum per process (the refit weights of one process up to rounding)."""
     cfg, _ = config(corpus, tmp_path, method, walk)
-    cfg = cfg.with_overrides({"reconstruction.enabled": True, "dsnot.enabled": dsnot, "dsnot.update_threshold": 0.0,
-                              "target_sparsity": 0.6})
-    path = tmp_path / "refit.yaml"
-    path.write_text(cfg.to_yaml())
-    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
-    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert masks_equal(tmp_path / "one", tmp_path / "two")
+    one_and_two_with_equal_masks(cfg.with_overrides({"reconstruction.enabled": True, "dsnot.enabled": dsnot,
+                                                     "dsnot.update_threshold": 0.0, "target_sparsity": 0.6}), tmp_path)
     mine, theirs = (load_file(tmp_path / d / "export/model.safetensors") for d in ("one", "two"))
     assert sorted(mine) == sorted(theirs)
     masked = {f"{n}.weight" for n in run_masks(tmp_path / "one")}
