@@ -41,10 +41,8 @@ def evaluation():
 def one_llmc(args: argparse.Namespace) -> None:
     """llm-compressor (its own environment, bench/llmc_one.py) on the same calibration windows; its pruned weights
     evaluated by podar's Evaluating on the same windows as podar's runs (a run that prunes nothing more)."""
-    import torch
-    from bench_methods import ensure_llmc_venv
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench_methods import ensure_llmc_venv, run_json
+    from transformers import AutoTokenizer
 
     from podar import Pipeline
 
@@ -53,18 +51,8 @@ def one_llmc(args: argparse.Namespace) -> None:
     cmd = [str(ensure_llmc_venv()), str(HERE / "llmc_one.py"), "--method", args.method, "--pattern", args.pattern,
            "--sparsity", str(args.sparsity), "--model", str(common.MODEL_DIR), "--calibration",
            str(common.calib_path(args.seed)), "--out", str(out), "--batch-size", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    llmc = json.loads(lines[-1])
-    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
-    modules = dict(model.named_modules())
-    zeros = total = 0
-    with torch.no_grad():
-        for name, w in load_file(str(out)).items():
-            modules[name].weight.copy_(w)
-            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    llmc = run_json(cmd)
+    model, sparsity = common.dense_with_weights(out)
     out.unlink()
     dense = common.podar_config("magnitude", "unstructured", seed=args.seed)
     cfg = dense.with_overrides({"target_sparsity": 0.0}).with_evaluation(evaluation())
@@ -78,7 +66,7 @@ def one_llmc(args: argparse.Namespace) -> None:
         "seed": args.seed, "allocation": "llm-compressor", "prune_s": round(llmc["prune_s"], 1),
         "peak_rss_mb": round(llmc["peak_rss_mb"]), "stage_s": {},
         "ppl_wikitext2": ev["pruned_ppl"], "dense_ppl_wikitext2": None, "ppl_other": ev[f"{OTHER}.pruned_ppl"],
-        "dense_ppl_other": None, "achieved_sparsity": zeros / total, "block_sparsity": None}))
+        "dense_ppl_other": None, "achieved_sparsity": sparsity, "block_sparsity": None}))
     common.tidy_run(Path(args.run_dir))
 
 

@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -54,21 +52,10 @@ def run_json(cmd: list[str]) -> dict:
 
 def eval_weights(path: Path) -> tuple[float, float]:
     """(perplexity, sparsity of the pruned Linear layers) of the dense model with ``path``'s weights loaded."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     from podar.stages.perplexity import perplexity
 
-    model = AutoModelForCausalLM.from_pretrained(str(common.MODEL_DIR), dtype=torch.float32).eval()
-    weights = load_file(str(path))
-    modules = dict(model.named_modules())
-    zeros = total = 0
-    with torch.no_grad():
-        for name, w in weights.items():
-            modules[name].weight.copy_(w)
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return perplexity(model, common.eval_ids()).ppl, zeros / total
+    model, sparsity = common.dense_with_weights(path)
+    return perplexity(model, common.eval_ids()).ppl, sparsity
 
 
 def main() -> None:

@@ -110,6 +110,22 @@ def podar_config(method: str, pattern: str, *, seed: int = SEED, batch_size: int
     )
 
 
+def dense_with_weights(path: Path):
+    """(model, sparsity): the bench's dense model (float32, eval) with ``path``'s Linear weights (safetensors, by
+    module name) copied in, and the fraction of those weights that are zero."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    zeros = total = 0
+    with torch.no_grad():
+        for name, w in load_file(str(path)).items():
+            modules[name].weight.copy_(w)
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return model, zeros / total
+
+
 def calibration_ids(seed: int = SEED) -> torch.Tensor:
     return load_file(str(calib_path(seed)))["input_ids"]
 

@@ -202,10 +202,9 @@ def _drive(pipeline: Any) -> int:
 def stage_rows(manifest: Any) -> list[tuple[str, str, str]]:
     """(indicator, display name, note) per stage, from a manifest."""
     from podar.engine.machine import PruningStage
-    from podar.schemas.methods import parse_method
+    from podar.schemas.config import PruningConfig
 
-    needs_calibration = (parse_method(manifest.config.get("method", "magnitude")).needs_calibration
-                         or any(bool(manifest.config.get(k, {}).get("enabled")) for k in ("reconstruction", "dsnot")))
+    needs_calibration = PruningConfig.from_dict(manifest.config, source="the run's manifest").needs_calibration
     left = {h.source for h in manifest.history}
     current = manifest.state
     failed_in = next((h.source for h in reversed(manifest.history) if h.dest == PruningStage.FAILED.value), None) \

@@ -524,30 +524,23 @@ class PruningConfig(Frozen):
         return self
 
     @model_validator(mode="after")
-    def _check_dsnot(self) -> PruningConfig:
-        if not self.dsnot.enabled:
-            return self
-        if self.pattern.kind != "unstructured":
+    def _check_refinements(self) -> PruningConfig:
+        """DSnoT and the refit work on each layer group's masks as it is pruned: refused without masks
+        (structure) and with one mask for every layer at once (scope global)."""
+        for field, on, does in (("dsnot", self.dsnot.enabled, "refines masks"),
+                                ("reconstruction", self.reconstruction.enabled, "refits the weights a mask keeps")):
+            if not on:
+                continue
+            if self.structure.enabled:
+                raise ValueError(f"{field}.enabled {does}; structure.enabled prunes no masks: set {field}.enabled "
+                                 "false")
+            if self.resolved_scope() == "global":
+                raise ValueError(f"{field}.enabled {does} in each layer group as it is pruned; scope 'global' chooses "
+                                 "every layer's mask at once, after calibration: use scope per_row or per_layer")
+        if self.dsnot.enabled and self.pattern.kind != "unstructured":
             raise ValueError(f"dsnot.enabled swaps weights within a row freely; pattern '{self.pattern.label()}' fixes "
                              "where they may be (DSnoT for N:M is not built): use pattern unstructured")
-        if self.structure.enabled:
-            raise ValueError("dsnot.enabled refines masks; structure.enabled prunes no masks: set dsnot.enabled false")
-        if self.resolved_scope() == "global":
-            raise ValueError("dsnot.enabled refines each layer group as it is pruned; scope 'global' chooses every "
-                             "layer's mask at once, after calibration: use scope per_row or per_layer")
-        return self
-
-    @model_validator(mode="after")
-    def _check_reconstruction(self) -> PruningConfig:
-        if not self.reconstruction.enabled:
-            return self
-        if self.structure.enabled:
-            raise ValueError("reconstruction.enabled refits the weights a mask keeps; structure.enabled prunes no "
-                             "masks: set reconstruction.enabled false")
-        if self.resolved_scope() == "global":
-            raise ValueError("reconstruction.enabled refits each layer group as it is pruned; scope 'global' chooses "
-                             "every layer's mask at once, after calibration: use scope per_row or per_layer")
-        if getattr(self.method, "joint_quantization", False):
+        if self.reconstruction.enabled and getattr(self.method, "joint_quantization", False):
             raise ValueError("reconstruction.enabled would move the weights off the grid that "
                              "method.joint_quantization put them on: enable one of the two")
         return self

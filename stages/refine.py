@@ -17,12 +17,11 @@ from typing import Any, ClassVar
 import torch
 
 from podar.schemas.config import DSnoTConfig
-from podar.schemas.errors import StageError
 from podar.schemas.methods import MethodParams
 
 from .dsnot import dsnot_refine
 from .methods.base import LayerStats, Pruned, PruneSpec, PruningMethod
-from .methods.sparsegpt import add_upper_gram, gram_errors
+from .methods.sparsegpt import add_upper_gram, gram_errors, mirror_upper
 from .reconstruction import refit_kept
 
 __all__ = ["Refined", "RefinedStats"]
@@ -64,9 +63,6 @@ class Refined(PruningMethod):
     """``inner``'s statistics, scores and masks, then DSnoT (``dsnot``, None: off) and the refit (``refit_frac``:
     its dampening, None: off)."""
 
-    changes_kept_weights = True
-    solve_on_owner = True  # several processes: each input group refined on one, then broadcast
-
     def __init__(self, inner: PruningMethod, *, dsnot: DSnoTConfig | None = None, refit_frac: float | None = None
                  ) -> None:
         if dsnot is None and refit_frac is None:
@@ -77,6 +73,7 @@ class Refined(PruningMethod):
         self.keeps_scores = inner.keeps_scores  # type: ignore[misc]
         self.exact_reduction = inner.exact_reduction  # type: ignore[misc]
         self.changes_kept_weights = refit_frac is not None or inner.changes_kept_weights  # type: ignore[misc]
+        # several processes: a refit solves each input group on one process, then broadcasts it
         self.solve_on_owner = refit_frac is not None or inner.solve_on_owner  # type: ignore[misc]
         self.half_precision_note = inner.half_precision_note or (  # type: ignore[misc]
             "the refinements solve on these activations' statistics: float32 forwards give the statistics they "
@@ -117,8 +114,7 @@ class Refined(PruningMethod):
         if stats.inner is not None:
             self.inner.finish(stats.inner)
         if stats.upper_only and stats.gram_sum is not None:
-            h = stats.gram_sum
-            h.copy_(torch.triu(h) + torch.triu(h, diagonal=1).t())
+            mirror_upper(stats.gram_sum)
             stats.upper_only = False
 
     def gram(self, stats: LayerStats) -> torch.Tensor | None:
@@ -130,9 +126,6 @@ class Refined(PruningMethod):
     def prepare(self, stats: LayerStats | None, params: MethodParams, *, layer: str,
                 on_retry: Callable[[float], None] | None = None) -> Any:
         inner = stats.inner if isinstance(stats, RefinedStats) else None
-        if inner is None and self.inner.needs_calibration:
-            raise StageError(f"layer '{layer}': no statistics of the method", stage="Computing Importance",
-                             layer=layer)
         return self.inner.prepare(inner, params, layer=layer, on_retry=on_retry)
 
     def describe(self, prepared: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..masks import _lowest_k, expected_pruned
 from ..quantize import WeightQuant, weight_scale
 from .base import LayerStats, Pruned, PruneSpec, PruningMethod
 
-__all__ = ["SparseGPT", "SparseGPTStats", "Factor", "add_upper_gram", "gram_errors", "hessian_from_sum",
+__all__ = ["SparseGPT", "SparseGPTStats", "Factor", "add_upper_gram", "gram_errors", "mirror_upper", "hessian_from_sum",
            "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
 
 _SUB_BLOCK = 16  # unstructured: columns whose errors are spread over the rest of the block in one product
@@ -333,6 +333,11 @@ def add_upper_gram(h: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> None:
     add_upper_gram(h, x, mid, hi)
 
 
+def mirror_upper(h: torch.Tensor) -> None:
+    """h (in, in) made symmetric in place from its upper triangle (what ``add_upper_gram`` sums); idempotent."""
+    h.copy_(torch.triu(h) + torch.triu(h, diagonal=1).t())
+
+
 @dataclass
 class SparseGPTStats(LayerStats):
     """gram_sum: (in, in) fp32 = Σ over tokens of x xᵀ (its upper triangle only while ``upper_only``);
@@ -365,8 +370,7 @@ class SparseGPT(PruningMethod):
     def finish(self, stats: LayerStats) -> None:
         assert isinstance(stats, SparseGPTStats)
         if stats.upper_only:
-            h = stats.gram_sum
-            h.copy_(torch.triu(h) + torch.triu(h, diagonal=1).t())
+            mirror_upper(stats.gram_sum)
             stats.upper_only = False
 
     def gram(self, stats: LayerStats) -> torch.Tensor | None:
