@@ -80,6 +80,10 @@ class RunState:
     task_specs: list[Any] = field(default_factory=list)
     task_baseline: dict[str, Any] | None = None
     allocation: Any = None  # the round's per-layer sparsity (stages.allocation.Allocation); None: uniform
+    # N:M channel permutation (stages.permutation): which layers' input orders fold into other layers, and the
+    # orders chosen (folded into the model at export)
+    permutation_spaces: dict[str, Any] = field(default_factory=dict)
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def group_index(self) -> int:

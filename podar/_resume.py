@@ -27,6 +27,7 @@ from podar.stages.bitpack import unpack_bits
 from podar.stages.common import adopt_weights, apply_mask
 from podar.stages.evaluate import TASK_BASELINE_KIND, restore_task_baseline
 from podar.stages.finetune import BEST_KIND, CACHE_KIND, STATE_KIND, Session
+from podar.stages.permutation import PERMUTATION_KIND
 from podar.stages.structure import STRUCTURE_KIND, StructurePlan, restructure
 
 __all__ = ["ResumeRequest", "saved_config", "changed_fields", "check_config_change", "consumer", "CONSUMED_BY",
@@ -212,6 +213,8 @@ def restore_checkpoints(ctx: RunContext, manifest: RunManifest) -> None:
                     apply_mask(modules[name], mask, ctx.runtime, ranges)
         for record in (r for r in records if r.kind == ALLOCATION_KIND):  # the round's per-layer sparsity (OWL)
             st.allocation = Allocation.from_tensors(*_with_metadata(store, record))
+        for record in (r for r in records if r.kind == PERMUTATION_KIND):  # N:M masks' input orders (the export's)
+            st.permutations.update(store.load_tensors(record))
         for record in (r for r in records if r.kind == "scales"):
             st.quant_scales.update(store.load_tensors(record))
         for record in (r for r in records if r.kind == STATE_KIND):  # where the next fine-tuning interval goes on

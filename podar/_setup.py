@@ -36,6 +36,7 @@ from podar.stages.blocks import find_blocks
 from podar.stages.common import PackedMasks
 from podar.stages.finetune import training_texts
 from podar.stages.methods import PruningMethod, get_method
+from podar.stages.permutation import PermutationSpace, permutable_layers
 from podar.stages.refine import Refined
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.tasks import resolve_tasks
@@ -169,6 +170,30 @@ def _texts(ctx: RunContext) -> None:
         training_texts(ctx, 1)  # the validation windows fit (DataError naming the field before any work)
 
 
+def _permutation_spaces(ctx: RunContext) -> dict[str, PermutationSpace]:
+    """The pruned layers whose input order folds into other layers (``stages.permutation``); ConfigError naming
+    what is missing when there are none, or the method chooses N:M masks its own way."""
+    cfg, model = ctx.config, ctx.model
+    model_type = getattr(model.config, "model_type", "?")
+    family = structure.WIDTH_FAMILIES.get(model_type)
+    stack = find_blocks(model, cfg.calibration.blocks)
+    if family is None or stack is None:
+        raise ConfigError(f"permutation.enabled folds input orders into the layers that make them, known for "
+                          f"{', '.join(sorted(structure.WIDTH_FAMILIES))}; model type '{model_type}' is not one (or "
+                          "has no block stack): set permutation.enabled false")
+    if not ctx.method.permutes_nm:
+        raise ConfigError(f"permutation.enabled: method {ctx.method.name} chooses its N:M masks its own way, not "
+                          "in a permuted order: set permutation.enabled false")
+    spaces = permutable_layers(stack, family, model.config, cfg.pattern.m or 1)
+    spaces = {n: s for n, s in spaces.items() if n in ctx.state.targets}
+    if not spaces:
+        raise ConfigError(f"permutation.enabled: none of the layers whose inputs other layers make (e.g. "
+                          f"'{stack.path}.0.{family.down}') is pruned (targets / ignore): set permutation.enabled "
+                          "false")
+    ctx.log.info("permutation_layers", layers=len(spaces))
+    return spaces
+
+
 def _plan(ctx: RunContext) -> None:
     """The layer groups: the calibration walk's, or one group of every target without calibration."""
     cfg, st, log = ctx.config, ctx.state, ctx.log
@@ -183,6 +208,8 @@ def _plan(ctx: RunContext) -> None:
                  mlp_channels_kept=resolved.channels_kept, query_heads_kept=resolved.q_kept,
                  kv_heads_kept=resolved.kv_kept)
         return
+    if cfg.permutation.enabled:
+        st.permutation_spaces = _permutation_spaces(ctx)
     if not cfg.needs_calibration:
         st.layer_groups = [list(st.targets)]
         return

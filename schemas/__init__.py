@@ -9,6 +9,7 @@ from .config import (
     ExportConfig,
     FineTuneConfig,
     ModelSourceConfig,
+    PermutationConfig,
     PruningConfig,
     QualityGates,
     ReconstructionConfig,
@@ -61,6 +62,7 @@ from .stage import PruningStage
 __all__ = [
     "CalibrationConfig", "EvaluationConfig", "ExportConfig", "FineTuneConfig", "ModelSourceConfig", "PruningConfig",
     "QualityGates", "RuntimeConfig", "AllocationConfig", "ReconstructionConfig", "DSnoTConfig", "StructureConfig",
+    "PermutationConfig",
     "TinyModelConfig", "parse_size",
     "NAMED_DATASETS", "NamedDataset",
     "AuditError", "CheckpointError", "ConfigError", "DataError", "ModelLoadError", "PodarError", "QualityGateError",

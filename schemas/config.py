@@ -43,6 +43,7 @@ __all__ = [
     "RuntimeConfig",
     "FineTuneConfig",
     "StructureConfig",
+    "PermutationConfig",
     "QualityGates",
     "TaskGates",
     "TaskEvaluationConfig",
@@ -143,6 +144,17 @@ class DSnoTConfig(Frozen):
         default=0.1, ge=0.0, description="a row stops once |its expected output error| is at most this, >= 0")
     var_power: float = Field(
         default=1.0, ge=0.0, le=4.0, description="regrowth ranks D_j / var_j^p: the power p, in [0, 4]")
+
+
+class PermutationConfig(Frozen):
+    """N:M only: the input channels of the layers whose inputs other layers' rows make (the MLP's down projection;
+    the attention output, one order per KV group) reordered so each group of m holds a balanced share of the
+    important weights (RIA, Zhang et al. 2024), the order folded into those rows at export: the exported model is
+    N:M in its own layout and computes the same function. docs/refine.md."""
+
+    enabled: bool = Field(default=False, description="permute input channels before N:M masks, true or false")
+    max_rounds: int = Field(
+        default=2, ge=1, le=1000, description="assignment sweeps over the m slots of each group at most, [1, 1000]")
 
 
 class StructureConfig(Frozen):
@@ -459,6 +471,7 @@ class PruningConfig(Frozen):
     allocation: AllocationConfig = AllocationConfig()
     reconstruction: ReconstructionConfig = ReconstructionConfig()
     dsnot: DSnoTConfig = DSnoTConfig()
+    permutation: PermutationConfig = PermutationConfig()
     structure: StructureConfig = StructureConfig()
     finetune: FineTuneConfig = FineTuneConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -540,6 +553,15 @@ class PruningConfig(Frozen):
         if self.dsnot.enabled and self.pattern.kind != "unstructured":
             raise ValueError(f"dsnot.enabled swaps weights within a row freely; pattern '{self.pattern.label()}' fixes "
                              "where they may be (DSnoT for N:M is not built): use pattern unstructured")
+        if self.permutation.enabled and self.pattern.kind != "nm":
+            raise ValueError(f"permutation.enabled balances the groups of N:M masks; pattern '{self.pattern.label()}' "
+                             "has none: use pattern kind nm, or set permutation.enabled false")
+        if self.permutation.enabled and getattr(self.method, "joint_quantization", False):
+            raise ValueError("permutation.enabled reorders input columns at export, across the quantization groups "
+                             "method.joint_quantization put the weights' grid on: enable one of the two")
+        if self.permutation.enabled and self.structure.enabled:
+            raise ValueError("permutation.enabled orders channels for N:M masks; structure.enabled prunes no masks: "
+                             "set permutation.enabled false")
         if self.reconstruction.enabled and getattr(self.method, "joint_quantization", False):
             raise ValueError("reconstruction.enabled would move the weights off the grid that "
                              "method.joint_quantization put them on: enable one of the two")

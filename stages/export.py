@@ -25,12 +25,15 @@ from podar.schemas.errors import StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from .blocks import find_blocks
 from .card import model_card
 from .evaluate import evaluation_windows
 from .export_gguf import GGUF_FILE, gguf_roundtrip, write_gguf
 from .export_io import load_pretrained, roundtrip_weight, write_compressed, write_meta
+from .permutation import fold_permutations
 from .quality import final_hidden, head_splits, next_token_stats
 from .quantize import WeightQuant
+from .structure import WIDTH_FAMILIES
 from .targets import restore_conv1d
 
 STAGE = PruningStage.EXPORTING
@@ -246,10 +249,27 @@ def _write(ctx: RunContext, staging: Path, dtype: torch.dtype) -> dict[str, Any]
             "shards": sum(1 for f in summary.files if f.endswith(".safetensors"))}
 
 
+def fold(ctx: RunContext) -> None:
+    """The N:M masks' input orders (``stages.permutation``) folded into the model and its masks: every pruned
+    layer N:M in its own layout, the same function."""
+    st = ctx.state
+    if not st.permutations:
+        return
+    stack = find_blocks(ctx.model, ctx.config.calibration.blocks)
+    family = WIDTH_FAMILIES.get(getattr(ctx.model.config, "model_type", ""))
+    assert stack is not None and family is not None, "checked before any work (podar._setup)"
+    ranges = ctx.runtime.file_ranges()
+    done = fold_permutations(stack, family, st.permutations, st.permutation_spaces, st.masks,
+                             lambda param, new: ctx.runtime.replace(param, new, ranges))
+    ctx.log.info("permutations_folded", layers=len(done))
+    st.permutations = {}
+
+
 def run(ctx: RunContext) -> StageResult:
     cfg, store = ctx.config.export, ctx.store
     model = ctx.model
     strip_quantizer(model)
+    fold(ctx)
     restore_conv1d(model, ctx.state.converted)  # the layout the model's own class loads (GPT-2's Conv1D)
     ctx.state.converted = []
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]

@@ -27,6 +27,7 @@ from .bitpack import pack_bits
 from .common import apply_mask, input_groups
 from .masks import global_unstructured_masks
 from .methods import Pruned, PruneSpec, with_prior
+from .permutation import PERMUTATION_KIND
 from .quantize import WeightQuant
 from .walks import Advanced
 
@@ -51,6 +52,9 @@ def layer_specs(ctx: RunContext, names: list[str], spec: PruneSpec
     """Each layer's spec: the round's, or with allocation.kind 'owl' its block's sparsity (computed at the round's
     first group, on the model as it is then, checkpointed); and the metrics that say which."""
     cfg, st = ctx.config, ctx.state
+    if st.permutation_spaces:  # N:M: the layers whose input order folds into other layers choose one
+        return {n: replace(spec, permute=st.permutation_spaces.get(n), permute_rounds=cfg.permutation.max_rounds)
+                for n in names}, {}
     if cfg.allocation.kind == "uniform":
         return dict.fromkeys(names, spec), {}
     if st.allocation is None or st.allocation.round_index != st.round_index:
@@ -79,7 +83,7 @@ def _score(ctx: RunContext, name: str) -> torch.Tensor:
 
 
 def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, Any],
-            results: list[Pruned] | None, spec: PruneSpec) -> list[Pruned]:
+            results: list[Pruned] | None, spec: PruneSpec, specs: dict[str, PruneSpec]) -> list[Pruned]:
     """The results the ``owner`` process solved, on every process: masks, new weights, scales, metrics."""
     dist, out = ctx.dist, []
     for i, name in enumerate(names):
@@ -94,8 +98,13 @@ def _shared(ctx: RunContext, owner: int, names: list[str], targets: dict[str, An
             groups = w.shape[1] // spec.quant.group(w.shape[1])
             scale = dist.broadcast(mine.scale if mine else torch.empty(w.shape[0], groups, dtype=spec.quant_dtype,
                                                                           device=w.device), owner)
+        perm = None
+        if specs[name].permute is not None:  # the order the N:M mask was chosen in (-1: the method kept none)
+            perm = dist.broadcast(mine.perm if mine and mine.perm is not None else torch.full(
+                (w.shape[1],), -1, dtype=torch.int64), owner)
+            perm = None if bool((perm < 0).any()) else perm
         metrics = json.loads(dist.broadcast_text(json.dumps(mine.metrics) if mine else None, owner))
-        out.append(Pruned(mask=mask.bool(), weight=weight, metrics=metrics, scale=scale))
+        out.append(Pruned(mask=mask.bool(), weight=weight, metrics=metrics, scale=scale, perm=perm))
     return out
 
 
@@ -121,7 +130,7 @@ def _prune(ctx: RunContext, targets: dict[str, Any], spec: PruneSpec, specs: dic
 
         results = together(ctx.dist, solve) if st.owners else solve()
         if st.owners:
-            results = _shared(ctx, owner, names, targets, results, spec)
+            results = _shared(ctx, owner, names, targets, results, spec, specs)
         assert results is not None
         out.update(zip(names, results, strict=True))
     return out
@@ -155,6 +164,13 @@ def _verify(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Pruned],
             raise StageError(f"layer '{name}': pruned {n_pruned} weights, the target {layer_spec.sparsity_frac:.4f} "
                              f"({ctx.config.pattern.label()}) needs exactly {expected}", stage=STAGE.display_name(),
                              layer=name)
+        perm = pruned[name].perm
+        if perm is not None:  # N:M in the permuted order: exactly n kept in every group of m there
+            kept = mask[:, perm.to(mask.device)].reshape(mask.shape[0], -1, layer_spec.m).sum(dim=-1)
+            if not bool((kept == layer_spec.n).all()) or sorted(perm.tolist()) != list(range(mask.shape[1])):
+                raise StageError(f"layer '{name}': the mask is not {ctx.config.pattern.label()} in the input order "
+                                 "it was chosen in (or that order is not a permutation)", stage=STAGE.display_name(),
+                                 layer=name)
         nonzero_pruned = int((weight[~mask.to(weight.device)] != 0).sum())
         if nonzero_pruned:
             raise StageError(f"layer '{name}': {nonzero_pruned} pruned weights are not zero after pruning",
@@ -177,6 +193,10 @@ def _checkpoint(ctx: RunContext, targets: dict[str, Any], pruned: dict[str, Prun
     ctx.save_tensors("masks", {n: pack_bits(m) for n, m in masks.items()}, metadata={
         "format": "packbits-rowmajor-lsb", "shapes": json.dumps({n: list(m.shape) for n, m in masks.items()}),
         "sparsity": f"{spec.sparsity_frac:.6f}", "pattern": ctx.config.pattern.label()})
+    perms = {n: r.perm.cpu() for n, r in pruned.items() if r.perm is not None}
+    if perms:  # the input orders the N:M masks hold in, folded into the model at export
+        ctx.state.permutations.update(perms)
+        ctx.save_tensors(PERMUTATION_KIND, perms)
     if not ctx.method.changes_kept_weights:
         return None  # the masks alone restore the weights
     scales = {n: r.scale.cpu() for n, r in pruned.items() if r.scale is not None}

@@ -72,6 +72,7 @@ class Refined(PruningMethod):
         self.params_type = inner.params_type  # type: ignore[misc]
         self.keeps_scores = inner.keeps_scores  # type: ignore[misc]
         self.exact_reduction = inner.exact_reduction  # type: ignore[misc]
+        self.permutes_nm = inner.permutes_nm  # type: ignore[misc]
         self.changes_kept_weights = refit_frac is not None or inner.changes_kept_weights  # type: ignore[misc]
         # several processes: a refit solves each input group on one process, then broadcasts it
         self.solve_on_owner = refit_frac is not None or inner.solve_on_owner  # type: ignore[misc]
@@ -173,6 +174,6 @@ class Refined(PruningMethod):
                 metrics["reconstruction_error_before_refit"] = float(err_masked.sum()) / ref_sum if ref_sum else 0.0
                 metrics["reconstruction_error"] = float(err_refit.sum()) / ref_sum if ref_sum else 0.0
                 weight = refit.to(w.dtype)
-            out.append(Pruned(mask=mask, weight=weight, scale=result.scale, metrics=metrics))
+            out.append(Pruned(mask=mask, weight=weight, scale=result.scale, metrics=metrics, perm=result.perm))
         return out
 

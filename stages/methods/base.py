@@ -25,6 +25,7 @@ import torch
 from podar.schemas.methods import MethodParams
 
 from ..masks import expected_pruned, pattern_mask
+from ..permutation import PermutationSpace, layer_permutation
 from ..quantize import WeightQuant
 
 __all__ = ["LayerStats", "PruneSpec", "Pruned", "PruningMethod", "with_prior"]
@@ -69,11 +70,29 @@ class PruneSpec:
     block_width: int | None = None
     quant: WeightQuant | None = None  # joint quantization (a method that supports it): the export's scheme
     quant_dtype: torch.dtype = torch.float32  # the export's dtype, which its scales take
+    permute: PermutationSpace | None = None  # N:M: the input orders that fold into other layers (None: as given)
+    permute_rounds: int = 2
 
     def mask(self, score: torch.Tensor) -> torch.Tensor:
         """mask: (out, in) bool, True = kept, from score (out, in) by this pattern and comparison group."""
         return pattern_mask(score, kind=self.kind, sparsity_frac=self.sparsity_frac, scope=self.scope, n=self.n,
                             m=self.m, block_height=self.block_height, block_width=self.block_width)
+
+    def masked(self, score: torch.Tensor) -> Pruned:
+        """The layer's mask from score (out, in); with ``permute`` (N:M), chosen on the input columns in the order
+        ``stages.permutation`` finds (``Pruned.perm``): N:M in that order, and the share of the score it keeps
+        in the given order and in that one as metrics."""
+        if self.permute is None:
+            return Pruned(mask=self.mask(score))
+        assert self.n is not None and self.m is not None
+        perm, before, after = layer_permutation(score, self.n, self.m, self.permute, self.permute_rounds)
+        perm = perm.to(score.device)
+        mask = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+        mask[:, perm] = self.mask(score[:, perm])
+        total = float(score.double().clamp_min(0.0).sum())
+        return Pruned(mask=mask, perm=perm.cpu(), metrics={
+            "score_kept_unpermuted": before / total if total else 0.0,
+            "score_kept": after / total if total else 0.0})
 
 
 @dataclass
@@ -85,6 +104,7 @@ class Pruned:
     weight: torch.Tensor | None = None
     metrics: dict[str, Scalar] = field(default_factory=dict)
     scale: torch.Tensor | None = None  # joint quantization: (out, groups) the scales the weight's grid has
+    perm: torch.Tensor | None = None  # (in,) int64: the input order the N:M mask is chosen in (PruneSpec.permute)
 
 
 def with_prior(score: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
@@ -104,6 +124,7 @@ class PruningMethod(ABC):
     # process sums its own batches and the sums are added (equal up to rounding), for large statistics
     exact_reduction: ClassVar[bool] = True
     solve_on_owner: ClassVar[bool] = False  # several processes: each input group solved on one, then broadcast
+    permutes_nm: ClassVar[bool] = True  # chooses N:M masks by ``PruneSpec.masked`` (so in a permuted order too)
 
     @property
     def needs_calibration(self) -> bool:
@@ -148,4 +169,4 @@ class PruningMethod(ABC):
               None], spec: PruneSpec, stats: LayerStats | None, prepared: Any, params: MethodParams
               ) -> list[Pruned]:
         """Masks (and new weights) of the layers that share one input, in the order given."""
-        return [Pruned(mask=spec.mask(with_prior(score, prior))) for score, prior in zip(scores, priors, strict=True)]
+        return [spec.masked(with_prior(score, prior)) for score, prior in zip(scores, priors, strict=True)]

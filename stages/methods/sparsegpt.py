@@ -34,7 +34,7 @@ from podar.schemas.methods import MethodParams, SparseGPTParams
 
 from ..masks import _lowest_k, expected_pruned
 from ..quantize import WeightQuant, weight_scale
-from .base import LayerStats, Pruned, PruneSpec, PruningMethod
+from .base import LayerStats, Pruned, PruneSpec, PruningMethod, with_prior
 
 __all__ = ["SparseGPT", "SparseGPTStats", "Factor", "add_upper_gram", "gram_errors", "mirror_upper", "hessian_from_sum",
            "inverse_hessian_factor", "sparsegpt_saliency", "sparsegpt_prune"]
@@ -414,17 +414,33 @@ class SparseGPT(PruningMethod):
             prior = torch.cat([p if p is not None else torch.ones_like(w, dtype=torch.bool)
                                for p, w in zip(priors, weights, strict=True)])
         before = torch.cat([w.detach() for w in weights])  # (Σ out, in) the weights as calibrated
+        perm, permuted = None, {}
+        factor = prepared
+        if spec.permute is not None:  # one layer reads this input (down, o): its columns swept in the found order
+            assert len(weights) == 1
+            chosen = spec.masked(with_prior(scores[0], priors[0]))
+            perm, permuted = chosen.perm.to(before.device), chosen.metrics
+            factor = inverse_hessian_factor(hessian_from_sum(stats.gram_sum[perm][:, perm], stats.n_samples),
+                                            params.dampening_frac, layer=f"{perm.numel()}-column permuted input")
+            before_p = before[:, perm]
+            prior = prior[:, perm] if prior is not None else None
+        else:
+            before_p = before
         new_w, keep, loss, scales = sparsegpt_prune(
-            before, prepared.hinv_upper, spec.sparsity_frac, dead=prepared.dead, n=spec.n, m=spec.m,
+            before_p, factor.hinv_upper, spec.sparsity_frac, dead=factor.dead, n=spec.n, m=spec.m,
             block_size=params.block_size, prior_mask=prior, row_segments=list(zip(bounds[:-1], bounds[1:],
                                                                                   strict=True)),
             quant=spec.quant, quant_dtype=spec.quant_dtype)
+        if perm is not None:  # back to the given column order
+            new_w, keep = torch.empty_like(new_w).index_copy_(1, perm, new_w), \
+                torch.empty_like(keep).index_copy_(1, perm, keep)
         err, ref = gram_errors(before, new_w, stats.gram_sum)
         out = []
         for w, r0, r1 in zip(weights, bounds[:-1], bounds[1:], strict=True):
             ref_sum = float(ref[r0:r1].sum())
-            out.append(Pruned(mask=keep[r0:r1], weight=new_w[r0:r1].to(w.dtype),
-                              scale=None if scales is None else scales[r0:r1].to(spec.quant_dtype), metrics={
-                "obs_loss": float(loss[r0:r1].sum()),
-                "reconstruction_error": float(err[r0:r1].sum()) / ref_sum if ref_sum > 0 else 0.0}))
+            out.append(Pruned(mask=keep[r0:r1], weight=new_w[r0:r1].to(w.dtype), perm=None if perm is None else
+                              perm.cpu(), scale=None if scales is None else scales[r0:r1].to(spec.quant_dtype),
+                              metrics={"obs_loss": float(loss[r0:r1].sum()), **permuted,
+                                       "reconstruction_error": float(err[r0:r1].sum()) / ref_sum if ref_sum > 0
+                                       else 0.0}))
         return out
