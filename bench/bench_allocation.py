@@ -9,7 +9,7 @@ Settings are run interleaved: uniform then OWL for each (method, sparsity, seed)
     python bench/bench_allocation.py [--methods wanda sparsegpt magnitude] [--sparsities 0.6 0.7]
                                      [--seeds 0 1 2] [--owl-m 5] [--owl-lambda 0.08]
                                      [--allocations uniform owl uniform+dsnot uniform+refit owl+dsnot+refit
-                                     llm-compressor ...] [--out allocation]
+                                     uniform+perm uniform+perm+refit llm-compressor ...] [--out allocation]
 
 Writes bench/results/NAME.json and .md after every run.
 """
@@ -82,9 +82,9 @@ def one(args: argparse.Namespace) -> None:
         return
     cfg = common.podar_config(args.method, args.pattern, seed=args.seed, walk=args.walk)
     kind, extras = args.allocation.split("+")[0], args.allocation.split("+")[1:]
-    refit, dsnot = "refit" in extras, "dsnot" in extras
+    refit, dsnot, perm = "refit" in extras, "dsnot" in extras, "perm" in extras
     overrides = {"allocation.kind": kind, "reconstruction.enabled": refit, "dsnot.enabled": dsnot,
-                 "reconstruction.dampening_frac": args.refit_dampening}
+                 "reconstruction.dampening_frac": args.refit_dampening, "permutation.enabled": perm}
     if args.pattern == "unstructured":
         overrides["target_sparsity"] = args.sparsity
     if kind == "owl":
@@ -111,7 +111,7 @@ def one(args: argparse.Namespace) -> None:
         "method": args.method, "sparsity": args.sparsity if args.pattern == "unstructured" else args.pattern,
         "seed": args.seed,
         "allocation": ("uniform" if kind == "uniform" else f"owl M={args.owl_m:g} λ={args.owl_lambda:g}")
-        + (" + DSnoT" if dsnot else "") + (" + refit" if refit else "")
+        + (" + permutation" if perm else "") + (" + DSnoT" if dsnot else "") + (" + refit" if refit else "")
         + (f" (λ={args.refit_dampening:g})" if refit and args.refit_dampening != 0.01 else "")
         + (f" ({args.walk} walk)" if args.walk != "auto" else ""),
         "prune_s": round(prune_s, 1), "peak_rss_mb": round(peak), "stage_s": stage_s,
@@ -171,9 +171,10 @@ def main() -> None:
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"],
                     choices=[f"{a}{x}" for a in ("uniform", "owl") for x in ("", "+dsnot", "+refit", "+dsnot+refit")]
-                    + ["llm-compressor"],
+                    + ["uniform+perm", "uniform+perm+refit", "llm-compressor"],
                     help="+dsnot: with dsnot.enabled; +refit: with reconstruction.enabled (the least-squares refit of "
-                         "the kept weights); llm-compressor: its plain method on the same windows")
+                         "the kept weights); +perm: permutation.enabled (2:4); llm-compressor: its plain method on "
+                         "the same windows")
     ap.add_argument("--refit-dampening", type=float, default=0.01, help="reconstruction.dampening_frac")
     ap.add_argument("--walk", default="auto", choices=["auto", "block", "site"], help="calibration.walk")
     ap.add_argument("--out", default="allocation")
@@ -190,6 +191,7 @@ def main() -> None:
                 for allocation in args.allocations:
                     pattern = "2:4" if sparsity == "2:4" else "unstructured"
                     if (pattern == "2:4" and (allocation.startswith("owl") or "dsnot" in allocation)) or (
+                            pattern != "2:4" and "perm" in allocation) or (
                             allocation == "llm-compressor" and method not in ("wanda", "sparsegpt")):
                         continue  # OWL shares an unstructured sparsity only
                     cmd = [sys.executable, __file__, "--one", "--method", method, "--pattern", pattern,

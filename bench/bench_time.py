@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype both tools load the dense model in")
-    ap.add_argument("--podar-compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
+    ap.add_argument("--podar-compute-dtype", default="model", choices=["auto", "model", "float32", "bfloat16"],
                     help="podar's runtime.compute_dtype (llm-compressor computes in --dtype)")
     ap.add_argument("--out", default="timing", help="file name (no suffix) of the .json and .md in bench/results/")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ def main() -> None:
                     help="runtime.chunked_attention")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the dtype the dense model is loaded in (its forwards run in it; statistics stay fp32)")
-    ap.add_argument("--compute-dtype", default="model", choices=["model", "float32", "bfloat16"],
+    ap.add_argument("--compute-dtype", default="model", choices=["auto", "model", "float32", "bfloat16"],
                     help="runtime.compute_dtype: the dtype of the calibration forwards (the weights keep the "
                          "model's)")
     ap.add_argument("--export-format", default="dense")

@@ -31,12 +31,33 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 products run natively: a CUDA device that supports bf16, or a CPU whose flags (Linux
+    /proc/cpuinfo) include AVX-512 BF16 or AMX BF16. Elsewhere PyTorch emulates bf16 (not faster)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype | None:
     """The dtype calibration forwards must be cast to, or None when they run in the model's own dtype.
 
-    ``name``: 'model' or a key of ``engine.models.DTYPES`` (``runtime.compute_dtype``)."""
-    if name == "model":
+    ``name``: 'model', a key of ``engine.models.DTYPES``, or 'native_bfloat16' (``PruningConfig.
+    compute_dtype_request``: bf16 for a float32 model on a device with native bf16, else the model's dtype)."""
+    if name in ("model", "auto"):  # 'auto' unresolved (no method to resolve it by): the model's own
         return None
+    if name == "native_bfloat16":
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is None or param.dtype != torch.float32 or not native_bf16(param.device):
+            return None
+        return torch.bfloat16
     dtype = DTYPES[name]
     return None if model_dtype(model) in (dtype, None) else dtype
 

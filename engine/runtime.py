@@ -44,8 +44,10 @@ __all__ = ["Runtime", "BlockView", "cast_floating", "model_dtype"]
 class Runtime:
     """The switches of one run (``config.runtime``) and the calls the stages make through them."""
 
-    def __init__(self, config: RuntimeConfig | None = None) -> None:
+    def __init__(self, config: RuntimeConfig | None = None, compute_dtype: str | None = None) -> None:
         self.config = config or RuntimeConfig()
+        # runtime.compute_dtype as the run resolved it (PruningConfig.compute_dtype_request); None: the config's
+        self.compute_dtype_name = compute_dtype or self.config.compute_dtype
         self.offload: BlockOffload | None = None  # set by ``place`` when the blocks are offloaded
 
     # ------------------------------------------------------------ placement
@@ -84,7 +86,7 @@ class Runtime:
 
     def compute_dtype(self, model: nn.Module) -> torch.dtype | None:
         """The dtype calibration forwards are cast to, or None when they run in the model's own."""
-        return resolve_compute_dtype(self.config.compute_dtype, model)
+        return resolve_compute_dtype(self.compute_dtype_name, model)
 
     @contextmanager
     def block_forwards(self, model: nn.Module, layers: nn.ModuleList) -> Iterator[BlockView]:

@@ -107,8 +107,23 @@ def check_config_change(fields: list[str], manifest: RunManifest) -> None:
             "take effect; start a new run with it")
 
 
+def compute_dtype_name(ctx: RunContext) -> str:
+    """The dtype the calibration forwards run in on this machine ('model': the model's own)."""
+    dtype = ctx.runtime.compute_dtype(ctx.model)
+    return "model" if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def check_inputs(ctx: RunContext, manifest: RunManifest, request: ResumeRequest) -> None:
-    """The model's weights and every text hash as the run recorded them, unless the request allows a change."""
+    """The model's weights and every text hash as the run recorded them, unless the request allows a change; the
+    calibration forwards in the dtype the run began with while calibration work is left."""
+    now = compute_dtype_name(ctx)
+    if manifest.compute_dtype is not None and now != manifest.compute_dtype and resume_stage(manifest)[0] in (
+            PruningStage.CALIBRATING, PruningStage.COMPUTING_IMPORTANCE, PruningStage.PRUNING):
+        raise CheckpointError(
+            f"the run's calibration forwards ran in {manifest.compute_dtype}, and runtime.compute_dtype resolves to "
+            f"{now} here (runtime.compute_dtype 'auto' takes bf16 only where the device computes it natively): the "
+            f"layers left would be calibrated otherwise; resume on such a device, or set runtime.compute_dtype to "
+            f"{'bfloat16' if manifest.compute_dtype == 'bfloat16' else 'model'} (--set runtime.compute_dtype=...)")
     fp = ctx.state.model_fingerprint
     if fp != manifest.model_fingerprint and not request.allow_model_change:
         raise CheckpointError(

@@ -215,7 +215,7 @@ def _plan(ctx: RunContext) -> None:
         return
     dtype = ctx.runtime.compute_dtype(ctx.model)
     if dtype is not None:
-        fields = {"dtype": str(dtype).removeprefix("torch."),
+        fields = {"dtype": str(dtype).removeprefix("torch."), "requested": cfg.runtime.compute_dtype,
                   "model_dtype": str(ctx.runtime.model_dtype(ctx.model)).removeprefix("torch.")}
         note = ctx.method.half_precision_note
         (log.warning if note else log.info)("calibration_compute_dtype", **fields, **({"note": note} if note else {}))
@@ -310,7 +310,7 @@ def write_dense_parts(ctx: RunContext, names: list[str]) -> list[Path]:
 
 def _place(cfg: PruningConfig, model: Any, device: torch.device, log: Any) -> Runtime:
     """The run's runtime, with the model put on ``device`` (whole, or its blocks offloaded)."""
-    runtime = Runtime(cfg.runtime)
+    runtime = Runtime(cfg.runtime, compute_dtype=cfg.compute_dtype_request())
     stack = find_blocks(model, cfg.calibration.blocks) if cfg.runtime.offload != "off" else None
     if runtime.place(model, device, stack.layers if stack else None):
         assert stack is not None

@@ -37,6 +37,7 @@ from ._resume import (
     check_artifacts,
     check_config_change,
     check_inputs,
+    compute_dtype_name,
     restore_checkpoints,
     resume_stage,
     resumed_reference,
@@ -315,7 +316,7 @@ class Pipeline:
             run_id=self.run_id, created_at=now, updated_at=now, config=cfg.model_dump(mode="json"),
             config_sha256=cfg.sha256(), state=PruningStage.IDLE.value, versions=library_versions(),
             world_size=dist.world, model_fingerprint=ctx.state.model_fingerprint, model_info=model_info(ctx.model),
-            data_sha256=dict(ctx.state.data_sha256))
+            data_sha256=dict(ctx.state.data_sha256), compute_dtype=compute_dtype_name(ctx))
         for path in ctx.state.dense_weights.paths:
             if store.run_dir in path.parents:
                 rel = str(path.relative_to(store.run_dir))

@@ -102,8 +102,9 @@ class RuntimeConfig(Frozen):
     (compute_dtype: up to that dtype's rounding), and writes the same run folder."""
 
     chunked_attention: bool = Field(default=True, description="causal attention of calibration forwards in chunks")
-    compute_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
-        default="model", description="dtype of calibration forwards; 'model': the model's own")
+    compute_dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="dtype of calibration forwards; model: the model's own; auto: bfloat16 for "
+                                    "Wanda/RIA on a float32 model where the device computes it natively, else model")
     page_out_weights: bool = Field(default=True, description="drop file-mapped weight pages once read (Linux)")
     map_pruned_weights: bool = Field(default=True, description="keep pruned CPU weights file-mapped, not in RAM")
     trim_memory: bool = Field(default=True, description="return freed heap pages between passes (glibc)")
@@ -622,6 +623,17 @@ class PruningConfig(Frozen):
         if walk != "auto":
             return walk
         return "block" if self.calibration.blocks_per_group != 1 else self.method.default_walk
+
+    def compute_dtype_request(self) -> str:
+        """``runtime.compute_dtype`` spelled out for the machine to resolve (``engine.compute``): 'auto' is
+        'native_bfloat16' when the method's statistics were measured to keep their quality in bf16 forwards
+        (``MethodParams.bf16_statistics``: Wanda, RIA; docs/calibration.md) and no refinement solves on them (the
+        refit's Σ x xᵀ, DSnoT), else 'model'."""
+        name = self.runtime.compute_dtype
+        if name != "auto":
+            return name
+        plain = not (self.reconstruction.enabled or self.dsnot.enabled or self.structure.enabled)
+        return "native_bfloat16" if self.method.bf16_statistics and plain else "model"
 
     def sparsity_at_round(self, round_index: int) -> float:
         """Target sparsity of pruning round ``round_index`` (0-based) of the schedule."""

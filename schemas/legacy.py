@@ -27,7 +27,7 @@ _TO_SPARSEGPT = {"dampening_frac": "dampening_frac", "sparsegpt_block_size": "bl
 _OLD_DEFAULTS = {"dampening_frac": 0.01, "sparsegpt_block_size": 128}
 # the new fields' defaults: a new field that holds its default gives way to the old name (a copy of a new-style
 # section made with model_copy(update={old name: ...}) carries the new field at its default)
-_NEW_DEFAULTS = {"walk": "auto", "chunked_attention": True, "compute_dtype": "model", "dampening_frac": 0.01,
+_NEW_DEFAULTS = {"walk": "auto", "chunked_attention": True, "compute_dtype": "auto", "dampening_frac": 0.01,
                  "block_size": 128}
 
 

@@ -41,6 +41,9 @@ class MethodParams(BaseModel):
     needs_calibration: ClassVar[bool] = True  # activation statistics are collected before scoring
     default_scope: ClassVar[str] = "per_row"  # the comparison group that scope 'auto' means
     default_walk: ClassVar[str] = "block"  # the calibration walk that walk 'auto' means (block or site)
+    # runtime.compute_dtype 'auto' runs the calibration forwards in bf16 (where native): the statistics were measured
+    # to keep the method's quality in bf16 (docs/calibration.md); False: the model's dtype
+    bf16_statistics: ClassVar[bool] = False
     patterns: ClassVar[tuple[str, ...]] = PATTERN_KINDS
     scopes: ClassVar[tuple[str, ...]] = SCOPES
 
@@ -66,6 +69,7 @@ class WandaParams(MethodParams):
     name: Literal["wanda"] = "wanda"
     default_scope: ClassVar[str] = "per_row"
     default_walk: ClassVar[str] = "block"
+    bf16_statistics: ClassVar[bool] = True
 
 
 class RIAParams(MethodParams):
@@ -75,6 +79,7 @@ class RIAParams(MethodParams):
     a: float = Field(default=0.5, ge=0.0, le=2.0, description="exponent of the activation norm, in [0, 2]")
     default_scope: ClassVar[str] = "per_layer"
     default_walk: ClassVar[str] = "block"
+    bf16_statistics: ClassVar[bool] = True  # Wanda's statistics (Σ x_j²)
 
 
 class SparseGPTParams(MethodParams):

@@ -196,6 +196,8 @@ class RunManifest(_Record):
     world_size: int = Field(default=1, ge=1)
     model_fingerprint: str | None = None
     model_info: dict[str, str] = Field(default_factory=dict, description="the model's class, hub commit, path")
+    compute_dtype: str | None = Field(
+        default=None, description="the dtype the calibration forwards run in (runtime.compute_dtype as resolved)")
     dense_reference_files: dict[str, str] = Field(
         default_factory=dict, description="the model's own files the dense reference reads (not copied): sha256")
     data_sha256: dict[str, str] = Field(default_factory=dict, description="sha256 of each input text, by role")

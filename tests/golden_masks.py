@@ -116,6 +116,8 @@ def case_config(name: str, corpus: Path) -> dict[str, Any]:
             base[key] = {**base[key], **value}
         else:
             base[key] = value
+    # the digests' arithmetic: float32 forwards unless a case asks otherwise (the default became 'auto' later)
+    base["calibration"].setdefault("compute_dtype", "model")
     from podar import FineTuneConfig
 
     if "loss" in FineTuneConfig.model_fields:  # code after issue 29: its fine-tuning as the digests' code ran it

@@ -13,6 +13,7 @@ from podar import (
     ModelSourceConfig,
     PruningConfig,
     QualityGates,
+    RuntimeConfig,
     TinyModelConfig,
 )
 
@@ -32,6 +33,9 @@ def make_tiny_config(corpus: Path, **tiny: object) -> PruningConfig:
     return PruningConfig(
         model=ModelSourceConfig(kind="tiny", tiny=TinyModelConfig(**tiny)),
         calibration=CalibrationConfig(num_samples=4, sequence_length=64, dataset=str(corpus)),
+        # the reference arithmetic (float32 forwards) that the tests' float64 references follow; 'auto' (bf16
+        # forwards for Wanda/RIA where native) is tested on its own (tests/test_compute_dtype.py)
+        runtime=RuntimeConfig(compute_dtype="model"),
         finetune=FineTuneConfig(enabled=False, steps=2, sequence_length=32, dataset=str(training_text(corpus)),
                                 validation_windows=4),
         evaluation=EvaluationConfig(dataset=str(corpus), sequence_length=64, max_windows=4,

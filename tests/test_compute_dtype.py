@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fail_once
 from structlog.testing import capture_logs
 from torch import nn
 
@@ -144,3 +145,82 @@ def test_compute_dtype_is_logged_and_sparsegpt_warned(tiny_config, tmp_path, met
     entries = [e for e in logs if e["event"] == "calibration_compute_dtype"]
     assert len(entries) == 1 and entries[0]["log_level"] == level
     assert entries[0]["dtype"] == "bfloat16" and entries[0]["model_dtype"] == "float32"
+
+
+@pytest.mark.parametrize(("method", "changes", "expected"), [
+    ("wanda", {}, "native_bfloat16"), ("ria", {}, "native_bfloat16"), ("sparsegpt", {}, "model"),
+    ("magnitude", {}, "model"), ("wanda", {"reconstruction.enabled": True}, "model"),
+    ("wanda", {"dsnot.enabled": True}, "model"), ("wanda", {"runtime.compute_dtype": "model"}, "model"),
+    ("sparsegpt", {"runtime.compute_dtype": "bfloat16"}, "bfloat16")])
+def test_auto_takes_bf16_only_for_the_methods_measured_to_keep_their_quality(method, changes, expected):
+    from podar import PruningConfig
+
+    cfg = PruningConfig(method=method).with_overrides(changes)
+    assert PruningConfig().runtime.compute_dtype == "auto"
+    assert cfg.compute_dtype_request() == expected
+
+
+def test_native_bf16_is_bf16_on_a_float32_model_where_the_device_has_it(monkeypatch):
+    from podar.engine import compute
+
+    lin = nn.Linear(4, 4)
+    monkeypatch.setattr(compute, "native_bf16", lambda device: True)
+    assert resolve_compute_dtype("native_bfloat16", lin) is torch.bfloat16
+    assert resolve_compute_dtype("native_bfloat16", lin.to(torch.float16)) is None  # not float32: its own
+    monkeypatch.setattr(compute, "native_bf16", lambda device: False)
+    assert resolve_compute_dtype("native_bfloat16", nn.Linear(4, 4)) is None
+    assert resolve_compute_dtype("auto", nn.Linear(4, 4)) is None  # unresolved: the model's own
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from podar.engine.compute import native_bf16
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 fpu", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, info=info, **k: real_open(
+            info if p == "/proc/cpuinfo" else p, *a, **k))
+        assert native_bf16(torch.device("cpu")) is expected
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_wanda_by_default_calibrates_in_bf16_where_native_and_records_it(tiny_config, tmp_path, monkeypatch, native):
+    from podar import RunStore
+    from podar.engine import compute
+
+    monkeypatch.setattr(compute, "native_bf16", lambda device: native)
+    cfg = tiny_config.with_method("wanda").with_overrides({"runtime.compute_dtype": "auto"})
+    seen: set[torch.dtype] = set()
+    handle = nn.modules.module.register_module_forward_pre_hook(
+        lambda m, a: seen.add(a[0].dtype) if isinstance(m, nn.Linear) else None)
+    try:
+        pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+        while pipe.stage is not PruningStage.FINE_TUNING:
+            pipe.step()
+    finally:
+        handle.remove()
+    assert (torch.bfloat16 in seen) is native
+    assert RunStore(tmp_path / "run").read_manifest().compute_dtype == ("bfloat16" if native else "model")
+    assert pipe.run().ok
+
+
+def test_a_resume_where_auto_resolves_otherwise_is_refused_while_calibration_is_left(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    from podar import CheckpointError
+    from podar.engine import compute
+
+    monkeypatch.setattr(compute, "native_bf16", lambda device: True)
+    cfg = tiny_config.with_method("wanda").with_overrides({"runtime.compute_dtype": "auto",
+                                                            "calibration.walk": "site"})
+    fail_once(monkeypatch, PruningStage.PRUNING, 2)  # the run fails after its first layer group
+    assert not Pipeline(cfg, run_dir=tmp_path / "run", progress=False).run().ok
+    monkeypatch.setattr(compute, "native_bf16", lambda device: False)  # another machine
+    with pytest.raises(CheckpointError, match="ran in bfloat16, and runtime.compute_dtype resolves to model"):
+        Pipeline.resume(tmp_path / "run", progress=False).run()
+    monkeypatch.setattr(compute, "native_bf16", lambda device: True)
+    assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
