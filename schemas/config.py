@@ -551,9 +551,10 @@ class PruningConfig(Frozen):
             if self.resolved_scope() == "global":
                 raise ValueError(f"{field}.enabled {does} in each layer group as it is pruned; scope 'global' chooses "
                                  "every layer's mask at once, after calibration: use scope per_row or per_layer")
-        if self.dsnot.enabled and self.pattern.kind != "unstructured":
-            raise ValueError(f"dsnot.enabled swaps weights within a row freely; pattern '{self.pattern.label()}' fixes "
-                             "where they may be (DSnoT for N:M is not built): use pattern unstructured")
+        if self.dsnot.enabled and self.pattern.kind not in ("unstructured", "nm"):
+            raise ValueError(f"dsnot.enabled swaps weights within a row (N:M: within a group); pattern "
+                             f"'{self.pattern.label()}' fixes where they may be otherwise (not built): use pattern "
+                             "unstructured or nm")
         if self.permutation.enabled and self.pattern.kind != "nm":
             raise ValueError(f"permutation.enabled balances the groups of N:M masks; pattern '{self.pattern.label()}' "
                              "has none: use pattern kind nm, or set permutation.enabled false")

@@ -15,7 +15,12 @@ sparse row's output is ε = Σ_{j pruned} D_j. While |ε| > ``update_threshold``
 
 A row stops for good when |ε| ≤ the threshold, or when it has no candidate left on either side (the reference
 would then take candidates of the other sign; here the row keeps its mask). Every row keeps its count of kept
-weights, so the method's pattern counts (per row or per layer) hold. Unstructured masks only.
+weights, so the method's pattern counts (per row or per layer) hold.
+
+N:M masks (``m`` given): a swap stays inside one group of m inputs, so every group keeps its n. The regrown weight
+is the largest (ε > 0) or smallest (ε ≤ 0) D_j / var_j^p among the regrowable weights whose group still holds a
+prune candidate of the right sign (ties: the lowest column), and the pruned one is that group's candidate with the
+lowest Wanda score (ties: the lowest column); a row stops when no group has such a pair.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ def _ordered(key: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                  sq_norm: torch.Tensor, *, prior: torch.Tensor | None = None, max_cycles: int = 50,
-                 update_threshold: float = 0.1, var_power: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 update_threshold: float = 0.1, var_power: float = 1.0, m: int | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(keep', metrics): keep' (out, in) bool the refined mask; metrics: swaps made, mean |ε| before and after.
 
     weight: (out, in) the weights before pruning; keep: (out, in) bool the method's mask (True = kept); mean, var,
     sq_norm: (in,) each input's mean, variance and sum of squares over the calibration tokens (float64 is used
-    throughout); prior: (out, in) bool, False where an earlier pruning round pruned (never regrown).
+    throughout); prior: (out, in) bool, False where an earlier pruning round pruned (never regrown); m: the N:M
+    group size (swaps inside a group), None for an unstructured mask.
     """
     w = weight.double()
     out_f, _ = w.shape
@@ -50,8 +57,13 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
     err_before = float(err.abs().mean())
     grow_key = d / var.double().clamp_min(torch.finfo(torch.float64).tiny).pow(var_power)[None, :]
     regrowable = pruned if prior is None else pruned & prior.to(pruned.device)
-    grow_order, grow_count = _ordered(grow_key, regrowable)  # ascending: the largest at grow_count − 1
     wanda = w.abs() * sq_norm.double().sqrt()[None, :]
+    if m is not None:
+        new_keep, err, swaps = _within_groups(d, keep, grow_key, regrowable, wanda, err, m, max_cycles,
+                                              update_threshold)
+        return new_keep, {"dsnot_swaps": swaps, "dsnot_error_before": err_before,
+                          "dsnot_error_after": float(err.abs().mean())}
+    grow_order, grow_count = _ordered(grow_key, regrowable)  # ascending: the largest at grow_count − 1
     neg_order, neg_count = _ordered(wanda, keep & (d < 0))  # ascending Wanda score
     pos_order, pos_count = _ordered(wanda, keep & (d > 0))
     rows = torch.arange(out_f, device=w.device)
@@ -86,3 +98,40 @@ def dsnot_refine(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor, v
         active &= err.abs() > update_threshold
     return new_keep, {"dsnot_swaps": swaps, "dsnot_error_before": err_before,
                       "dsnot_error_after": float(err.abs().mean())}
+
+
+def _within_groups(d: torch.Tensor, keep: torch.Tensor, grow_key: torch.Tensor, regrowable: torch.Tensor,
+                   wanda: torch.Tensor, err: torch.Tensor, m: int, max_cycles: int, update_threshold: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(keep', ε', swaps): the N:M rule of the module docstring; every tensor (out, in) float64 / bool, ε (out,)."""
+    out_f, in_f = d.shape
+    n_groups = in_f // m
+    rows = torch.arange(out_f, device=d.device)
+    can_grow, can_prune, new_keep = regrowable.clone(), keep.clone(), keep.clone()
+    active = err.abs() > update_threshold
+    swaps = 0
+    for _ in range(max_cycles):
+        if not bool(active.any()):
+            break
+        up = err > 0
+        partner = can_prune & torch.where((err < 0)[:, None], d > 0, d < 0)  # (out, in) the right sign
+        has = partner.reshape(out_f, n_groups, m).any(dim=-1)  # (out, groups)
+        eligible = can_grow & has.repeat_interleave(m, dim=1)
+        active &= eligible.any(dim=1)
+        if not bool(active.any()):
+            break
+        key = torch.where(up[:, None], grow_key, -grow_key).masked_fill(~eligible, float("-inf"))
+        g = key.argmax(dim=1)  # (out,) first of the largest (ε > 0) or of the smallest (ε ≤ 0)
+        group = g // m
+        in_group = group[:, None] * m + torch.arange(m, device=d.device)[None, :]  # (out, m) its columns
+        score = wanda.gather(1, in_group).masked_fill(~partner.gather(1, in_group), float("inf"))
+        q = in_group[rows, score.argmin(dim=1)]  # (out,)
+        r = rows[active]
+        new_keep[r, g[r]] = True
+        new_keep[r, q[r]] = False
+        can_grow[r, g[r]] = False
+        can_prune[r, q[r]] = False
+        err = torch.where(active, err + d[rows, q] - d[rows, g], err)
+        swaps += int(active.sum())
+        active &= err.abs() > update_threshold
+    return new_keep, err, swaps

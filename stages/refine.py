@@ -140,14 +140,24 @@ class Refined(PruningMethod):
     def expected_pruned(self, shape: tuple[int, int], spec: PruneSpec, params: MethodParams) -> int:
         return self.inner.expected_pruned(shape, spec, params)
 
-    def _dsnot(self, before: torch.Tensor, mask: torch.Tensor, stats: RefinedStats, prior: torch.Tensor | None
-               ) -> tuple[torch.Tensor, dict]:
+    def _dsnot(self, before: torch.Tensor, mask: torch.Tensor, stats: RefinedStats, prior: torch.Tensor | None,
+               spec: PruneSpec, perm: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """DSnoT's swaps; N:M inside each group of m, in the input order the mask was chosen in (``perm``)."""
         assert self.dsnot is not None and stats.x_sum is not None and stats.x_sq_sum is not None
         n = max(stats.tokens, 1)
         mean = stats.x_sum.double() / n
         var = (stats.x_sq_sum.double() / n - mean.pow(2)).clamp_min(0.0)
-        return dsnot_refine(before, mask, mean, var, stats.x_sq_sum, prior=prior, max_cycles=self.dsnot.max_cycles,
-                            update_threshold=self.dsnot.update_threshold, var_power=self.dsnot.var_power)
+        sq = stats.x_sq_sum
+        if perm is not None:  # the groups are those of the permuted order
+            p = perm.to(before.device)
+            before, mask, mean, var, sq = before[:, p], mask[:, p], mean[p], var[p], sq[p]
+            prior = prior[:, p.to(prior.device)] if prior is not None else None
+        keep, metrics = dsnot_refine(before, mask, mean, var, sq, prior=prior, max_cycles=self.dsnot.max_cycles,
+                                     update_threshold=self.dsnot.update_threshold, var_power=self.dsnot.var_power,
+                                     m=spec.m if spec.kind == "nm" else None)
+        if perm is not None:
+            keep = torch.empty_like(keep).index_copy_(1, perm.to(keep.device), keep)
+        return keep, metrics
 
     def prune(self, weights: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], priors: Sequence[torch.Tensor |
               None], spec: PruneSpec, stats: LayerStats | None, prepared: Any, params: MethodParams
@@ -162,7 +172,7 @@ class Refined(PruningMethod):
             before = w.detach().float()
             mask, weight, metrics = result.mask, result.weight, dict(result.metrics)
             if self.dsnot is not None:  # a weight an earlier round pruned (prior False) is never regrown
-                mask, swaps = self._dsnot(before, mask, stats, prior)
+                mask, swaps = self._dsnot(before, mask, stats, prior, spec, result.perm)
                 weight = None  # the method's own update belongs to its own mask: the refit solves anew
                 metrics.update(swaps)
             if gram is not None:
