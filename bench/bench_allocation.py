@@ -170,8 +170,8 @@ def main() -> None:
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--allocations", nargs="+", default=["uniform", "owl"],
-                    choices=[f"{a}{x}" for a in ("uniform", "owl") for x in ("", "+dsnot", "+refit", "+dsnot+refit")]
-                    + ["uniform+perm", "uniform+perm+refit", "llm-compressor"],
+                    choices=[f"{a}{p}{x}" for a in ("uniform", "owl") for p in ("", "+perm")
+                             for x in ("", "+dsnot", "+refit", "+dsnot+refit")] + ["llm-compressor"],
                     help="+dsnot: with dsnot.enabled; +refit: with reconstruction.enabled (the least-squares refit of "
                          "the kept weights); +perm: permutation.enabled (2:4); llm-compressor: its plain method on "
                          "the same windows")
@@ -190,7 +190,7 @@ def main() -> None:
             for seed in args.seeds if method != "magnitude" else args.seeds[:1]:
                 for allocation in args.allocations:
                     pattern = "2:4" if sparsity == "2:4" else "unstructured"
-                    if (pattern == "2:4" and (allocation.startswith("owl") or "dsnot" in allocation)) or (
+                    if (pattern == "2:4" and allocation.startswith("owl")) or (
                             pattern != "2:4" and "perm" in allocation) or (
                             allocation == "llm-compressor" and method not in ("wanda", "sparsegpt")):
                         continue  # OWL shares an unstructured sparsity only

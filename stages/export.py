@@ -269,9 +269,6 @@ def run(ctx: RunContext) -> StageResult:
     cfg, store = ctx.config.export, ctx.store
     model = ctx.model
     strip_quantizer(model)
-    fold(ctx)
-    restore_conv1d(model, ctx.state.converted)  # the layout the model's own class loads (GPT-2's Conv1D)
-    ctx.state.converted = []
     dtype = model.dtype if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if not store.is_main:  # one process writes and checks the export (the runner's agreement waits for it)
         return StageResult(stage=STAGE.value, metrics={"format": cfg.format, "written_by_main_process": True})
@@ -285,6 +282,11 @@ def run(ctx: RunContext) -> StageResult:
         if dtype == torch.float16:
             check_float16_range(reference)
         ctx.runtime.settle(ctx.model)
+    # after the reference pass: the export is checked against the model as it was evaluated, so a fold or a
+    # layout change that altered the function fails the check
+    fold(ctx)
+    restore_conv1d(model, ctx.state.converted)  # the layout the model's own class loads (GPT-2's Conv1D)
+    ctx.state.converted = []
     staging = store.begin_export()
     metrics = {**checked, **_write(ctx, staging, dtype)}
     written = {"format": cfg.format, "quantization": cfg.gguf_type if cfg.format == "gguf" else cfg.quantization,
