@@ -12,7 +12,7 @@ from helpers import make_tiny_config
 from test_distributed import one_and_two_with_equal_masks
 from test_resume import export_hashes, reference_and_killed
 
-from podar import ConfigError, Pipeline, RunStore, load_pretrained, run_masks
+from podar import ConfigError, Pipeline, PruningStage, RunStore, run_masks
 from podar.engine.models import tiny_model
 from podar.schemas.config import TinyModelConfig
 from podar.stages.blocks import find_blocks
@@ -172,6 +172,11 @@ def nm_in_layout(weight, n=2, m=4):
 def test_a_permuted_run_exports_a_model_that_is_nm_in_its_own_layout(corpus, tmp_path, method, changes):
     cfg = permutation_config(corpus, method, **{"export.format": "dense", **changes})
     pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    while pipe.stage is not PruningStage.EVALUATING:  # each step runs the stage it enters
+        pipe.step()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        evaluated = pipe.context.model(input_ids=ids).logits  # the model as Evaluating measured it, not yet folded
     assert pipe.run().ok
     store = RunStore(tmp_path / "run")
     perms: dict[str, torch.Tensor] = {}
@@ -189,10 +194,15 @@ def test_a_permuted_run_exports_a_model_that_is_nm_in_its_own_layout(corpus, tmp
     kept = [m for r in pruning for n, m in r.layer_metrics.items() if n in perms]
     assert all(m["score_kept"] >= m["score_kept_unpermuted"] for m in kept)
     assert any(m["score_kept"] > m["score_kept_unpermuted"] for m in kept)
-    exported = load_pretrained(tmp_path / "run" / "export")  # transformers' own class, from the plain folder
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")  # the plain loader, no podar
     params = dict(exported.named_parameters())
     for name in masks:
         assert nm_in_layout(params[f"{name}.weight"]), name
+    with torch.no_grad():  # the function the run evaluated: the orders folded into the rows, nothing else changed
+        got = exported(input_ids=ids).logits
+    assert torch.allclose(got, evaluated, rtol=0, atol=1e-5 * float(evaluated.abs().max()))
 
 
 def test_the_sparse_24_export_needs_the_fold_and_gets_it(corpus, tmp_path):
