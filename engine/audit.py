@@ -81,6 +81,8 @@ def checkpoint_digest(result: StageResult | None, artifacts: Mapping[str, Artifa
                 "dense_reference_files": manifest.dense_reference_files, "created_at": manifest.created_at,
                 "versions": manifest.versions, "world_size": manifest.world_size, "model_info": manifest.model_info,
                 "artifacts": {p: r.model_dump(mode="json") for p, r in artifacts.items() if r.stage == "idle"}}
+        if manifest.compute_dtype is not None:  # runs before it was recorded digest as they did
+            body["compute_dtype"] = manifest.compute_dtype
     return hashlib.sha256(canonical(body).encode()).hexdigest()
 
 

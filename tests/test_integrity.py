@@ -226,6 +226,7 @@ def test_audit_names_what_it_cannot_verify(finished, capsys):
 
 @pytest.mark.parametrize("field,value", [("world_size", 2), ("created_at", "2020-01-01T00:00:00+00:00"),
                                          ("versions", {"torch": "0.0"}), ("model_info", {"class": "Other"}),
+                                         ("compute_dtype", "bfloat16"),
                                          ("progress", {"round_index": 0, "group_index": 3, "step": 0})])
 def test_identity_fields_edited_without_a_key_fail_the_audit(finished, tmp_path, field, value, capsys):
     run_dir = tmp_path / "run"

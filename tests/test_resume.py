@@ -75,8 +75,7 @@ KILL_POINTS = [
 def test_block_granularity_resumes_to_identical_export(fault, compute_dtype, resume_config, tmp_path):
     """The fixture walks blocks site by site; the reference block-by-block mode resumes just as exactly, also
     with bf16 calibration forwards (the resumed run replays the pruned blocks in bf16 as the first run did)."""
-    cfg = resume_config.with_calibration(resume_config.calibration.model_copy(
-        update={"granularity": "block", "compute_dtype": compute_dtype}))
+    cfg = resume_config.with_overrides({"calibration.walk": "block", "runtime.compute_dtype": compute_dtype})
     assert Pipeline(cfg, run_dir=tmp_path / "ref", progress=False).run().ok
     config_path = tmp_path / "c.yaml"
     config_path.write_text(cfg.to_yaml())
