@@ -12,6 +12,7 @@ the price is bf16 rounding of every activation the statistics are taken from (do
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -31,6 +32,16 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo), read once per process; empty where there is no such file."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 products run natively: a CUDA device that supports bf16, or a CPU whose flags (Linux
     /proc/cpuinfo) include AVX-512 BF16 or AMX BF16. Elsewhere PyTorch emulates bf16 (not faster)."""
@@ -38,12 +49,7 @@ def native_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not _cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype | None:

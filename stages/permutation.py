@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from .blocks import BlockStack
     from .structure import Family
 
-__all__ = ["PermutationSpace", "PERMUTATION_KIND", "nm_retained", "slot_gains", "nm_permutation", "layer_permutation",
-           "permutable_layers", "fold_permutations"]
+__all__ = ["PermutationSpace", "PERMUTATION_KIND", "unpermute_columns", "nm_retained", "slot_gains",
+           "nm_permutation", "layer_permutation", "permutable_layers", "fold_permutations"]
 
 PERMUTATION_KIND = "permutation"  # the artifact: each permuted layer's input order (restored on resume)
 _GAIN_CHUNK = 1 << 24  # (rows × groups × groups) elements of the gain matrix computed at once: 64 MiB in fp32
@@ -45,6 +45,11 @@ class PermutationSpace:
     head_dim: int | None = None
     n_q: int | None = None
     n_kv: int | None = None
+
+
+def unpermute_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """y: (rows, in) with y[:, perm] = x: columns computed in the order ``perm`` (in,) put back in the given one."""
+    return torch.empty_like(x).index_copy_(1, perm.to(x.device), x)
 
 
 def nm_retained(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

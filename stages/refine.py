@@ -22,6 +22,7 @@ from podar.schemas.methods import MethodParams
 from .dsnot import dsnot_refine
 from .methods.base import LayerStats, Pruned, PruneSpec, PruningMethod
 from .methods.sparsegpt import add_upper_gram, gram_errors, mirror_upper
+from .permutation import unpermute_columns
 from .reconstruction import refit_kept
 
 __all__ = ["Refined", "RefinedStats"]
@@ -156,7 +157,7 @@ class Refined(PruningMethod):
                                      update_threshold=self.dsnot.update_threshold, var_power=self.dsnot.var_power,
                                      m=spec.m if spec.kind == "nm" else None)
         if perm is not None:
-            keep = torch.empty_like(keep).index_copy_(1, perm.to(keep.device), keep)
+            keep = unpermute_columns(keep, perm)
         return keep, metrics
 
     def prune(self, weights: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], priors: Sequence[torch.Tensor |

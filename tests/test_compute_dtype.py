@@ -175,7 +175,7 @@ def test_native_bf16_is_bf16_on_a_float32_model_where_the_device_has_it(monkeypa
 def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
     import builtins
 
-    from podar.engine.compute import native_bf16
+    from podar.engine.compute import _cpu_flags, native_bf16
 
     real_open = builtins.open
     for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 fpu", True)):
@@ -183,7 +183,9 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr(builtins, "open", lambda p, *a, info=info, **k: real_open(
             info if p == "/proc/cpuinfo" else p, *a, **k))
+        _cpu_flags.cache_clear()  # read once per process: this file now
         assert native_bf16(torch.device("cpu")) is expected
+    _cpu_flags.cache_clear()
     monkeypatch.setattr(builtins, "open", real_open)
     assert native_bf16(torch.device("meta")) is False
 

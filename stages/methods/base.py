@@ -25,7 +25,7 @@ import torch
 from podar.schemas.methods import MethodParams
 
 from ..masks import expected_pruned, pattern_mask
-from ..permutation import PermutationSpace, layer_permutation
+from ..permutation import PermutationSpace, layer_permutation, unpermute_columns
 from ..quantize import WeightQuant
 
 __all__ = ["LayerStats", "PruneSpec", "Pruned", "PruningMethod", "with_prior"]
@@ -78,21 +78,23 @@ class PruneSpec:
         return pattern_mask(score, kind=self.kind, sparsity_frac=self.sparsity_frac, scope=self.scope, n=self.n,
                             m=self.m, block_height=self.block_height, block_width=self.block_width)
 
+    def order(self, score: torch.Tensor) -> tuple[torch.Tensor, dict[str, Scalar]]:
+        """(perm, metrics) with ``permute`` (N:M): perm (in,) int64 on score's device, the input order
+        ``stages.permutation`` finds for score (out, in); metrics, the share of the score an N:M mask keeps in
+        the given order and in that one."""
+        assert self.permute is not None and self.n is not None and self.m is not None
+        perm, before, after = layer_permutation(score, self.n, self.m, self.permute, self.permute_rounds)
+        total = float(score.double().clamp_min(0.0).sum())
+        return perm.to(score.device), {"score_kept_unpermuted": before / total if total else 0.0,
+                                       "score_kept": after / total if total else 0.0}
+
     def masked(self, score: torch.Tensor) -> Pruned:
         """The layer's mask from score (out, in); with ``permute`` (N:M), chosen on the input columns in the order
-        ``stages.permutation`` finds (``Pruned.perm``): N:M in that order, and the share of the score it keeps
-        in the given order and in that one as metrics."""
+        ``order`` finds (``Pruned.perm``): N:M in that order."""
         if self.permute is None:
             return Pruned(mask=self.mask(score))
-        assert self.n is not None and self.m is not None
-        perm, before, after = layer_permutation(score, self.n, self.m, self.permute, self.permute_rounds)
-        perm = perm.to(score.device)
-        mask = torch.empty(score.shape, dtype=torch.bool, device=score.device)
-        mask[:, perm] = self.mask(score[:, perm])
-        total = float(score.double().clamp_min(0.0).sum())
-        return Pruned(mask=mask, perm=perm.cpu(), metrics={
-            "score_kept_unpermuted": before / total if total else 0.0,
-            "score_kept": after / total if total else 0.0})
+        perm, metrics = self.order(score)
+        return Pruned(mask=unpermute_columns(self.mask(score[:, perm]), perm), perm=perm.cpu(), metrics=metrics)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from podar.schemas.errors import StageError
 from podar.schemas.methods import MethodParams, SparseGPTParams
 
 from ..masks import _lowest_k, expected_pruned
+from ..permutation import unpermute_columns
 from ..quantize import WeightQuant, weight_scale
 from .base import LayerStats, Pruned, PruneSpec, PruningMethod, with_prior
 
@@ -418,8 +419,8 @@ class SparseGPT(PruningMethod):
         factor = prepared
         if spec.permute is not None:  # one layer reads this input (down, o): its columns swept in the found order
             assert len(weights) == 1
-            chosen = spec.masked(with_prior(scores[0], priors[0]))
-            perm, permuted = chosen.perm.to(before.device), chosen.metrics
+            perm, permuted = spec.order(with_prior(scores[0], priors[0]))
+            perm = perm.to(before.device)
             factor = inverse_hessian_factor(hessian_from_sum(stats.gram_sum[perm][:, perm], stats.n_samples),
                                             params.dampening_frac, layer=f"{perm.numel()}-column permuted input")
             before_p = before[:, perm]
@@ -432,8 +433,7 @@ class SparseGPT(PruningMethod):
                                                                                   strict=True)),
             quant=spec.quant, quant_dtype=spec.quant_dtype)
         if perm is not None:  # back to the given column order
-            new_w, keep = torch.empty_like(new_w).index_copy_(1, perm, new_w), \
-                torch.empty_like(keep).index_copy_(1, perm, keep)
+            new_w, keep = unpermute_columns(new_w, perm), unpermute_columns(keep, perm)
         err, ref = gram_errors(before, new_w, stats.gram_sum)
         out = []
         for w, r0, r1 in zip(weights, bounds[:-1], bounds[1:], strict=True):
