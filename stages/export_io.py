@@ -337,7 +337,8 @@ def _decompress_all(tensors: dict[str, torch.Tensor], fmt: str, quant: WeightQua
             out[f"{prefix}.weight"] = _weight(tensors, prefix, fmt, quant)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"tensor '{prefix}' in the export is incomplete or inconsistent: {e}") from e
-    out.update({k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in prefixes})
+    # everything else as stored: a compressed layer's bias too (only its weight's pieces were decompressed)
+    out.update({k: v for k, v in tensors.items() if not (k.endswith(_PIECES) and k.rsplit(".", 1)[0] in prefixes)})
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
 
 

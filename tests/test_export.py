@@ -209,6 +209,22 @@ def test_tiny_model_end_to_end_every_format(tiny_config, tmp_path, fmt, quant, p
     assert ex["pruned_layers_bytes"] == expected
 
 
+@pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask"])
+def test_sparse_formats_keep_the_biases_of_pruned_layers(corpus, tmp_path, fmt):
+    """Qwen2's q/k/v carry biases: a compressed layer's weight is stored in pieces under its name, its bias as is;
+    the reload keeps both (it once dropped every tensor under a compressed layer's name, the bias among them)."""
+    from helpers import make_tiny_config
+
+    cfg = make_tiny_config(corpus, arch="qwen2")
+    if fmt == "sparse-24-bitmask":
+        cfg = cfg.with_pattern(SparsityPatternConfig.nm_2_4())
+    p = Pipeline(cfg.with_export(ExportConfig(format=fmt)), run_dir=tmp_path / "r", progress=False)
+    assert p.run().ok
+    reloaded = load_pretrained(tmp_path / "r" / "export", dtype=torch.float32).state_dict()
+    biases = {n: t for n, t in p.context.model.state_dict().items() if n.endswith("_proj.bias")}
+    assert biases and all(torch.equal(reloaded[n], t) for n, t in biases.items())
+
+
 def test_plain_transformers_loads_dense_export(tiny_config, tmp_path):
     from transformers import AutoModelForCausalLM
 
