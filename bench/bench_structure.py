@@ -32,7 +32,11 @@ SETTINGS = {  # name → structure section
     "mlp": {"mlp": 0.25},  # 1,536 → 1,152 channels
     "combo": {"depth": 4, "mlp": 0.125, "heads": 3, "heads_unit": "query_per_group"},  # −26.9% non-embedding
     "depth-mlp": {"depth": 5, "mlp": 0.125},  # −24.5% non-embedding, no heads removed
+    "heads": {"heads": 3, "heads_unit": "query_per_group"},  # 9 → 6 query heads, 3 KV heads kept
 }
+# each setting also with FLAP's bias compensation (structure.bias_compensation), named NAME+bias
+SETTINGS.update({f"{name}+bias": {**s, "bias_compensation": True} for name, s in list(SETTINGS.items())
+                 if "mlp" in s or "heads" in s})
 
 
 def config(structure: dict, *, finetune: dict | None, windows: int):
@@ -182,7 +186,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (0: speed not measured)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -202,6 +206,8 @@ def main() -> None:
             rows.append(run_one(f"{name}-recovered", config(SETTINGS[name], finetune=ft, windows=args.windows),
                                 args.work, args.keep_runs))
             write(rows, speeds, args)
+    if not args.rounds:
+        return
     folders = {"dense": dense_folder(args.work)}
     for name in args.settings:
         run = f"{name}-recovered" if args.steps else f"{name}-pruned"

@@ -36,7 +36,8 @@ from podar.schemas.errors import ConfigError
 from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, supported_kwargs
 from .walks import added_in_batch_order
 
-__all__ = ["Family", "WIDTH_FAMILIES", "Resolved", "resolve", "BatchSums", "collect_sums",
+__all__ = ["Family", "WIDTH_FAMILIES", "BiasSwitch", "BIAS_SWITCHES", "Resolved", "resolve", "BatchSums",
+           "collect_sums", "channel_totals", "compensation", "compensate",
            "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads", "apply_plan",
            "block_influence", "channel_sums", "head_sums"]
 
@@ -76,6 +77,25 @@ WIDTH_FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral"
 PER_LAYER_LISTS = ("layer_types",)
 
 
+@dataclass(frozen=True)
+class BiasSwitch:
+    """How a model type has the bias that ``structure.bias_compensation`` writes into the layer a removed part fed:
+    the config field that gives the layers biases (None: the layer has one by its architecture), and the layers
+    (relative to the block) that field gives one, each of which must then hold one."""
+
+    key: str | None
+    layers: tuple[str, ...] = ()
+
+
+# model_type → {"mlp" | "heads": its switch}; a type or a part not here cannot take a bias that transformers loads
+BIAS_SWITCHES: dict[str, dict[str, BiasSwitch]] = {
+    "llama": {"mlp": BiasSwitch("mlp_bias", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+              "heads": BiasSwitch("attention_bias", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj"))},
+    "gpt2": {"mlp": BiasSwitch(None)},
+}
+
+
 # ---------------------------------------------------------------- what is removed, checked before any work
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ class Resolved:
     head_dim: int | None
     family: Family | None
     stack: BlockStack
+    compensate: bool = False  # structure.bias_compensation
 
 
 def _count(value: int | float, total: int) -> int:
@@ -181,8 +202,34 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_q)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_q)
         q_kept, kv_kept = _head_counts(s, n_q, n_kv)
+    _check_compensation(cfg, getattr(config, "model_type", None))
     return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
-                    q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack)
+                    q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack,
+                    compensate=s.bias_compensation)
+
+
+def _check_compensation(cfg: PruningConfig, model_type: str | None) -> None:
+    """With ``bias_compensation``: ConfigError unless every part removed has a bias the compensation can write, in a
+    config transformers loads, and an export format that keeps it."""
+    s = cfg.structure
+    if not s.bias_compensation:
+        return
+    if cfg.export.format == "gguf":
+        raise ConfigError("structure.bias_compensation with export.format gguf: the biases it adds to the projections "
+                          "are not read back by transformers' GGUF loader (the export's check), so the GGUF could not "
+                          "be verified; export dense (or pack-quantized), or set bias_compensation false")
+    if not (s.mlp or s.heads):
+        raise ConfigError("structure.bias_compensation folds the mean output of removed MLP channels and heads into "
+                          "a bias; structure removes neither (structure.mlp, structure.heads): set it false")
+    switches = BIAS_SWITCHES.get(model_type or "", {})
+    for part, field_name, layer in (("mlp", "structure.mlp", "MLP output projection"),
+                                    ("heads", "structure.heads", "attention output projection")):
+        if getattr(s, part) and part not in switches:
+            built = sorted(t for t, parts in BIAS_SWITCHES.items() if part in parts)
+            raise ConfigError(f"structure.bias_compensation with {field_name}: model_type '{model_type}' has no bias "
+                              f"on its {layer} and no config field that gives one (transformers builds it without), "
+                              f"so an export with the compensation would not load; built for {', '.join(built)}: "
+                              "set bias_compensation false")
 
 
 # ---------------------------------------------------------------- statistics
@@ -205,6 +252,15 @@ def channel_sums(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def channel_totals(x: torch.Tensor) -> torch.Tensor:
+    """(C,) fp64: Σ over tokens of x per channel (the first moment bias compensation needs); x (..., C)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+    for start in range(0, flat.shape[0], _ROWS):
+        out += flat[start:start + _ROWS].double().sum(dim=0)
+    return out
+
+
 def head_sums(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(H,) fp64: Σ over tokens and the head's dimensions of x² per head; x (..., H·d), heads contiguous."""
     return channel_sums(x).view(n_heads, -1).sum(dim=1)
@@ -213,17 +269,20 @@ def head_sums(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 @dataclass
 class BatchSums:
     """One calibration batch's sums: influence (L,) fp64 (NaN for a block not run), channels (L, I) and heads (L, H)
-    fp64 or None, tokens."""
+    fp64 or None, tokens; with bias compensation the first moments Σx of the MLP output projection's inputs (L, I)
+    and of the attention output projection's (L, H·d), else None."""
 
     influence: torch.Tensor
     channels: torch.Tensor | None
     heads: torch.Tensor | None
     tokens: int
+    channel_first: torch.Tensor | None = None
+    head_first: torch.Tensor | None = None
 
 
 @contextmanager
 def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, bool], n_heads: int | None,
-           sink: dict[str, dict[int, torch.Tensor]]) -> Iterator[None]:
+           sink: dict[str, dict[int, torch.Tensor]], first: bool) -> Iterator[None]:
     handles = []
 
     def on_block(i: int) -> Callable:
@@ -236,6 +295,8 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
         def hook(_m: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             sink[kind][i] = channel_sums(x) if kind == "channels" else head_sums(x, n_heads or 1)
+            if first:
+                sink[f"{kind}_first"][i] = channel_totals(x)
         return hook
 
     try:
@@ -254,9 +315,11 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
 @torch.no_grad()
 def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, batches: list[int], batch_size: int,
                  device: torch.device | str, *, kept: list[int], family: Family | None, width: tuple[bool, bool],
-                 n_heads: int | None, check: Callable[[], None] = lambda: None) -> list[BatchSums]:
+                 n_heads: int | None, first: bool = False, check: Callable[[], None] = lambda: None
+                 ) -> list[BatchSums]:
     """The sums of calibration ``batches`` (indices into ``samples`` (N, T) cut in batches of ``batch_size``), the
-    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads) also summed."""
+    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads) also summed;
+    ``first``: their first moments too."""
     n_blocks = len(stack.layers)
     running = [(i, stack.layers[i]) for i in kept]
     trunk = _trunk(model, stack)
@@ -266,15 +329,18 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
         for b in batches:
             check()
             batch = samples[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
-            sink: dict[str, dict[int, torch.Tensor]] = {"influence": {}, "channels": {}, "heads": {}}
-            with _hooks(running, family, width, n_heads, sink):
+            sink: dict[str, dict[int, torch.Tensor]] = {"influence": {}, "channels": {}, "heads": {},
+                                                        "channels_first": {}, "heads_first": {}}
+            with _hooks(running, family, width, n_heads, sink, first):
                 trunk(input_ids=batch, **supported_kwargs(trunk, use_cache=False))
             influence = torch.full((n_blocks,), float("nan"), dtype=torch.float64)
             for i, v in sink["influence"].items():
                 influence[i] = v.cpu()
             out.append(BatchSums(influence=influence, tokens=int(batch.numel()),
                                  channels=_stacked(sink["channels"], kept) if width[0] else None,
-                                 heads=_stacked(sink["heads"], kept) if width[1] else None))
+                                 heads=_stacked(sink["heads"], kept) if width[1] else None,
+                                 channel_first=_stacked(sink["channels_first"], kept) if first and width[0] else None,
+                                 head_first=_stacked(sink["heads_first"], kept) if first and width[1] else None))
     return out
 
 
@@ -314,10 +380,16 @@ def kept_heads(sums: torch.Tensor, n_kv: int, q_keep: int, kv_keep: int) -> tupl
     return q, list(range(n_kv))
 
 
+# the plan's parts in its artifact: name → dtype of its tensors (one per kept block)
+_PLAN_KINDS = {"channels": torch.int64, "q_heads": torch.int64, "kv_heads": torch.int64, "mlp_bias": torch.float64,
+               "o_bias": torch.float64}
+
+
 @dataclass(frozen=True)
 class StructurePlan:
     """Which blocks (dense indices, ascending), and in each kept block which MLP channels and query / KV heads,
-    stay; the config values the pruned model has."""
+    stay; the config values the pruned model has; with bias compensation, the amount (hidden size,) added to the
+    bias of each kept block's MLP output projection and attention output projection."""
 
     blocks: list[int]
     channels: dict[int, list[int]] = field(default_factory=dict)
@@ -325,18 +397,20 @@ class StructurePlan:
     kv_heads: dict[int, list[int]] = field(default_factory=dict)
     head_dim: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    mlp_bias: dict[int, list[float]] = field(default_factory=dict)
+    o_bias: dict[int, list[float]] = field(default_factory=dict)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and metadata of a safetensors artifact."""
         tensors = {"blocks": torch.tensor(self.blocks, dtype=torch.int64)}
-        for kind in ("channels", "q_heads", "kv_heads"):
+        for kind, dtype in _PLAN_KINDS.items():
             for i, kept in getattr(self, kind).items():
-                tensors[f"{kind}.{i}"] = torch.tensor(kept, dtype=torch.int64)
+                tensors[f"{kind}.{i}"] = torch.tensor(kept, dtype=dtype)
         return tensors, {"config": json.dumps(self.config, sort_keys=True), "head_dim": str(self.head_dim or "")}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> StructurePlan:
-        parts: dict[str, dict[int, list[int]]] = {"channels": {}, "q_heads": {}, "kv_heads": {}}
+        parts: dict[str, dict[int, list]] = {kind: {} for kind in _PLAN_KINDS}
         for key, value in tensors.items():
             if key != "blocks":
                 kind, index = key.rsplit(".", 1)
@@ -344,6 +418,37 @@ class StructurePlan:
         head_dim = metadata.get("head_dim") or None
         return cls(blocks=tensors["blocks"].tolist(), **parts, head_dim=int(head_dim) if head_dim else None,
                    config=json.loads(metadata["config"]))
+
+
+def compensation(weight: torch.Tensor, kept: list[int], first: torch.Tensor, tokens: int) -> list[float]:
+    """FLAP's bias compensation: the mean output W[:, removed] · E[x][removed] (out,) of the input columns not
+    ``kept``, in fp64, which a bias adds back once they are gone; weight (out, in), first (in,) Σx over ``tokens``."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[torch.tensor(kept, dtype=torch.int64)] = False
+    mean = first.double().cpu() / max(tokens, 1)
+    w = weight.detach().double().cpu()
+    return (w[:, removed] @ mean[removed]).tolist()
+
+
+def compensate(plan: StructurePlan, r: Resolved, sums: Sums, model_type: str) -> None:
+    """Fill ``plan``'s biases from the dense blocks' weights and the first moments in ``sums``, and switch on the
+    config fields that give the layers biases (``BIAS_SWITCHES``)."""
+    assert r.family is not None
+    switches = BIAS_SWITCHES[model_type]
+    for i in plan.blocks:
+        block = r.stack.layers[i]
+        if i in plan.channels and sums.channel_first is not None:
+            plan.mlp_bias[i] = compensation(block.get_submodule(r.family.down).weight, plan.channels[i],
+                                            sums.channel_first[i], sums.tokens)
+        if i in plan.q_heads and sums.head_first is not None:
+            assert r.family.o is not None and plan.head_dim is not None
+            plan.o_bias[i] = compensation(block.get_submodule(r.family.o).weight,
+                                          _head_rows(plan.q_heads[i], plan.head_dim).tolist(), sums.head_first[i],
+                                          sums.tokens)
+    for part, values in (("mlp", plan.mlp_bias), ("heads", plan.o_bias)):
+        key = switches[part].key if part in switches else None
+        if values and key is not None:
+            plan.config[key] = True
 
 
 def plan_structure(r: Resolved, influence: torch.Tensor, removal_order: list[int] | None,
@@ -389,6 +494,30 @@ def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.int64)
 
 
+def _with_bias(linear: nn.Linear, amount: list[float] | None = None) -> None:
+    """``linear`` with a bias (zeros where it had none) plus ``amount``, in its weight's dtype."""
+    w = linear.weight
+    bias = torch.zeros(w.shape[0], dtype=torch.float64) if linear.bias is None else linear.bias.detach().double().cpu()
+    if amount is not None:
+        bias = bias + torch.tensor(amount, dtype=torch.float64)
+    if linear.bias is None or amount is not None:
+        linear.bias = nn.Parameter(bias.to(dtype=w.dtype, device=w.device), requires_grad=w.requires_grad)
+
+
+def _compensated(block: nn.Module, family: Family | None, switches: dict[str, BiasSwitch], plan: StructurePlan,
+                 i: int) -> None:
+    """Block ``i``'s compensation biases added (``plan.mlp_bias``, ``plan.o_bias``), and zero biases on the other
+    layers the config switch gives one."""
+    if family is None:
+        return
+    for part, values, name in (("mlp", plan.mlp_bias, family.down), ("heads", plan.o_bias, family.o)):
+        if i in values:
+            assert name is not None
+            for other in switches[part].layers if part in switches else ():
+                _with_bias(block.get_submodule(other))
+            _with_bias(block.get_submodule(name), values[i])
+
+
 def _set_if_present(module: nn.Module, **values: int) -> None:
     for key, value in values.items():
         if hasattr(module, key):
@@ -432,6 +561,7 @@ def apply_plan(model: nn.Module, stack: BlockStack, family: Family | None, plan:
             attention.num_key_value_groups = n_q // n_kv
             _set_if_present(attention, num_heads=n_q, num_attention_heads=n_q, num_key_value_heads=n_kv,
                             head_dim=plan.head_dim)
+        _compensated(block, family, BIAS_SWITCHES.get(getattr(config, "model_type", ""), {}), plan, i)
     new = nn.ModuleList([stack.layers[i] for i in plan.blocks])
     if len(plan.blocks) < len(stack.layers):
         for j, (i, block) in enumerate(zip(plan.blocks, new, strict=True)):
@@ -468,6 +598,8 @@ class Sums:
     tokens: int
     removal_order: list[int] | None = None
     passes: int = 1
+    channel_first: torch.Tensor | None = None  # bias compensation: Σx per MLP channel (L, I)
+    head_first: torch.Tensor | None = None  # and per column of the attention output projection's input (L, H·d)
 
 
 def _ordered(ctx: Any, rows: list[torch.Tensor], shape: tuple[int, ...], mine: list[int], n: int) -> torch.Tensor:
@@ -494,22 +626,30 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     width = (r.channels_kept is not None, r.q_kept is not None)
     L = r.n_blocks
 
-    def sums(kept: list[int], width: tuple[bool, bool]) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                   torch.Tensor | None, int]:
+    def sums(kept: list[int], width: tuple[bool, bool]) -> Sums:
+        first = r.compensate and any(width)
         parts = collect_sums(ctx.model, r.stack, samples, mine, bs, ctx.device, kept=kept, family=r.family,
-                             width=width, n_heads=r.n_q, check=ctx.check_cancelled)
-        influence = _ordered(ctx, [p.influence for p in parts], (L,), mine, n_batches)
-        channels = heads = None
+                             width=width, n_heads=r.n_q, first=first, check=ctx.check_cancelled)
+        out = Sums(influence=_ordered(ctx, [p.influence for p in parts], (L,), mine, n_batches), channels=None,
+                   heads=None, tokens=int(ctx.dist.sum(torch.tensor([sum(p.tokens for p in parts)],
+                                                                    dtype=torch.int64)).item()))
         if width[0]:
-            channels = _ordered(ctx, [p.channels for p in parts], (L, r.intermediate), mine, n_batches)
+            assert r.intermediate is not None
+            out.channels = _ordered(ctx, [p.channels for p in parts], (L, r.intermediate), mine, n_batches)
+            if first:
+                out.channel_first = _ordered(ctx, [p.channel_first for p in parts], (L, r.intermediate), mine,
+                                             n_batches)
         if width[1]:
-            heads = _ordered(ctx, [p.heads for p in parts], (L, r.n_q), mine, n_batches)
-        tokens = int(ctx.dist.sum(torch.tensor([sum(p.tokens for p in parts)], dtype=torch.int64)).item())
-        return influence, channels, heads, tokens
+            assert r.n_q is not None and r.head_dim is not None
+            out.heads = _ordered(ctx, [p.heads for p in parts], (L, r.n_q), mine, n_batches)
+            if first:
+                out.head_first = _ordered(ctx, [p.head_first for p in parts], (L, r.n_q * r.head_dim), mine,
+                                          n_batches)
+        return out
 
     everything = list(range(L))
-    influence, channels, heads, tokens = sums(everything, width)
-    out = Sums(influence=influence, channels=channels, heads=heads, tokens=tokens)
+    out = sums(everything, width)
+    influence, tokens = out.influence, out.tokens
     if cfg.structure.depth_mode == "iterative" and r.blocks:
         order, kept, current = [], everything, influence
         for _ in range(r.blocks):
@@ -517,7 +657,7 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             order.append(gone)
             kept = [i for i in kept if i != gone]
             if len(order) < r.blocks:
-                current = sums(kept, (False, False))[0]
+                current = sums(kept, (False, False)).influence
                 out.passes += 1
         out.removal_order = order
     st.structure_sums = out
@@ -534,6 +674,8 @@ def rank(ctx: Any) -> dict[str, Any]:
     if s is None:
         raise ConfigError("structure: no calibration statistics (Calibrating did not run)")
     plan = plan_structure(r, s.influence, s.removal_order, s.channels, s.heads)
+    if r.compensate:
+        compensate(plan, r, s, ctx.model.config.model_type)
     st.structure_plan = plan
     return {"blocks_kept": indices_text(plan.blocks),
             "blocks_removed": indices_text([i for i in range(r.n_blocks) if i not in plan.blocks]), **plan.config}
