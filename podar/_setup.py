@@ -157,16 +157,18 @@ def _texts(ctx: RunContext) -> None:
     if cfg.finetune.enabled:
         ft = cfg.finetune
         evaluated = {sha: name for name, sha in st.data_sha256.items() if name.startswith("evaluation")}
-        texts = [("finetune.dataset", ft.dataset)]
+        texts = [("finetune.dataset", ft.dataset, "finetune")]
+        texts += [(f"finetune.extra_datasets[{i}]", name, f"finetune:extra:{name}")
+                  for i, name in enumerate(ft.extra_datasets)]
         if ft.validation_dataset is not None and ft.eval_every:
-            texts.append(("finetune.validation_dataset", ft.validation_dataset))
-        for field, name in texts:
+            texts.append(("finetune.validation_dataset", ft.validation_dataset, "finetune:validation"))
+        for field, name, key in texts:
             sha = text_sha256(load_text(name, data_dir, field=field))
             if sha in evaluated:
                 raise DataError(f"{field} '{name}' is the {evaluated[sha]} text (the same bytes): fine-tuning "
                                 "or validating on the text the gates are measured on would hide what pruning cost; "
                                 "give another text")
-            st.data_sha256["finetune" if field == "finetune.dataset" else "finetune:validation"] = sha
+            st.data_sha256[key] = sha
         training_texts(ctx, 1)  # the validation windows fit (DataError naming the field before any work)
 
 

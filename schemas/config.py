@@ -222,6 +222,10 @@ class FineTuneConfig(Frozen):
     grad_accumulation: int = Field(default=1, ge=1, description="micro-batches per optimizer step, >= 1")
     sequence_length: int = Field(default=256, ge=8, description="tokens per window, >= 8")
     dataset: str = Field(default="wikitext2-valid", description="named dataset or text file; never the eval text")
+    extra_datasets: tuple[str, ...] = Field(
+        default=(), description="more training texts (named, text files or .jsonl), mixed in by dataset_weights")
+    dataset_weights: tuple[float, ...] = Field(
+        default=(), description="share of the training windows of dataset then each extra, each > 0; empty: equal")
     validation_dataset: str | None = Field(
         default=None, description="validation text (named or file; never the eval text); None: the training "
         "text's last 10%, held out from training")
@@ -233,6 +237,27 @@ class FineTuneConfig(Frozen):
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="gradient clipping norm, > 0; None: off")
     train: Literal["pruned_layers", "all"] = Field(default="pruned_layers", description="parameters trained")
     seed: int = Field(default=0, ge=0, description="seed of the window sampler, >= 0")
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> FineTuneConfig:
+        names = [self.dataset, *self.extra_datasets]
+        if len(set(names)) < len(names):
+            raise ValueError(f"finetune.extra_datasets {list(self.extra_datasets)} repeats a training text "
+                             f"(finetune.dataset '{self.dataset}' included); weight it with dataset_weights instead")
+        if self.dataset_weights and len(self.dataset_weights) != len(names):
+            raise ValueError(f"finetune.dataset_weights has {len(self.dataset_weights)} weights for {len(names)} "
+                             f"training texts (dataset, then extra_datasets): give one per text, or none (equal)")
+        if any(not w > 0.0 for w in self.dataset_weights):
+            raise ValueError(f"finetune.dataset_weights {list(self.dataset_weights)}: every weight must be > 0 "
+                             "(remove a text from extra_datasets instead)")
+        return self
+
+    def sources(self) -> list[tuple[str, float]]:
+        """The training texts and their shares of the windows (summing to 1): dataset, then extra_datasets."""
+        names = [self.dataset, *self.extra_datasets]
+        weights = list(self.dataset_weights) or [1.0] * len(names)
+        total = sum(weights)
+        return [(n, w / total) for n, w in zip(names, weights, strict=True)]
 
     @model_validator(mode="after")
     def _check_teacher(self) -> FineTuneConfig:

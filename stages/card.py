@@ -44,6 +44,14 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
             "otherwise)."]
 
 
+def _texts(cfg: PruningConfig) -> str:
+    """The fine-tuning texts, with their shares of the windows when there are several."""
+    sources = cfg.finetune.sources()
+    if len(sources) == 1:
+        return sources[0][0]
+    return ", ".join(f"{name} ({share:.0%})" for name, share in sources)
+
+
 def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: str, version: str,
                export: dict[str, Any]) -> str:
     """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity
@@ -62,7 +70,7 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
         ft = cfg.finetune
         lines += [f"Fine-tuned {steps} steps after pruning: loss {ft.loss} (the dense model as teacher where KD), "
                   f"peak learning rate {ft.learning_rate:g}, {ft.lr_schedule} schedule, {ft.sequence_length}-token "
-                  f"windows of {ft.dataset}.", ""]
+                  f"windows of {_texts(cfg)}.", ""]
     if evaluating is not None and evaluating.texts:
         lines += ["Measured by podar's Evaluating stage against the dense model on the same windows:", "",
                   "| text | windows × tokens | dense perplexity | pruned perplexity | KL (nats/token) |",

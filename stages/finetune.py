@@ -86,34 +86,66 @@ def warmup_steps(ft: FineTuneConfig, n_steps: int) -> int:
 # ---------------------------------------------------------------- data
 
 
+def mixture_counts(total: int, shares: list[float]) -> list[int]:
+    """Windows per text: ``total`` split by ``shares`` (summing to 1), the largest remainders rounded up first (ties
+    to the earlier text), so the counts add up to ``total``."""
+    raw = [total * share for share in shares]
+    counts = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in order[:total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def training_texts(ctx: RunContext, n_windows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training windows (n_windows, T) int64 drawn by the round's seed, validation windows (v, T) or None when
-    ``eval_every`` is 0). Without ``validation_dataset`` the training text's last ``VALIDATION_SHARE`` of tokens is
-    held out for validation and the windows are drawn from the rest. DataError when a text is too short."""
+    ``eval_every`` is 0). Several training texts (``extra_datasets``): each gives its share of the windows
+    (``dataset_weights``), drawn from it by its own seed, then shuffled together by the round's seed. Without
+    ``validation_dataset`` each text's last ``VALIDATION_SHARE`` of tokens is held out for validation (its share of
+    the validation windows) and the windows are drawn from the rest. DataError naming the field when a text is too
+    short."""
     ft, st = ctx.config.finetune, ctx.state
     data_dir = resolve_data_dir(ctx.config.data_dir)
-    ids = tokenize_text(ctx.tokenizer, load_text(ft.dataset, data_dir, field="finetune.dataset"),
-                        field="finetune.dataset")
+    sources = ft.sources()
+    shares = [share for _, share in sources]
+    fields = ["finetune.dataset", *(f"finetune.extra_datasets[{i}]" for i in range(len(sources) - 1))]
+    texts = [tokenize_text(ctx.tokenizer, load_text(name, data_dir, field=f), field=f)
+             for (name, _), f in zip(sources, fields, strict=True)]
     held: torch.Tensor | None = None
     if ft.eval_every:
         if ft.validation_dataset is None:
-            cut = int(ids.numel() * (1.0 - VALIDATION_SHARE))
-            ids, held = ids[:cut], ids[cut:]
-            source = f"the last {VALIDATION_SHARE:.0%} of finetune.dataset '{ft.dataset}'"
+            parts = []
+            for i, count in enumerate(mixture_counts(ft.validation_windows, shares)):
+                cut = int(texts[i].numel() * (1.0 - VALIDATION_SHARE))
+                texts[i], tail = texts[i][:cut], texts[i][cut:]
+                source = f"the last {VALIDATION_SHARE:.0%} of {fields[i]} '{sources[i][0]}'"
+                parts.append(_validation_windows(tail, count, ft, source))
+            held = torch.cat(parts)
         else:
             held = tokenize_text(ctx.tokenizer, load_text(ft.validation_dataset, data_dir,
                                                           field="finetune.validation_dataset"),
                                  field="finetune.validation_dataset")
-            source = f"finetune.validation_dataset '{ft.validation_dataset}'"
-        need = ft.validation_windows * ft.sequence_length
-        if held.numel() < need:
-            raise DataError(f"{source} has {held.numel()} tokens; finetune.validation_windows="
-                            f"{ft.validation_windows} × finetune.sequence_length={ft.sequence_length} need {need} "
-                            "(a longer text, fewer or shorter windows, or finetune.eval_every: 0)")
-        held = held[:need].view(ft.validation_windows, ft.sequence_length)
-    windows = calibration_windows(ids, n_windows, ft.sequence_length, ft.seed + st.round_index,
-                                  name=ft.dataset, field="finetune")
-    return windows, held
+            held = _validation_windows(held, ft.validation_windows, ft,
+                                       f"finetune.validation_dataset '{ft.validation_dataset}'")
+    seed = ft.seed + st.round_index
+    if len(texts) == 1:
+        return calibration_windows(texts[0], n_windows, ft.sequence_length, seed, name=ft.dataset,
+                                   field="finetune"), held
+    drawn = [calibration_windows(ids, count, ft.sequence_length, seed + 7919 * i, name=sources[i][0],
+                                 field="finetune")
+             for i, (ids, count) in enumerate(zip(texts, mixture_counts(n_windows, shares), strict=True))]
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+    return torch.cat(drawn)[order], held
+
+
+def _validation_windows(ids: torch.Tensor, count: int, ft: FineTuneConfig, source: str) -> torch.Tensor:
+    """The first ``count`` windows of ``ids`` (count, T); DataError naming ``source`` when it is too short."""
+    need = count * ft.sequence_length
+    if ids.numel() < need:
+        raise DataError(f"{source} has {ids.numel()} tokens; {count} validation windows (of finetune."
+                        f"validation_windows={ft.validation_windows}) × finetune.sequence_length={ft.sequence_length} "
+                        f"need {need} (a longer text, fewer or shorter windows, or finetune.eval_every: 0)")
+    return ids[:need].view(count, ft.sequence_length)
 
 
 # ---------------------------------------------------------------- the training session of one round

@@ -208,3 +208,99 @@ def test_cancel_in_the_middle_of_a_fine_tune_fails_and_resumes_to_the_same_weigh
     monkeypatch.setattr(finetune, "_apply", original)
     assert Pipeline.resume(tmp_path / "run", progress=False).run().ok
     assert export_hashes(tmp_path / "run") == export_hashes(tmp_path / "ref")
+
+
+# ---------------------------------------------------------------- several training texts, by weight
+
+
+def test_mixture_counts_split_the_windows_by_largest_remainder():
+    from podar.stages.finetune import mixture_counts
+
+    assert mixture_counts(10, [0.5, 0.3, 0.2]) == [5, 3, 2]
+    assert mixture_counts(7, [1 / 3, 1 / 3, 1 / 3]) == [3, 2, 2]  # ties to the earlier text
+    assert mixture_counts(1, [0.25, 0.75]) == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        w = torch.rand(4, generator=g, dtype=torch.float64) + 0.01
+        shares = (w / w.sum()).tolist()
+        total = int(torch.randint(0, 40, (1,), generator=g))
+        counts = mixture_counts(total, shares)
+        assert sum(counts) == total
+        assert all(abs(c - total * s) < 1.0 for c, s in zip(counts, shares, strict=True))
+
+
+def _other_text(tmp_path):
+    """A text of words the corpus does not use, long enough for training and validation windows."""
+    import random
+
+    rng = random.Random(1)
+    words = "zebra quartz violin harbor copper lantern meadow saffron glacier orbit".split()
+    path = tmp_path / "other.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + " ." for _ in range(600)))
+    return path
+
+
+def _is_slice(window, ids):
+    """``window`` (T,) is a contiguous run of ``ids`` (N,)."""
+    runs = ids.unfold(0, window.numel(), 1)
+    return bool((runs == window).all(dim=1).any())
+
+
+def test_several_training_texts_give_their_shares_of_the_windows(tiny_config, tmp_path):
+    from podar.engine.data import calibration_windows, load_text, tokenize_text
+    from podar.stages.finetune import VALIDATION_SHARE, training_texts
+
+    other = _other_text(tmp_path)
+    cfg = ft_config(tiny_config, steps=2, extra_datasets=(str(other),), dataset_weights=(3.0, 1.0),
+                    validation_windows=4)
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    result = pipe.run()
+    assert result.ok, result.failure
+    ctx = pipe.context
+    ids = [tokenize_text(ctx.tokenizer, load_text(str(p), None)) for p in (cfg.finetune.dataset, other)]
+    cuts = [int(i.numel() * (1 - VALIDATION_SHARE)) for i in ids]
+    windows, held = training_texts(ctx, 40)
+    assert windows.shape == (40, cfg.finetune.sequence_length)
+    source = [[_is_slice(w, i[:c]) for i, c in zip(ids, cuts, strict=True)] for w in windows]
+    assert all(sum(s) == 1 for s in source)  # each window from one text, never from its held-out tail
+    assert sum(s[0] for s in source) == 30 and sum(s[1] for s in source) == 10  # 3 : 1
+    assert [s[0] for s in source] != sorted((s[0] for s in source), reverse=True)  # shuffled together
+    assert held.shape == (4, cfg.finetune.sequence_length)  # 3 : 1 of the validation windows, from the tails
+    assert [_is_slice(w, ids[0][cuts[0]:]) for w in held] == [True, True, True, False]
+    assert _is_slice(held[3], ids[1][cuts[1]:])
+    assert "other.txt (25%)" in (tmp_path / "run" / "export" / "README.md").read_text()
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    assert f"finetune:extra:{other}" in manifest.data_sha256
+    # one text: the windows one text always gave (the same seed, no shuffle)
+    single = ft_config(tiny_config, steps=2)
+    pipe = Pipeline(single, run_dir=tmp_path / "one", progress=False)
+    assert pipe.run().ok
+    windows, _ = training_texts(pipe.context, 5)
+    want = calibration_windows(ids[0][:cuts[0]], 5, single.finetune.sequence_length,
+                               single.finetune.seed + pipe.context.state.round_index)
+    assert torch.equal(windows, want)
+
+
+def test_a_mixed_fine_tune_killed_resumes_to_the_same_export(tiny_config, tmp_path):
+    cfg = ft_config(tiny_config, extra_datasets=(str(_other_text(tmp_path)),), dataset_weights=(1.0, 2.0))
+    killed_and_resumed(cfg, tmp_path, "kill@step:fine_tuning#3")
+
+
+def test_bad_mixtures_are_refused_before_any_work(tiny_config, tmp_path):
+    from pydantic import ValidationError
+
+    other = str(_other_text(tmp_path))
+    with pytest.raises(ValidationError, match="2 weights for 3 training texts"):
+        ft_config(tiny_config, extra_datasets=(other, other + "x"), dataset_weights=(1.0, 2.0))
+    with pytest.raises(ValidationError, match="every weight must be > 0"):
+        ft_config(tiny_config, extra_datasets=(other,), dataset_weights=(1.0, 0.0))
+    with pytest.raises(ValidationError, match="repeats a training text"):
+        ft_config(tiny_config, extra_datasets=(tiny_config.finetune.dataset,))
+    cfg = ft_config(tiny_config, extra_datasets=(other, tiny_config.evaluation.dataset))
+    with pytest.raises(DataError, match=r"finetune.extra_datasets\[1\] .* is the evaluation text"):
+        Pipeline(cfg, run_dir=tmp_path / "eval", progress=False).run()
+    with pytest.raises(PodarError, match=r"finetune.extra_datasets\[0\]"):
+        Pipeline(ft_config(tiny_config, extra_datasets=(str(tmp_path / "nope.txt"),)), run_dir=tmp_path / "missing",
+                 progress=False).run()
+    for name in ("eval", "missing"):
+        assert not (tmp_path / name / "manifest.json").exists()
