@@ -212,6 +212,11 @@ class FineTuneConfig(Frozen):
         default="on_the_fly", description="the dense teacher: computed each step (dense weights swapped in) or its "
         "top-k logits computed once per round and checkpointed")
     teacher_top_k: int = Field(default=64, ge=1, description="cached teacher: tokens kept per position, >= 1")
+    hidden_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of the hidden-state term (every block's output against the dense "
+        "model's) added to the loss, >= 0; 0: off")
+    hidden_loss: Literal["cosine", "mse"] = Field(
+        default="cosine", description="hidden-state term: mean 1 − cos per token, or ‖h − h_dense‖² / ‖h_dense‖²")
     learning_rate: float = Field(default=1e-5, gt=0.0, lt=1.0, description="AdamW peak learning rate, (0, 1)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         default="cosine", description="decay after the warm-up: none, linear or cosine to min_lr_ratio")
@@ -261,6 +266,10 @@ class FineTuneConfig(Frozen):
 
     @model_validator(mode="after")
     def _check_teacher(self) -> FineTuneConfig:
+        if self.teacher == "cached" and self.hidden_weight > 0.0:
+            raise ValueError(f"finetune.hidden_weight={self.hidden_weight:g} compares every block's output with the "
+                             "dense model's, which teacher: cached (top-k logits only) does not keep; use teacher: "
+                             "on_the_fly")
         if self.teacher == "cached" and self.loss != "lm" and self.kd_temperature != 1.0:
             raise ValueError(f"finetune.teacher: cached keeps the teacher's top-k logits at temperature 1; "
                              f"finetune.kd_temperature={self.kd_temperature:g} needs teacher: on_the_fly")

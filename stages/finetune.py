@@ -9,7 +9,10 @@ Loss (``finetune.loss``): ``lm`` the next-token cross-entropy; ``kd`` the KL div
 next-token distribution to the pruned model's at temperature T (scaled by T², Hinton et al.); ``kd+lm`` their
 weighted sum. The teacher is the dense model computed on the fly: the same modules with their dense weights
 swapped in for its forward, so no second model is held; after structured pruning, the dense copy kept before the
-blocks, channels or heads went (``stages.common.dense_model``), and every remaining weight trains.
+blocks, channels or heads went (``stages.common.dense_model``), and every remaining weight trains. With
+``hidden_weight`` > 0 a hidden-state term joins the loss: every block's output against the output of the dense block
+it was (after depth pruning, the kept blocks'), cosine or relative MSE (``hidden_state_loss``), as in layer-wise
+distillation recipes (Sparse-Llama).
 
 Learning rate: linear warm-up over ``warmup_fraction`` of the round's steps, then constant, linear or cosine decay
 to ``min_lr_ratio`` × the peak at the round's last step (``lr_at``). Validation every ``eval_every`` steps and at
@@ -25,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,7 @@ from podar.schemas.errors import CheckpointError, DataError, StageError
 from podar.schemas.records import StageResult
 from podar.schemas.stage import PruningStage
 
+from .blocks import block_output, find_blocks
 from .common import dense_model
 from .quality import compare_to_reference, dense_reference, head_splits, kl_top_k, next_token_stats
 
@@ -77,6 +81,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1
     log_p = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
     per_position = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     return per_position.mean() * temperature**2
+
+
+def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """Scalar: the mean over matched blocks of their outputs' distance, each (B, T, C) — ``cosine``: the mean over
+    tokens of 1 − cos(h, h_dense); ``mse``: ‖h − h_dense‖² / ‖h_dense‖² over the block's tokens (the dense side
+    carries no gradient)."""
+    terms = []
+    for h, t in zip(student, teacher, strict=True):
+        h, t = h.float(), t.detach().float()
+        if kind == "cosine":
+            terms.append((1.0 - F.cosine_similarity(h, t, dim=-1, eps=1e-8)).mean())
+        else:
+            terms.append((h - t).square().sum() / t.square().sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
 
 
 def warmup_steps(ft: FineTuneConfig, n_steps: int) -> int:
@@ -220,13 +238,37 @@ def _remask(masks: dict[str, torch.Tensor], targets: dict[str, torch.nn.Module])
     return leaked
 
 
-def _teacher_logits(ctx: RunContext, batch: torch.Tensor) -> torch.Tensor:
-    """The dense model's logits (B, T, V) fp32 on ``batch``: the model with its dense weights swapped in, in eval
-    mode, no gradient."""
+@contextmanager
+def _block_outputs(model: torch.nn.Module, path: str | None, keep: list[int] | None = None
+                   ) -> Iterator[list[torch.Tensor]]:
+    """While open, the outputs (B, T, C) of ``model``'s blocks (those at ``keep``, in its order; all when None) are
+    appended to the list yielded, one per block forward."""
+    stack = find_blocks(model, path)
+    if stack is None:
+        raise StageError(f"finetune.hidden_weight: {type(model).__name__} has no stack of blocks whose outputs to "
+                         "compare (name it in calibration.blocks)", stage=STAGE.display_name())
+    outputs: list[torch.Tensor] = []
+    handles = [stack.layers[i].register_forward_hook(lambda _m, _a, out: outputs.append(block_output(out)))
+               for i in (range(len(stack.layers)) if keep is None else keep)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _teacher(ctx: RunContext, batch: torch.Tensor, hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """The dense model's logits (B, T, V) fp32 on ``batch`` — the model with its dense weights swapped in, or the
+    dense copy after structured pruning — in eval mode, no gradient; with ``hidden`` the outputs of its blocks that
+    match the pruned model's, in order (after depth pruning: the blocks kept)."""
+    plan = ctx.state.structure_plan
     with torch.no_grad(), dense_model(ctx) as model:
         model.eval()
         try:
-            return model(input_ids=batch, use_cache=False).logits.float()
+            with (_block_outputs(model, ctx.config.calibration.blocks, plan.blocks if plan is not None else None)
+                  if hidden else nullcontext([])) as outputs:
+                logits = model(input_ids=batch, use_cache=False).logits.float()
+            return logits, list(outputs) if hidden else None
         finally:
             if model is ctx.model:
                 model.train()
@@ -259,22 +301,34 @@ def teacher_cache(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Ten
 
 
 def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor, cached: dict[str, torch.Tensor] | None
-          ) -> tuple[torch.Tensor, float, float]:
-    """(the loss to step on, its LM part, its KD part — 0.0 when not computed) on ``batch`` (B, T); ``cached``: the
-    teacher's top-k of these windows (ids, logp (B, T-1, k)) when it was computed ahead."""
+          ) -> tuple[torch.Tensor, float, float, float]:
+    """(the loss to step on, its LM part, its KD part, its hidden-state part — 0.0 when not computed) on ``batch``
+    (B, T); ``cached``: the teacher's top-k of these windows (ids, logp (B, T-1, k)) when it was computed ahead."""
     ft = ctx.config.finetune
-    teacher = _teacher_logits(ctx, batch) if ft.loss != "lm" and cached is None else None
-    logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+    hidden = ft.hidden_weight > 0.0
+    teacher = teacher_hidden = None
+    if hidden or (ft.loss != "lm" and cached is None):
+        teacher, teacher_hidden = _teacher(ctx, batch, hidden)
+    with (_block_outputs(ctx.model, ctx.config.calibration.blocks) if hidden else nullcontext([])) as outputs:
+        logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     if ft.loss == "lm":
-        return lm, float(lm.detach()), 0.0
-    if cached is not None:
-        kd = kd_top_k_loss(logits, cached["ids"].long().to(logits.device), cached["logp"].to(logits.device))
+        loss, kd_value = lm, 0.0
     else:
-        assert teacher is not None
-        kd = kd_loss(logits, teacher[:, :-1], ft.kd_temperature)
-    loss = kd if ft.loss == "kd" else ft.kd_weight * kd + (1.0 - ft.kd_weight) * lm
-    return loss, float(lm.detach()), float(kd.detach())
+        if cached is not None:
+            kd = kd_top_k_loss(logits, cached["ids"].long().to(logits.device), cached["logp"].to(logits.device))
+        else:
+            assert teacher is not None
+            kd = kd_loss(logits, teacher[:, :-1], ft.kd_temperature)
+        loss = kd if ft.loss == "kd" else ft.kd_weight * kd + (1.0 - ft.kd_weight) * lm
+        kd_value = float(kd.detach())
+    hidden_value = 0.0
+    if hidden:
+        assert teacher_hidden is not None
+        term = hidden_state_loss(list(outputs), teacher_hidden, ft.hidden_loss)
+        loss = loss + ft.hidden_weight * term
+        hidden_value = float(term.detach())
+    return loss, float(lm.detach()), kd_value, hidden_value
 
 
 def _validate(ctx: RunContext, windows: torch.Tensor, reference: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -388,6 +442,7 @@ class _Outcome:
     losses: list[float] = field(default_factory=list)
     lm: list[float] = field(default_factory=list)
     kd: list[float] = field(default_factory=list)
+    hidden: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     leaks: list[float] = field(default_factory=list)  # max |w| at pruned positions after each step (0.0)
     val_step: list[float] = field(default_factory=list)
@@ -399,25 +454,26 @@ class _Outcome:
 
 
 def _accumulate(ctx: RunContext, prepared: torch.nn.Module, windows: torch.Tensor, i: int, step: int,
-                cache: dict[str, torch.Tensor] | None = None) -> tuple[float, float, float]:
+                cache: dict[str, torch.Tensor] | None = None) -> tuple[float, float, float, float]:
     """Forward and backward of optimizer step ``i``'s micro-batches (this process's share of each); the step's
-    (loss, LM part, KD part) here. ``step``: the run's step number, for messages; ``cache``: ``teacher_cache``."""
+    (loss, LM part, KD part, hidden-state part) here. ``step``: the run's step number, for messages; ``cache``:
+    ``teacher_cache``."""
     ft, dist = ctx.config.finetune, ctx.dist
     micro = ft.batch_size * ft.grad_accumulation
-    total = [0.0, 0.0, 0.0]
+    total = [0.0, 0.0, 0.0, 0.0]
     for a in range(ft.grad_accumulation):
         first = i * micro + a * ft.batch_size
         share = slice(first + dist.rank, first + ft.batch_size, dist.world)  # this process's windows
         batch = windows[share].to(ctx.accelerator.device)  # (B / world, T)
         cached = None if cache is None else {k: v[share] for k, v in cache.items()}
-        loss, lm, kd = _loss(ctx, prepared, batch, cached)
+        loss, lm, kd, hidden = _loss(ctx, prepared, batch, cached)
         if dist.sum_floats([0.0 if torch.isfinite(loss) else 1.0])[0]:  # every process stops, or none
             raise StageError(f"fine-tuning loss is not finite at step {step} ({loss.item()} here)",
                              stage=STAGE.display_name())
         ctx.accelerator.backward(loss / ft.grad_accumulation)
-        for k, value in enumerate((float(loss.detach()), lm, kd)):
+        for k, value in enumerate((float(loss.detach()), lm, kd, hidden)):
             total[k] += value / ft.grad_accumulation
-    return total[0], total[1], total[2]
+    return total[0], total[1], total[2], total[3]
 
 
 def _apply(ctx: RunContext, optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter],
@@ -468,6 +524,7 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
         out.losses.append(mean[0] / dist.world)
         out.lm.append(mean[1] / dist.world)
         out.kd.append(mean[2] / dist.world)
+        out.hidden.append(mean[3] / dist.world)
         out.lr.append(lr)
         out.trained += 1
         busy += time.perf_counter() - started
@@ -536,6 +593,8 @@ def _checkpoint(ctx: RunContext, session: Session, out: _Outcome, params: dict[s
                                       "pruned_max_abs_after_step": out.leaks}
     if ft.loss != "lm":
         series["kd_loss"] = out.kd
+    if ft.hidden_weight > 0.0:
+        series["hidden_loss"] = out.hidden
     if out.val_step:
         series.update(val_step=out.val_step, val_loss=out.val_loss, val_kl=out.val_kl)
     metrics: dict[str, Any] = {

@@ -304,3 +304,70 @@ def test_bad_mixtures_are_refused_before_any_work(tiny_config, tmp_path):
                  progress=False).run()
     for name in ("eval", "missing"):
         assert not (tmp_path / name / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- the hidden-state term
+
+
+def test_hidden_state_loss_against_float64():
+    from podar.stages.finetune import hidden_state_loss
+
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]
+    teacher = [torch.randn(2, 5, 7, generator=g) for _ in range(3)]
+    cos, mse = [], []
+    for h, t in zip(student, teacher, strict=True):
+        h, t = h.double(), t.double()
+        per_token = [1 - float(h[b, i] @ t[b, i]) / float(h[b, i].norm() * t[b, i].norm())
+                     for b in range(2) for i in range(5)]
+        cos.append(sum(per_token) / len(per_token))
+        mse.append(float((h - t).square().sum() / t.square().sum()))
+    assert float(hidden_state_loss(student, teacher, "cosine")) == pytest.approx(sum(cos) / 3, rel=1e-5)
+    assert float(hidden_state_loss(student, teacher, "mse")) == pytest.approx(sum(mse) / 3, rel=1e-5)
+    assert float(hidden_state_loss(teacher, teacher, "mse")) == 0.0
+    s = [x.clone().requires_grad_(True) for x in student]
+    t = [x.clone().requires_grad_(True) for x in teacher]
+    hidden_state_loss(s, t, "cosine").backward()
+    assert all(x.grad is not None for x in s) and all(x.grad is None for x in t)  # the dense side is fixed
+
+
+def test_the_hidden_term_trains_a_masked_model_and_resumes(tiny_config, tmp_path):
+    cfg = ft_config(tiny_config, hidden_weight=0.5, hidden_loss="mse")
+    manifest = killed_and_resumed(cfg, tmp_path, "kill@step:fine_tuning#3")
+    series = [x for r in manifest.results if r.stage == "fine_tuning" for x in r.series["hidden_loss"]]
+    assert len(series) == 6 and all(0.0 < x < 10.0 for x in series)
+    losses = [x for r in manifest.results if r.stage == "fine_tuning" for x in r.series["loss"]]
+    kd = [x for r in manifest.results if r.stage == "fine_tuning" for x in r.series["kd_loss"]]
+    lm = [x for r in manifest.results if r.stage == "fine_tuning" for x in r.series["lm_loss"]]
+    for total, k, m, h in zip(losses, kd, lm, series, strict=True):  # kd+lm at weight 0.5, plus 0.5 × hidden
+        assert total == pytest.approx(0.5 * k + 0.5 * m + 0.5 * h, rel=1e-5)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="hidden_weight=0.5 compares every block's output"):
+        ft_config(tiny_config, hidden_weight=0.5, teacher="cached")
+
+
+def test_after_depth_pruning_each_block_is_compared_with_the_dense_block_it_was(corpus, tmp_path, monkeypatch):
+    from test_structure import structure_config
+
+    from podar.stages import structure
+    from podar.stages.finetune import _block_outputs, _teacher
+
+    monkeypatch.setattr(structure, "kept_blocks", lambda influence, n_remove: [0, 1, 3])  # block 2 goes
+    cfg = structure_config(corpus, layers=4, depth=1)
+    pipe = Pipeline(cfg, run_dir=tmp_path / "run", progress=False)
+    assert pipe.run().ok
+    ctx = pipe.context
+    assert ctx.state.structure_plan.blocks == [0, 1, 3]
+    gone = 2
+    batch = ctx.state.calibration_samples[:2]
+    _, dense = _teacher(ctx, batch, True)
+    with torch.no_grad(), _block_outputs(ctx.model, None) as outputs:
+        ctx.model(input_ids=batch, use_cache=False)
+    assert len(dense) == len(outputs) == 3
+    with torch.no_grad(), _block_outputs(ctx.state.dense_model, None) as every:
+        ctx.state.dense_model(input_ids=batch, use_cache=False)
+    assert all(torch.equal(d, every[i]) for d, i in zip(dense, [0, 1, 3], strict=True))  # the kept blocks' outputs
+    for j in range(3):  # before the removed block the pruned model computes what the dense one did
+        same = torch.equal(outputs[j], dense[j])
+        assert same == (j < gone), (j, gone)
