@@ -128,7 +128,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
-    ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"])
+    ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"],
+                    help="pruned, kd, lm, kd-hidden (kd + the hidden-state term), dense-lm")
+    ap.add_argument("--hidden-weight", type=float, default=1.0, help="kd-hidden: finetune.hidden_weight")
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-finetune"))
     ap.add_argument("--out", default="finetune")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (default: removed after)")
@@ -144,6 +146,8 @@ def main() -> None:
         "pruned": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows),
         "kd": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"}, windows=args.windows),
         "lm": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "lm"}, windows=args.windows),
+        "kd-hidden": config(sparsity=0.5, pattern="2:4", method="wanda", windows=args.windows,
+                            finetune={**ft, "loss": "kd", "hidden_weight": args.hidden_weight}),
         "dense-lm": config(sparsity=0.0, pattern="unstructured", method="magnitude",
                            finetune={**ft, "loss": "lm"}, windows=args.windows),
     }
