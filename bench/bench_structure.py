@@ -34,9 +34,11 @@ SETTINGS = {  # name → structure section
     "depth-mlp": {"depth": 5, "mlp": 0.125},  # −24.5% non-embedding, no heads removed
     "heads": {"heads": 3, "heads_unit": "query_per_group"},  # 9 → 6 query heads, 3 KV heads kept
 }
-# each setting also with FLAP's bias compensation (structure.bias_compensation), named NAME+bias
-SETTINGS.update({f"{name}+bias": {**s, "bias_compensation": True} for name, s in list(SETTINGS.items())
-                 if "mlp" in s or "heads" in s})
+# each width setting also with FLAP's bias compensation (NAME+bias), and with it FLAP's fluctuation ranking (NAME+flap)
+_WIDTH = [(name, s) for name, s in SETTINGS.items() if "mlp" in s or "heads" in s]
+SETTINGS.update({f"{name}+bias": {**s, "bias_compensation": True} for name, s in _WIDTH})
+SETTINGS.update({f"{name}+flap": {**s, "bias_compensation": True, "channel_score": "fluctuation"}
+                 for name, s in _WIDTH})
 
 
 def config(structure: dict, *, finetune: dict | None, windows: int):

@@ -174,6 +174,9 @@ class StructureConfig(Frozen):
     heads_unit: Literal["kv_groups", "query_per_group"] = Field(
         default="kv_groups", description="kv_groups: whole KV groups go; query_per_group: query heads evenly per group")
     alignment: int = Field(default=64, ge=1, description="kept MLP channels rounded to a multiple of this, >= 1")
+    channel_score: Literal["activation", "fluctuation"] = Field(
+        default="activation", description="MLP channels and heads ranked by Σx² (Minitron) or Var(x)·‖W col‖² (FLAP's "
+        "fluctuation, the error left after bias compensation)")
     bias_compensation: bool = Field(
         default=False, description="FLAP: removed MLP channels' and heads' mean output folded into a bias of the "
         "layer they fed (Llama: mlp_bias / attention_bias set; GPT-2: its biases)")

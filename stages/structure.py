@@ -37,7 +37,7 @@ from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, sup
 from .walks import added_in_batch_order
 
 __all__ = ["Family", "WIDTH_FAMILIES", "BiasSwitch", "BIAS_SWITCHES", "Resolved", "resolve", "BatchSums",
-           "collect_sums", "channel_totals", "compensation", "compensate",
+           "collect_sums", "channel_totals", "compensation", "compensate", "fluctuation", "fluctuation_scores",
            "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads", "apply_plan",
            "block_influence", "channel_sums", "head_sums"]
 
@@ -115,6 +115,12 @@ class Resolved:
     family: Family | None
     stack: BlockStack
     compensate: bool = False  # structure.bias_compensation
+    fluctuation: bool = False  # structure.channel_score fluctuation
+
+    @property
+    def first_moments(self) -> bool:
+        """Calibrating also sums Σx (and the attention output's Σx² per column)."""
+        return self.compensate or self.fluctuation
 
 
 def _count(value: int | float, total: int) -> int:
@@ -205,7 +211,7 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
     _check_compensation(cfg, getattr(config, "model_type", None))
     return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
                     q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack,
-                    compensate=s.bias_compensation)
+                    compensate=s.bias_compensation, fluctuation=s.channel_score == "fluctuation")
 
 
 def _check_compensation(cfg: PruningConfig, model_type: str | None) -> None:
@@ -270,7 +276,7 @@ def head_sums(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 class BatchSums:
     """One calibration batch's sums: influence (L,) fp64 (NaN for a block not run), channels (L, I) and heads (L, H)
     fp64 or None, tokens; with bias compensation the first moments Σx of the MLP output projection's inputs (L, I)
-    and of the attention output projection's (L, H·d), else None."""
+    and of the attention output projection's (L, H·d), and the latter's Σx² per column (L, H·d), else None."""
 
     influence: torch.Tensor
     channels: torch.Tensor | None
@@ -278,6 +284,7 @@ class BatchSums:
     tokens: int
     channel_first: torch.Tensor | None = None
     head_first: torch.Tensor | None = None
+    head_columns: torch.Tensor | None = None  # Σx² per column of the attention output projection's input (L, H·d)
 
 
 @contextmanager
@@ -297,6 +304,8 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
             sink[kind][i] = channel_sums(x) if kind == "channels" else head_sums(x, n_heads or 1)
             if first:
                 sink[f"{kind}_first"][i] = channel_totals(x)
+                if kind == "heads":
+                    sink["head_columns"][i] = channel_sums(x)
         return hook
 
     try:
@@ -330,7 +339,7 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
             check()
             batch = samples[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
             sink: dict[str, dict[int, torch.Tensor]] = {"influence": {}, "channels": {}, "heads": {},
-                                                        "channels_first": {}, "heads_first": {}}
+                                                        "channels_first": {}, "heads_first": {}, "head_columns": {}}
             with _hooks(running, family, width, n_heads, sink, first):
                 trunk(input_ids=batch, **supported_kwargs(trunk, use_cache=False))
             influence = torch.full((n_blocks,), float("nan"), dtype=torch.float64)
@@ -340,7 +349,8 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
                                  channels=_stacked(sink["channels"], kept) if width[0] else None,
                                  heads=_stacked(sink["heads"], kept) if width[1] else None,
                                  channel_first=_stacked(sink["channels_first"], kept) if first and width[0] else None,
-                                 head_first=_stacked(sink["heads_first"], kept) if first and width[1] else None))
+                                 head_first=_stacked(sink["heads_first"], kept) if first and width[1] else None,
+                                 head_columns=_stacked(sink["head_columns"], kept) if first and width[1] else None))
     return out
 
 
@@ -428,6 +438,34 @@ def compensation(weight: torch.Tensor, kept: list[int], first: torch.Tensor, tok
     mean = first.double().cpu() / max(tokens, 1)
     w = weight.detach().double().cpu()
     return (w[:, removed] @ mean[removed]).tolist()
+
+
+def fluctuation(squares: torch.Tensor, first: torch.Tensor, tokens: int, weight: torch.Tensor) -> torch.Tensor:
+    """(C,) fp64: FLAP's fluctuation Var(x_c) · ‖W[:, c]‖² of each input column c of a layer — the squared error
+    its removal leaves once its mean is compensated; squares, first (C,) Σx², Σx over ``tokens``; weight (out, C)."""
+    n = max(tokens, 1)
+    mean = first.double().cpu() / n
+    var = (squares.double().cpu() / n - mean.square()).clamp_min(0.0)
+    return var * weight.detach().double().cpu().square().sum(dim=0)
+
+
+def fluctuation_scores(r: Resolved, sums: Sums) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(channels (L, I), heads (L, H)) fp64 fluctuation scores of every dense block, from the sums and the dense
+    weights of the layers the parts feed (None where not pruned); a head's is the sum of its columns'."""
+    assert r.family is not None
+    channels = heads = None
+    if sums.channels is not None:
+        assert sums.channel_first is not None
+        channels = torch.stack([fluctuation(sums.channels[i], sums.channel_first[i], sums.tokens,
+                                            r.stack.layers[i].get_submodule(r.family.down).weight)
+                                for i in range(r.n_blocks)])
+    if sums.heads is not None:
+        assert sums.head_columns is not None and sums.head_first is not None and r.family.o is not None
+        assert r.n_q is not None
+        heads = torch.stack([fluctuation(sums.head_columns[i], sums.head_first[i], sums.tokens,
+                                         r.stack.layers[i].get_submodule(r.family.o).weight).view(r.n_q, -1).sum(1)
+                             for i in range(r.n_blocks)])
+    return channels, heads
 
 
 def compensate(plan: StructurePlan, r: Resolved, sums: Sums, model_type: str) -> None:
@@ -600,6 +638,7 @@ class Sums:
     passes: int = 1
     channel_first: torch.Tensor | None = None  # bias compensation: Σx per MLP channel (L, I)
     head_first: torch.Tensor | None = None  # and per column of the attention output projection's input (L, H·d)
+    head_columns: torch.Tensor | None = None  # Σx² per column of that input (L, H·d)
 
 
 def _ordered(ctx: Any, rows: list[torch.Tensor], shape: tuple[int, ...], mine: list[int], n: int) -> torch.Tensor:
@@ -627,7 +666,7 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     L = r.n_blocks
 
     def sums(kept: list[int], width: tuple[bool, bool]) -> Sums:
-        first = r.compensate and any(width)
+        first = r.first_moments and any(width)
         parts = collect_sums(ctx.model, r.stack, samples, mine, bs, ctx.device, kept=kept, family=r.family,
                              width=width, n_heads=r.n_q, first=first, check=ctx.check_cancelled)
         out = Sums(influence=_ordered(ctx, [p.influence for p in parts], (L,), mine, n_batches), channels=None,
@@ -645,6 +684,8 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             if first:
                 out.head_first = _ordered(ctx, [p.head_first for p in parts], (L, r.n_q * r.head_dim), mine,
                                           n_batches)
+                out.head_columns = _ordered(ctx, [p.head_columns for p in parts], (L, r.n_q * r.head_dim), mine,
+                                            n_batches)
         return out
 
     everything = list(range(L))
@@ -673,7 +714,8 @@ def rank(ctx: Any) -> dict[str, Any]:
     s = st.structure_sums
     if s is None:
         raise ConfigError("structure: no calibration statistics (Calibrating did not run)")
-    plan = plan_structure(r, s.influence, s.removal_order, s.channels, s.heads)
+    channels, heads = (fluctuation_scores(r, s) if r.fluctuation else (s.channels, s.heads))
+    plan = plan_structure(r, s.influence, s.removal_order, channels, heads)
     if r.compensate:
         compensate(plan, r, s, ctx.model.config.model_type)
     st.structure_plan = plan
