@@ -111,7 +111,9 @@ def test_each_loader_loads_equal_or_refuses(exports, fmt, quant):
 STRUCTURED = [("llama", "dense", "none"), ("llama", "dense", "w8a16"), ("llama", "dense", "w4a16"),
               ("llama", "gguf", "f16"), ("qwen2", "dense", "none"), ("mistral", "dense", "none"),
               ("phi3", "dense", "none"), ("gpt2", "dense", "none"), ("opt", "dense", "none"),
-              ("gemma3", "dense", "none"), ("bert", "dense", "none")]
+              ("gemma3", "dense", "none"), ("bert", "dense", "none"),
+              # FLAP (fluctuation ranking + bias compensation): Llama's config switches mlp_bias / attention_bias on
+              ("llama+flap", "dense", "none"), ("llama+flap", "dense", "w4a16"), ("gpt2+flap", "dense", "none")]
 _WIDTH = {"llama": (0.25, 2), "qwen2": (0.25, 2), "mistral": (0.25, 2), "phi3": (0.25, 2), "gpt2": (0.25, 0)}
 
 
@@ -123,15 +125,17 @@ def structured_exports(corpus, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("interop-structure")
     out = {}
-    for arch, fmt, quant in STRUCTURED:
+    for key, fmt, quant in STRUCTURED:
+        arch, flap = key.removesuffix("+flap"), key.endswith("+flap")
         mlp, heads = _WIDTH.get(arch, (0.0, 0))
         cfg = make_tiny_config(corpus, arch=arch, num_hidden_layers=4).with_target_sparsity(0.0)
-        cfg = cfg._with(structure=StructureConfig(depth=1, mlp=mlp, heads=heads, alignment=8))
+        cfg = cfg._with(structure=StructureConfig(depth=1, mlp=mlp, heads=heads, alignment=8, bias_compensation=flap,
+                                                  channel_score="fluctuation" if flap else "activation"))
         if arch == "bert":
             cfg = cfg._with(evaluation=cfg.evaluation.model_copy(update={"enabled": False}))
         cfg = cfg.with_export(ExportConfig(format=fmt, gguf_type=quant) if fmt == "gguf" else
                               ExportConfig(format=fmt, quantization=quant, group_size=32, dtype="float32"))
-        run = root / f"{arch}-{fmt}-{quant}"
+        run = root / f"{key}-{fmt}-{quant}"
         pipe = Pipeline(cfg, run_dir=run, progress=False)
         assert pipe.run().ok
         vocab = pipe.context.model.config.vocab_size
@@ -142,7 +146,7 @@ def structured_exports(corpus, tmp_path_factory):
             else:
                 logits = load_pretrained(run / "export", dtype=torch.float32)(input_ids=ids).logits.float()
         save_file({"input_ids": ids, "logits": logits.contiguous()}, str(run / "reference.safetensors"))
-        out[arch, fmt, quant] = run
+        out[key, fmt, quant] = run
     return out
 
 
