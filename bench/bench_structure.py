@@ -156,6 +156,10 @@ def speed(folders: dict[str, Path], rounds: int, threads: int, prompt_len: int, 
     return out
 
 
+def _ratio(speed: dict, key: str) -> str:
+    return f"{speed[key]:.2f}" if key in speed else "—"  # not measured (--rounds 0)
+
+
 def write(rows: list[dict], speeds: dict, args: argparse.Namespace) -> None:
     out = {"command": "python bench/bench_structure.py " + " ".join(sys.argv[1:]),
            "args": vars(args) | {"work": str(args.work)}, "settings": SETTINGS, "rows": rows, "speed": speeds}
@@ -170,8 +174,7 @@ def write(rows: list[dict], speeds: dict, args: argparse.Namespace) -> None:
         s = speeds.get(r["run"].removesuffix("-pruned").removesuffix("-recovered"), {})
         lines.append(f"| {r['run']} | {r['parameters']:,} | {r['non_embedding_parameters']:,} "
                      f"| {r['export_bytes'] / 1e6:.1f} | {r.get('finetune_s', 0)} | {r['ppl_wikitext2']:.2f} "
-                     f"| {r['ppl_other']:.2f} | {s.get('prefill_ratio', float('nan')):.2f} "
-                     f"| {s.get('decode_ratio', float('nan')):.2f} |")
+                     f"| {r['ppl_other']:.2f} | {_ratio(s, 'prefill_ratio')} | {_ratio(s, 'decode_ratio')} |")
     if speeds.get("dense"):
         lines.append("")
         lines.append(f"Dense in transformers: prefill {speeds['dense']['prefill_tok_s']:.0f} tok/s, decode "
@@ -194,6 +197,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-structure"))
     ap.add_argument("--out", default="structure")
+    ap.add_argument("--recovered-only", action="store_true", help="skip the runs without recovery")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run folder whole (default: only its export)")
     args = ap.parse_args()
     rows: list[dict] = []
@@ -201,9 +205,10 @@ def main() -> None:
     ft = dict(steps=args.steps, batch_size=1, sequence_length=args.seq, learning_rate=args.lr, loss="kd",
               checkpoint_every=max(args.steps // 2, 1), eval_every=max(args.steps // 4, 1))
     for name in args.settings:
-        rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows), args.work,
-                            args.keep_runs))
-        write(rows, speeds, args)
+        if not args.recovered_only:
+            rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows),
+                                args.work, args.keep_runs))
+            write(rows, speeds, args)
         if args.steps:
             rows.append(run_one(f"{name}-recovered", config(SETTINGS[name], finetune=ft, windows=args.windows),
                                 args.work, args.keep_runs))
