@@ -161,23 +161,18 @@ def test_compensation_where_no_bias_can_go_is_refused_before_any_work(corpus, tm
 
 def test_two_processes_compensate_as_one_does(corpus, tmp_path):
     """The first moments are summed in batch order over processes like the other statistics: the same biases."""
-    import os
-    import subprocess
     import sys
+
+    from test_distributed import torchrun
 
     if not sys.platform.startswith("linux"):
         pytest.skip("torchrun with gloo on Linux")
-    cfg = structure_config(corpus, mlp=0.25, heads=2, bias_compensation=True)
+    cfg = structure_config(corpus, mlp=0.25, heads=2, bias_compensation=True, channel_score="fluctuation")
     cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"num_samples": 6}))
     assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29600 + os.getpid() % 1000), "-m", "podar.cli", "run", str(path), "--run-dir",
-                           str(tmp_path / "two"), "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _plan_of(tmp_path / "two") == _plan_of(tmp_path / "one")  # the same sums, added in the same order
     assert sha256_file(tmp_path / "one/export/model.safetensors") == sha256_file(
