@@ -141,12 +141,14 @@ def table(rows: list[dict]) -> str:
         same = [b for b in base if b["seed"] in seeds]
         if allocation != "uniform" and sorted(b["seed"] for b in same) != seeds:
             same = []  # compared only over the same draws
+        shared = any(r.get("shared_cpu") for r in rs + same)  # run beside other work: its seconds are no figure
         if allocation != "uniform" and same:
             rel = [f"{wt / statistics.mean(b['ppl_wikitext2'] for b in same):.3f}×",
                    f"{ot / statistics.mean(b['ppl_other'] for b in same):.3f}×",
-                   f"{t / statistics.mean(b['prune_s'] for b in same):.2f}×"]
+                   "—" if shared else f"{t / statistics.mean(b['prune_s'] for b in same):.2f}×"]
+        seconds = "— (shared CPU)" if shared else f"{t:.1f}"
         lines.append(f"| {method} | {sparsity} | {allocation} | {','.join(map(str, seeds))} | {wt:.2f} | {ot:.2f} | "
-                     f"{rel[0]} | {rel[1]} | {t:.1f} | {rel[2]} | {peak} |")
+                     f"{rel[0]} | {rel[1]} | {seconds} | {rel[2]} | {peak} |")
     if rows:
         dense = next(r for r in rows if r["dense_ppl_wikitext2"] is not None)
         lines.append(f"\nDense perplexity: WikiText-2 {dense['dense_ppl_wikitext2']:.2f}, other domain "
