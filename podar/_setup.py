@@ -157,9 +157,8 @@ def _texts(ctx: RunContext) -> None:
     if cfg.finetune.enabled:
         ft = cfg.finetune
         evaluated = {sha: name for name, sha in st.data_sha256.items() if name.startswith("evaluation")}
-        texts = [("finetune.dataset", ft.dataset, "finetune")]
-        texts += [(f"finetune.extra_datasets[{i}]", name, f"finetune:extra:{name}")
-                  for i, name in enumerate(ft.extra_datasets)]
+        texts = [(field, name, "finetune" if i == 0 else f"finetune:extra:{name}")
+                 for i, (field, name, _) in enumerate(ft.sources())]
         if ft.validation_dataset is not None and ft.eval_every:
             texts.append(("finetune.validation_dataset", ft.validation_dataset, "finetune:validation"))
         for field, name, key in texts:

@@ -260,12 +260,14 @@ class FineTuneConfig(Frozen):
                              "(remove a text from extra_datasets instead)")
         return self
 
-    def sources(self) -> list[tuple[str, float]]:
-        """The training texts and their shares of the windows (summing to 1): dataset, then extra_datasets."""
+    def sources(self) -> list[tuple[str, str, float]]:
+        """The training texts as (the config field naming it, the text, its share of the windows; the shares sum to
+        1): dataset, then extra_datasets."""
         names = [self.dataset, *self.extra_datasets]
+        fields = ["finetune.dataset", *(f"finetune.extra_datasets[{i}]" for i in range(len(self.extra_datasets)))]
         weights = list(self.dataset_weights) or [1.0] * len(names)
         total = sum(weights)
-        return [(n, w / total) for n, w in zip(names, weights, strict=True)]
+        return [(f, n, w / total) for f, n, w in zip(fields, names, weights, strict=True)]
 
     @model_validator(mode="after")
     def _check_teacher(self) -> FineTuneConfig:

@@ -48,8 +48,8 @@ def _texts(cfg: PruningConfig) -> str:
     """The fine-tuning texts, with their shares of the windows when there are several."""
     sources = cfg.finetune.sources()
     if len(sources) == 1:
-        return sources[0][0]
-    return ", ".join(f"{name} ({share:.0%})" for name, share in sources)
+        return sources[0][1]
+    return ", ".join(f"{name} ({share:.0%})" for _, name, share in sources)
 
 
 def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: str, version: str,

@@ -125,10 +125,8 @@ def training_texts(ctx: RunContext, n_windows: int) -> tuple[torch.Tensor, torch
     ft, st = ctx.config.finetune, ctx.state
     data_dir = resolve_data_dir(ctx.config.data_dir)
     sources = ft.sources()
-    shares = [share for _, share in sources]
-    fields = ["finetune.dataset", *(f"finetune.extra_datasets[{i}]" for i in range(len(sources) - 1))]
-    texts = [tokenize_text(ctx.tokenizer, load_text(name, data_dir, field=f), field=f)
-             for (name, _), f in zip(sources, fields, strict=True)]
+    shares = [share for _, _, share in sources]
+    texts = [tokenize_text(ctx.tokenizer, load_text(name, data_dir, field=f), field=f) for f, name, _ in sources]
     held: torch.Tensor | None = None
     if ft.eval_every:
         if ft.validation_dataset is None:
@@ -136,7 +134,7 @@ def training_texts(ctx: RunContext, n_windows: int) -> tuple[torch.Tensor, torch
             for i, count in enumerate(mixture_counts(ft.validation_windows, shares)):
                 cut = int(texts[i].numel() * (1.0 - VALIDATION_SHARE))
                 texts[i], tail = texts[i][:cut], texts[i][cut:]
-                source = f"the last {VALIDATION_SHARE:.0%} of {fields[i]} '{sources[i][0]}'"
+                source = f"the last {VALIDATION_SHARE:.0%} of {sources[i][0]} '{sources[i][1]}'"
                 parts.append(_validation_windows(tail, count, ft, source))
             held = torch.cat(parts)
         else:
@@ -149,7 +147,7 @@ def training_texts(ctx: RunContext, n_windows: int) -> tuple[torch.Tensor, torch
     if len(texts) == 1:
         return calibration_windows(texts[0], n_windows, ft.sequence_length, seed, name=ft.dataset,
                                    field="finetune"), held
-    drawn = [calibration_windows(ids, count, ft.sequence_length, seed + 7919 * i, name=sources[i][0],
+    drawn = [calibration_windows(ids, count, ft.sequence_length, seed + 7919 * i, name=sources[i][1],
                                  field="finetune")
              for i, (ids, count) in enumerate(zip(texts, mixture_counts(n_windows, shares), strict=True))]
     order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))

@@ -269,7 +269,12 @@ def channel_totals(x: torch.Tensor) -> torch.Tensor:
 
 def head_sums(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(H,) fp64: Σ over tokens and the head's dimensions of x² per head; x (..., H·d), heads contiguous."""
-    return channel_sums(x).view(n_heads, -1).sum(dim=1)
+    return per_head(channel_sums(x), n_heads)
+
+
+def per_head(columns: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(H,): per-column sums (H·d,), heads contiguous, added up per head."""
+    return columns.view(n_heads, -1).sum(dim=1)
 
 
 @dataclass
@@ -301,11 +306,12 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
     def on_input(kind: str, i: int) -> Callable:
         def hook(_m: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            sink[kind][i] = channel_sums(x) if kind == "channels" else head_sums(x, n_heads or 1)
+            squares = channel_sums(x)  # once: a head's sum (head_sums) is its columns'
+            sink[kind][i] = squares if kind == "channels" else per_head(squares, n_heads or 1)
             if first:
                 sink[f"{kind}_first"][i] = channel_totals(x)
                 if kind == "heads":
-                    sink["head_columns"][i] = channel_sums(x)
+                    sink["head_columns"][i] = squares
         return hook
 
     try:
@@ -462,8 +468,8 @@ def fluctuation_scores(r: Resolved, sums: Sums) -> tuple[torch.Tensor | None, to
     if sums.heads is not None:
         assert sums.head_columns is not None and sums.head_first is not None and r.family.o is not None
         assert r.n_q is not None
-        heads = torch.stack([fluctuation(sums.head_columns[i], sums.head_first[i], sums.tokens,
-                                         r.stack.layers[i].get_submodule(r.family.o).weight).view(r.n_q, -1).sum(1)
+        heads = torch.stack([per_head(fluctuation(sums.head_columns[i], sums.head_first[i], sums.tokens,
+                                                  r.stack.layers[i].get_submodule(r.family.o).weight), r.n_q)
                              for i in range(r.n_blocks)])
     return channels, heads
 
@@ -552,7 +558,8 @@ def _compensated(block: nn.Module, family: Family | None, switches: dict[str, Bi
         if i in values:
             assert name is not None
             for other in switches[part].layers if part in switches else ():
-                _with_bias(block.get_submodule(other))
+                if other != name:  # zero biases; the compensated layer gets its own below
+                    _with_bias(block.get_submodule(other))
             _with_bias(block.get_submodule(name), values[i])
 
 
