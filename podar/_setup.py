@@ -355,6 +355,10 @@ def load_inputs(cfg: PruningConfig, store: RunStore, model: Any, tokenizer: Any,
         raise ConfigError(f"finetune.batch_size={cfg.finetune.batch_size} does not split over {world} processes: "
                           f"each takes an equal share of every step's windows; use a multiple of {world}")
     model, tokenizer = _load(cfg, model, tokenizer, progress)
+    if cfg.finetune.enabled and cfg.finetune.hidden_weight > 0.0 and find_blocks(model, cfg.calibration.blocks) is None:
+        raise ConfigError(f"finetune.hidden_weight={cfg.finetune.hidden_weight:g} compares every block's output with "
+                          f"the dense model's, and {type(model).__name__} has no stack of repeated blocks: name it in "
+                          "calibration.blocks, or set finetune.hidden_weight: 0")
     converted = linearize_conv1d(model)  # GPT-2's Conv1D as nn.Linear: every target an (out, in) weight
     targets, notes = resolve_targets(model, cfg)
     _check_export(cfg, model, tokenizer, targets)

@@ -371,3 +371,13 @@ def test_after_depth_pruning_each_block_is_compared_with_the_dense_block_it_was(
     for j in range(3):  # before the removed block the pruned model computes what the dense one did
         same = torch.equal(outputs[j], dense[j])
         assert same == (j < gone), (j, gone)
+
+
+def test_the_hidden_term_on_a_model_without_blocks_is_refused_before_any_work(tiny_config, tmp_path, monkeypatch):
+    from podar import _setup
+    from podar.schemas.errors import ConfigError
+
+    monkeypatch.setattr(_setup, "find_blocks", lambda model, path=None: None)  # a model with no block stack
+    with pytest.raises(ConfigError, match="finetune.hidden_weight=0.5 .* no stack of repeated blocks"):
+        Pipeline(ft_config(tiny_config, hidden_weight=0.5), run_dir=tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run" / "manifest.json").exists()
