@@ -25,13 +25,16 @@ import common  # noqa: E402
 OTHER = HERE / "data" / "stdlib-docstrings.txt"
 
 
-def config(*, sparsity: float, pattern: str, method: str, finetune: dict | None, windows: int):
+def config(*, sparsity: float, pattern: str, method: str, finetune: dict | None, windows: int,
+           refit: float | None = None):
+    """``refit``: reconstruction.enabled with this dampening (the kept weights refit after masking)."""
     from podar import (
         CalibrationConfig,
         EvaluationConfig,
         FineTuneConfig,
         PruningConfig,
         QualityGates,
+        ReconstructionConfig,
         SparsityPatternConfig,
     )
 
@@ -42,6 +45,7 @@ def config(*, sparsity: float, pattern: str, method: str, finetune: dict | None,
         evaluation=EvaluationConfig(dataset="wikitext2", extra_datasets=(str(OTHER),), sequence_length=512,
                                     max_windows=windows, gates=QualityGates(max_perplexity_increase_pct=None)),
         finetune=FineTuneConfig(enabled=finetune is not None, **(finetune or {})),
+        reconstruction=ReconstructionConfig(enabled=refit is not None, **({"dampening_frac": refit} if refit else {})),
     )
     return cfg
 
@@ -129,7 +133,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"],
-                    help="pruned, kd, lm, kd-hidden (kd + the hidden-state term), dense-lm")
+                    help="pruned, kd, lm, kd-hidden (kd + the hidden-state term), dense-lm; refit, kd-refit: "
+                         "Wanda 2:4 with its kept weights refit (reconstruction.enabled), then nothing or kd")
+    ap.add_argument("--refit-dampening", type=float, default=0.1, help="refit, kd-refit: reconstruction.dampening_frac")
+    ap.add_argument("--baseline", help="the pruned and dense-lm rows not in --variants from bench/results/BASELINE.json"
+                                       " (run with the same arguments), marked as such, instead of running them again")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="kd-hidden: finetune.hidden_weight")
     ap.add_argument("--work", type=Path, default=Path("/tmp/podar-finetune"))
     ap.add_argument("--out", default="finetune")
@@ -150,8 +158,20 @@ def main() -> None:
                             finetune={**ft, "loss": "kd", "hidden_weight": args.hidden_weight}),
         "dense-lm": config(sparsity=0.0, pattern="unstructured", method="magnitude",
                            finetune={**ft, "loss": "lm"}, windows=args.windows),
+        "refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows,
+                        refit=args.refit_dampening),
+        "kd-refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"},
+                           windows=args.windows, refit=args.refit_dampening),
     }
     rows: list[dict] = []
+    if args.baseline:  # the yardsticks of an earlier run with the same arguments, marked as such
+        recorded = json.loads((common.RESULTS / f"{args.baseline}.json").read_text())
+        keys = ("steps", "batch", "seq", "lr", "windows")
+        if any(recorded["args"][k] != getattr(args, k) for k in keys):
+            raise SystemExit(f"--baseline {args.baseline} ran with other arguments: "
+                             f"{ {k: recorded['args'][k] for k in keys} }")
+        rows = [r | {"from": args.baseline} for r in recorded["rows"]
+                if r["variant"] in ("pruned", "dense-lm") and r["variant"] not in args.variants]
     for name in args.variants:  # the files are rewritten after each variant (a long run's figures so far)
         rows.append(run_one(name, variants[name], args.work, args.keep_runs))
         write(rows, args)
@@ -171,7 +191,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     lines = ["| variant | steps | fine-tune s | tokens/s | WikiText-2 ppl | gap closed | other-domain ppl "
              "| gap closed |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('steps', 0)} | {r.get('finetune_s', 0)} "
+        name = r["variant"] + (f" ({r['from']})" if "from" in r else "")
+        lines.append(f"| {name} | {r.get('steps', 0)} | {r.get('finetune_s', 0)} "
                      f"| {r.get('tokens_per_s', '—')} "
                      f"| {r['ppl_wikitext2']:.2f} | {r.get('gap_closed_wikitext2', '—')} | {r['ppl_other']:.2f} "
                      f"| {r.get('gap_closed_other', '—')} |")
