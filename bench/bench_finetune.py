@@ -133,9 +133,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     ap.add_argument("--variants", nargs="+", default=["pruned", "kd", "lm", "dense-lm"],
-                    help="pruned, kd, lm, kd-hidden (kd + the hidden-state term), dense-lm; refit, kd-refit: "
-                         "Wanda 2:4 with its kept weights refit (reconstruction.enabled), then nothing or kd")
-    ap.add_argument("--refit-dampening", type=float, default=0.1, help="refit, kd-refit: reconstruction.dampening_frac")
+                    help="pruned, kd, lm, kd-hidden (kd + the hidden-state term), dense-lm; refit, kd-refit, "
+                         "lm-refit: Wanda 2:4 with its kept weights refit (reconstruction.enabled), then nothing, kd "
+                         "or lm")
+    ap.add_argument("--refit-dampening", type=float, default=0.1, help="*refit: reconstruction.dampening_frac")
     ap.add_argument("--baseline", help="the pruned and dense-lm rows not in --variants from bench/results/BASELINE.json"
                                        " (run with the same arguments), marked as such, instead of running them again")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="kd-hidden: finetune.hidden_weight")
@@ -161,6 +162,8 @@ def main() -> None:
         "refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows,
                         refit=args.refit_dampening),
         "kd-refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"},
+                           windows=args.windows, refit=args.refit_dampening),
+        "lm-refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "lm"},
                            windows=args.windows, refit=args.refit_dampening),
     }
     rows: list[dict] = []
