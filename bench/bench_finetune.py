@@ -173,7 +173,7 @@ def main() -> None:
         if any(recorded["args"][k] != getattr(args, k) for k in keys):
             raise SystemExit(f"--baseline {args.baseline} ran with other arguments: "
                              f"{ {k: recorded['args'][k] for k in keys} }")
-        rows = [r | {"from": args.baseline} for r in recorded["rows"]
+        rows = [{"from": args.baseline} | r for r in recorded["rows"]
                 if r["variant"] in ("pruned", "dense-lm") and r["variant"] not in args.variants]
     for name in args.variants:  # the files are rewritten after each variant (a long run's figures so far)
         rows.append(run_one(name, variants[name], args.work, args.keep_runs))
