@@ -13,6 +13,7 @@ of a few steps each, tokens/s of each). Writes bench/results/NAME.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -151,20 +152,17 @@ def main() -> None:
         return
     ft = dict(steps=args.steps, batch_size=args.batch, sequence_length=args.seq, learning_rate=args.lr,
               checkpoint_every=max(args.steps // 3, 1), eval_every=max(args.steps // 6, 1))
+    wanda24 = functools.partial(config, sparsity=0.5, pattern="2:4", method="wanda", windows=args.windows)
     variants = {
-        "pruned": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows),
-        "kd": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"}, windows=args.windows),
-        "lm": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "lm"}, windows=args.windows),
-        "kd-hidden": config(sparsity=0.5, pattern="2:4", method="wanda", windows=args.windows,
-                            finetune={**ft, "loss": "kd", "hidden_weight": args.hidden_weight}),
+        "pruned": wanda24(finetune=None),
+        "kd": wanda24(finetune={**ft, "loss": "kd"}),
+        "lm": wanda24(finetune={**ft, "loss": "lm"}),
+        "kd-hidden": wanda24(finetune={**ft, "loss": "kd", "hidden_weight": args.hidden_weight}),
         "dense-lm": config(sparsity=0.0, pattern="unstructured", method="magnitude",
                            finetune={**ft, "loss": "lm"}, windows=args.windows),
-        "refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune=None, windows=args.windows,
-                        refit=args.refit_dampening),
-        "kd-refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "kd"},
-                           windows=args.windows, refit=args.refit_dampening),
-        "lm-refit": config(sparsity=0.5, pattern="2:4", method="wanda", finetune={**ft, "loss": "lm"},
-                           windows=args.windows, refit=args.refit_dampening),
+        "refit": wanda24(finetune=None, refit=args.refit_dampening),
+        "kd-refit": wanda24(finetune={**ft, "loss": "kd"}, refit=args.refit_dampening),
+        "lm-refit": wanda24(finetune={**ft, "loss": "lm"}, refit=args.refit_dampening),
     }
     rows: list[dict] = []
     if args.baseline:  # the yardsticks of an earlier run with the same arguments, marked as such
