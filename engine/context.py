@@ -53,6 +53,7 @@ class RunState:
     counters: Counters = field(default_factory=Counters)
     layer_groups: list[list[str]] = field(default_factory=list)  # target names per layer group, in order
     walk: Any = None  # the calibration walk (stages.walks.CalibrationWalk); None without calibration
+    walk_offset: int = 0  # the run's group index of the walk's first group (1 when structure's group comes first)
     stats: dict[str, Any] = field(default_factory=dict)  # the current group's statistics (methods' LayerStats)
     prepared: dict[str, Any] = field(default_factory=dict)  # the current group's shared per-input work
     owners: dict[str, int] = field(default_factory=dict)  # several processes: input group (first name) → solver

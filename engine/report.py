@@ -49,7 +49,8 @@ def build_report(run_dir: str | Path) -> RunReport:
                   zip(r.series.get("val_step", []), r.series.get("val_loss", []), r.series.get("val_kl", []),
                       strict=True)]
     layers = _layers(m)
-    pruned = by_stage.get(PruningStage.PRUNING.value)
+    pruned = next((r for r in m.results if r.stage == PruningStage.PRUNING.value
+                   and r.metrics.get("pattern") == "structure"), None)  # the structure group's
     structure = None
     if cfg.structure.enabled and pruned is not None:
         structure = {k: v for k, v in pruned.metrics.items() if k not in ("pattern", "round", "group")}
@@ -207,8 +208,9 @@ def _text_table(r: RunReport) -> list[str]:
 
 
 def _markdown(r: RunReport) -> str:
-    what = (f"{r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} ({r.scope}), schedule {r.schedule}"
-            if r.structure is None else "structured pruning")
+    masks = f"{r.method}, {r.pattern}, target sparsity {r.target_sparsity:g} ({r.scope}), schedule {r.schedule}"
+    what = masks if r.structure is None else (
+        "structured pruning" + (f", then {masks}" if r.target_sparsity > 0 else ""))
     lines = [f"# podar run {r.run_id}", "", f"**{PruningStage(r.state).display}** — {what}, model `{r.model}`.", ""]
     if r.structure is not None:
         s = r.structure
@@ -219,7 +221,7 @@ def _markdown(r: RunReport) -> str:
                   f"{new}.", ""]
     if r.failure:
         lines += [f"Failed in {r.failure.stage}: {r.failure.type}: {r.failure.message}", ""]
-    if r.achieved_sparsity is not None and r.structure is None:
+    if r.achieved_sparsity is not None and (r.structure is None or r.target_sparsity > 0):
         lines += [f"Achieved sparsity over {len(r.layers)} pruned layers: {r.achieved_sparsity:.4f}.", ""]
     if r.texts:
         lines += _text_table(r) + [""]

@@ -40,7 +40,7 @@ from podar.stages.permutation import PermutationSpace, permutable_layers
 from podar.stages.refine import Refined
 from podar.stages.targets import linearize_conv1d, resolve_targets, snapshot_weights
 from podar.stages.tasks import resolve_tasks
-from podar.stages.walks import plan_walk
+from podar.stages.walks import plan_mask_groups
 
 __all__ = ["load_inputs", "fingerprint", "model_file_reference", "write_dense_parts", "library_versions",
            "dense_reference_records"]
@@ -204,7 +204,9 @@ def _plan(ctx: RunContext) -> None:
                           "'uniform'")
     if cfg.structure.enabled:  # one pass over the whole model; what it comes to is checked before any work
         resolved = structure.resolve(cfg, ctx.model)
-        st.layer_groups = [list(st.targets)]
+        if cfg.target_sparsity > 0:  # masks follow, planned again on what remains (restructure): checked here
+            plan_mask_groups(ctx)
+        st.walk, st.layer_groups = None, [list(st.targets)]
         log.info("structure_plan", blocks=resolved.n_blocks, blocks_removed=resolved.blocks,
                  mlp_channels_kept=resolved.channels_kept, query_heads_kept=resolved.q_kept,
                  kv_heads_kept=resolved.kv_kept)
@@ -220,17 +222,7 @@ def _plan(ctx: RunContext) -> None:
                   "model_dtype": str(ctx.runtime.model_dtype(ctx.model)).removeprefix("torch.")}
         note = ctx.method.half_precision_note
         (log.warning if note else log.info)("calibration_compute_dtype", **fields, **({"note": note} if note else {}))
-    walk = cfg.resolved_walk()
-    assert st.calibration_samples is not None
-    plan = plan_walk(ctx.model, st.targets, walk, blocks_path=cfg.calibration.blocks,
-                     blocks_per_group=cfg.calibration.blocks_per_group, samples=st.calibration_samples,
-                     batch_size=cfg.calibration.batch_size, device=ctx.device, runtime=ctx.runtime,
-                     progress=ctx.progress, dist=ctx.dist)
-    if plan.reason is not None:
-        log.warning("calibration_walk_fallback", asked=walk, walk=plan.walk.kind, reason=plan.reason)
-    st.walk = plan.walk
-    st.layer_groups = [g.names for g in plan.walk.groups]
-    log.info("calibration_plan", walk=plan.walk.kind, groups=len(plan.walk.groups), blocks=plan.blocks_path)
+    plan_mask_groups(ctx)
 
 
 def dense_reference_records(recorded: Mapping[str, ArtifactRecord]) -> list[ArtifactRecord]:

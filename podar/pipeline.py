@@ -105,7 +105,9 @@ class Pipeline:
             self.config = self.config.with_overrides({"model.kind": "memory", "model.name": memory_model_name(model)},
                                                      source="the model handed in")
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        kind = "structure" if self.config.structure.enabled else self.config.method.name
+        kind = self.config.method.name
+        if self.config.structure.enabled:
+            kind = f"structure-{kind}" if self.config.target_sparsity > 0 else "structure"
         self.run_id = f"{stamp}-{kind}-{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_id
         self._model = model

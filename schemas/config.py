@@ -582,14 +582,14 @@ class PruningConfig(Frozen):
     @model_validator(mode="after")
     def _check_refinements(self) -> PruningConfig:
         """DSnoT and the refit work on each layer group's masks as it is pruned: refused without masks
-        (structure) and with one mask for every layer at once (scope global)."""
+        (structure alone) and with one mask for every layer at once (scope global)."""
         for field, on, does in (("dsnot", self.dsnot.enabled, "refines masks"),
                                 ("reconstruction", self.reconstruction.enabled, "refits the weights a mask keeps")):
             if not on:
                 continue
-            if self.structure.enabled:
-                raise ValueError(f"{field}.enabled {does}; structure.enabled prunes no masks: set {field}.enabled "
-                                 "false")
+            if self.structure.enabled and self.target_sparsity == 0.0:
+                raise ValueError(f"{field}.enabled {does}; structure.enabled with target_sparsity 0 prunes no masks: "
+                                 f"set {field}.enabled false, or a target_sparsity for masks after the structure")
             if self.resolved_scope() == "global":
                 raise ValueError(f"{field}.enabled {does} in each layer group as it is pruned; scope 'global' chooses "
                                  "every layer's mask at once, after calibration: use scope per_row or per_layer")
@@ -604,8 +604,9 @@ class PruningConfig(Frozen):
             raise ValueError("permutation.enabled reorders input columns at export, across the quantization groups "
                              "method.joint_quantization put the weights' grid on: enable one of the two")
         if self.permutation.enabled and self.structure.enabled:
-            raise ValueError("permutation.enabled orders channels for N:M masks; structure.enabled prunes no masks: "
-                             "set permutation.enabled false")
+            raise ValueError("permutation.enabled orders channels for N:M masks, planned on the dense model's layers; "
+                             "after structure.enabled removed channels or blocks that plan is not built: set "
+                             "permutation.enabled false")
         if self.reconstruction.enabled and getattr(self.method, "joint_quantization", False):
             raise ValueError("reconstruction.enabled would move the weights off the grid that "
                              "method.joint_quantization put them on: enable one of the two")
@@ -622,18 +623,18 @@ class PruningConfig(Frozen):
         if self.resolved_scope() == "global":
             raise ValueError("allocation.kind 'owl' sets each block's sparsity; scope 'global' compares every layer "
                              "at once and has none: use scope per_row or per_layer, or allocation.kind 'uniform'")
-        if self.structure.enabled:
-            raise ValueError("allocation.kind 'owl' shares a mask sparsity among blocks; structure.enabled prunes no "
-                             "masks: set allocation.kind 'uniform'")
+        if self.structure.enabled and self.target_sparsity == 0.0:
+            raise ValueError("allocation.kind 'owl' shares a mask sparsity among blocks; structure.enabled with "
+                             "target_sparsity 0 prunes no masks: set allocation.kind 'uniform'")
         return self
 
     @model_validator(mode="after")
     def _check_structure(self) -> PruningConfig:
-        if self.structure.enabled and self.target_sparsity > 0.0:
-            raise ValueError(f"structure removes blocks, channels or heads, and target_sparsity="
-                             f"{self.target_sparsity:g} asks for masks too: structure followed by masks in one run is "
-                             "not built yet; set target_sparsity: 0 (structure alone), or prune the structured "
-                             "export in a second run")
+        """Structure then masks in one run: one round (the structure group, then the masks' groups on what remains)."""
+        if self.structure.enabled and self.target_sparsity > 0.0 and self.schedule.kind != "one_shot":
+            raise ValueError(f"structure removes blocks, channels or heads once, before the masks; schedule "
+                             f"'{self.schedule.kind}' prunes masks in rounds, which after structure is not built: use "
+                             "schedule one_shot, or prune the structured export in a second run")
         return self
 
     # ------------------------------------------------------------ derived values

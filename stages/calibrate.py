@@ -18,7 +18,7 @@ STAGE = PruningStage.CALIBRATING
 @torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
-    if ctx.config.structure.enabled:  # blocks, channels, heads: their statistics over the whole model
+    if structure.structure_group(ctx):  # blocks, channels, heads: their statistics over the whole model
         samples = st.calibration_samples
         assert samples is not None
         metrics, per_block = structure.calibrate(ctx)
@@ -27,9 +27,12 @@ def run(ctx: RunContext) -> StageResult:
             **metrics})
     index = st.group_index
     names = st.layer_groups[index]
+    if st.walk is None:  # masks after structure by a method that reads no statistics
+        return StageResult(stage=STAGE.value, metrics={"group": index, "groups": len(st.layer_groups),
+                                                       "layers": len(names), "walk": "none"})
     # offloaded: the group's layers stay on the device through its scoring and pruning (Pruning releases them)
     ctx.runtime.hold([st.targets[n] for n in names])
-    stats, metrics = st.walk.statistics(index, ctx.method, ctx.check_cancelled)
+    stats, metrics = st.walk.statistics(index - st.walk_offset, ctx.method, ctx.check_cancelled)
     require_inputs(stats, names, "during calibration", STAGE.display_name())
     st.stats = stats
     samples = st.calibration_samples

@@ -33,7 +33,13 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
         if "parameters_before" in m:
             lines.append(f"- parameters: {int(m['parameters_before']):,} → {int(m['parameters_after']):,} "
                          f"({100 * float(m['parameters_removed_frac']):.1f}% removed)")
+        if cfg.target_sparsity > 0:
+            lines += ["", "Then, on what remains:", "", *_masks(cfg)]
         return lines
+    return _masks(cfg)
+
+
+def _masks(cfg: PruningConfig) -> list[str]:
     shared = (f", shared among the blocks by OWL (M={cfg.allocation.owl_m:g}, λ={cfg.allocation.owl_lambda:g})"
               if cfg.allocation.kind == "owl" else "")
     refit = (", the masks refined by DSnoT's swaps" if cfg.dsnot.enabled else "") + (
@@ -56,14 +62,16 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
                export: dict[str, Any]) -> str:
     """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity
     or of switches that change no weight: two runs that prune alike write the same card)."""
-    pruning = next((r for r in reversed(results) if r.stage == "pruning"), None)
+    pruning = next((r for r in reversed(results) if r.stage == "pruning" and (
+        r.metrics.get("pattern") == "structure" or not cfg.structure.enabled)), None)
     tuned = [r for r in results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
     evaluating = next((r for r in reversed(results) if r.stage == "evaluating"), None)
     base = {"memory": "a model passed in memory", "tiny": f"a tiny random {cfg.model.tiny.arch} model"}.get(
         cfg.model.kind, cfg.model.name)
     front = [f"base_model: {base}"] if cfg.model.kind in ("hf", "builtin") else []
     lines = ["---", *front, "library_name: transformers", "tags:", "- podar", "- pruned",
-             f"- {'structured-pruning' if cfg.structure.enabled else 'sparse'}", "---", "",
+             *(["- structured-pruning"] if cfg.structure.enabled else []),
+             *(["- sparse"] if not cfg.structure.enabled or cfg.target_sparsity > 0 else []), "---", "",
              f"# {base}, pruned by podar", "", *_what(cfg, pruning), ""]
     if tuned:
         steps = sum(int(r.metrics.get("steps", 0)) for r in tuned)

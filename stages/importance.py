@@ -66,7 +66,7 @@ def _mine(ctx: RunContext, targets: dict[str, Any]) -> list[str]:
 
 def run(ctx: RunContext) -> StageResult:
     cfg, st, method = ctx.config, ctx.state, ctx.method
-    if cfg.structure.enabled:  # which blocks, channels and heads stay
+    if structure.structure_group(ctx):  # which blocks, channels and heads stay
         return StageResult(stage=STAGE.value, metrics={"method": "structure", **structure.rank(ctx)})
     targets = st.group_targets()
     keep = method.keeps_scores or cfg.resolved_scope() == "global"

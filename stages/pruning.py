@@ -213,7 +213,7 @@ def _advance(ctx: RunContext, pruned: dict[str, Pruned]) -> Advanced:
         return Advanced()
     dense = {n: st.dense_weights[n] for n, r in pruned.items() if "reconstruction_error" not in r.metrics}
     n_measured = ctx.config.calibration.reconstruction_samples if dense else 0
-    return st.walk.advance(st.group_index, dense, n_measured, ctx.check_cancelled)
+    return st.walk.advance(st.group_index - st.walk_offset, dense, n_measured, ctx.check_cancelled)
 
 
 def _map(ctx: RunContext, targets: dict[str, Any], record: ArtifactRecord | None) -> None:
@@ -247,7 +247,7 @@ def _structure(ctx: RunContext) -> StageResult:
 @torch.no_grad()
 def run(ctx: RunContext) -> StageResult:
     st = ctx.state
-    if ctx.config.structure.enabled:
+    if structure.structure_group(ctx):
         return _structure(ctx)
     spec = prune_spec(ctx)
     targets = st.group_targets()

@@ -34,12 +34,12 @@ from podar.schemas.config import PruningConfig, StructureConfig
 from podar.schemas.errors import ConfigError
 
 from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, supported_kwargs
-from .walks import added_in_batch_order
+from .walks import added_in_batch_order, plan_mask_groups
 
-__all__ = ["Family", "WIDTH_FAMILIES", "BiasSwitch", "BIAS_SWITCHES", "Resolved", "resolve", "BatchSums",
-           "collect_sums", "channel_totals", "compensation", "compensate", "fluctuation", "fluctuation_scores",
-           "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads", "apply_plan",
-           "block_influence", "channel_sums", "head_sums"]
+__all__ = ["structure_group", "restructure", "Family", "WIDTH_FAMILIES", "BiasSwitch", "BIAS_SWITCHES", "Resolved",
+           "resolve", "BatchSums", "collect_sums", "channel_totals", "compensation", "compensate", "fluctuation",
+           "fluctuation_scores", "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads",
+           "apply_plan", "block_influence", "channel_sums", "head_sums"]
 
 
 @dataclass(frozen=True)
@@ -751,9 +751,17 @@ def renamed(names: list[str], path: str, blocks: list[int]) -> list[str]:
     return out
 
 
+def structure_group(ctx: Any) -> bool:
+    """True in the run's structure group: the first of its one round when ``structure`` removes anything (the
+    groups after it, in a run with ``target_sparsity`` > 0, are the masks' on what remains)."""
+    return bool(ctx.config.structure.enabled) and ctx.state.group_index == 0
+
+
 def restructure(ctx: Any, plan: StructurePlan) -> None:
     """Apply ``plan`` to the run's (dense) model, keeping a dense copy first as the reference that evaluation and
-    distillation compare with (``state.dense_model``), and re-resolve the targets (their names and shapes changed)."""
+    distillation compare with (``state.dense_model``), and re-resolve the targets (their names and shapes changed).
+    With ``target_sparsity`` > 0 the masks' layer groups are planned on what remains, after the structure group,
+    and the remaining targets' weights, before any mask, are the walk's dense reference (a copy in memory)."""
     import copy
 
     from .targets import resolve_targets
@@ -769,3 +777,6 @@ def restructure(ctx: Any, plan: StructurePlan) -> None:
     st.structure_plan = plan
     st.targets, _ = resolve_targets(ctx.model, ctx.config)
     st.layer_groups = [list(st.targets)]
+    if ctx.config.target_sparsity > 0:
+        st.dense_weights = {n: m.weight.detach().clone() for n, m in st.targets.items()}
+        plan_mask_groups(ctx, before=[list(st.targets)])

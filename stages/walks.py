@@ -49,6 +49,7 @@ from .methods import LayerStats, PruningMethod
 from .sublayer import SITE_NAMES, SublayerCursor, check_block, group_targets_by_site
 
 __all__ = ["LayerGroup", "Advanced", "CalibrationWalk", "BlockWalk", "SiteWalk", "OnePassWalk", "plan_walk",
+           "plan_mask_groups",
            "collect_stats", "reconstruction_hooks", "added_in_batch_order", "local_batches", "require_inputs",
            "reduce_in_batch_order"]
 
@@ -462,6 +463,31 @@ def plan_walk(model: nn.Module, targets: dict[str, nn.Module], walk: str, *, blo
             return WalkPlan(SiteWalk(*args, sites, stack=stack, **rest), None, stack.path)
         reason = sites
     return WalkPlan(BlockWalk(*args, block_groups, stack=stack, **rest), reason, stack.path)
+
+
+def plan_mask_groups(ctx: Any, before: list[list[str]] | None = None) -> None:
+    """The layer groups the masks are chosen in (``state.layer_groups``, ``state.walk``): the calibration walk's, or
+    one group of every target when the masks need no statistics. ``before``: groups that come first (structure's,
+    in a run that removes blocks, channels or heads and then masks what remains); the walk's group i is then the
+    run's group ``len(before) + i`` (``state.walk_offset``)."""
+    cfg, st = ctx.config, ctx.state
+    first = list(before or [])
+    st.walk, st.walk_offset = None, len(first)
+    if not (cfg.method.needs_calibration or cfg.reconstruction.enabled or cfg.dsnot.enabled):
+        st.layer_groups = [*first, list(st.targets)]
+        return
+    walk = cfg.resolved_walk()
+    assert st.calibration_samples is not None
+    plan = plan_walk(ctx.model, st.targets, walk, blocks_path=cfg.calibration.blocks,
+                     blocks_per_group=cfg.calibration.blocks_per_group, samples=st.calibration_samples,
+                     batch_size=cfg.calibration.batch_size, device=ctx.device, runtime=ctx.runtime,
+                     progress=ctx.progress, dist=ctx.dist)
+    if plan.reason is not None:
+        ctx.log.warning("calibration_walk_fallback", asked=walk, walk=plan.walk.kind, reason=plan.reason)
+    st.walk = plan.walk
+    st.layer_groups = [*first, *(g.names for g in plan.walk.groups)]
+    ctx.log.info("calibration_plan", walk=plan.walk.kind, groups=len(plan.walk.groups), blocks=plan.blocks_path,
+                 first_group=len(first))
 
 
 # ---------------------------------------------------------------- hooks

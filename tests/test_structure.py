@@ -337,11 +337,7 @@ def test_an_unknown_per_layer_config_list_is_refused(corpus, tmp_path, monkeypat
         Pipeline(structure_config(corpus, depth=1), run_dir=tmp_path / "run", progress=False).run()
 
 
-def test_structure_with_masks_in_one_run_is_refused_by_the_config():
-    from podar import PruningConfig
-
-    with pytest.raises(ValueError, match="structure followed by masks in one run is not built yet"):
-        PruningConfig(target_sparsity=0.5, structure=StructureConfig(depth=1))
+def test_a_count_that_is_not_an_integer_is_refused_by_the_config():
     with pytest.raises(ValueError, match="a fraction is in"):
         StructureConfig(depth=1.5)
 
