@@ -10,8 +10,6 @@ the config before any work.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 
 import pytest
@@ -124,21 +122,11 @@ def test_a_combined_run_killed_at_each_part_resumes_to_the_same_export(corpus, t
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
 def test_two_processes_give_the_export_of_one(corpus, tmp_path):
+    from test_distributed import one_and_two_with_equal_masks
+
     cfg = combined_config(corpus, "wanda")
-    cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"num_samples": 6}))
-    assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
-    path = tmp_path / "c.yaml"
-    path.write_text(cfg.to_yaml())
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000), "-m", "podar.cli", "run", str(path), "--run-dir",
-                           str(tmp_path / "two"), "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_and_two_with_equal_masks(cfg.with_calibration(cfg.calibration.model_copy(update={"num_samples": 6})), tmp_path)
     assert RunStore(tmp_path / "two").read_manifest().world_size == 2
-    one, two = run_masks(tmp_path / "one"), run_masks(tmp_path / "two")
-    assert set(one) == set(two) and all(torch.equal(one[n], two[n]) for n in one)
     assert sha256_file(tmp_path / "one/export/model.safetensors") == sha256_file(
         tmp_path / "two/export/model.safetensors")
 
