@@ -214,8 +214,8 @@ def _markdown(r: RunReport) -> str:
     lines = [f"# podar run {r.run_id}", "", f"**{PruningStage(r.state).display}** — {what}, model `{r.model}`.", ""]
     if r.structure is not None:
         s = r.structure
-        new = ", ".join(f"{k} {s[k]}" for k in ("num_hidden_layers", "intermediate_size", "num_attention_heads",
-                                                 "num_key_value_heads") if k in s)
+        new = ", ".join(f"{k} {s[k]}" for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                                 "num_attention_heads", "num_key_value_heads") if k in s)
         lines += [f"Parameters {int(s['parameters_before']):,} → {int(s['parameters_after']):,} "
                   f"({100 * float(s['parameters_removed_frac']):.1f}% removed); blocks kept {s.get('blocks_kept')}; "
                   f"{new}.", ""]

@@ -173,7 +173,11 @@ class StructureConfig(Frozen):
         default=0, ge=0, description="attention heads removed per layer: an integer count, or a fraction in (0, 1)")
     heads_unit: Literal["kv_groups", "query_per_group"] = Field(
         default="kv_groups", description="kv_groups: whole KV groups go; query_per_group: query heads evenly per group")
-    alignment: int = Field(default=64, ge=1, description="kept MLP channels rounded to a multiple of this, >= 1")
+    hidden: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="fraction of the hidden (embedding) channels removed, [0, 1); "
+        "Llama, Qwen2, Mistral")
+    alignment: int = Field(default=64, ge=1, description="kept MLP and hidden channels rounded to a multiple of this, "
+                                                         ">= 1")
     channel_score: Literal["activation", "fluctuation"] = Field(
         default="activation", description="MLP channels and heads ranked by Σx² (Minitron) or Var(x)·‖W col‖² (FLAP's "
         "fluctuation, the error left after bias compensation)")
@@ -193,7 +197,7 @@ class StructureConfig(Frozen):
     @property
     def enabled(self) -> bool:
         """True when anything is removed."""
-        return bool(self.depth) or self.mlp > 0.0 or bool(self.heads)
+        return bool(self.depth) or self.mlp > 0.0 or bool(self.heads) or self.hidden > 0.0
 
 
 class FineTuneConfig(Frozen):
@@ -635,6 +639,10 @@ class PruningConfig(Frozen):
             raise ValueError(f"structure removes blocks, channels or heads once, before the masks; schedule "
                              f"'{self.schedule.kind}' prunes masks in rounds, which after structure is not built: use "
                              "schedule one_shot, or prune the structured export in a second run")
+        if self.structure.hidden > 0.0 and self.finetune.enabled and self.finetune.hidden_weight > 0.0:
+            raise ValueError(f"finetune.hidden_weight={self.finetune.hidden_weight:g} compares each block's output "
+                             f"with the dense block's, and structure.hidden={self.structure.hidden:g} makes them of "
+                             "different widths: set finetune.hidden_weight 0 (the logits' KL still distills)")
         return self
 
     # ------------------------------------------------------------ derived values

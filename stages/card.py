@@ -27,6 +27,9 @@ def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
         if s.heads:
             lines.append(f"- attention heads: {m.get('num_attention_heads', '?')} query and "
                          f"{m.get('num_key_value_heads', '?')} key/value heads kept per layer ({s.heads_unit})")
+        if s.hidden:
+            lines.append(f"- hidden (embedding) channels: {m.get('hidden_size', '?')} kept, the same in the embedding, "
+                         "every layer and the head, ranked by the norms' output norms")
         if s.bias_compensation:
             lines.append("- the mean output of the removed channels and heads on the calibration text added to the "
                          "bias of the layer they fed (FLAP's bias compensation)")

@@ -36,10 +36,10 @@ from podar.schemas.errors import ConfigError
 from .blocks import BlockStack, _swapped, _trunk, block_output, find_blocks, supported_kwargs
 from .walks import added_in_batch_order, plan_mask_groups
 
-__all__ = ["structure_group", "restructure", "Family", "WIDTH_FAMILIES", "BiasSwitch", "BIAS_SWITCHES", "Resolved",
-           "resolve", "BatchSums", "collect_sums", "channel_totals", "compensation", "compensate", "fluctuation",
-           "fluctuation_scores", "StructurePlan", "plan_structure", "kept_blocks", "kept_channels", "kept_heads",
-           "apply_plan", "block_influence", "channel_sums", "head_sums"]
+__all__ = ["structure_group", "restructure", "Family", "WIDTH_FAMILIES", "HIDDEN_FAMILIES", "BiasSwitch",
+           "BIAS_SWITCHES", "Resolved", "resolve", "BatchSums", "collect_sums", "channel_totals", "compensation",
+           "compensate", "fluctuation", "fluctuation_scores", "StructurePlan", "plan_structure", "kept_blocks",
+           "kept_channels", "kept_heads", "apply_plan", "block_influence", "channel_sums", "head_sums"]
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,12 @@ class Family:
     o: str | None = None
     intermediate_key: str = "intermediate_size"
     no_heads: str = ""
+    norms: tuple[str, ...] = ()  # the block's norms over the hidden channels (hidden pruning: Llama family only)
 
 
 _LLAMA = Family(up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj", q="self_attn.q_proj",
-                k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", attention="self_attn", mlp="mlp")
+                k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", attention="self_attn", mlp="mlp",
+                norms=("input_layernorm", "post_attention_layernorm"))
 _PHI3 = Family(fused_up="mlp.gate_up_proj", down="mlp.down_proj", qkv="self_attn.qkv_proj", o="self_attn.o_proj",
                attention="self_attn", mlp="mlp")
 _GPT2 = Family(up=("mlp.c_fc",), down="mlp.c_proj", attention="attn", mlp="mlp", intermediate_key="n_inner",
@@ -73,6 +75,10 @@ _GPT2 = Family(up=("mlp.c_fc",), down="mlp.c_proj", attention="attn", mlp="mlp",
 # model_type → layout (GPT-2's Conv1D layers are run as nn.Linear, so rows are outputs here too)
 WIDTH_FAMILIES: dict[str, Family] = {"llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "phi3": _PHI3,
                                      "gpt2": _GPT2}
+# model_type → (the embedding, the final norm, the head) relative to the model: hidden channels go from these and
+# from every block (its norms, the input columns of q/k/v and the MLP's up layers, the output rows of o and down)
+HIDDEN_FAMILIES: dict[str, tuple[str, str, str]] = {t: ("model.embed_tokens", "model.norm", "lm_head")
+                                                    for t in ("llama", "qwen2", "mistral")}
 # Config lists with one entry per block, sliced with the blocks; another list of that length is refused.
 PER_LAYER_LISTS = ("layer_types",)
 
@@ -116,6 +122,8 @@ class Resolved:
     stack: BlockStack
     compensate: bool = False  # structure.bias_compensation
     fluctuation: bool = False  # structure.channel_score fluctuation
+    hidden_kept: int | None = None  # None: the hidden channels are not pruned
+    hidden: int | None = None  # the model's hidden size
 
     @property
     def first_moments(self) -> bool:
@@ -195,23 +203,54 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
     if s.mlp:
         assert family is not None
         intermediate = int(getattr(config, family.intermediate_key, None) or 4 * config.hidden_size)
-        channels_kept = round(intermediate * (1.0 - s.mlp) / s.alignment) * s.alignment
-        if channels_kept < 1:
-            raise ConfigError(f"structure.mlp={s.mlp} keeps {intermediate * (1 - s.mlp):.0f} of {intermediate} "
-                              f"channels, which rounds to zero at structure.alignment={s.alignment}")
-        if channels_kept >= intermediate:
-            raise ConfigError(f"structure.mlp={s.mlp} rounds to no channel removed of {intermediate} at "
-                              f"structure.alignment={s.alignment}: raise mlp or lower alignment")
+        channels_kept = _aligned("mlp", s.mlp, intermediate, s.alignment)
     q_kept = kv_kept = n_q = n_kv = head_dim = None
     if s.heads:
         n_q = int(config.num_attention_heads)
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_q)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_q)
         q_kept, kv_kept = _head_counts(s, n_q, n_kv)
+    hidden_kept = hidden = None
+    if s.hidden:
+        hidden_kept, hidden = _hidden_counts(s, model)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // int(config.num_attention_heads))
     _check_compensation(cfg, getattr(config, "model_type", None))
     return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
                     q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack,
-                    compensate=s.bias_compensation, fluctuation=s.channel_score == "fluctuation")
+                    compensate=s.bias_compensation, fluctuation=s.channel_score == "fluctuation",
+                    hidden_kept=hidden_kept, hidden=hidden)
+
+
+def _hidden_counts(s: StructureConfig, model: nn.Module) -> tuple[int, int]:
+    """(hidden channels kept, the hidden size); ConfigError for an architecture not built or a width that rounds to
+    zero or to nothing removed."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in HIDDEN_FAMILIES:
+        raise ConfigError(f"structure.hidden: hidden (embedding) channels are removed for "
+                          f"{', '.join(sorted(HIDDEN_FAMILIES))} (model_type '{model_type}' is not: its norms, "
+                          "embeddings or fused projections are laid out differently)")
+    embed, norm, _head = HIDDEN_FAMILIES[model_type]
+    for path in (embed, norm):
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(f"structure.hidden: {type(model).__name__} has no '{path}'") from None
+    hidden = int(config.hidden_size)
+    return _aligned("hidden", s.hidden, hidden, s.alignment), hidden
+
+
+def _aligned(field: str, fraction: float, width: int, alignment: int) -> int:
+    """The channels kept of ``width`` when ``fraction`` go, rounded to a multiple of ``alignment``; ConfigError
+    naming ``structure.<field>`` when that is zero or all of them."""
+    kept = round(width * (1.0 - fraction) / alignment) * alignment
+    if kept < 1:
+        raise ConfigError(f"structure.{field}={fraction} keeps {width * (1 - fraction):.0f} of {width} channels, "
+                          f"which rounds to zero at structure.alignment={alignment}")
+    if kept >= width:
+        raise ConfigError(f"structure.{field}={fraction} rounds to no channel removed of {width} at "
+                          f"structure.alignment={alignment}: raise {field} or lower alignment")
+    return kept
 
 
 def _check_compensation(cfg: PruningConfig, model_type: str | None) -> None:
@@ -290,10 +329,11 @@ class BatchSums:
     channel_first: torch.Tensor | None = None
     head_first: torch.Tensor | None = None
     head_columns: torch.Tensor | None = None  # Σx² per column of the attention output projection's input (L, H·d)
+    hidden: torch.Tensor | None = None  # Σ over tokens of each block's norms' outputs² per hidden channel (L, C)
 
 
 @contextmanager
-def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, bool], n_heads: int | None,
+def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, ...], n_heads: int | None,
            sink: dict[str, dict[int, torch.Tensor]], first: bool) -> Iterator[None]:
     handles = []
 
@@ -314,6 +354,12 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
                     sink["head_columns"][i] = squares
         return hook
 
+    def on_norm(i: int) -> Callable:
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            squares = channel_sums(out.detach())
+            sink["hidden"][i] = squares if i not in sink["hidden"] else sink["hidden"][i] + squares
+        return hook
+
     try:
         for i, block in blocks:
             handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
@@ -321,6 +367,9 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
                 handles.append(block.get_submodule(family.down).register_forward_pre_hook(on_input("channels", i)))
             if family is not None and width[1] and family.o is not None:
                 handles.append(block.get_submodule(family.o).register_forward_pre_hook(on_input("heads", i)))
+            if family is not None and len(width) > 2 and width[2]:  # the block's norms, in the order they run
+                for name in family.norms:
+                    handles.append(block.get_submodule(name).register_forward_hook(on_norm(i)))
         yield
     finally:
         for h in handles:
@@ -329,11 +378,11 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
 
 @torch.no_grad()
 def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, batches: list[int], batch_size: int,
-                 device: torch.device | str, *, kept: list[int], family: Family | None, width: tuple[bool, bool],
+                 device: torch.device | str, *, kept: list[int], family: Family | None, width: tuple[bool, ...],
                  n_heads: int | None, first: bool = False, check: Callable[[], None] = lambda: None
                  ) -> list[BatchSums]:
     """The sums of calibration ``batches`` (indices into ``samples`` (N, T) cut in batches of ``batch_size``), the
-    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads) also summed;
+    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads[, hidden]) also summed;
     ``first``: their first moments too."""
     n_blocks = len(stack.layers)
     running = [(i, stack.layers[i]) for i in kept]
@@ -345,7 +394,8 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
             check()
             batch = samples[b * batch_size:(b + 1) * batch_size].to(device)  # (B, T)
             sink: dict[str, dict[int, torch.Tensor]] = {"influence": {}, "channels": {}, "heads": {},
-                                                        "channels_first": {}, "heads_first": {}, "head_columns": {}}
+                                                        "channels_first": {}, "heads_first": {}, "head_columns": {},
+                                                        "hidden": {}}
             with _hooks(running, family, width, n_heads, sink, first):
                 trunk(input_ids=batch, **supported_kwargs(trunk, use_cache=False))
             influence = torch.full((n_blocks,), float("nan"), dtype=torch.float64)
@@ -356,7 +406,8 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
                                  heads=_stacked(sink["heads"], kept) if width[1] else None,
                                  channel_first=_stacked(sink["channels_first"], kept) if first and width[0] else None,
                                  head_first=_stacked(sink["heads_first"], kept) if first and width[1] else None,
-                                 head_columns=_stacked(sink["head_columns"], kept) if first and width[1] else None))
+                                 head_columns=_stacked(sink["head_columns"], kept) if first and width[1] else None,
+                                 hidden=_stacked(sink["hidden"], kept) if len(width) > 2 and width[2] else None))
     return out
 
 
@@ -404,8 +455,9 @@ _PLAN_KINDS = {"channels": torch.int64, "q_heads": torch.int64, "kv_heads": torc
 @dataclass(frozen=True)
 class StructurePlan:
     """Which blocks (dense indices, ascending), and in each kept block which MLP channels and query / KV heads,
-    stay; the config values the pruned model has; with bias compensation, the amount (hidden size,) added to the
-    bias of each kept block's MLP output projection and attention output projection."""
+    stay; which hidden channels stay (in every layer); the config values the pruned model has; with bias
+    compensation, the amount (dense hidden size,) added to the bias of each kept block's MLP output projection and
+    attention output projection."""
 
     blocks: list[int]
     channels: dict[int, list[int]] = field(default_factory=dict)
@@ -415,10 +467,13 @@ class StructurePlan:
     config: dict[str, Any] = field(default_factory=dict)
     mlp_bias: dict[int, list[float]] = field(default_factory=dict)
     o_bias: dict[int, list[float]] = field(default_factory=dict)
+    hidden: list[int] = field(default_factory=list)  # the hidden channels kept, the same in every layer ([]: all)
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and metadata of a safetensors artifact."""
         tensors = {"blocks": torch.tensor(self.blocks, dtype=torch.int64)}
+        if self.hidden:
+            tensors["hidden"] = torch.tensor(self.hidden, dtype=torch.int64)
         for kind, dtype in _PLAN_KINDS.items():
             for i, kept in getattr(self, kind).items():
                 tensors[f"{kind}.{i}"] = torch.tensor(kept, dtype=dtype)
@@ -428,12 +483,13 @@ class StructurePlan:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> StructurePlan:
         parts: dict[str, dict[int, list]] = {kind: {} for kind in _PLAN_KINDS}
         for key, value in tensors.items():
-            if key != "blocks":
+            if key not in ("blocks", "hidden"):
                 kind, index = key.rsplit(".", 1)
                 parts[kind][int(index)] = value.tolist()
         head_dim = metadata.get("head_dim") or None
         return cls(blocks=tensors["blocks"].tolist(), **parts, head_dim=int(head_dim) if head_dim else None,
-                   config=json.loads(metadata["config"]))
+                   config=json.loads(metadata["config"]),
+                   hidden=tensors["hidden"].tolist() if "hidden" in tensors else [])
 
 
 def compensation(weight: torch.Tensor, kept: list[int], first: torch.Tensor, tokens: int) -> list[float]:
@@ -496,9 +552,12 @@ def compensate(plan: StructurePlan, r: Resolved, sums: Sums, model_type: str) ->
 
 
 def plan_structure(r: Resolved, influence: torch.Tensor, removal_order: list[int] | None,
-                   channels: torch.Tensor | None, heads: torch.Tensor | None) -> StructurePlan:
-    """The plan from the summed statistics: influence (L,), channels (L, I) and heads (L, H) of every dense block;
-    ``removal_order``: the iterative mode's blocks, in the order they went (their count is ``r.blocks``)."""
+                   channels: torch.Tensor | None, heads: torch.Tensor | None,
+                   hidden: torch.Tensor | None = None) -> StructurePlan:
+    """The plan from the summed statistics: influence (L,), channels (L, I), heads (L, H) and hidden channels
+    (L, C) of every dense block; ``removal_order``: the iterative mode's blocks, in the order they went (their count
+    is ``r.blocks``). The hidden channels kept are those of largest sum over the kept blocks (Minitron: the norms'
+    outputs, added over layers)."""
     if removal_order is not None:
         blocks = [i for i in range(r.n_blocks) if i not in set(removal_order[:r.blocks])]
     else:
@@ -515,6 +574,11 @@ def plan_structure(r: Resolved, influence: torch.Tensor, removal_order: list[int
         for i in blocks:
             plan.q_heads[i], plan.kv_heads[i] = kept_heads(heads[i], r.n_kv, r.q_kept, r.kv_kept)
         config.update(num_attention_heads=r.q_kept, num_key_value_heads=r.kv_kept, head_dim=r.head_dim)
+    if r.hidden_kept is not None:
+        assert hidden is not None
+        total = hidden[torch.tensor(blocks, dtype=torch.int64)].sum(dim=0)
+        plan.hidden.extend(kept_channels(total, r.hidden_kept))
+        config.update(hidden_size=r.hidden_kept, head_dim=r.head_dim)  # head_dim no longer hidden / heads
     return plan
 
 
@@ -563,50 +627,101 @@ def _compensated(block: nn.Module, family: Family | None, switches: dict[str, Bi
             _with_bias(block.get_submodule(name), values[i])
 
 
+def _norm_sliced(norm: nn.Module, keep: torch.Tensor) -> None:
+    """A norm over the hidden channels with only ``keep`` (its weight, and bias if any)."""
+    for name in ("weight", "bias"):
+        p = getattr(norm, name, None)
+        if isinstance(p, nn.Parameter):
+            setattr(norm, name, nn.Parameter(p.detach().index_select(0, keep.to(p.device)).contiguous(),
+                                             requires_grad=p.requires_grad))
+    if isinstance(getattr(norm, "normalized_shape", None), tuple):
+        norm.normalized_shape = (len(keep),)
+
+
+def _hidden_sliced(model: nn.Module, blocks: list[nn.Module], family: Family, keep: torch.Tensor) -> None:
+    """Only the hidden channels ``keep`` in the embedding, every block (norms; q/k/v and the MLP's up layers' input
+    columns; o's and down's output rows and biases) and the final norm and head (re-tied to the embedding where it
+    was tied)."""
+    embed_path, norm_path, head_path = HIDDEN_FAMILIES[model.config.model_type]
+    embed = model.get_submodule(embed_path)
+    head = model.get_submodule(head_path) if hasattr(model, head_path.split(".")[0]) else None
+    tied = head is not None and head.weight is embed.weight
+    for block in blocks:
+        for name in family.norms:
+            _norm_sliced(block.get_submodule(name), keep)
+        for name in (family.q, family.k, family.v, *family.up):
+            assert name is not None
+            _sliced(block.get_submodule(name), cols=keep)
+        for name in (family.o, family.down):
+            assert name is not None
+            _sliced(block.get_submodule(name), rows=keep)
+        _set_if_present(block.get_submodule(family.mlp), hidden_size=len(keep))
+        _set_if_present(block.get_submodule(family.attention), hidden_size=len(keep))
+    w = embed.weight.detach().index_select(1, keep.to(embed.weight.device)).contiguous()
+    embed.weight = nn.Parameter(w, requires_grad=embed.weight.requires_grad)
+    embed.embedding_dim = len(keep)
+    _norm_sliced(model.get_submodule(norm_path), keep)
+    if head is not None:
+        if tied:
+            head.weight = embed.weight
+            head.in_features = len(keep)
+        else:
+            _sliced(head, cols=keep)
+
+
 def _set_if_present(module: nn.Module, **values: int) -> None:
     for key, value in values.items():
         if hasattr(module, key):
             setattr(module, key, value)
 
 
+def _block_sliced(block: nn.Module, family: Family | None, plan: StructurePlan, i: int) -> None:
+    """Dense block ``i`` with only the plan's MLP channels and heads."""
+    if i in plan.channels:
+        assert family is not None
+        keep = torch.tensor(plan.channels[i], dtype=torch.int64)
+        for name in family.up:
+            _sliced(block.get_submodule(name), rows=keep)
+        if family.fused_up is not None:  # gate rows, then up rows
+            fused = block.get_submodule(family.fused_up)
+            _sliced(fused, rows=torch.cat([keep, keep + fused.out_features // 2]))
+        _sliced(block.get_submodule(family.down), cols=keep)
+        _set_if_present(block.get_submodule(family.mlp), intermediate_size=len(keep))
+    if i in plan.q_heads:
+        assert family is not None and plan.head_dim is not None and family.o is not None
+        q_rows = _head_rows(plan.q_heads[i], plan.head_dim)
+        kv_rows = _head_rows(plan.kv_heads[i], plan.head_dim)
+        if family.qkv is not None:  # query rows, then key rows, then value rows
+            fused = block.get_submodule(family.qkv)
+            n_q_rows = block.get_submodule(family.o).in_features
+            n_kv_rows = (fused.out_features - n_q_rows) // 2
+            _sliced(fused, rows=torch.cat([q_rows, n_q_rows + kv_rows, n_q_rows + n_kv_rows + kv_rows]))
+        else:
+            assert family.q is not None and family.k is not None and family.v is not None
+            _sliced(block.get_submodule(family.q), rows=q_rows)
+            _sliced(block.get_submodule(family.k), rows=kv_rows)
+            _sliced(block.get_submodule(family.v), rows=kv_rows)
+        _sliced(block.get_submodule(family.o), cols=q_rows)
+        n_q, n_kv = len(plan.q_heads[i]), len(plan.kv_heads[i])
+        attention = block.get_submodule(family.attention)
+        attention.num_key_value_groups = n_q // n_kv
+        _set_if_present(attention, num_heads=n_q, num_attention_heads=n_q, num_key_value_heads=n_kv,
+                        head_dim=plan.head_dim)
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, stack: BlockStack, family: Family | None, plan: StructurePlan) -> nn.ModuleList:
-    """Slice the kept blocks' MLP channels and heads, drop the other blocks, renumber what indexes layers
-    (``layer_idx``, for the KV cache) and write the new config values. Returns the new block list."""
+    """Slice the kept blocks' MLP channels and heads (and the hidden channels everywhere), drop the other blocks,
+    renumber what indexes layers (``layer_idx``, for the KV cache) and write the new config values. Returns the new
+    block list."""
     config = model.config
     for i in plan.blocks:
-        block = stack.layers[i]
-        if i in plan.channels:
-            assert family is not None
-            keep = torch.tensor(plan.channels[i], dtype=torch.int64)
-            for name in family.up:
-                _sliced(block.get_submodule(name), rows=keep)
-            if family.fused_up is not None:  # gate rows, then up rows
-                fused = block.get_submodule(family.fused_up)
-                _sliced(fused, rows=torch.cat([keep, keep + fused.out_features // 2]))
-            _sliced(block.get_submodule(family.down), cols=keep)
-            _set_if_present(block.get_submodule(family.mlp), intermediate_size=len(keep))
-        if i in plan.q_heads:
-            assert family is not None and plan.head_dim is not None and family.o is not None
-            q_rows = _head_rows(plan.q_heads[i], plan.head_dim)
-            kv_rows = _head_rows(plan.kv_heads[i], plan.head_dim)
-            if family.qkv is not None:  # query rows, then key rows, then value rows
-                fused = block.get_submodule(family.qkv)
-                n_q_rows = block.get_submodule(family.o).in_features
-                n_kv_rows = (fused.out_features - n_q_rows) // 2
-                _sliced(fused, rows=torch.cat([q_rows, n_q_rows + kv_rows, n_q_rows + n_kv_rows + kv_rows]))
-            else:
-                assert family.q is not None and family.k is not None and family.v is not None
-                _sliced(block.get_submodule(family.q), rows=q_rows)
-                _sliced(block.get_submodule(family.k), rows=kv_rows)
-                _sliced(block.get_submodule(family.v), rows=kv_rows)
-            _sliced(block.get_submodule(family.o), cols=q_rows)
-            n_q, n_kv = len(plan.q_heads[i]), len(plan.kv_heads[i])
-            attention = block.get_submodule(family.attention)
-            attention.num_key_value_groups = n_q // n_kv
-            _set_if_present(attention, num_heads=n_q, num_attention_heads=n_q, num_key_value_heads=n_kv,
-                            head_dim=plan.head_dim)
-        _compensated(block, family, BIAS_SWITCHES.get(getattr(config, "model_type", ""), {}), plan, i)
+        _block_sliced(stack.layers[i], family, plan, i)
+        _compensated(stack.layers[i], family, BIAS_SWITCHES.get(getattr(config, "model_type", ""), {}), plan, i)
+    if plan.hidden:  # after the compensation: its biases are (dense hidden,) and are sliced with o and down
+        assert family is not None
+        _hidden_sliced(model, [stack.layers[i] for i in plan.blocks], family, torch.tensor(plan.hidden,
+                                                                                         dtype=torch.int64))
     new = nn.ModuleList([stack.layers[i] for i in plan.blocks])
     if len(plan.blocks) < len(stack.layers):
         for j, (i, block) in enumerate(zip(plan.blocks, new, strict=True)):
@@ -646,6 +761,7 @@ class Sums:
     channel_first: torch.Tensor | None = None  # bias compensation: Σx per MLP channel (L, I)
     head_first: torch.Tensor | None = None  # and per column of the attention output projection's input (L, H·d)
     head_columns: torch.Tensor | None = None  # Σx² per column of that input (L, H·d)
+    hidden: torch.Tensor | None = None  # Σ of the block norms' outputs² per hidden channel (L, C)
 
 
 def _ordered(ctx: Any, rows: list[torch.Tensor], shape: tuple[int, ...], mine: list[int], n: int) -> torch.Tensor:
@@ -669,11 +785,11 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     bs = cfg.calibration.batch_size
     n_batches = -(-samples.shape[0] // bs)
     mine = ctx.dist.shares(n_batches)
-    width = (r.channels_kept is not None, r.q_kept is not None)
+    width = (r.channels_kept is not None, r.q_kept is not None, r.hidden_kept is not None)
     L = r.n_blocks
 
-    def sums(kept: list[int], width: tuple[bool, bool]) -> Sums:
-        first = r.first_moments and any(width)
+    def sums(kept: list[int], width: tuple[bool, ...]) -> Sums:
+        first = r.first_moments and any(width[:2])
         parts = collect_sums(ctx.model, r.stack, samples, mine, bs, ctx.device, kept=kept, family=r.family,
                              width=width, n_heads=r.n_q, first=first, check=ctx.check_cancelled)
         out = Sums(influence=_ordered(ctx, [p.influence for p in parts], (L,), mine, n_batches), channels=None,
@@ -685,6 +801,9 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             if first:
                 out.channel_first = _ordered(ctx, [p.channel_first for p in parts], (L, r.intermediate), mine,
                                              n_batches)
+        if width[2]:
+            assert r.hidden is not None
+            out.hidden = _ordered(ctx, [p.hidden for p in parts], (L, r.hidden), mine, n_batches)
         if width[1]:
             assert r.n_q is not None and r.head_dim is not None
             out.heads = _ordered(ctx, [p.heads for p in parts], (L, r.n_q), mine, n_batches)
@@ -705,7 +824,7 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
             order.append(gone)
             kept = [i for i in kept if i != gone]
             if len(order) < r.blocks:
-                current = sums(kept, (False, False)).influence
+                current = sums(kept, (False, False, False)).influence
                 out.passes += 1
         out.removal_order = order
     st.structure_sums = out
@@ -722,7 +841,7 @@ def rank(ctx: Any) -> dict[str, Any]:
     if s is None:
         raise ConfigError("structure: no calibration statistics (Calibrating did not run)")
     channels, heads = (fluctuation_scores(r, s) if r.fluctuation else (s.channels, s.heads))
-    plan = plan_structure(r, s.influence, s.removal_order, channels, heads)
+    plan = plan_structure(r, s.influence, s.removal_order, channels, heads, s.hidden)
     if r.compensate:
         compensate(plan, r, s, ctx.model.config.model_type)
     st.structure_plan = plan

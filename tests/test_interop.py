@@ -113,7 +113,11 @@ STRUCTURED = [("llama", "dense", "none"), ("llama", "dense", "w8a16"), ("llama",
               ("phi3", "dense", "none"), ("gpt2", "dense", "none"), ("opt", "dense", "none"),
               ("gemma3", "dense", "none"), ("bert", "dense", "none"),
               # FLAP (fluctuation ranking + bias compensation): Llama's config switches mlp_bias / attention_bias on
-              ("llama+flap", "dense", "none"), ("llama+flap", "dense", "w4a16"), ("gpt2+flap", "dense", "none")]
+              ("llama+flap", "dense", "none"), ("llama+flap", "dense", "w4a16"), ("gpt2+flap", "dense", "none"),
+              # hidden channels too (the embedding, norms and head narrower; head_dim explicit), and structure
+              # followed by Wanda's masks in the same run
+              ("llama+hidden", "dense", "none"), ("llama+hidden", "dense", "w4a16"), ("llama+hidden", "gguf", "f16"),
+              ("qwen2+hidden", "dense", "none"), ("llama+masks", "dense", "none")]
 _WIDTH = {"llama": (0.25, 2), "qwen2": (0.25, 2), "mistral": (0.25, 2), "phi3": (0.25, 2), "gpt2": (0.25, 0)}
 
 
@@ -126,11 +130,15 @@ def structured_exports(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("interop-structure")
     out = {}
     for key, fmt, quant in STRUCTURED:
-        arch, flap = key.removesuffix("+flap"), key.endswith("+flap")
+        arch, _, option = key.partition("+")
+        flap = option == "flap"
         mlp, heads = _WIDTH.get(arch, (0.0, 0))
         cfg = make_tiny_config(corpus, arch=arch, num_hidden_layers=4).with_target_sparsity(0.0)
+        if option == "masks":
+            cfg = cfg.with_method("wanda").with_target_sparsity(0.5)
         cfg = cfg._with(structure=StructureConfig(depth=1, mlp=mlp, heads=heads, alignment=8, bias_compensation=flap,
-                                                  channel_score="fluctuation" if flap else "activation"))
+                                                  channel_score="fluctuation" if flap else "activation",
+                                                  hidden=0.5 if option == "hidden" else 0.0))
         if arch == "bert":
             cfg = cfg._with(evaluation=cfg.evaluation.model_copy(update={"enabled": False}))
         cfg = cfg.with_export(ExportConfig(format=fmt, gguf_type=quant) if fmt == "gguf" else

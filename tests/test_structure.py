@@ -357,7 +357,7 @@ def test_depth_on_a_model_without_blocks_is_refused(corpus, tmp_path):
 
 def test_the_plan_round_trips_through_its_artifact():
     plan = StructurePlan(blocks=[0, 3], channels={0: [1, 2], 3: [0, 5]}, q_heads={0: [0, 1]}, kv_heads={0: [0]},
-                         head_dim=8, config={"num_hidden_layers": 2, "intermediate_size": 2})
+                         head_dim=8, config={"num_hidden_layers": 2, "intermediate_size": 2}, hidden=[0, 2, 5])
     tensors, meta = plan.to_tensors()
     assert StructurePlan.from_tensors(tensors, meta) == plan
     assert json.loads(meta["config"]) == plan.config
@@ -365,7 +365,7 @@ def test_the_plan_round_trips_through_its_artifact():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun with gloo on Linux")
 def test_two_processes_choose_what_one_process_chooses(corpus, tmp_path):
-    cfg = structure_config(corpus, depth=1, mlp=0.25, heads=2)
+    cfg = structure_config(corpus, depth=1, mlp=0.25, heads=2, hidden=0.25)
     cfg = cfg.with_calibration(cfg.calibration.model_copy(update={"num_samples": 6}))
     assert Pipeline(cfg, run_dir=tmp_path / "one", progress=False).run().ok
     path = tmp_path / "c.yaml"
