@@ -22,6 +22,7 @@ run's artifact, re-applied to a freshly loaded dense model on resume.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
         q_kept, kv_kept = _head_counts(s, n_q, n_kv)
     hidden_kept = hidden = None
     if s.hidden:
-        hidden_kept, hidden = _hidden_counts(s, model)
+        hidden_kept, hidden = _hidden_counts(s, model, q_kept or int(config.num_attention_heads))
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // int(config.num_attention_heads))
     _check_compensation(cfg, getattr(config, "model_type", None))
     return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
@@ -221,9 +222,10 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
                     hidden_kept=hidden_kept, hidden=hidden)
 
 
-def _hidden_counts(s: StructureConfig, model: nn.Module) -> tuple[int, int]:
-    """(hidden channels kept, the hidden size); ConfigError for an architecture not built or a width that rounds to
-    zero or to nothing removed."""
+def _hidden_counts(s: StructureConfig, model: nn.Module, heads: int) -> tuple[int, int]:
+    """(hidden channels kept, the hidden size): a multiple of the alignment and of the query ``heads`` kept (the
+    configs of transformers 5 require ``hidden_size`` divisible by ``num_attention_heads``); ConfigError for an
+    architecture not built or a width that rounds to zero or to nothing removed."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in HIDDEN_FAMILIES:
@@ -237,19 +239,22 @@ def _hidden_counts(s: StructureConfig, model: nn.Module) -> tuple[int, int]:
         except AttributeError:
             raise ConfigError(f"structure.hidden: {type(model).__name__} has no '{path}'") from None
     hidden = int(config.hidden_size)
-    return _aligned("hidden", s.hidden, hidden, s.alignment), hidden
+    step = math.lcm(s.alignment, heads)
+    why = "" if step == s.alignment else f" (the multiple of structure.alignment={s.alignment} and of the {heads} " \
+        "query heads, as transformers requires hidden_size divisible by num_attention_heads)"
+    return _aligned("hidden", s.hidden, hidden, step, why), hidden
 
 
-def _aligned(field: str, fraction: float, width: int, alignment: int) -> int:
+def _aligned(field: str, fraction: float, width: int, alignment: int, why: str = "") -> int:
     """The channels kept of ``width`` when ``fraction`` go, rounded to a multiple of ``alignment``; ConfigError
-    naming ``structure.<field>`` when that is zero or all of them."""
+    naming ``structure.<field>`` when that is zero or all of them (``why``: how the multiple came about)."""
     kept = round(width * (1.0 - fraction) / alignment) * alignment
     if kept < 1:
         raise ConfigError(f"structure.{field}={fraction} keeps {width * (1 - fraction):.0f} of {width} channels, "
-                          f"which rounds to zero at structure.alignment={alignment}")
+                          f"which rounds to zero at a multiple of {alignment}{why}")
     if kept >= width:
-        raise ConfigError(f"structure.{field}={fraction} rounds to no channel removed of {width} at "
-                          f"structure.alignment={alignment}: raise {field} or lower alignment")
+        raise ConfigError(f"structure.{field}={fraction} rounds to no channel removed of {width} at a multiple of "
+                          f"{alignment}{why}: raise {field} or lower structure.alignment")
     return kept
 
 

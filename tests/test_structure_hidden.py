@@ -157,3 +157,17 @@ def test_hidden_state_distillation_across_widths_is_refused_by_the_config():
     with pytest.raises(ValueError, match="makes them of different widths"):
         PruningConfig(target_sparsity=0.0, structure=StructureConfig(hidden=0.25),
                       finetune={"enabled": True, "hidden_weight": 1.0})
+
+
+def test_hidden_is_kept_a_multiple_of_the_query_heads_as_transformers_requires(corpus, tmp_path):
+    """3 query heads and alignment 8: the kept width is a multiple of 24 (transformers 5 refuses a hidden_size that
+    num_attention_heads does not divide); 48 × 0.75 = 36 rounds to 48, nothing removed: refused, saying why."""
+    cfg = make_tiny_config(corpus, arch="llama", num_hidden_layers=2, hidden_size=48, num_attention_heads=3,
+                           num_key_value_heads=1).with_target_sparsity(0.0)
+    with pytest.raises(ConfigError, match="multiple of 24 .the multiple of structure.alignment=8 and of the 3 query"):
+        Pipeline(cfg._with(structure=StructureConfig(alignment=8, hidden=0.25)), run_dir=tmp_path / "a",
+                 progress=False).run()
+    result = Pipeline(cfg._with(structure=StructureConfig(alignment=8, hidden=0.5)), run_dir=tmp_path / "b",
+                      progress=False).run()
+    assert result.ok, result.failure
+    assert next(r for r in result.results if r.stage == "pruning").metrics["hidden_size"] == 24
