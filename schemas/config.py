@@ -651,8 +651,12 @@ class PruningConfig(Frozen):
     def needs_calibration(self) -> bool:
         """True when activation statistics are collected before scoring: the method's, structure's, DSnoT's or
         reconstruction's."""
-        return (self.method.needs_calibration or self.structure.enabled or self.reconstruction.enabled
-                or self.dsnot.enabled)
+        return self.masks_need_calibration or self.structure.enabled
+
+    @property
+    def masks_need_calibration(self) -> bool:
+        """True when the masks' layer groups are walked for statistics: the method's, DSnoT's or reconstruction's."""
+        return self.method.needs_calibration or self.reconstruction.enabled or self.dsnot.enabled
 
     @property
     def needs_samples(self) -> bool:

@@ -206,15 +206,15 @@ def resolve(cfg: PruningConfig, model: nn.Module) -> Resolved:
         intermediate = int(getattr(config, family.intermediate_key, None) or 4 * config.hidden_size)
         channels_kept = _aligned("mlp", s.mlp, intermediate, s.alignment)
     q_kept = kv_kept = n_q = n_kv = head_dim = None
+    if s.heads or s.hidden:  # both write an explicit head_dim (no longer hidden_size / heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // int(config.num_attention_heads))
     if s.heads:
         n_q = int(config.num_attention_heads)
         n_kv = int(getattr(config, "num_key_value_heads", None) or n_q)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_q)
         q_kept, kv_kept = _head_counts(s, n_q, n_kv)
     hidden_kept = hidden = None
     if s.hidden:
         hidden_kept, hidden = _hidden_counts(s, model, q_kept or int(config.num_attention_heads))
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // int(config.num_attention_heads))
     _check_compensation(cfg, getattr(config, "model_type", None))
     return Resolved(blocks=blocks, n_blocks=n_blocks, channels_kept=channels_kept, intermediate=intermediate,
                     q_kept=q_kept, kv_kept=kv_kept, n_q=n_q, n_kv=n_kv, head_dim=head_dim, family=family, stack=stack,
@@ -338,7 +338,8 @@ class BatchSums:
 
 
 @contextmanager
-def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, ...], n_heads: int | None,
+def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tuple[bool, bool, bool],
+           n_heads: int | None,
            sink: dict[str, dict[int, torch.Tensor]], first: bool) -> Iterator[None]:
     handles = []
 
@@ -372,7 +373,7 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
                 handles.append(block.get_submodule(family.down).register_forward_pre_hook(on_input("channels", i)))
             if family is not None and width[1] and family.o is not None:
                 handles.append(block.get_submodule(family.o).register_forward_pre_hook(on_input("heads", i)))
-            if family is not None and len(width) > 2 and width[2]:  # the block's norms, in the order they run
+            if family is not None and width[2]:  # the block's norms, in the order they run
                 for name in family.norms:
                     handles.append(block.get_submodule(name).register_forward_hook(on_norm(i)))
         yield
@@ -383,11 +384,12 @@ def _hooks(blocks: list[tuple[int, nn.Module]], family: Family | None, width: tu
 
 @torch.no_grad()
 def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, batches: list[int], batch_size: int,
-                 device: torch.device | str, *, kept: list[int], family: Family | None, width: tuple[bool, ...],
+                 device: torch.device | str, *, kept: list[int], family: Family | None,
+                 width: tuple[bool, bool, bool],
                  n_heads: int | None, first: bool = False, check: Callable[[], None] = lambda: None
                  ) -> list[BatchSums]:
     """The sums of calibration ``batches`` (indices into ``samples`` (N, T) cut in batches of ``batch_size``), the
-    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads[, hidden]) also summed;
+    model run with only the blocks ``kept`` (dense indices); ``width``: (MLP channels, heads, hidden) also summed;
     ``first``: their first moments too."""
     n_blocks = len(stack.layers)
     running = [(i, stack.layers[i]) for i in kept]
@@ -412,7 +414,7 @@ def collect_sums(model: nn.Module, stack: BlockStack, samples: torch.Tensor, bat
                                  channel_first=_stacked(sink["channels_first"], kept) if first and width[0] else None,
                                  head_first=_stacked(sink["heads_first"], kept) if first and width[1] else None,
                                  head_columns=_stacked(sink["head_columns"], kept) if first and width[1] else None,
-                                 hidden=_stacked(sink["hidden"], kept) if len(width) > 2 and width[2] else None))
+                                 hidden=_stacked(sink["hidden"], kept) if width[2] else None))
     return out
 
 
@@ -793,7 +795,7 @@ def calibrate(ctx: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     width = (r.channels_kept is not None, r.q_kept is not None, r.hidden_kept is not None)
     L = r.n_blocks
 
-    def sums(kept: list[int], width: tuple[bool, ...]) -> Sums:
+    def sums(kept: list[int], width: tuple[bool, bool, bool]) -> Sums:
         first = r.first_moments and any(width[:2])
         parts = collect_sums(ctx.model, r.stack, samples, mine, bs, ctx.device, kept=kept, family=r.family,
                              width=width, n_heads=r.n_q, first=first, check=ctx.check_cancelled)

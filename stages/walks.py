@@ -473,7 +473,7 @@ def plan_mask_groups(ctx: Any, before: list[list[str]] | None = None) -> None:
     cfg, st = ctx.config, ctx.state
     first = list(before or [])
     st.walk, st.walk_offset = None, len(first)
-    if not (cfg.method.needs_calibration or cfg.reconstruction.enabled or cfg.dsnot.enabled):
+    if not cfg.masks_need_calibration:
         st.layer_groups = [*first, list(st.targets)]
         return
     walk = cfg.resolved_walk()
