@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from podar.schemas.config import PruningConfig
-from podar.schemas.records import RunManifest, StageResult
+from podar.schemas.records import RunManifest, StageResult, structure_result
 from podar.schemas.report import LayerReport, RunReport
 from podar.schemas.schedule import OneShot
 
@@ -49,10 +49,9 @@ def build_report(run_dir: str | Path) -> RunReport:
                   zip(r.series.get("val_step", []), r.series.get("val_loss", []), r.series.get("val_kl", []),
                       strict=True)]
     layers = _layers(m)
-    pruned = next((r for r in m.results if r.stage == PruningStage.PRUNING.value
-                   and r.metrics.get("pattern") == "structure"), None)  # the structure group's
+    pruned = structure_result(m.results)
     structure = None
-    if cfg.structure.enabled and pruned is not None:
+    if pruned is not None:
         structure = {k: v for k, v in pruned.metrics.items() if k not in ("pattern", "round", "group")}
     points: list[tuple[int, float]] = []
     if not isinstance(cfg.schedule, OneShot):

@@ -16,6 +16,7 @@ __all__ = [
     "ArtifactRecord",
     "FailureInfo",
     "StageResult",
+    "structure_result",
     "HistoryEntry",
     "AuditEvent",
     "RunManifest",
@@ -144,6 +145,12 @@ class StageResult(_Record):
     def summary(self, limit: int = 8) -> dict[str, Scalar]:
         """The first ``limit`` scalar metrics, for the audit line."""
         return dict(list(self.metrics.items())[:limit])
+
+
+def structure_result(results: list[StageResult]) -> StageResult | None:
+    """The Pruning result of the run's structure group (the plan's figures: blocks and widths kept, parameters
+    before and after), or None before that group ran and in a run without ``structure``."""
+    return next((r for r in results if r.stage == "pruning" and r.metrics.get("pattern") == "structure"), None)
 
 
 class HistoryEntry(_Record):

@@ -7,15 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from podar.schemas.config import PruningConfig
-from podar.schemas.records import StageResult
+from podar.schemas.records import StageResult, structure_result
 
 __all__ = ["model_card"]
 
 
-def _what(cfg: PruningConfig, pruning: StageResult | None) -> list[str]:
+def _what(cfg: PruningConfig, structure: StageResult | None) -> list[str]:
     s = cfg.structure
     if s.enabled:
-        m = pruning.metrics if pruning is not None else {}
+        m = structure.metrics if structure is not None else {}
         lines = ["Structured pruning (the same dimensions in every layer; an ordinary model of its family):"]
         if s.depth:
             blocks = str(m.get("blocks_kept", ""))
@@ -65,8 +65,7 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
                export: dict[str, Any]) -> str:
     """The card's Markdown text, from the run's config and its stage results so far (nothing of the run's identity
     or of switches that change no weight: two runs that prune alike write the same card)."""
-    pruning = next((r for r in reversed(results) if r.stage == "pruning" and (
-        r.metrics.get("pattern") == "structure" or not cfg.structure.enabled)), None)
+    structure = structure_result(results)
     tuned = [r for r in results if r.stage == "fine_tuning" and not r.metrics.get("skipped")]
     evaluating = next((r for r in reversed(results) if r.stage == "evaluating"), None)
     base = {"memory": "a model passed in memory", "tiny": f"a tiny random {cfg.model.tiny.arch} model"}.get(
@@ -75,7 +74,7 @@ def model_card(cfg: PruningConfig, results: list[StageResult], *, fingerprint: s
     lines = ["---", *front, "library_name: transformers", "tags:", "- podar", "- pruned",
              *(["- structured-pruning"] if cfg.structure.enabled else []),
              *(["- sparse"] if not cfg.structure.enabled or cfg.target_sparsity > 0 else []), "---", "",
-             f"# {base}, pruned by podar", "", *_what(cfg, pruning), ""]
+             f"# {base}, pruned by podar", "", *_what(cfg, structure), ""]
     if tuned:
         steps = sum(int(r.metrics.get("steps", 0)) for r in tuned)
         ft = cfg.finetune
