@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .stage import PruningStage
+
 __all__ = [
     "MANIFEST_SCHEMA_VERSION",
     "Counters",
@@ -16,6 +18,7 @@ __all__ = [
     "ArtifactRecord",
     "FailureInfo",
     "StageResult",
+    "STRUCTURE_PATTERN",
     "structure_result",
     "HistoryEntry",
     "AuditEvent",
@@ -147,10 +150,14 @@ class StageResult(_Record):
         return dict(list(self.metrics.items())[:limit])
 
 
+STRUCTURE_PATTERN = "structure"  # the ``pattern`` metric of the structure group's Pruning result
+
+
 def structure_result(results: list[StageResult]) -> StageResult | None:
     """The Pruning result of the run's structure group (the plan's figures: blocks and widths kept, parameters
     before and after), or None before that group ran and in a run without ``structure``."""
-    return next((r for r in results if r.stage == "pruning" and r.metrics.get("pattern") == "structure"), None)
+    return next((r for r in results if r.stage == PruningStage.PRUNING.value
+                 and r.metrics.get("pattern") == STRUCTURE_PATTERN), None)
 
 
 class HistoryEntry(_Record):

@@ -18,7 +18,7 @@ from podar.engine.context import RunContext
 from podar.engine.distributed import together
 from podar.engine.models import DTYPES
 from podar.schemas.errors import StageError
-from podar.schemas.records import ArtifactRecord, StageResult
+from podar.schemas.records import STRUCTURE_PATTERN, ArtifactRecord, StageResult
 from podar.schemas.stage import PruningStage
 
 from . import structure
@@ -238,7 +238,7 @@ def _structure(ctx: RunContext) -> StageResult:
     after = structure.parameter_count(ctx.model)
     st.structure_sums = None
     return StageResult(stage=STAGE.value, metrics={
-        "pattern": "structure", "parameters_before": before, "parameters_after": after,
+        "pattern": STRUCTURE_PATTERN, "parameters_before": before, "parameters_after": after,
         "parameters_removed_frac": 1.0 - after / before, "blocks_kept": structure.indices_text(plan.blocks),
         **plan.config,
         "round": st.round_index, "group": st.group_index})
