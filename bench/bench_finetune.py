@@ -69,7 +69,8 @@ def run_one(name: str, cfg, work: Path, keep: bool = False) -> dict:
                    tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1),
                    val_loss=[x for r in parts for x in r.series.get("val_loss", [])],
                    val_kl=[x for r in parts for x in r.series.get("val_kl", [])],
-                   first_loss=parts[0].metrics["first_loss"], last_loss=parts[-1].metrics["last_loss"])
+                   first_loss=parts[0].metrics["first_loss"], last_loss=parts[-1].metrics["last_loss"],
+                   autocast=parts[0].metrics["autocast"])
     if not keep:
         common.tidy_run(work / name)
     print(json.dumps(row), flush=True)
@@ -91,7 +92,8 @@ def speed_pairs(args: argparse.Namespace) -> None:
     ctx = pipe.context
     params = {f"{n}.weight": m.weight for n, m in ctx.state.targets.items()}
     windows, _ = finetune.training_texts(ctx, args.speed_steps * args.batch)
-    seconds: dict[str, list[float]] = {"kd": [], "kd-cached": [], "lm": []}
+    modes = [f"{loss}{amp}" for amp in ("", "+bf16") for loss in ("kd", "kd-cached", "lm")]
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
     ctx.config = cfg.with_finetune(cfg.finetune.model_copy(update={
         "enabled": True, "batch_size": args.batch, "sequence_length": args.seq}))
     started = time.perf_counter()
@@ -99,13 +101,15 @@ def speed_pairs(args: argparse.Namespace) -> None:
     cache_s = time.perf_counter() - started
     for _ in range(args.speed_pairs):
         for mode in seconds:
+            loss, _, amp = mode.partition("+")
             ctx.config = cfg.with_finetune(cfg.finetune.model_copy(update={
-                "enabled": True, "loss": mode.split("-")[0], "batch_size": args.batch, "sequence_length": args.seq}))
+                "enabled": True, "loss": loss.split("-")[0], "batch_size": args.batch, "sequence_length": args.seq,
+                "autocast": "bfloat16" if amp else "off"}))
             optimizer = torch.optim.AdamW(list(params.values()), lr=1e-6)
             with finetune._training(ctx.model, list(params.values())):
                 started = time.perf_counter()
                 for i in range(args.speed_steps):
-                    finetune._accumulate(ctx, ctx.model, windows, i, i, cache if mode == "kd-cached" else None)
+                    finetune._accumulate(ctx, ctx.model, windows, i, i, cache if "cached" in loss else None)
                     finetune._apply(ctx, optimizer, params, {n: ctx.state.masks[n] for n in ctx.state.targets}, i)
                 seconds[mode].append(time.perf_counter() - started)
     tokens = args.speed_steps * args.batch * args.seq
@@ -114,7 +118,9 @@ def speed_pairs(args: argparse.Namespace) -> None:
     out = {"command": "python bench/bench_finetune.py " + " ".join(sys.argv[1:]), "rows": rows,
            "kd_over_lm_time": round(min(seconds["kd"]) / min(seconds["lm"]), 3),
            "cached_over_lm_time": round(min(seconds["kd-cached"]) / min(seconds["lm"]), 3),
-           "cache_s_per_window": round(cache_s / windows.shape[0], 3)}
+           "cache_s_per_window": round(cache_s / windows.shape[0], 3),
+           "bf16_over_fp32_time": {k: round(min(seconds[f"{k}+bf16"]) / min(seconds[k]), 3)
+                                   for k in ("kd", "kd-cached", "lm")}}
     (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1))
     (common.RESULTS / f"{args.out}.md").write_text(
         f"`{out['command']}`\n\n| loss | tokens/s (best of {args.speed_pairs}) | seconds per round |\n"
@@ -122,7 +128,7 @@ def speed_pairs(args: argparse.Namespace) -> None:
                                           for k, v in rows.items())
         + f"\nKD with the teacher on the fly takes {out['kd_over_lm_time']}× the time of an LM step, from the "
         f"cached top-k {out['cached_over_lm_time']}×; the cache costs {out['cache_s_per_window']} s per window, "
-        "once per round.\n")
+        f"once per round. Under bfloat16 autocast a step takes {out['bf16_over_fp32_time']} × its float32 time.\n")
     print(json.dumps(out))
 
 
@@ -146,12 +152,13 @@ def main() -> None:
     ap.add_argument("--keep-runs", action="store_true", help="keep each run folder (default: removed after)")
     ap.add_argument("--speed-pairs", type=int, default=0, help="only the step-time comparison, this many rounds")
     ap.add_argument("--speed-steps", type=int, default=4)
+    ap.add_argument("--autocast", default="auto", choices=["auto", "off", "bfloat16"], help="finetune.autocast")
     args = ap.parse_args()
     if args.speed_pairs:
         speed_pairs(args)
         return
     ft = dict(steps=args.steps, batch_size=args.batch, sequence_length=args.seq, learning_rate=args.lr,
-              checkpoint_every=max(args.steps // 3, 1), eval_every=max(args.steps // 6, 1))
+              checkpoint_every=max(args.steps // 3, 1), eval_every=max(args.steps // 6, 1), autocast=args.autocast)
     wanda24 = functools.partial(config, sparsity=0.5, pattern="2:4", method="wanda", windows=args.windows)
     variants = {
         "pruned": wanda24(finetune=None),

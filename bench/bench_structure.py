@@ -32,6 +32,7 @@ SETTINGS = {  # name → structure section
     "mlp": {"mlp": 0.25},  # 1,536 → 1,152 channels
     "combo": {"depth": 4, "mlp": 0.125, "heads": 3, "heads_unit": "query_per_group"},  # −26.9% non-embedding
     "depth-mlp": {"depth": 5, "mlp": 0.125},  # −24.5% non-embedding, no heads removed
+    "depth6-mlp": {"depth": 6, "mlp": 0.125},  # 24 blocks, 1,344 channels: −27.5% non-embedding
     "heads": {"heads": 3, "heads_unit": "query_per_group"},  # 9 → 6 query heads, 3 KV heads kept
     # hidden 576 → 504 (a multiple of 8 and of the 9 heads; the tied head too), 5 of 30 blocks: −27.1% non-embedding
     "depth-hidden": {"depth": 5, "hidden": 0.125, "alignment": 8},
@@ -91,7 +92,8 @@ def run_one(name: str, cfg, work: Path, keep: bool = False) -> dict:
     if parts:
         row.update(finetune_s=round(sum(r.duration_s for r in parts), 1),
                    steps=sum(r.metrics["steps"] for r in parts),
-                   tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1))
+                   tokens_per_s=round(sum(r.metrics["tokens_per_s"] for r in parts) / len(parts), 1),
+                   autocast=parts[0].metrics["autocast"])
     if not keep:
         common.tidy_run(work / name, keep=("export",))  # the export is timed afterwards
     print(json.dumps(row), flush=True)
@@ -201,11 +203,12 @@ def main() -> None:
     ap.add_argument("--out", default="structure")
     ap.add_argument("--recovered-only", action="store_true", help="skip the runs without recovery")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run folder whole (default: only its export)")
+    ap.add_argument("--autocast", default="auto", choices=["auto", "off", "bfloat16"], help="finetune.autocast")
     args = ap.parse_args()
     rows: list[dict] = []
     speeds: dict = {}
     ft = dict(steps=args.steps, batch_size=1, sequence_length=args.seq, learning_rate=args.lr, loss="kd",
-              checkpoint_every=max(args.steps // 2, 1), eval_every=max(args.steps // 4, 1))
+              autocast=args.autocast, checkpoint_every=max(args.steps // 2, 1), eval_every=max(args.steps // 4, 1))
     for name in args.settings:
         if not args.recovered_only:
             rows.append(run_one(f"{name}-pruned", config(SETTINGS[name], finetune=None, windows=args.windows),

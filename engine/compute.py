@@ -23,8 +23,8 @@ from torch import nn
 
 from .models import DTYPES
 
-__all__ = ["model_dtype", "resolve_compute_dtype", "cast_floating", "cast_module", "BlockView", "compute_blocks",
-           "while_running", "computing_in"]
+__all__ = ["model_dtype", "resolve_compute_dtype", "resolve_autocast", "cast_floating", "cast_module", "BlockView",
+           "compute_blocks", "while_running", "computing_in"]
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -66,6 +66,16 @@ def resolve_compute_dtype(name: str, model: nn.Module) -> torch.dtype | None:
         return torch.bfloat16
     dtype = DTYPES[name]
     return None if model_dtype(model) in (dtype, None) else dtype
+
+
+def resolve_autocast(name: str, model: nn.Module, device: torch.device) -> torch.dtype | None:
+    """The dtype fine-tuning's forwards and backwards autocast to (``finetune.autocast``), or None: 'off', a model
+    whose weights are not float32 (already in a narrower dtype), and 'auto' where ``device`` has no native bf16."""
+    if name == "off" or model_dtype(model) != torch.float32:
+        return None
+    if name == "auto" and not native_bf16(device):
+        return None
+    return torch.bfloat16
 
 
 def cast_floating(value: Any, dtype: torch.dtype | None) -> Any:

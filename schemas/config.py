@@ -248,6 +248,9 @@ class FineTuneConfig(Frozen):
     checkpoint_every: int = Field(default=50, ge=1, description="steps between fine-tuning checkpoints, >= 1")
     max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="gradient clipping norm, > 0; None: off")
     train: Literal["pruned_layers", "all"] = Field(default="pruned_layers", description="parameters trained")
+    autocast: Literal["auto", "off", "bfloat16"] = Field(
+        default="auto", description="dtype of the training forwards and backwards (weights, optimizer: float32); "
+                                    "auto: bfloat16 where the device computes it natively, else off")
     seed: int = Field(default=0, ge=0, description="seed of the window sampler, >= 0")
 
     @model_validator(mode="after")

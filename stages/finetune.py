@@ -18,8 +18,11 @@ Learning rate: linear warm-up over ``warmup_fraction`` of the round's steps, the
 to ``min_lr_ratio`` × the peak at the round's last step (``lr_at``). Validation every ``eval_every`` steps and at
 the round's end: perplexity and KL to the dense model on windows of a validation text (never the evaluation
 text); with ``early_stopping_patience`` the round stops after that many validations without improvement, and the
-best validated weights are kept. Pruned weights stay exactly zero after every step (their gradients are zeroed
-before the step and the mask re-applied after it).
+best validated weights are kept. Forwards and backwards autocast to bfloat16 where the device computes it natively
+(``finetune.autocast``: a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX); the weights, their gradients and the
+optimizer's state stay float32, and validation runs in float32; a resume is refused where it would resolve otherwise.
+Pruned weights stay exactly zero after every step (their gradients are zeroed before the step and the mask
+re-applied after it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from podar.engine import faults
+from podar.engine.compute import resolve_autocast
 from podar.engine.context import RunContext
 from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
 from podar.schemas.config import FineTuneConfig
@@ -180,6 +184,7 @@ class Session:
     best_step: int | None = None
     bad_validations: int = 0
     stopped_early: bool = False
+    autocast: str = "off"  # the dtype the round's steps autocast to ('off': float32), as ``autocast_name`` gives it
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = dict(self.optimizer)
@@ -187,7 +192,7 @@ class Session:
             tensors["rng.torch"] = self.rng
         meta = {"round_index": self.round_index, "step": self.step, "adam_step": self.adam_step,
                 "best_loss": self.best_loss, "best_step": self.best_step, "bad_validations": self.bad_validations,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "autocast": self.autocast}
         return tensors, {"session": json.dumps(meta, sort_keys=True)}
 
     @classmethod
@@ -196,7 +201,8 @@ class Session:
         return cls(round_index=meta["round_index"], step=meta["step"], adam_step=meta["adam_step"],
                    optimizer={k: v for k, v in tensors.items() if not k.startswith("rng.")},
                    rng=tensors.get("rng.torch"), best_loss=meta["best_loss"], best_step=meta["best_step"],
-                   bad_validations=meta["bad_validations"], stopped_early=meta["stopped_early"])
+                   bad_validations=meta["bad_validations"], stopped_early=meta["stopped_early"],
+                   autocast=meta.get("autocast", "off"))  # checkpoints from before autocast trained in float32
 
 
 def _round_bounds(ctx: RunContext) -> tuple[int, int]:
@@ -298,6 +304,22 @@ def teacher_cache(ctx: RunContext, windows: torch.Tensor) -> dict[str, torch.Ten
     return {"ids": torch.cat(ids), "logp": torch.cat(logp)}
 
 
+def autocast_dtype(ctx: RunContext) -> torch.dtype | None:
+    """The dtype this run's training forwards autocast to (``finetune.autocast``), None when they run in float32."""
+    return resolve_autocast(ctx.config.finetune.autocast, ctx.model, ctx.accelerator.device)
+
+
+def autocast_name(ctx: RunContext) -> str:
+    """``autocast_dtype`` as recorded: 'bfloat16', or 'off' for float32."""
+    dtype = autocast_dtype(ctx)
+    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _autocast(ctx: RunContext) -> AbstractContextManager[Any]:
+    dtype = autocast_dtype(ctx)
+    return nullcontext() if dtype is None else torch.autocast(ctx.accelerator.device.type, dtype=dtype)
+
+
 def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor, cached: dict[str, torch.Tensor] | None
           ) -> tuple[torch.Tensor, float, float, float]:
     """(the loss to step on, its LM part, its KD part, its hidden-state part — 0.0 when not computed) on ``batch``
@@ -306,8 +328,10 @@ def _loss(ctx: RunContext, prepared: torch.nn.Module, batch: torch.Tensor, cache
     hidden = ft.hidden_weight > 0.0
     teacher = teacher_hidden = None
     if hidden or (ft.loss != "lm" and cached is None):
-        teacher, teacher_hidden = _teacher(ctx, batch, hidden)
-    with (_block_outputs(ctx.model, ctx.config.calibration.blocks) if hidden else nullcontext([])) as outputs:
+        with _autocast(ctx):
+            teacher, teacher_hidden = _teacher(ctx, batch, hidden)
+    with _autocast(ctx), (_block_outputs(ctx.model, ctx.config.calibration.blocks) if hidden else
+                          nullcontext([])) as outputs:
         logits = prepared(input_ids=batch, use_cache=False).logits[:, :-1]  # (B, T-1, V)
     lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     if ft.loss == "lm":
@@ -376,14 +400,21 @@ def run(ctx: RunContext) -> StageResult:
     if not 0 <= done < n_round:
         raise CheckpointError(f"fine-tuning is at step {st.counters.step}, outside round {st.round_index}'s steps "
                               f"{first}..{end - 1}")
-    session = st.finetune_session
+    session, now = st.finetune_session, autocast_name(ctx)
     if done == 0:
-        session = Session(round_index=st.round_index, step=st.counters.step)
+        session = Session(round_index=st.round_index, step=st.counters.step, autocast=now)
         st.finetune_best = None
     elif session is None or (session.round_index, session.step) != (st.round_index, st.counters.step):
         found = None if session is None else (session.round_index, session.step)
         raise CheckpointError(f"resuming fine-tuning at step {st.counters.step} (round {st.round_index}) needs the "
                               f"checkpoint written there; the run folder's last one is at {found}")
+    elif session.autocast != now:
+        raise CheckpointError(
+            f"fine-tuning's first {done} steps of this round ran with autocast {session.autocast}, and "
+            f"finetune.autocast '{ft.autocast}' resolves to {now} here ('auto' takes bfloat16 only where the device "
+            "computes it natively): the steps left would train otherwise than a run never interrupted; resume on "
+            f"such a device, or set finetune.autocast to {'off' if session.autocast == 'off' else 'bfloat16'} "
+            f"(--set finetune.autocast=...)")
     micro = ft.batch_size * ft.grad_accumulation
     windows, validation = training_texts(ctx, n_round * micro)
     reference = None
@@ -600,6 +631,7 @@ def _checkpoint(ctx: RunContext, session: Session, out: _Outcome, params: dict[s
         "first_loss": out.losses[0], "last_loss": out.losses[-1], "loss": ft.loss,
         "trained": "all" if ctx.config.structure.enabled else ft.train,
         "tokens_per_s": round(out.tokens_per_s, 1), "finished_round": finished,
+        "autocast": session.autocast,
         "stopped_early": session.stopped_early}
     if session.best_step is not None:
         metrics.update(best_step=session.best_step, best_val_loss=session.best_loss, kept_best=restored)

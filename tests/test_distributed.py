@@ -4,6 +4,7 @@ with one writer; a two-process run killed mid-calibration resumes (with two proc
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -102,15 +103,25 @@ def test_two_processes_refine_like_one(corpus, tmp_path, method, walk, dsnot):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max())), name
 
 
-def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path):
+# (max |Δw|, loss rel., ‖w_one − w_two‖ / ‖w_one − w_untrained‖): float32 only rounds the gradient sums (measured
+# 6.7e-7, 2.1e-6); under bfloat16 autocast each process's bf16 products of its own window differ from one process's
+# of both, which Adam's normalised steps carry into the weights (measured 1.0e-3, 1.2%, where 4 steps at lr 1e-3
+# move a weight by up to 4e-3)
+DDP_ATOL = {"off": (2e-6, 1e-4, 1e-4), "bfloat16": (2e-3, 5e-3, 0.05)}
+
+
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path, autocast):
     """Distillation with the teacher on the fly, two checkpointed intervals, validation: two processes (one
-    window each of every step's two) train to the weights of one process (two windows a step), up to rounding."""
+    window each of every step's two) train to the weights of one process (two windows a step), up to rounding —
+    float32's, or bfloat16's under autocast."""
     from podar import load_pretrained
 
     cfg, _ = config(corpus, tmp_path, "wanda")
     cfg = cfg.with_finetune(cfg.finetune.model_copy(update={
         "enabled": True, "steps": 4, "batch_size": 2, "learning_rate": 1e-3, "checkpoint_every": 2, "eval_every": 2,
-        "loss": "kd+lm"}))
+        "loss": "kd+lm", "autocast": autocast}))
+    atol, loss_rel, rel = DDP_ATOL[autocast]
     path = tmp_path / "ft.yaml"
     path.write_text(cfg.to_yaml())
     proc = torchrun(["run", str(path), "--run-dir", str(tmp_path / "two"), "--no-progress"])
@@ -123,7 +134,8 @@ def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path
     one = RunStore(tmp_path / "one").read_manifest()
     one_loss = [x for r in one.results if r.stage == "fine_tuning" for x in r.series["loss"]]
     two_loss = [x for r in parts for x in r.series["loss"]]
-    assert two_loss == pytest.approx(one_loss, rel=1e-4)
+    assert two_loss == pytest.approx(one_loss, rel=loss_rel)
+    assert {r.metrics["autocast"] for r in parts} == {autocast if autocast == "off" else "bfloat16"}
     a, b = load_pretrained(tmp_path / "one" / "export"), load_pretrained(tmp_path / "two" / "export")
     untrained = Pipeline(cfg.with_finetune(cfg.finetune.model_copy(update={"enabled": False})),
                          run_dir=tmp_path / "none", progress=False)
@@ -131,8 +143,12 @@ def test_fine_tuning_under_ddp_gives_the_weights_of_one_process(corpus, tmp_path
     c = load_pretrained(tmp_path / "none" / "export")
     name = "model.layers.0.mlp.up_proj.weight"
     assert float((a.state_dict()[name] - c.state_dict()[name]).abs().max()) > 1e-4  # it trained
-    for key, value in a.state_dict().items():
-        assert torch.allclose(value, b.state_dict()[key], rtol=0, atol=2e-6), key
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    apart = math.sqrt(sum(float((sa[k] - sb[k]).square().sum()) for k in sa))
+    moved = math.sqrt(sum(float((sa[k] - sc[k]).square().sum()) for k in sa))
+    assert apart <= rel * moved  # what one process and two disagree on: a small part of what training moved
+    for key, value in sa.items():
+        assert torch.allclose(value, sb[key], rtol=0, atol=atol), key
 
 
 def test_a_two_process_run_killed_mid_calibration_resumes_to_the_same_export(corpus, tmp_path):

@@ -13,9 +13,10 @@ import sys
 
 import pytest
 import torch
-from helpers import export_hashes, killed_and_resumed
+from helpers import export_hashes, fail_once, killed_and_resumed
+from safetensors.torch import load_file
 
-from podar import Pipeline
+from podar import Pipeline, PruningStage
 from podar.engine import faults
 from podar.engine.store import RunStore
 from podar.schemas.errors import DataError, PodarError
@@ -381,3 +382,89 @@ def test_the_hidden_term_on_a_model_without_blocks_is_refused_before_any_work(ti
     with pytest.raises(ConfigError, match="finetune.hidden_weight=0.5 .* no stack of repeated blocks"):
         Pipeline(ft_config(tiny_config, hidden_weight=0.5), run_dir=tmp_path / "run", progress=False).run()
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_autocast_resolves_to_bfloat16_only_on_a_float32_model_and_where_asked_or_native(monkeypatch):
+    from torch import nn
+
+    from podar.engine import compute
+    from podar.engine.compute import resolve_autocast
+
+    cpu, lin = torch.device("cpu"), nn.Linear(4, 4)
+    monkeypatch.setattr(compute, "native_bf16", lambda device: True)
+    assert resolve_autocast("auto", lin, cpu) is torch.bfloat16
+    assert resolve_autocast("bfloat16", lin, cpu) is torch.bfloat16
+    assert resolve_autocast("off", lin, cpu) is None
+    assert resolve_autocast("auto", nn.Linear(4, 4).to(torch.bfloat16), cpu) is None  # not float32: its own dtype
+    monkeypatch.setattr(compute, "native_bf16", lambda device: False)
+    assert resolve_autocast("auto", lin, cpu) is None  # bf16 would be emulated: not faster
+    assert resolve_autocast("bfloat16", lin, cpu) is torch.bfloat16  # asked for
+
+
+@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+def test_autocast_trains_in_bfloat16_and_keeps_float32_weights_and_masks(tiny_config, tmp_path, monkeypatch,
+                                                                          autocast):
+    """Under bfloat16 autocast the student's and the teacher's Linear layers compute in bf16 while training; the
+    weights, gradients and Adam's moments stay float32, the masks hold, and the run records the dtype."""
+    from torch import nn
+
+    from podar.stages import finetune
+
+    seen: set[torch.dtype] = set()
+    grads: set[torch.dtype] = set()
+    weights: set[torch.dtype] = set()
+    active = []
+    real_loss, real_apply = finetune._loss, finetune._apply
+
+    def loss(*a, **k):
+        active.append(1)
+        try:
+            return real_loss(*a, **k)
+        finally:
+            active.pop()
+
+    def apply(ctx, optimizer, params, masks, step):
+        grads.update(p.grad.dtype for p in params.values() if p.grad is not None)
+        weights.update(p.dtype for p in params.values())
+        return real_apply(ctx, optimizer, params, masks, step)
+
+    monkeypatch.setattr(finetune, "_loss", loss)
+    monkeypatch.setattr(finetune, "_apply", apply)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: seen.add(out.dtype) if active and isinstance(m, nn.Linear) else None)
+    try:
+        result = Pipeline(ft_config(tiny_config, loss="kd", autocast=autocast, steps=2, eval_every=0),
+                          run_dir=tmp_path / "run", progress=False).run()
+    finally:
+        handle.remove()
+    assert result.ok, result.failure
+    assert seen == ({torch.float32} if autocast == "off" else {torch.bfloat16})
+    assert grads == weights == {torch.float32}
+    parts = [r for r in result.results if r.stage == "fine_tuning"]
+    assert {r.metrics["autocast"] for r in parts} == {autocast}
+    assert all(r.series["pruned_max_abs_after_step"] == [0.0] * r.metrics["steps"] for r in parts)
+    manifest = RunStore(tmp_path / "run").read_manifest()
+    state = [manifest.artifacts[a] for r in parts for a in r.artifacts if manifest.artifacts[a].kind ==
+             "finetune_state"][-1]
+    tensors = load_file(tmp_path / "run" / state.path)
+    assert {t.dtype for k, t in tensors.items() if k.startswith("exp_avg")} == {torch.float32}
+
+
+def test_a_resume_where_autocast_resolves_otherwise_is_refused(tiny_config, tmp_path, monkeypatch):
+    """Killed after 2 steps trained in bf16: another machine, where 'auto' resolves to float32, refuses to go on
+    (the steps left would train otherwise); finetune.autocast set to what the steps ran in lets it resume."""
+    from podar import CheckpointError
+    from podar.engine import compute
+
+    monkeypatch.setattr(compute, "native_bf16", lambda device: True)
+    fail_once(monkeypatch, PruningStage.FINE_TUNING, 2)  # the second interval fails, the first is checkpointed
+    assert not Pipeline(ft_config(tiny_config), run_dir=tmp_path / "run", progress=False).run().ok
+    monkeypatch.setattr(compute, "native_bf16", lambda device: False)  # another machine
+    refused = Pipeline.resume(tmp_path / "run", progress=False).run()  # fails entering the stage: nothing trained
+    assert not refused.ok and refused.failure is not None
+    assert refused.failure.type == CheckpointError.__name__
+    assert ("first 2 steps of this round ran with autocast bfloat16, and finetune.autocast 'auto' resolves to off "
+            "here") in refused.failure.message
+    result = Pipeline.resume(tmp_path / "run", overrides={"finetune.autocast": "bfloat16"}, progress=False).run()
+    assert result.ok, result.failure
+    assert [r.metrics["autocast"] for r in result.results if r.stage == "fine_tuning"] == ["bfloat16"] * 3
