@@ -128,7 +128,8 @@ def speed_pairs(args: argparse.Namespace) -> None:
                                           for k, v in rows.items())
         + f"\nKD with the teacher on the fly takes {out['kd_over_lm_time']}× the time of an LM step, from the "
         f"cached top-k {out['cached_over_lm_time']}×; the cache costs {out['cache_s_per_window']} s per window, "
-        f"once per round. Under bfloat16 autocast a step takes {out['bf16_over_fp32_time']} × its float32 time.\n")
+        "once per round. Under bfloat16 autocast a step takes "
+        + ", ".join(f"{k} {v}×" for k, v in out["bf16_over_fp32_time"].items()) + " its float32 time.\n")
     print(json.dumps(out))
 
 
