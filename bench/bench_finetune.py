@@ -80,7 +80,6 @@ def run_one(name: str, cfg, work: Path, keep: bool = False) -> dict:
 def speed_pairs(args: argparse.Namespace) -> None:
     """Tokens/s of a training step (forward, backward, AdamW) with the teacher on the fly (``kd``) against none
     (``lm``), interleaved: the pruned model of one run, ``--speed-pairs`` rounds of ``--speed-steps`` steps of each."""
-    import torch
 
     from podar import Pipeline
     from podar.stages import finetune
@@ -105,7 +104,7 @@ def speed_pairs(args: argparse.Namespace) -> None:
             ctx.config = cfg.with_finetune(cfg.finetune.model_copy(update={
                 "enabled": True, "loss": loss.split("-")[0], "batch_size": args.batch, "sequence_length": args.seq,
                 "autocast": "bfloat16" if amp else "off"}))
-            optimizer = torch.optim.AdamW(list(params.values()), lr=1e-6)
+            optimizer = finetune.adamw(list(params.values()), lr=1e-6)
             with finetune._training(ctx.model, list(params.values())):
                 started = time.perf_counter()
                 for i in range(args.speed_steps):

@@ -525,6 +525,14 @@ def _apply(ctx: RunContext, optimizer: torch.optim.Optimizer, params: dict[str, 
     return leaked
 
 
+def adamw(params: list[torch.nn.Parameter], **kwargs: float) -> torch.optim.AdamW:
+    """AdamW over ``params``: PyTorch's fused kernel where they all live on a CPU or CUDA device (one pass over each
+    tensor: 0.054 s against the per-tensor loop's 0.30 s a step over 105M parameters on 2 cores,
+    ``bench/bench_adamw.py``), its per-tensor loop elsewhere; the same update up to float rounding."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
 def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation: torch.Tensor | None,
            reference: dict[str, torch.Tensor] | None, params: dict[str, torch.nn.Parameter],
            masks: dict[str, torch.Tensor], done: int, n_steps: int, n_round: int,
@@ -532,7 +540,7 @@ def _train(ctx: RunContext, session: Session, windows: torch.Tensor, validation:
     """Steps ``done`` .. ``done + n_steps - 1`` of the round (of ``n_round``), validating on schedule."""
     ft, st, accelerator, dist = ctx.config.finetune, ctx.state, ctx.accelerator, ctx.dist
     names = {id(p): n for n, p in params.items()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=ft.learning_rate, weight_decay=ft.weight_decay)
+    optimizer = adamw(list(params.values()), lr=ft.learning_rate, weight_decay=ft.weight_decay)
     _load_optimizer_state(optimizer, params, session)
     if session.rng is not None:
         torch.set_rng_state(session.rng)
