@@ -12,6 +12,8 @@ every switch off the stages run the plain reference path.
   method wrote one, else of a scratch file beside the run folder that is unlinked at once — so they stay on
   disk until evaluation or export reads them again.
 - ``trim_memory``: freed heap pages go back to the OS between calibration passes (glibc ``malloc_trim``).
+- ``keep_freed_memory``: during fine-tuning glibc keeps freed memory in its heap for the next step instead of
+  serving each step fresh pages the kernel must fault in and zero (``engine.memory.freed_memory_kept``).
 - ``offload``: a model larger than the device keeps its decoder blocks on the CPU; each goes to the device while
   its forward runs, and the layers being pruned stay there from their calibration to the end of their pruning
   (``engine.offload``). 'auto' offloads on a GPU when the weights exceed half its free memory.

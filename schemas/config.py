@@ -108,6 +108,8 @@ class RuntimeConfig(Frozen):
     page_out_weights: bool = Field(default=True, description="drop file-mapped weight pages once read (Linux)")
     map_pruned_weights: bool = Field(default=True, description="keep pruned CPU weights file-mapped, not in RAM")
     trim_memory: bool = Field(default=True, description="return freed heap pages between passes (glibc)")
+    keep_freed_memory: bool = Field(
+        default=True, description="fine-tuning: reuse freed memory step to step instead of fresh pages (glibc)")
     offload: Literal["auto", "off", "blocks"] = Field(
         default="auto", description="blocks: on the CPU, one on the device at a time; auto: if > 1/2 free GPU memory")
 

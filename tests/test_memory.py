@@ -128,3 +128,43 @@ def test_apply_mask_leaves_a_file_mapped_weight_unwritten_and_pages_it_out(tmp_p
     assert torch.equal(layer.weight.detach(), expected)
     assert layer.weight.data_ptr() != mapped.data_ptr()
     assert torch.equal(mapped, torch.from_numpy(values))  # the mapping was not written
+
+
+_FAULTS_SCRIPT = """
+import json, resource, torch
+from podar.engine.memory import freed_memory_kept
+
+def faults(rounds):
+    counts = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20)  # 64 MiB, written whole, freed at once
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return counts
+
+fresh = faults(3)
+with freed_memory_kept() as took:
+    kept = faults(8)
+with freed_memory_kept(enabled=False) as off:
+    pass
+print(json.dumps({"fresh": fresh, "kept": kept, "took": took, "off": off}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_kept_serves_a_repeated_large_allocation_without_page_faults():
+    """A 64 MiB tensor allocated, written and freed again and again (in a fresh process, whose allocator no other
+    test has shaped): by default every round faults its pages in anew (glibc mmaps and unmaps it); inside
+    ``freed_memory_kept``, once the heap has grown to hold it (a round or two), the rounds reuse its pages."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not seen["took"]:
+        pytest.skip("glibc's mallopt is not available here")
+    pages = 64 * 2**20 // 4096
+    assert min(seen["fresh"]) > pages // 2, seen  # mmapped anew each time: every page faulted in
+    assert max(seen["kept"][-4:]) < pages // 20, seen  # once the heap has grown, its pages are reused
+    assert seen["off"] is False
