@@ -35,6 +35,7 @@ SETTINGS = {  # name → structure section
     "depth6-mlp": {"depth": 6, "mlp": 0.125},  # 24 blocks, 1,344 channels: −27.5% non-embedding
     "depth6-mlp-iter": {"depth": 6, "mlp": 0.125, "depth_mode": "iterative"},  # the blocks chosen one at a time
     "depth-mlp27": {"depth": 5, "mlp": 1 / 6},  # 25 blocks, 1,280 channels: −27.1% non-embedding
+    "depth-mlp26": {"depth": 5, "mlp": 224 / 1536, "alignment": 32},  # 25 blocks, 1,312 channels: −25.8%
     "heads": {"heads": 3, "heads_unit": "query_per_group"},  # 9 → 6 query heads, 3 KV heads kept
     # hidden 576 → 504 (a multiple of 8 and of the 9 heads; the tied head too), 5 of 30 blocks: −27.1% non-embedding
     "depth-hidden": {"depth": 5, "hidden": 0.125, "alignment": 8},

@@ -122,6 +122,8 @@ def case_config(name: str, corpus: Path) -> dict[str, Any]:
 
     if "loss" in FineTuneConfig.model_fields:  # code after issue 29: its fine-tuning as the digests' code ran it
         base["finetune"].update(loss="lm", lr_schedule="constant", warmup_fraction=0.0, eval_every=0)
+    if "autocast" in FineTuneConfig.model_fields:  # float32 training, as the digests' code ran it (bf16 came later)
+        base["finetune"]["autocast"] = "off"
     return base
 
 
