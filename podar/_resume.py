@@ -16,6 +16,7 @@ from safetensors import safe_open
 from podar.engine.audit import AuditLog, canonical, checkpoint_digest, read_audit, records_after
 from podar.engine.context import DenseReference, RunContext
 from podar.engine.machine import VOLATILE
+from podar.engine.models import dtype_name
 from podar.engine.store import RunStore, sha256_file
 from podar.engine.verify import audit_run, consumed_results
 from podar.schemas.config import PruningConfig
@@ -109,8 +110,7 @@ def check_config_change(fields: list[str], manifest: RunManifest) -> None:
 
 def compute_dtype_name(ctx: RunContext) -> str:
     """The dtype the calibration forwards run in on this machine ('model': the model's own)."""
-    dtype = ctx.runtime.compute_dtype(ctx.model)
-    return "model" if dtype is None else str(dtype).removeprefix("torch.")
+    return dtype_name(ctx.runtime.compute_dtype(ctx.model), none="model")
 
 
 def check_inputs(ctx: RunContext, manifest: RunManifest, request: ResumeRequest) -> None:

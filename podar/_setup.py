@@ -24,7 +24,7 @@ from podar.engine.data import (
 )
 from podar.engine.distributed import Dist
 from podar.engine.logs import brief
-from podar.engine.models import load_model, model_task, weights_fingerprint
+from podar.engine.models import dtype_name, load_model, model_task, weights_fingerprint
 from podar.engine.runtime import Runtime
 from podar.engine.store import RunStore
 from podar.engine.versions import library_versions
@@ -218,8 +218,8 @@ def _plan(ctx: RunContext) -> None:
         return
     dtype = ctx.runtime.compute_dtype(ctx.model)
     if dtype is not None:
-        fields = {"dtype": str(dtype).removeprefix("torch."), "requested": cfg.runtime.compute_dtype,
-                  "model_dtype": str(ctx.runtime.model_dtype(ctx.model)).removeprefix("torch.")}
+        fields = {"dtype": dtype_name(dtype), "requested": cfg.runtime.compute_dtype,
+                  "model_dtype": dtype_name(ctx.runtime.model_dtype(ctx.model))}
         note = ctx.method.half_precision_note
         (log.warning if note else log.info)("calibration_compute_dtype", **fields, **({"note": note} if note else {}))
     plan_mask_groups(ctx)

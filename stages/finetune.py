@@ -43,6 +43,7 @@ from podar.engine.compute import resolve_autocast
 from podar.engine.context import RunContext
 from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
 from podar.engine.memory import freed_memory_kept
+from podar.engine.models import dtype_name
 from podar.schemas.config import FineTuneConfig
 from podar.schemas.errors import CheckpointError, DataError, StageError
 from podar.schemas.records import StageResult
@@ -312,8 +313,7 @@ def autocast_dtype(ctx: RunContext) -> torch.dtype | None:
 
 def autocast_name(ctx: RunContext) -> str:
     """``autocast_dtype`` as recorded: 'bfloat16', or 'off' for float32."""
-    dtype = autocast_dtype(ctx)
-    return "off" if dtype is None else str(dtype).removeprefix("torch.")
+    return dtype_name(autocast_dtype(ctx), none="off")
 
 
 def _autocast(ctx: RunContext) -> AbstractContextManager[Any]:
