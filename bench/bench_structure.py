@@ -4,8 +4,8 @@ distillation from the dense model within a fine-tuning budget; the export agains
 Per setting: parameters (all, and without the embedding), the export's size, perplexity on WikiText-2 test and on a
 text of another domain (``bench/other_text.py``) right after pruning and after recovery, and the fine-tuning's
 seconds. Then prefill (one 512-token window) and decode (64 tokens, KV cache, greedy) tokens/s of each export and
-of the dense model in transformers (float32, ``--threads`` threads), in interleaved rounds: dense, pruned, dense, …;
-the ratio of each round, and their median.
+of the dense model in transformers (float32, ``--threads`` threads), in rounds where the dense and the pruned model
+take turns at every forward (``interleaved``); the ratio of each round, and their median.
 
     python bench/bench_structure.py [--steps 220] [--settings depth mlp combo] [--out structure]
 
@@ -36,6 +36,8 @@ SETTINGS = {  # name → structure section
     "depth6-mlp-iter": {"depth": 6, "mlp": 0.125, "depth_mode": "iterative"},  # the blocks chosen one at a time
     "depth-mlp27": {"depth": 5, "mlp": 1 / 6},  # 25 blocks, 1,280 channels: −27.1% non-embedding
     "depth-mlp26": {"depth": 5, "mlp": 224 / 1536, "alignment": 32},  # 25 blocks, 1,312 channels: −25.8%
+    "depth6-mlp25": {"depth": 6, "mlp": 128 / 1536},  # 24 blocks, 1,408 channels: −25.0% non-embedding
+    "depth7-mlp25": {"depth": 7, "mlp": 64 / 1536},  # 23 blocks, 1,472 channels: −25.7% non-embedding
     "heads": {"heads": 3, "heads_unit": "query_per_group"},  # 9 → 6 query heads, 3 KV heads kept
     # hidden 576 → 504 (a multiple of 8 and of the 9 heads; the tied head too), 5 of 30 blocks: −27.1% non-embedding
     "depth-hidden": {"depth": 5, "hidden": 0.125, "alignment": 8},
@@ -118,18 +120,37 @@ def dense_folder(work: Path) -> Path:
 def timed(model, prompt, new_tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one window: the prompt in one forward, then greedy single-token
     steps on the KV cache."""
+    prefill, decode = interleaved([model], prompt, new_tokens)[0]
+    return prefill, decode
+
+
+def interleaved(models: list, prompt, new_tokens: int) -> list[tuple[float, float]]:
+    """(prefill tokens/s, decode tokens/s) of each model on one window, the models taking turns at every step: the
+    prompt in one forward (model 1, model 2, …; after one untimed pass of each), then greedy single-token steps on
+    each model's KV cache, one model's step after the other's. A machine that slows down for a second slows every
+    model alike, so their ratio holds where back-to-back 64-token runs differ by ±15% on this shared CPU."""
     import torch
 
+    prefill = [0.0] * len(models)
+    decode = [0.0] * len(models)
+    state = []
     with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        t1 = time.perf_counter()
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        for model in models:  # untimed: each model's activations allocated (and freed) once before timing
+            model(input_ids=prompt, use_cache=True)
+        for i, model in enumerate(models):
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            prefill[i] = time.perf_counter() - t0
+            state.append((out.cache, out.logits[:, -1:].argmax(-1)))
         for _ in range(new_tokens):
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
-    return prompt.shape[1] / (t1 - t0), new_tokens / (t2 - t1)
+            for i, model in enumerate(models):
+                cache, token = state[i]
+                t0 = time.perf_counter()
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                decode[i] += time.perf_counter() - t0
+                state[i] = (out.cache, token)
+    return [(prompt.shape[1] / p, new_tokens / d) for p, d in zip(prefill, decode, strict=True)]
 
 
 def speed(folders: dict[str, Path], rounds: int, threads: int, prompt_len: int, new_tokens: int) -> dict:
@@ -145,9 +166,8 @@ def speed(folders: dict[str, Path], rounds: int, threads: int, prompt_len: int, 
     figures: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
     ratios: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
     for _ in range(rounds):
-        for name in names:  # the dense model measured just before each pruned one
-            pd, dd = timed(models["dense"], prompt, new_tokens)
-            pp, dp = timed(models[name], prompt, new_tokens)
+        for name in names:  # the dense model and each pruned one taking turns, step by step
+            (pd, dd), (pp, dp) = interleaved([models["dense"], models[name]], prompt, new_tokens)
             for who, (p, d) in (("dense", (pd, dd)), (name, (pp, dp))):
                 figures[who]["prefill"].append(p)
                 figures[who]["decode"].append(d)

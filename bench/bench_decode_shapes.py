@@ -1,0 +1,107 @@
+"""Decode and prefill speed of SmolLM2-135M's shape with fewer blocks and MLP channels, against the dense shape, in
+transformers on this CPU — before any pruning or training: the speed of a dense forward depends on the shapes, not on
+the values, so this says which structured cut (issue 30) can reach a decode target, and spends no recovery budget.
+
+Each shape is SmolLM2-135M's config (read from podar's loader) with ``num_hidden_layers`` and ``intermediate_size``
+changed, randomly initialised in ``--dtype`` (float32 as the exports). Timing by ``bench_structure.interleaved``:
+per round a 512-token prompt in one forward, then 64 greedy single-token steps on the KV cache, every model (the
+dense shape first) taking its turn at each step, so a slow second of the machine slows them alike; the ratio to the
+dense shape per round, and the median.
+
+    python bench/bench_decode_shapes.py [--rounds 9] [--shapes 25x1312 24x1408 ...] [--out decode-shapes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+from bench_structure import interleaved, timed  # noqa: E402
+
+DEFAULT_SHAPES = ["25x1344", "25x1312", "25x1280", "24x1408", "24x1344", "23x1536"]
+
+
+def non_embedding(cfg) -> int:
+    """Parameters outside the (tied) embedding of a Llama-family config: attention, MLP and norms."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.num_hidden_layers * (attn + mlp + 2 * cfg.hidden_size) + cfg.hidden_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BLOCKSxMLP_CHANNELS each")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
+    ap.add_argument("--out", default="decode-shapes")
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from podar import load_model
+    from podar.schemas.config import ModelSourceConfig
+
+    torch.set_num_threads(args.threads)
+    dense_model, _ = load_model(ModelSourceConfig(), progress=False)
+    base = dense_model.config
+    del dense_model
+    torch.manual_seed(0)
+    models, sizes = {}, {}
+    for name in ["dense", *args.shapes]:
+        cfg = base.__class__.from_dict(base.to_dict())
+        if name != "dense":
+            blocks, channels = (int(x) for x in name.split("x"))
+            cfg.num_hidden_layers, cfg.intermediate_size = blocks, channels
+            if getattr(cfg, "layer_types", None):
+                cfg.layer_types = cfg.layer_types[:blocks]
+        models[name] = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
+        sizes[name] = non_embedding(cfg)
+    prompt = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    for m in models.values():  # warm-up
+        timed(m, prompt[:, :64], 4)
+    ratios = {n: {"prefill": [], "decode": []} for n in args.shapes}
+    dense_decode = []
+    for r in range(args.rounds):
+        (pd, dd), *rest = interleaved([models["dense"], *(models[n] for n in args.shapes)], prompt, args.new_tokens)
+        dense_decode.append(dd)
+        for name, (pp, dp) in zip(args.shapes, rest, strict=True):
+            ratios[name]["prefill"].append(round(pp / pd, 4))
+            ratios[name]["decode"].append(round(dp / dd, 4))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {ratios[n]['decode'][-1]:.3f}" for n in args.shapes), flush=True)
+    rows = [{"shape": n, "blocks": int(n.split("x")[0]), "mlp": int(n.split("x")[1]),
+             "non_embedding_removed_pct": round(100 * (1 - sizes[n] / sizes["dense"]), 2),
+             "decode_ratio": statistics.median(ratios[n]["decode"]),
+             "decode_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios[n]["decode"], n=4)],
+             "prefill_ratio": statistics.median(ratios[n]["prefill"]),
+             **{f"{k}_ratios": v for k, v in ratios[n].items()}}
+            for n in args.shapes]
+    out = {"command": "python bench/bench_decode_shapes.py " + " ".join(sys.argv[1:]), "args": vars(args),
+           "dense_non_embedding": sizes["dense"], "dense_decode_tok_s": statistics.median(dense_decode), "rows": rows}
+    (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [f"`{out['command']}`", "",
+             "| blocks × MLP channels | non-embedding removed | decode × dense (median) | quartiles "
+             "| prefill × dense |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        q = row["decode_ratio_quartiles"]
+        lines.append(f"| {row['blocks']} × {row['mlp']} | {row['non_embedding_removed_pct']:.1f}% "
+                     f"| {row['decode_ratio']:.3f} | {q[0]:.3f}–{q[2]:.3f} | {row['prefill_ratio']:.3f} |")
+    lines += ["", f"Dense (30 × 1536): decode {out['dense_decode_tok_s']:.1f} tok/s median ({args.threads} threads, "
+              f"{args.dtype}, {args.rounds} interleaved rounds, random weights of each shape)."]
+    (common.RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
