@@ -2,11 +2,12 @@
 transformers on this CPU — before any pruning or training: the speed of a dense forward depends on the shapes, not on
 the values, so this says which structured cut (issue 30) can reach a decode target, and spends no recovery budget.
 
-Each shape is SmolLM2-135M's config (read from podar's loader) with ``num_hidden_layers`` and ``intermediate_size``
-changed, randomly initialised in ``--dtype`` (float32 as the exports). Timing by ``bench_structure.interleaved``:
-per round a 512-token prompt in one forward, then 64 greedy single-token steps on the KV cache, every model (the
-dense shape first) taking its turn at each step, so a slow second of the machine slows them alike; the ratio to the
-dense shape per round, and the median.
+Each shape is SmolLM2-135M's config (read from podar's loader) with ``num_hidden_layers``, ``intermediate_size`` and
+optionally ``num_attention_heads`` and ``hidden_size`` changed (heads keep their 64 channels, KV heads their count),
+randomly initialised in ``--dtype`` (float32 as the exports). Timing by ``bench_structure.interleaved``: per round a
+512-token prompt in one forward, then 64 greedy single-token steps on the KV cache, every model (the dense shape
+first) taking its turn at each step, so a slow second of the machine slows them alike; the ratio to the dense shape
+per round, and the median.
 
     python bench/bench_decode_shapes.py [--rounds 9] [--shapes 25x1312 24x1408 ...] [--out decode-shapes]
 """
@@ -27,9 +28,19 @@ from bench_structure import interleaved, timed  # noqa: E402
 DEFAULT_SHAPES = ["25x1344", "25x1312", "25x1280", "24x1408", "24x1344", "23x1536"]
 
 
+def parse_shape(name: str, base) -> dict[str, int]:
+    """BLOCKSxMLP[xQUERY_HEADS[xHIDDEN]] (e.g. 25x1312, 26x1344x6, 25x1536x9x504) → its dimensions; what is not
+    given is the base config's."""
+    dims = [int(x) for x in name.split("x")]
+    if not 2 <= len(dims) <= 4:
+        raise SystemExit(f"shape {name!r}: BLOCKSxMLP[xQUERY_HEADS[xHIDDEN]]")
+    dims += [base.num_attention_heads, base.hidden_size][len(dims) - 2:]
+    return dict(zip(("blocks", "mlp", "heads", "hidden"), dims, strict=True))
+
+
 def non_embedding(cfg) -> int:
     """Parameters outside the (tied) embedding of a Llama-family config: attention, MLP and norms."""
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     mlp = 3 * cfg.hidden_size * cfg.intermediate_size
     return cfg.num_hidden_layers * (attn + mlp + 2 * cfg.hidden_size) + cfg.hidden_size
@@ -61,8 +72,11 @@ def main() -> None:
     for name in ["dense", *args.shapes]:
         cfg = base.__class__.from_dict(base.to_dict())
         if name != "dense":
-            blocks, channels = (int(x) for x in name.split("x"))
-            cfg.num_hidden_layers, cfg.intermediate_size = blocks, channels
+            dims = parse_shape(name, base)
+            cfg.head_dim = base.hidden_size // base.num_attention_heads  # heads keep their width
+            cfg.num_hidden_layers, cfg.intermediate_size = dims["blocks"], dims["mlp"]
+            cfg.num_attention_heads, cfg.hidden_size = dims["heads"], dims["hidden"]
+            blocks = dims["blocks"]
             if getattr(cfg, "layer_types", None):
                 cfg.layer_types = cfg.layer_types[:blocks]
         models[name] = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
@@ -79,7 +93,7 @@ def main() -> None:
             ratios[name]["prefill"].append(round(pp / pd, 4))
             ratios[name]["decode"].append(round(dp / dd, 4))
         print(f"round {r + 1}: " + ", ".join(f"{n} {ratios[n]['decode'][-1]:.3f}" for n in args.shapes), flush=True)
-    rows = [{"shape": n, "blocks": int(n.split("x")[0]), "mlp": int(n.split("x")[1]),
+    rows = [{"shape": n, **parse_shape(n, base),
              "non_embedding_removed_pct": round(100 * (1 - sizes[n] / sizes["dense"]), 2),
              "decode_ratio": statistics.median(ratios[n]["decode"]),
              "decode_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios[n]["decode"], n=4)],
@@ -90,14 +104,16 @@ def main() -> None:
            "dense_non_embedding": sizes["dense"], "dense_decode_tok_s": statistics.median(dense_decode), "rows": rows}
     (common.RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [f"`{out['command']}`", "",
-             "| blocks × MLP channels | non-embedding removed | decode × dense (median) | quartiles "
-             "| prefill × dense |",
+             "| blocks × MLP channels × query heads × hidden | non-embedding removed | decode × dense (median) "
+             "| quartiles | prefill × dense |",
              "| --- | --- | --- | --- | --- |"]
     for row in rows:
         q = row["decode_ratio_quartiles"]
-        lines.append(f"| {row['blocks']} × {row['mlp']} | {row['non_embedding_removed_pct']:.1f}% "
+        lines.append(f"| {row['blocks']} × {row['mlp']} × {row['heads']} × {row['hidden']} "
+                     f"| {row['non_embedding_removed_pct']:.1f}% "
                      f"| {row['decode_ratio']:.3f} | {q[0]:.3f}–{q[2]:.3f} | {row['prefill_ratio']:.3f} |")
-    lines += ["", f"Dense (30 × 1536): decode {out['dense_decode_tok_s']:.1f} tok/s median ({args.threads} threads, "
+    lines += ["", f"Dense ({base.num_hidden_layers} × {base.intermediate_size} × {base.num_attention_heads} × "
+              f"{base.hidden_size}): decode {out['dense_decode_tok_s']:.1f} tok/s median ({args.threads} threads, "
               f"{args.dtype}, {args.rounds} interleaved rounds, random weights of each shape)."]
     (common.RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
