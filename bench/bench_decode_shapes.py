@@ -10,6 +10,7 @@ first) taking its turn at each step, so a slow second of the machine slows them 
 per round, and the median.
 
     python bench/bench_decode_shapes.py [--rounds 9] [--shapes 25x1312 24x1408 ...] [--out decode-shapes]
+    python bench/bench_decode_shapes.py --profile      # where a dense decoded token's time goes
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,15 +48,56 @@ def non_embedding(cfg) -> int:
     return cfg.num_hidden_layers * (attn + mlp + 2 * cfg.hidden_size) + cfg.hidden_size
 
 
+def profile(model, args: argparse.Namespace) -> None:
+    """Where a decoded token of ``model`` spends its time: the operators under torch.profiler over ``--new-tokens``
+    steps on a ``--prompt``-token KV cache, and the LM head's matrix-vector product alone; to
+    bench/results/OUT-profile.md."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompt = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        for _ in range(4):  # warm-up
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.new_tokens):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        head = model.get_output_embeddings().weight
+        x = torch.randn(1, head.shape[1], dtype=head.dtype)
+        t0 = time.perf_counter()
+        for _ in range(args.new_tokens):
+            torch.nn.functional.linear(x, head)
+        head_ms = 1000 * (time.perf_counter() - t0) / args.new_tokens
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    lines = [f"`python bench/bench_decode_shapes.py {' '.join(sys.argv[1:])}`", "",
+             f"A dense decoded token ({model.config.num_hidden_layers} blocks, {args.prompt}-token cache, "
+             f"{args.dtype}, {args.threads} threads): {total_us / 1000 / args.new_tokens:.1f} ms of operator time "
+             f"under the profiler; the LM head's {tuple(head.shape)} matrix-vector product alone {head_ms:.1f} ms.",
+             "", "| operator | ms a token | share | calls a token |", "| --- | --- | --- | --- |"]
+    for e in events[:12]:
+        lines.append(f"| `{e.key}` | {e.self_cpu_time_total / 1000 / args.new_tokens:.2f} "
+                     f"| {100 * e.self_cpu_time_total / total_us:.1f}% | {e.count / args.new_tokens:.0f} |")
+    (common.RESULTS / f"{args.out}-profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BLOCKSxMLP_CHANNELS each")
+    ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BLOCKSxMLP[xQUERY_HEADS[xHIDDEN]] each")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute")
     ap.add_argument("--out", default="decode-shapes")
+    ap.add_argument("--profile", action="store_true",
+                    help="only where a dense decoded token's time goes (torch.profiler, --new-tokens steps)")
     args = ap.parse_args()
 
     import torch
@@ -68,6 +111,9 @@ def main() -> None:
     base = dense_model.config
     del dense_model
     torch.manual_seed(0)
+    if args.profile:
+        profile(AutoModelForCausalLM.from_config(base, dtype=getattr(torch, args.dtype)).eval(), args)
+        return
     models, sizes = {}, {}
     for name in ["dense", *args.shapes]:
         cfg = base.__class__.from_dict(base.to_dict())
