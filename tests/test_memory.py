@@ -168,3 +168,17 @@ def test_freed_memory_kept_serves_a_repeated_large_allocation_without_page_fault
     assert min(seen["fresh"]) > pages // 2, seen  # mmapped anew each time: every page faulted in
     assert max(seen["kept"][-4:]) < pages // 20, seen  # once the heap has grown, its pages are reused
     assert seen["off"] is False
+
+
+def test_the_runtime_switch_turns_freed_memory_keeping_on_and_off():
+    """Fine-tuning takes ``freed_memory_kept`` through ``Runtime.keep_freed_memory``: off in the config, nothing is
+    changed; on, it takes effect wherever glibc's mallopt exists."""
+    from podar.engine.memory import _libc
+    from podar.engine.runtime import Runtime
+    from podar.schemas.config import RuntimeConfig
+
+    with Runtime(RuntimeConfig(keep_freed_memory=False)).keep_freed_memory() as took:
+        assert took is False
+    libc = _libc()
+    with Runtime(RuntimeConfig()).keep_freed_memory() as took:
+        assert took is (libc is not None and hasattr(libc, "mallopt"))
