@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
-from bench_structure import interleaved, timed  # noqa: E402
+from bench_structure import interleaved, parameters  # noqa: E402
 
 DEFAULT_SHAPES = ["25x1344", "25x1312", "25x1280", "24x1408", "24x1344", "23x1536"]
 
@@ -38,14 +38,6 @@ def parse_shape(name: str, base) -> dict[str, int]:
         raise SystemExit(f"shape {name!r}: BLOCKSxMLP[xQUERY_HEADS[xHIDDEN]]")
     dims += [base.num_attention_heads, base.hidden_size][len(dims) - 2:]
     return dict(zip(("blocks", "mlp", "heads", "hidden"), dims, strict=True))
-
-
-def non_embedding(cfg) -> int:
-    """Parameters outside the (tied) embedding of a Llama-family config: attention, MLP and norms."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attn = cfg.hidden_size * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
-    return cfg.num_hidden_layers * (attn + mlp + 2 * cfg.hidden_size) + cfg.hidden_size
 
 
 def profile(model, args: argparse.Namespace) -> None:
@@ -99,6 +91,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="only where a dense decoded token's time goes (torch.profiler, --new-tokens steps)")
     args = ap.parse_args()
+    if args.rounds < 2 and not args.profile:
+        raise SystemExit(f"--rounds {args.rounds}: at least 2 (the table gives the rounds' quartiles)")
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -122,14 +116,12 @@ def main() -> None:
             cfg.head_dim = base.hidden_size // base.num_attention_heads  # heads keep their width
             cfg.num_hidden_layers, cfg.intermediate_size = dims["blocks"], dims["mlp"]
             cfg.num_attention_heads, cfg.hidden_size = dims["heads"], dims["hidden"]
-            blocks = dims["blocks"]
             if getattr(cfg, "layer_types", None):
-                cfg.layer_types = cfg.layer_types[:blocks]
+                cfg.layer_types = cfg.layer_types[:dims["blocks"]]
         models[name] = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype)).eval()
-        sizes[name] = non_embedding(cfg)
+        sizes[name] = parameters(models[name])[1]
     prompt = torch.randint(100, 40000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    for m in models.values():  # warm-up
-        timed(m, prompt[:, :64], 4)
+    interleaved(list(models.values()), prompt[:, :64], 4)  # warm-up
     ratios = {n: {"prefill": [], "decode": []} for n in args.shapes}
     dense_decode = []
     for r in range(args.rounds):

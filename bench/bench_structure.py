@@ -117,13 +117,6 @@ def dense_folder(work: Path) -> Path:
     return folder
 
 
-def timed(model, prompt, new_tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one window: the prompt in one forward, then greedy single-token
-    steps on the KV cache."""
-    prefill, decode = interleaved([model], prompt, new_tokens)[0]
-    return prefill, decode
-
-
 def interleaved(models: list, prompt, new_tokens: int) -> list[tuple[float, float]]:
     """(prefill tokens/s, decode tokens/s) of each model on one window, the models taking turns at every step: the
     prompt in one forward (model 1, model 2, …; after one untimed pass of each), then greedy single-token steps on
@@ -160,8 +153,7 @@ def speed(folders: dict[str, Path], rounds: int, threads: int, prompt_len: int, 
     torch.set_num_threads(threads)
     models = {n: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval() for n, f in folders.items()}
     prompt = torch.randint(100, 40000, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    for m in models.values():  # warm-up
-        timed(m, prompt[:, :64], 4)
+    interleaved(list(models.values()), prompt[:, :64], 4)  # warm-up
     names = [n for n in models if n != "dense"]
     figures: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
     ratios: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
